@@ -1,0 +1,1 @@
+"""Megatron glue: argument registration, layer specs, version compatibility and the CPU harness."""

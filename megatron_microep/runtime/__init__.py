@@ -1,0 +1,1 @@
+"""Runtime mechanics that run inside a training step (torch, torch.distributed)."""

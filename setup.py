@@ -1,0 +1,32 @@
+"""megatron-microep: per-micro-batch optimal expert load balancing for Megatron MoE training."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-microep",
+    version="0.1.0",
+    description="MicroEP token scheduling, OR-Tools replica placement and FSEP for Megatron-core MoE",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_microep", "megatron_microep.*"]),
+    include_package_data=True,
+    package_data={"megatron_microep": ["data/*", "data/**/*"]},
+    install_requires=[
+        "numpy>=1.24",
+        # The exact scheduler's max-flow core is compiled by numba: it sits on every MoE layer's critical path.
+        "numba>=0.59",
+        "ortools>=9.8",
+        "pyyaml>=6.0",
+        "torch>=2.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # megatron-core 0.17+ declares Python>=3.12; on 3.11 CI installs 0.19.2 with --no-deps (see .ci/run).
+        "megatron": ["megatron-core>=0.16,<0.20"],
+        # TransformerEngine and NVIDIA apex need CUDA; apex is NOT the PyPI package named "apex".
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": ["microep=megatron_microep.cli:main"]},
+)
