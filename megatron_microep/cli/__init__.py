@@ -1,0 +1,54 @@
+"""The ``microep`` command: a registry of subcommands, each in its own module.
+
+A subcommand module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
+it parses and validates its inputs and calls into planning/runtime/glue, holding no logic of its own.
+Bad input raises ``UsageError``, which ``main`` turns into a one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+SUBCOMMAND_MODULES = ("schedule", "plan", "simulate", "demo")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+def _load_subcommands():
+    modules = []
+    for name in SUBCOMMAND_MODULES:
+        try:
+            modules.append(importlib.import_module(f"{__name__}.{name}"))
+        except ModuleNotFoundError as err:
+            # A subcommand whose module has not landed yet is simply absent; a missing dependency is not.
+            if err.name != f"{__name__}.{name}":
+                raise
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _load_subcommands():
+        sub_parser = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as err:
+        print(f"microep {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
