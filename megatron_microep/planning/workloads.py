@@ -1,0 +1,247 @@
+"""Seeded routing workloads: per-source token counts over a sequence of micro-batches.
+
+Every generator returns ``tokens`` int64 [M, G, E]: ``tokens[m, s, e]`` is the number of tokens that
+source GPU ``s`` routes to logical expert ``e`` in micro-batch ``m``. Each row ``tokens[m, s]`` sums
+to ``tokens_per_gpu * topk`` and no entry exceeds ``tokens_per_gpu`` (a top-k router picks an expert at
+most once per token); these two conditions are exactly what makes a count vector realizable by top-k
+routing of ``tokens_per_gpu`` tokens, so the generators produce counts, not per-token choices.
+
+Skew comes from per-micro-batch expert probabilities; sources differ by a small lognormal perturbation
+(``source_sigma``), as data-parallel ranks see different data. ``expert_loads(tokens)`` gives the
+[M, E] per-expert totals the placement planner takes as history.
+
+Workloads with ``dsv3`` in the name are *derived* from recorded DeepSeek-V3 expert loads (SGLang's
+EP statistics, see /work/shared/data/routing/README.md): the recorded per-layer load vectors set the
+probabilities, and everything sampled from them is synthetic.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+DSV3_FILE_NAME = "sglang_dsv3_logical_count.npz"
+DSV3_DEFAULT_DIRS = (
+    Path(__file__).resolve().parent.parent / "data",
+    Path("/work/shared/data/routing"),
+)
+
+
+def expert_loads(tokens: np.ndarray) -> np.ndarray:
+    """int64 [M, G, E] per-source counts -> int64 [M, E] per-expert totals (the planner's history)."""
+    return np.asarray(tokens, dtype=np.int64).sum(axis=1)
+
+
+def _cap_probabilities(probs: np.ndarray, cap: float) -> np.ndarray:
+    """Water-fill each row of float [G, E] so no entry exceeds ``cap`` (needs cap * E >= 1)."""
+    probs = probs / probs.sum(axis=-1, keepdims=True)
+    capped = np.zeros(probs.shape, dtype=bool)
+    for _ in range(probs.shape[-1]):
+        capped |= probs > cap
+        if not (probs > cap * (1 + 1e-12)).any():
+            break
+        free = np.where(capped, 0.0, probs)
+        # Mass above the cap goes to the uncapped experts in proportion to their probability.
+        budget = 1.0 - cap * capped.sum(axis=-1, keepdims=True)
+        probs = np.where(capped, cap, free * budget / np.maximum(free.sum(axis=-1, keepdims=True), 1e-300))
+    return np.minimum(probs, cap)
+
+
+def sample_counts(rng: np.random.Generator, probs: np.ndarray, tokens_per_gpu: int, topk: int) -> np.ndarray:
+    """Draw one micro-batch: float [G, E] expert probabilities -> int64 [G, E] counts.
+
+    Each row gets ``tokens_per_gpu * topk`` assignments, none above ``tokens_per_gpu``: probabilities
+    are capped at 1/topk, counts drawn multinomially, and any overflow redrawn onto experts with room.
+    """
+    num_gpus, num_experts = probs.shape
+    if topk > num_experts:
+        raise ValueError(f"topk={topk} exceeds num_experts={num_experts}")
+    probs = _cap_probabilities(np.asarray(probs, dtype=np.float64), 1.0 / topk)
+    total = tokens_per_gpu * topk
+    counts = rng.multinomial(total, probs).astype(np.int64)
+    for s in range(num_gpus):
+        excess = int(np.maximum(counts[s] - tokens_per_gpu, 0).sum())
+        while excess:
+            np.minimum(counts[s], tokens_per_gpu, out=counts[s])
+            room = counts[s] < tokens_per_gpu
+            p = probs[s] * room
+            counts[s] += rng.multinomial(excess, p / p.sum())
+            excess = int(np.maximum(counts[s] - tokens_per_gpu, 0).sum())
+    return counts
+
+
+def _per_source(rng: np.random.Generator, expert_probs: np.ndarray, num_gpus: int, source_sigma: float) -> np.ndarray:
+    """float [E] -> float [G, E]: each source's probabilities, perturbed lognormally."""
+    noise = rng.lognormal(0.0, source_sigma, size=(num_gpus, len(expert_probs))) if source_sigma > 0 else 1.0
+    return expert_probs[None, :] * noise
+
+
+def _sample_sequence(rng, weights_per_mb: np.ndarray, num_gpus, tokens_per_gpu, topk, source_sigma) -> np.ndarray:
+    """float [M, E] expert weights per micro-batch -> int64 [M, G, E] counts."""
+    out = np.empty((len(weights_per_mb), num_gpus, weights_per_mb.shape[1]), dtype=np.int64)
+    for m, weights in enumerate(weights_per_mb):
+        out[m] = sample_counts(rng, _per_source(rng, weights, num_gpus, source_sigma), tokens_per_gpu, topk)
+    return out
+
+
+def _check_shape(num_microbatches: int, num_gpus: int, num_experts: int, tokens_per_gpu: int, topk: int) -> None:
+    for name, value in (("num_microbatches", num_microbatches), ("num_gpus", num_gpus),
+                        ("num_experts", num_experts), ("tokens_per_gpu", tokens_per_gpu), ("topk", topk)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if topk > num_experts:
+        raise ValueError(f"topk={topk} exceeds num_experts={num_experts}")
+
+
+def lognormal_drift(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
+                    sigma=0.8, correlation=0.97, source_sigma=0.3) -> np.ndarray:
+    """Lognormal expert popularity whose log-weights drift as an AR(1) process. Returns int64 [M, G, E].
+
+    ``correlation`` is the per-micro-batch AR(1) coefficient; the stationary spread stays ``sigma``.
+    """
+    _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
+    rng = np.random.default_rng(seed)
+    logits = np.empty((num_microbatches, num_experts))
+    logits[0] = rng.normal(0.0, sigma, num_experts)
+    innovation = sigma * np.sqrt(1.0 - correlation**2)
+    for m in range(1, num_microbatches):
+        logits[m] = correlation * logits[m - 1] + rng.normal(0.0, innovation, num_experts)
+    return _sample_sequence(rng, np.exp(logits), num_gpus, tokens_per_gpu, topk, source_sigma)
+
+
+def zipf_drift(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
+               exponent=1.0, swaps_per_microbatch=2, source_sigma=0.3) -> np.ndarray:
+    """Zipf popularity over a random expert ranking; each micro-batch swaps a few neighbouring ranks.
+
+    Returns int64 [M, G, E].
+    """
+    _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
+    rng = np.random.default_rng(seed)
+    rank_weight = 1.0 / np.arange(1, num_experts + 1) ** exponent
+    order = rng.permutation(num_experts)  # order[r] = expert holding rank r
+    weights = np.empty((num_microbatches, num_experts))
+    for m in range(num_microbatches):
+        if m and num_experts > 1:
+            for r in rng.integers(0, num_experts - 1, size=swaps_per_microbatch):
+                order[r], order[r + 1] = order[r + 1], order[r]
+        weights[m, order] = rank_weight
+    return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)
+
+
+def rotating_hotspot(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
+                     hot_width=None, hot_factor=6.0, period=4, background_sigma=0.3, source_sigma=0.3) -> np.ndarray:
+    """A block of ``hot_width`` experts (default max(topk, E//16)) is ``hot_factor`` times hotter; the block
+    moves on by ``hot_width`` experts every ``period`` micro-batches. Returns int64 [M, G, E]."""
+    _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
+    rng = np.random.default_rng(seed)
+    width = hot_width or max(topk, num_experts // 16)
+    background = rng.lognormal(0.0, background_sigma, num_experts)
+    weights = np.tile(background, (num_microbatches, 1))
+    for m in range(num_microbatches):
+        start = (m // period) * width
+        weights[m, (start + np.arange(width)) % num_experts] *= hot_factor
+    return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)
+
+
+def bursty(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
+           sigma=0.5, burst_probability=0.3, burst_experts=None, burst_factor=10.0, source_sigma=0.3) -> np.ndarray:
+    """Static lognormal skew plus short bursts: in each micro-batch, with ``burst_probability``, a random
+    set of ``burst_experts`` (default max(1, E//32)) is ``burst_factor`` times hotter. Returns int64 [M, G, E]."""
+    _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
+    rng = np.random.default_rng(seed)
+    count = burst_experts or max(1, num_experts // 32)
+    weights = np.tile(rng.lognormal(0.0, sigma, num_experts), (num_microbatches, 1))
+    for m in range(num_microbatches):
+        if rng.random() < burst_probability:
+            weights[m, rng.choice(num_experts, size=count, replace=False)] *= burst_factor
+    return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)
+
+
+def balanced(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed) -> np.ndarray:
+    """Forced-balanced routing (like Megatron's --moe-router-force-load-balancing): every source spreads its
+    assignments evenly; the remainder goes to experts on a rotating offset so totals differ by at most
+    one per source. ``seed`` only sets the starting offset. Returns int64 [M, G, E]."""
+    _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
+    total = tokens_per_gpu * topk
+    base, remainder = divmod(total, num_experts)
+    out = np.full((num_microbatches, num_gpus, num_experts), base, dtype=np.int64)
+    offset0 = int(np.random.default_rng(seed).integers(num_experts))
+    for m in range(num_microbatches):
+        for s in range(num_gpus):
+            start = offset0 + (m * num_gpus + s) * remainder
+            out[m, s, (start + np.arange(remainder)) % num_experts] += 1
+    return out
+
+
+def load_dsv3_expert_loads(path: str | os.PathLike | None = None) -> tuple[np.ndarray, list[str]]:
+    """Recorded DeepSeek-V3 expert loads: int64 [scenarios=12, moe_layers=58, experts=256] and scenario names.
+
+    Only the MoE layers (3..60) are returned; the dense layers 0-2 are all zero in the recording.
+    ``path`` defaults to $MICROEP_DSV3_LOADS, then the package's data/ folder, then the shared data folder.
+    """
+    candidates = [Path(path)] if path else (
+        [Path(os.environ["MICROEP_DSV3_LOADS"])] if os.environ.get("MICROEP_DSV3_LOADS")
+        else [d / DSV3_FILE_NAME for d in DSV3_DEFAULT_DIRS])
+    for candidate in candidates:
+        if candidate.is_file():
+            with np.load(candidate) as data:
+                counts = np.asarray(data["logical_count"], dtype=np.int64)
+                names = [str(s) for s in data["scenario"]]
+            if counts.ndim != 3 or counts.shape[2] != 256:
+                raise ValueError(f"{candidate}: logical_count has shape {counts.shape}, expected [scenarios, 61, 256]")
+            moe = counts[:, 3:, :]
+            if (moe.sum(axis=2) <= 0).any():
+                raise ValueError(f"{candidate}: an MoE layer (3..60) has no recorded tokens")
+            return moe, names
+    raise FileNotFoundError(f"DeepSeek-V3 expert loads not found (looked for {', '.join(map(str, candidates))})")
+
+
+def dsv3_derived(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
+                 scenario=None, layer=None, drift_sigma=0.25, correlation=0.95, source_sigma=0.3,
+                 path=None) -> np.ndarray:
+    """Derived from recorded DeepSeek-V3 loads: one (scenario, MoE layer) load vector, seeded when not
+    given, sets the expert probabilities, modulated per micro-batch by AR(1) lognormal drift of spread
+    ``drift_sigma`` (the recording is one aggregate per layer, not a time series). Needs num_experts=256.
+    ``layer`` indexes the MoE layers (0 = model layer 3). Returns int64 [M, G, 256]."""
+    _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
+    loads, names = load_dsv3_expert_loads(path)
+    if num_experts != loads.shape[2]:
+        raise ValueError(f"dsv3_derived needs num_experts={loads.shape[2]} (the recording's), got {num_experts}")
+    rng = np.random.default_rng(seed)
+    sc = names.index(scenario) if isinstance(scenario, str) else (
+        int(rng.integers(len(names))) if scenario is None else int(scenario))
+    ly = int(rng.integers(loads.shape[1])) if layer is None else int(layer)
+    base = loads[sc, ly] / loads[sc, ly].sum()
+    logits = np.empty((num_microbatches, num_experts))
+    logits[0] = rng.normal(0.0, drift_sigma, num_experts)
+    innovation = drift_sigma * np.sqrt(1.0 - correlation**2)
+    for m in range(1, num_microbatches):
+        logits[m] = correlation * logits[m - 1] + rng.normal(0.0, innovation, num_experts)
+    # A never-routed expert keeps a tiny weight so the row stays a distribution after capping.
+    weights = np.maximum(base, 1e-9)[None, :] * np.exp(logits)
+    return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)
+
+
+WorkloadFn = Callable[..., np.ndarray]
+
+# name -> generator(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, **params) -> int64 [M, G, E]
+WORKLOADS: dict[str, WorkloadFn] = {
+    "lognormal_drift": lognormal_drift,
+    "zipf_drift": zipf_drift,
+    "rotating_hotspot": rotating_hotspot,
+    "bursty": bursty,
+    "balanced": balanced,
+    "dsv3_derived": dsv3_derived,
+}
+
+
+def generate(name: str, num_microbatches: int, num_gpus: int, num_experts: int, tokens_per_gpu: int,
+             topk: int, seed: int, **params) -> np.ndarray:
+    """Look up ``name`` in WORKLOADS and run it. Returns int64 [M, G, E]."""
+    try:
+        fn = WORKLOADS[name]
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(sorted(WORKLOADS))}") from None
+    return fn(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, **params)
