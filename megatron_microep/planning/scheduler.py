@@ -1,0 +1,375 @@
+"""The exact per-micro-batch token scheduler (MicroEP's min-max solve).
+
+Problem. ``tokens[s, e]`` tokens on GPU ``s`` are routed to logical expert ``e``; expert ``e`` has
+copies on the GPUs ``placement.copies(e)``. Assign every token to one copy of its expert so that
+the largest GPU load is as small as possible; among such assignments keep tokens on their source
+GPU where the local-first pass can.
+
+Method. Summed over sources this is a bipartite flow (experts -> GPUs holding them), so the LP's
+integral optimum is ``ceil`` of its value. Experts with one copy are fixed load on their GPU; only
+replicated experts are routed by the flow. Starting from the bound ``max(max fixed, total / G)``,
+a max-flow is completed by BFS augmenting paths; when no augmenting path exists, the residual
+reachable set (experts S, GPUs U = every GPU holding an expert of S) is a Hall violator and
+``(load(S) + fixed(U)) / |U|`` is a strictly larger proven lower bound. Raising the GPU capacities
+to its ceiling and continuing from the current flow terminates at a feasible flow whose max load
+equals the last bound: optimal, with the certificate returned as ``lower_bound``.
+
+Every rank that runs this on the same counts gets the same answer (integer arithmetic, fixed
+iteration order), so nothing needs to be broadcast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from megatron_microep.planning.placement import Placement
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Result of one solve. Shapes: G GPUs, E experts, nnz physical copies (slots), P pieces.
+
+    Slot ``r`` is ``placement.gpus[r]``; copies of expert ``e`` are slots ``ptr[e]..ptr[e+1]-1``.
+    Pieces cover replicated experts only: ``piece_count[p]`` tokens of GPU ``piece_src[p]`` go to
+    slot ``piece_slot[p]``. A single-copy expert's tokens all go to its one slot.
+    """
+
+    max_load: int
+    gpu_load: np.ndarray  # int64 [G]
+    lower_bound: float  # proven: ceil(lower_bound) <= optimal max load
+    remote_tokens: int  # tokens processed on a GPU other than their source
+    slot_tokens: np.ndarray  # int64 [nnz]
+    piece_src: np.ndarray  # int64 [P]
+    piece_slot: np.ndarray  # int64 [P]
+    piece_count: np.ndarray  # int64 [P]
+
+    def source_split(self, tokens: np.ndarray, placement: Placement, source: int) -> np.ndarray:
+        """int64 [nnz]: tokens GPU ``source`` sends to each slot (its all-to-all send plan)."""
+        split = np.zeros(placement.num_slots, dtype=np.int64)
+        single = placement.replica_counts() == 1
+        split[placement.ptr[:-1][single]] = tokens[source, single]
+        mine = self.piece_src == source
+        np.add.at(split, self.piece_slot[mine], self.piece_count[mine])
+        return split
+
+    def assignment(self, tokens: np.ndarray, placement: Placement) -> list[list[int]]:
+        """Every non-empty (source, expert, gpu, count), single-copy experts included."""
+        slot_expert = np.repeat(np.arange(placement.num_experts), placement.replica_counts())
+        rows: list[list[int]] = []
+        for e in np.flatnonzero(placement.replica_counts() == 1):
+            home = int(placement.gpus[placement.ptr[e]])
+            for s in np.flatnonzero(tokens[:, e]):
+                rows.append([int(s), int(e), home, int(tokens[s, e])])
+        for s, r, n in zip(self.piece_src, self.piece_slot, self.piece_count):
+            rows.append([int(s), int(slot_expert[r]), int(placement.gpus[r]), int(n)])
+        rows.sort()
+        return rows
+
+
+def _ceil_div(num: int, den: int) -> int:
+    return -(-num // den)
+
+
+_ceil_div_jit = numba.njit(cache=True)(_ceil_div)
+
+
+@numba.njit(cache=True)
+def _find_path(excess, spare, slot_tokens, keep, ptr, gpus, slot_expert, gpu_ptr, gpu_slot,
+               seen_expert, seen_gpu, via_slot_gpu, via_slot_expert, queue):
+    """BFS from every expert with unplaced load to a GPU with spare capacity.
+
+    Forward edges expert -> GPU are unbounded; backward edges GPU -> expert carry the flow of a
+    copy above its ``keep`` amount. Returns the GPU reached (-1 if none) and leaves the search
+    tree in ``via_slot_*`` and the reached sets in ``seen_*``.
+    """
+    num_experts = excess.size
+    seen_expert[:] = False
+    seen_gpu[:] = False
+    tail = 0
+    for e in range(num_experts):
+        if excess[e] > 0:
+            seen_expert[e] = True
+            via_slot_expert[e] = -1
+            queue[tail] = e
+            tail += 1
+    head = 0
+    while head < tail:
+        e = queue[head]
+        head += 1
+        for r in range(ptr[e], ptr[e + 1]):
+            g = gpus[r]
+            if seen_gpu[g]:
+                continue
+            seen_gpu[g] = True
+            via_slot_gpu[g] = r
+            if spare[g] > 0:
+                return g
+            for i in range(gpu_ptr[g], gpu_ptr[g + 1]):
+                r2 = gpu_slot[i]
+                e2 = slot_expert[r2]
+                if slot_tokens[r2] > keep[r2] and not seen_expert[e2]:
+                    seen_expert[e2] = True
+                    via_slot_expert[e2] = r2
+                    queue[tail] = e2
+                    tail += 1
+    return -1
+
+
+@numba.njit(cache=True)
+def _route(load, local, ptr, gpus, num_gpus, start_cap):
+    """Exact min-max routing of per-expert loads over their copies.
+
+    load int64 [E]; local int64 [G, E] tokens already on each GPU (shape [0, E] disables the
+    local-first pass); ptr int64 [E+1]; gpus int64 [nnz]; start_cap: a known lower bound on the
+    optimum to start from (0 if none).
+    Returns (slot_tokens int64 [nnz], gpu_load int64 [G], bound_num, bound_den) with
+    max(gpu_load) == ceil(bound_num / bound_den), the proven optimum.
+    """
+    num_experts = ptr.size - 1
+    nnz = gpus.size
+    fixed = np.zeros(num_gpus, np.int64)
+    slot_tokens = np.zeros(nnz, np.int64)
+    slot_expert = np.empty(nnz, np.int64)
+    excess = np.zeros(num_experts, np.int64)
+    flexible = np.zeros(num_experts, np.bool_)
+    total = 0
+    for e in range(num_experts):
+        total += load[e]
+        for r in range(ptr[e], ptr[e + 1]):
+            slot_expert[r] = e
+        if ptr[e + 1] - ptr[e] == 1:
+            fixed[gpus[ptr[e]]] += load[e]
+            slot_tokens[ptr[e]] = load[e]
+        elif load[e] > 0:
+            flexible[e] = True
+            excess[e] = load[e]
+
+    # Proven bound as a fraction num/den: max(max fixed, total / G).
+    bound_num = total
+    bound_den = num_gpus
+    for g in range(num_gpus):
+        if fixed[g] * bound_den > bound_num:
+            bound_num = fixed[g]
+            bound_den = 1
+    cap = max(_ceil_div_jit(bound_num, bound_den), start_cap)
+    spare = np.empty(num_gpus, np.int64)
+    for g in range(num_gpus):
+        spare[g] = cap - fixed[g]
+
+    # Reverse adjacency GPU -> flexible slots, for walking back along flow.
+    gpu_ptr = np.zeros(num_gpus + 1, np.int64)
+    for r in range(nnz):
+        if flexible[slot_expert[r]]:
+            gpu_ptr[gpus[r] + 1] += 1
+    for g in range(num_gpus):
+        gpu_ptr[g + 1] += gpu_ptr[g]
+    gpu_slot = np.empty(gpu_ptr[num_gpus], np.int64)
+    fill = gpu_ptr[:-1].copy()
+    for r in range(nnz):
+        if flexible[slot_expert[r]]:
+            gpu_slot[fill[gpus[r]]] = r
+            fill[gpus[r]] += 1
+
+    # Local-first: tokens already on a copy's GPU stay there while capacity allows.
+    if local.shape[0] > 0:
+        for e in range(num_experts):
+            if flexible[e]:
+                for r in range(ptr[e], ptr[e + 1]):
+                    g = gpus[r]
+                    take = min(local[g, e], spare[g], excess[e])
+                    slot_tokens[r] += take
+                    spare[g] -= take
+                    excess[e] -= take
+    # Greedy fill of the rest, copy by copy; augmenting paths repair what it cannot place.
+    for e in range(num_experts):
+        if flexible[e]:
+            for r in range(ptr[e], ptr[e + 1]):
+                take = min(spare[gpus[r]], excess[e])
+                slot_tokens[r] += take
+                spare[gpus[r]] -= take
+                excess[e] -= take
+
+    # Flow of a copy that serves its own GPU's tokens is "protected": augmenting paths first try to
+    # move only unprotected flow, and touch local flow only when nothing else completes the path.
+    protected = np.zeros(nnz, np.int64)
+    if local.shape[0] > 0:
+        for r in range(nnz):
+            if flexible[slot_expert[r]]:
+                protected[r] = local[gpus[r], slot_expert[r]]
+    seen_expert = np.zeros(num_experts, np.bool_)
+    seen_gpu = np.zeros(num_gpus, np.bool_)
+    via_slot_gpu = np.empty(num_gpus, np.int64)  # slot whose forward edge reached this GPU
+    via_slot_expert = np.empty(num_experts, np.int64)  # slot whose flow was walked back to this expert
+    queue = np.empty(num_experts, np.int64)
+    no_protection = np.zeros(nnz, np.int64)
+    while True:
+        pending = False
+        for e in range(num_experts):
+            if excess[e] > 0:
+                pending = True
+                break
+        if not pending:
+            break
+        target = _find_path(
+            excess, spare, slot_tokens, protected, ptr, gpus, slot_expert, gpu_ptr, gpu_slot,
+            seen_expert, seen_gpu, via_slot_gpu, via_slot_expert, queue,
+        )
+        keep = protected
+        if target < 0:
+            keep = no_protection
+            target = _find_path(
+                excess, spare, slot_tokens, keep, ptr, gpus, slot_expert, gpu_ptr, gpu_slot,
+                seen_expert, seen_gpu, via_slot_gpu, via_slot_expert, queue,
+            )
+        if target < 0:
+            # Hall violator: experts S (seen) only reach GPUs U (seen), all full.
+            num = 0
+            den = 0
+            for e in range(num_experts):
+                if seen_expert[e]:
+                    num += load[e]
+            for g in range(num_gpus):
+                if seen_gpu[g]:
+                    num += fixed[g]
+                    den += 1
+            bound_num = num
+            bound_den = den
+            new_cap = _ceil_div_jit(num, den)
+            for g in range(num_gpus):
+                spare[g] += new_cap - cap
+            cap = new_cap
+            continue
+        # Walk back to the root expert, measuring the bottleneck, then push along the path.
+        push = spare[target]
+        g = target
+        while True:
+            e = slot_expert[via_slot_gpu[g]]
+            back = via_slot_expert[e]
+            if back < 0:
+                push = min(push, excess[e])
+                break
+            push = min(push, slot_tokens[back] - keep[back])
+            g = gpus[back]
+        g = target
+        while True:
+            r = via_slot_gpu[g]
+            slot_tokens[r] += push
+            e = slot_expert[r]
+            back = via_slot_expert[e]
+            if back < 0:
+                excess[e] -= push
+                break
+            slot_tokens[back] -= push
+            g = gpus[back]
+        spare[target] -= push
+
+    gpu_load = fixed.copy()
+    for r in range(nnz):
+        if flexible[slot_expert[r]]:
+            gpu_load[gpus[r]] += slot_tokens[r]
+    return slot_tokens, gpu_load, bound_num, bound_den
+
+
+@numba.njit(cache=True)
+def _split_by_source(tokens, slot_tokens, ptr, gpus):
+    """Per-source pieces for replicated experts: local tokens first, then sources in order.
+
+    Returns (piece_src, piece_slot, piece_count, remote_tokens) trimmed to the pieces made.
+    """
+    num_gpus, num_experts = tokens.shape
+    bound = 0
+    for e in range(num_experts):
+        copies = ptr[e + 1] - ptr[e]
+        if copies > 1:
+            bound += num_gpus + copies
+    piece_src = np.empty(bound, np.int64)
+    piece_slot = np.empty(bound, np.int64)
+    piece_count = np.empty(bound, np.int64)
+    n = 0
+    remote = 0
+    taken_locally = np.zeros(num_gpus, np.int64)
+    quota = np.empty(gpus.size, np.int64)
+    for e in range(num_experts):
+        start = ptr[e]
+        stop = ptr[e + 1]
+        if stop - start == 1:
+            remote += slot_tokens[start] - tokens[gpus[start], e]
+            continue
+        for r in range(start, stop):
+            g = gpus[r]
+            take = min(tokens[g, e], slot_tokens[r])
+            taken_locally[g] = take
+            quota[r] = slot_tokens[r] - take
+            if take > 0:
+                piece_src[n] = g
+                piece_slot[n] = r
+                piece_count[n] = take
+                n += 1
+        r = start
+        for s in range(num_gpus):
+            left = tokens[s, e] - taken_locally[s]
+            while left > 0:
+                while quota[r] == 0:
+                    r += 1
+                take = min(left, quota[r])
+                piece_src[n] = s
+                piece_slot[n] = r
+                piece_count[n] = take
+                n += 1
+                quota[r] -= take
+                left -= take
+                remote += take
+        for r2 in range(start, stop):
+            taken_locally[gpus[r2]] = 0
+    return piece_src[:n], piece_slot[:n], piece_count[:n], remote
+
+
+_NO_LOCAL = np.zeros((0, 0), dtype=np.int64)
+
+
+def _check_tokens(tokens: np.ndarray, placement: Placement) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape != (placement.num_gpus, placement.num_experts):
+        raise ValueError(
+            f"tokens must have shape [num_gpus={placement.num_gpus}, num_experts={placement.num_experts}], "
+            f"got {list(tokens.shape)}"
+        )
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.size and tokens.min() < 0:
+        raise ValueError("tokens must be non-negative")
+    return np.ascontiguousarray(tokens, dtype=np.int64)
+
+
+def schedule(tokens: np.ndarray, placement: Placement) -> Schedule:
+    """Exact min-max assignment of ``tokens`` int [G, E] to the copies in ``placement``."""
+    tokens = _check_tokens(tokens, placement)
+    load = tokens.sum(axis=0)
+    ptr, gpus, num_gpus = placement.ptr, placement.gpus, placement.num_gpus
+    # Pass 1 finds the optimum and its certificate; pass 2 routes at that capacity from the start,
+    # so the local-first fill is not squeezed by the smaller capacities pass 1 starts from.
+    _, first_load, num, den = _route(load, _NO_LOCAL.reshape(0, load.size), ptr, gpus, num_gpus, 0)
+    slot_tokens, gpu_load, _, _ = _route(load, tokens, ptr, gpus, num_gpus, int(first_load.max(initial=0)))
+    src, slot, count, remote = _split_by_source(tokens, slot_tokens, ptr, gpus)
+    return Schedule(
+        max_load=int(gpu_load.max(initial=0)),
+        gpu_load=gpu_load,
+        lower_bound=num / den,
+        remote_tokens=int(remote),
+        slot_tokens=slot_tokens,
+        piece_src=src,
+        piece_slot=slot,
+        piece_count=count,
+    )
+
+
+def optimal_max_load(expert_load: np.ndarray, placement: Placement) -> int:
+    """Exact min-max GPU load for aggregated per-expert loads int [E] (the planner's objective)."""
+    load = np.ascontiguousarray(expert_load, dtype=np.int64)
+    if load.shape != (placement.num_experts,):
+        raise ValueError(f"expert_load must have shape [{placement.num_experts}], got {list(load.shape)}")
+    local = _NO_LOCAL.reshape(0, placement.num_experts)
+    _, gpu_load, _, _ = _route(load, local, placement.ptr, placement.gpus, placement.num_gpus, 0)
+    return int(gpu_load.max(initial=0))
