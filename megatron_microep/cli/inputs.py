@@ -1,0 +1,63 @@
+"""Validation of JSON inputs for the CLI: each failure is a UsageError naming the field."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_microep.cli import UsageError
+
+
+def load_json_object(path: str) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: expected a JSON object at the top level")
+    return value
+
+
+def require(obj: dict, key: str, where: str) -> Any:
+    if key not in obj:
+        raise UsageError(f"{where}: missing field '{key}'")
+    return obj[key]
+
+
+def positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def nonnegative_int_matrix(value: Any, name: str, rows: int | None = None) -> np.ndarray:
+    """A JSON list of equal-length lists of non-negative integers -> int64 [rows, cols]."""
+    if not isinstance(value, list) or not value:
+        raise UsageError(f"{name} must be a non-empty list of lists")
+    if rows is not None and len(value) != rows:
+        raise UsageError(f"{name} has {len(value)} rows, expected {rows}")
+    width = None
+    for i, row in enumerate(value):
+        if not isinstance(row, list):
+            raise UsageError(f"{name}[{i}] must be a list")
+        if width is None:
+            width = len(row)
+        if len(row) != width or width == 0:
+            raise UsageError(f"{name}[{i}] has {len(row)} entries, expected {width or 'at least 1'}")
+        for j, item in enumerate(row):
+            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+                raise UsageError(f"{name}[{i}][{j}] must be a non-negative integer, got {item!r}")
+    return np.asarray(value, dtype=np.int64)
+
+
+def write_json(path: str, payload: dict) -> None:
+    try:
+        Path(path).write_text(json.dumps(payload) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}") from None
