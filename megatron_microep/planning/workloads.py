@@ -95,19 +95,26 @@ def _check_shape(num_microbatches: int, num_gpus: int, num_experts: int, tokens_
         raise ValueError(f"topk={topk} exceeds num_experts={num_experts}")
 
 
-def lognormal_drift(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
-                    sigma=0.8, correlation=0.97, source_sigma=0.3) -> np.ndarray:
-    """Lognormal expert popularity whose log-weights drift as an AR(1) process. Returns int64 [M, G, E].
+def _ar1(rng: np.random.Generator, num_steps: int, size: int, sigma: float, correlation: float) -> np.ndarray:
+    """float [num_steps, size]: stationary AR(1) paths with spread ``sigma``."""
+    out = np.empty((num_steps, size))
+    out[0] = rng.normal(0.0, sigma, size)
+    innovation = sigma * np.sqrt(1.0 - correlation**2)
+    for m in range(1, num_steps):
+        out[m] = correlation * out[m - 1] + rng.normal(0.0, innovation, size)
+    return out
 
-    ``correlation`` is the per-micro-batch AR(1) coefficient; the stationary spread stays ``sigma``.
+
+def lognormal_drift(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
+                    sigma=0.8, correlation=0.995, noise_sigma=0.25, source_sigma=0.3) -> np.ndarray:
+    """Lognormal expert popularity: log-weights = slow AR(1) drift (spread ``sigma``, per-micro-batch
+    coefficient ``correlation``) + i.i.d. per-micro-batch noise (``noise_sigma``, batch content).
+    Returns int64 [M, G, E].
     """
     _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
     rng = np.random.default_rng(seed)
-    logits = np.empty((num_microbatches, num_experts))
-    logits[0] = rng.normal(0.0, sigma, num_experts)
-    innovation = sigma * np.sqrt(1.0 - correlation**2)
-    for m in range(1, num_microbatches):
-        logits[m] = correlation * logits[m - 1] + rng.normal(0.0, innovation, num_experts)
+    logits = _ar1(rng, num_microbatches, num_experts, sigma, correlation)
+    logits += rng.normal(0.0, noise_sigma, logits.shape)
     return _sample_sequence(rng, np.exp(logits), num_gpus, tokens_per_gpu, topk, source_sigma)
 
 
@@ -199,11 +206,12 @@ def load_dsv3_expert_loads(path: str | os.PathLike | None = None) -> tuple[np.nd
 
 
 def dsv3_derived(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
-                 scenario=None, layer=None, drift_sigma=0.25, correlation=0.95, source_sigma=0.3,
+                 scenario=None, layer=None, drift_sigma=0.3, correlation=0.995, noise_sigma=0.25, source_sigma=0.3,
                  path=None) -> np.ndarray:
     """Derived from recorded DeepSeek-V3 loads: one (scenario, MoE layer) load vector, seeded when not
-    given, sets the expert probabilities, modulated per micro-batch by AR(1) lognormal drift of spread
-    ``drift_sigma`` (the recording is one aggregate per layer, not a time series). Needs num_experts=256.
+    given, sets the expert probabilities, modulated by slow AR(1) lognormal drift of spread ``drift_sigma``
+    plus i.i.d. per-micro-batch noise ``noise_sigma`` (the recording is one aggregate per layer, not a
+    time series, so the time structure is synthetic). Needs num_experts=256.
     ``layer`` indexes the MoE layers (0 = model layer 3). Returns int64 [M, G, 256]."""
     _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
     loads, names = load_dsv3_expert_loads(path)
@@ -214,11 +222,8 @@ def dsv3_derived(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, 
         int(rng.integers(len(names))) if scenario is None else int(scenario))
     ly = int(rng.integers(loads.shape[1])) if layer is None else int(layer)
     base = loads[sc, ly] / loads[sc, ly].sum()
-    logits = np.empty((num_microbatches, num_experts))
-    logits[0] = rng.normal(0.0, drift_sigma, num_experts)
-    innovation = drift_sigma * np.sqrt(1.0 - correlation**2)
-    for m in range(1, num_microbatches):
-        logits[m] = correlation * logits[m - 1] + rng.normal(0.0, innovation, num_experts)
+    logits = _ar1(rng, num_microbatches, num_experts, drift_sigma, correlation)
+    logits += rng.normal(0.0, noise_sigma, logits.shape)
     # A never-routed expert keeps a tiny weight so the row stays a distribution after capping.
     weights = np.maximum(base, 1e-9)[None, :] * np.exp(logits)
     return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)

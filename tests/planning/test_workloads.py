@@ -81,7 +81,7 @@ def test_dsv3_loader_and_derived_follow_the_recording():
     sums = loads.sum(axis=2)
     np.testing.assert_array_equal(sums % 8, 0)  # top-8: each MoE layer row is tokens x 8
     derived = expert_loads(generate("dsv3_derived", 4, 8, 256, 4096, 8, _seed(), scenario=names[0], layer=5,
-                                    drift_sigma=0.0, source_sigma=0.0)).sum(axis=0)
+                                    drift_sigma=0.0, noise_sigma=0.0, source_sigma=0.0)).sum(axis=0)
     recorded = loads[0, 5] / loads[0, 5].sum()
     assert np.corrcoef(derived / derived.sum(), recorded)[0, 1] > 0.95
 
