@@ -276,40 +276,66 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
 def _split_by_source(tokens, slot_tokens, ptr, gpus):
     """Per-source pieces for replicated experts: local tokens first, then sources in order.
 
+    Each copy's quota ``slot_tokens[r]`` is first filled from its own GPU's tokens; the rest of
+    the quotas of expert ``e`` are filled by sources 0..G-1 in order, copies in slot order.
+    Sources are the outer loop so ``tokens`` is read row by row.
     Returns (piece_src, piece_slot, piece_count, remote_tokens) trimmed to the pieces made.
     """
     num_gpus, num_experts = tokens.shape
+    remote = 0
+    num_flexible = 0
     bound = 0
     for e in range(num_experts):
         copies = ptr[e + 1] - ptr[e]
-        if copies > 1:
+        if copies == 1:
+            remote += slot_tokens[ptr[e]] - tokens[gpus[ptr[e]], e]
+        else:
+            num_flexible += 1
             bound += num_gpus + copies
+    flexible = np.empty(num_flexible, np.int64)
+    slot_expert = np.empty(gpus.size, np.int64)
+    i = 0
+    for e in range(num_experts):
+        for r in range(ptr[e], ptr[e + 1]):
+            slot_expert[r] = e
+        if ptr[e + 1] - ptr[e] > 1:
+            flexible[i] = e
+            i += 1
     piece_src = np.empty(bound, np.int64)
     piece_slot = np.empty(bound, np.int64)
     piece_count = np.empty(bound, np.int64)
     n = 0
-    remote = 0
-    taken_locally = np.zeros(num_gpus, np.int64)
-    quota = np.empty(gpus.size, np.int64)
-    for e in range(num_experts):
-        start = ptr[e]
-        stop = ptr[e + 1]
-        if stop - start == 1:
-            remote += slot_tokens[start] - tokens[gpus[start], e]
-            continue
-        for r in range(start, stop):
+    quota = slot_tokens.copy()
+    kept = np.zeros(gpus.size, np.int64)
+    # Local pass, and each GPU's flexible slots so row s can subtract what it kept locally.
+    gpu_ptr = np.zeros(num_gpus + 1, np.int64)
+    for e in flexible:
+        for r in range(ptr[e], ptr[e + 1]):
             g = gpus[r]
-            take = min(tokens[g, e], slot_tokens[r])
-            taken_locally[g] = take
-            quota[r] = slot_tokens[r] - take
-            if take > 0:
+            kept[r] = min(tokens[g, e], quota[r])
+            quota[r] -= kept[r]
+            gpu_ptr[g + 1] += 1
+            if kept[r] > 0:
                 piece_src[n] = g
                 piece_slot[n] = r
-                piece_count[n] = take
+                piece_count[n] = kept[r]
                 n += 1
-        r = start
-        for s in range(num_gpus):
-            left = tokens[s, e] - taken_locally[s]
+    for g in range(num_gpus):
+        gpu_ptr[g + 1] += gpu_ptr[g]
+    gpu_slot = np.empty(gpu_ptr[num_gpus], np.int64)
+    fill = gpu_ptr[:-1].copy()
+    for e in flexible:
+        for r in range(ptr[e], ptr[e + 1]):
+            gpu_slot[fill[gpus[r]]] = r
+            fill[gpus[r]] += 1
+    cursor = ptr[:-1].copy()  # next copy of each expert with quota left
+    kept_here = np.zeros(num_experts, np.int64)
+    for s in range(num_gpus):
+        for i in range(gpu_ptr[s], gpu_ptr[s + 1]):
+            kept_here[slot_expert[gpu_slot[i]]] = kept[gpu_slot[i]]
+        for e in flexible:
+            left = tokens[s, e] - kept_here[e]
+            r = cursor[e]
             while left > 0:
                 while quota[r] == 0:
                     r += 1
@@ -321,8 +347,9 @@ def _split_by_source(tokens, slot_tokens, ptr, gpus):
                 quota[r] -= take
                 left -= take
                 remote += take
-        for r2 in range(start, stop):
-            taken_locally[gpus[r2]] = 0
+            cursor[e] = r
+        for i in range(gpu_ptr[s], gpu_ptr[s + 1]):
+            kept_here[slot_expert[gpu_slot[i]]] = 0
     return piece_src[:n], piece_slot[:n], piece_count[:n], remote
 
 
