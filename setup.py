@@ -20,10 +20,11 @@ setup(
         "torch>=2.4",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        # Supported and CI-tested: 0.16.1 and 0.19.2. 0.17+ declare Python>=3.12, so on 3.11 pip picks
+        # 0.16.x; scripts/setup_env.sh shows how CI runs 0.19.2 on 3.11 (--no-deps).
+        "megatron-core>=0.16,<0.20",
     ],
     extras_require={
-        # megatron-core 0.17+ declares Python>=3.12; on 3.11 CI installs 0.19.2 with --no-deps (see .ci/run).
-        "megatron": ["megatron-core>=0.16,<0.20"],
         # TransformerEngine and NVIDIA apex need CUDA; apex is NOT the PyPI package named "apex".
         "te": ["transformer-engine[pytorch]>=2.0"],
         "test": ["pytest>=7"],
