@@ -1,0 +1,193 @@
+"""Run megatron-core's MoE code on CPU (gloo): a shim for the CUDA calls it makes unconditionally.
+
+megatron-core assumes a CUDA device even where the math is device-agnostic: it allocates on
+``torch.cuda.current_device()``, creates side streams, keeps its RNG states on the CUDA generator,
+and hands the all-to-all dispatcher's split sizes over as numpy arrays only when they start on the
+GPU. ``enable_cpu_megatron()`` neutralises exactly those uses so that the stock ``MoELayer`` (local
+spec, ``SequentialMLP``) and our dispatcher run forward and backward on CPU processes joined by gloo.
+Checked against megatron-core 0.16.1 and 0.19.2; see docs/cpu-harness.md.
+
+The shim is only for processes without CUDA: every ``torch.cuda`` function it replaces raises there,
+so replacing it cannot change behaviour that worked. With CUDA present it refuses to run.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import torch
+
+_APPLIED: List[str] = []
+
+
+class _CpuEvent:
+    """What ``_CpuStream.record_event`` returns: CPU work is synchronous, so it has always completed."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _CpuStream:
+    """Stands in for ``torch.cuda.Stream``: one in-order CPU stream, so waits and syncs are no-ops."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _CpuStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _patch_torch_cuda() -> None:
+    # Router gating, RoPE inv_freq, expert buffers and tensor_parallel/mappings.py allocate on
+    # torch.cuda.current_device(); on CPU the "current device" is the CPU.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # The alltoall dispatcher (its device-to-host copy stream, created in __init__) and overlapped
+    # shared experts create side streams and compare/wait on the current one; CPU execution is in
+    # order, so one stream whose waits are no-ops is exact. (torch.cuda.stream(s) and
+    # torch.cuda.Event already work without CUDA and are left alone.)
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """megatron's named RNG states (data-, tensor- and expert-parallel) kept on the CPU generator.
+
+        Expert initialisation and dropout fork these states exactly as on GPU, so EP ranks still
+        draw different expert weights and identical seeds still give identical models.
+        """
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise ValueError(f"seed {seed} already exists")
+            if name in self.states_:
+                raise ValueError(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise ValueError(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                if self._current_state_name != name:
+                    raise RuntimeError(
+                        f"rng state {self._current_state_name} is current, expected {name}"
+                    )
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    # initialize_rng_tracker() looks the class up by this module-level name on every (re)init,
+    # so every tracker megatron builds from now on keeps its states on the CPU generator.
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    tracker = mcore_random._CUDA_RNG_STATE_TRACKER
+    if tracker is not None and not isinstance(tracker, CpuRNGStatesTracker):
+        # A CUDA tracker built before the shim could never fork on CPU: drop it so the next
+        # get_cuda_rng_tracker() builds the CPU one.
+        mcore_random._CUDA_RNG_STATE_TRACKER = None
+        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+
+def _patch_moe_utils() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    # 0.16.x imports te_general_gemm only inside its TransformerEngine try-block, yet the router's
+    # gating GEMM tests `te_general_gemm is not None` (NameError without TE); 0.19 binds it to None.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        # Megatron converts split sizes to numpy only for CUDA tensors; CPU tensors would reach
+        # all_to_all_single as tensors. Give the CPU ones the numpy form the dispatcher expects.
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    # token_dispatcher.py imported the function by name: patch the name it calls.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+@dataclass(frozen=True)
+class _Patch:
+    name: str
+    apply: Callable[[], None]
+
+
+_PATCHES: Tuple[_Patch, ...] = (
+    _Patch("torch.cuda current_device/Stream/current_stream", _patch_torch_cuda),
+    _Patch("megatron RNG tracker on the CPU generator", _patch_rng_tracker),
+    _Patch("moe_utils: te_general_gemm, CPU split sizes", _patch_moe_utils),
+)
+
+
+def enable_cpu_megatron() -> List[str]:
+    """Make megatron-core's MoE path run on CPU; idempotent. Returns the names of the patches applied.
+
+    Call in each CPU process before building megatron modules (``init_megatron_parallel`` does).
+    Raises ``RuntimeError`` if CUDA is available (the shim would hide the GPU from megatron) and
+    ``ImportError`` if megatron-core is not installed.
+    """
+    if _APPLIED:
+        return list(_APPLIED)
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "enable_cpu_megatron: CUDA is available in this process; the CPU shim would redirect "
+            "megatron's CUDA allocations to the CPU. Run CPU ranks with CUDA_VISIBLE_DEVICES=''."
+        )
+    import megatron.core  # noqa: F401 - a clear ImportError before any patch is applied
+
+    for patch in _PATCHES:
+        patch.apply()
+        _APPLIED.append(patch.name)
+    return list(_APPLIED)

@@ -1,0 +1,188 @@
+"""Multi-process CPU runs with the gloo backend, and megatron parallel state on top of them.
+
+``spawn_gloo`` is what the multi-rank tests and the embedded CPU training run launch ranks with;
+``init_megatron_parallel`` is what each rank calls first when it needs megatron-core's process
+groups and RNG trackers on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class RankFailedError(RuntimeError):
+    """A rank of a ``spawn_gloo`` run raised, died, or the run timed out."""
+
+
+def _free_loopback_port() -> int:
+    # The port is released before the ranks bind it; a collision is possible but rare,
+    # and surfaces as a rank failure rather than a hang (the store has a timeout).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(fn, rank, world_size, port, timeout_s, threads_per_rank, results, args):
+    # Hide accelerators: these are CPU ranks, and the CPU harness refuses to run beside CUDA.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        # gloo otherwise picks the interface the hostname resolves to, which may not be loopback.
+        GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+    )
+    # Several ranks share few cores: one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(threads_per_rank)
+    try:
+        dist.init_process_group(
+            "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - everything, incl. SystemExit, goes back to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_gloo(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads_per_rank: int = 1,
+) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh CPU processes joined by gloo.
+
+    ``fn`` and ``args`` must be picklable (``fn`` a module-level function), and so must its return
+    values; they come back as a list in rank order. The default process group is initialised
+    (gloo, TCP store on a free 127.0.0.1 port) before ``fn`` runs and destroyed after. GPUs are
+    hidden from the ranks (``CUDA_VISIBLE_DEVICES=""``).
+
+    Raises ``RankFailedError`` with the failing rank's traceback as soon as any rank raises or
+    dies, and after ``timeout_s`` seconds if some rank has not finished; the other ranks are
+    terminated in both cases, so a broken collective never hangs the caller.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_loopback_port()
+    procs = [
+        ctx.Process(
+            target=_rank_entry,
+            args=(fn, rank, world_size, port, timeout_s, threads_per_rank, results, args),
+            name=f"gloo-rank-{rank}",
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        return _collect(procs, results, world_size, timeout_s)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        results.close()
+
+
+def _collect(procs, results, world_size: int, timeout_s: float) -> List[Any]:
+    deadline = time.monotonic() + timeout_s
+    values: List[Optional[Any]] = [None] * world_size
+    pending = set(range(world_size))
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RankFailedError(
+                f"spawn_gloo: timed out after {timeout_s:.0f} s; ranks {sorted(pending)} of "
+                f"{world_size} did not finish"
+            )
+        try:
+            rank, ok, payload = results.get(timeout=min(remaining, 0.5))
+        except queue.Empty:
+            # A rank that died without reporting (segfault, OOM kill) would otherwise wait out the
+            # whole timeout; a rank that reported exits by itself, so only unreported ones count.
+            dead = [r for r in pending if procs[r].exitcode is not None]
+            if dead:
+                # Its report may still be in flight in the queue pipe: give it a moment.
+                try:
+                    rank, ok, payload = results.get(timeout=2.0)
+                except queue.Empty:
+                    rank = dead[0]
+                    raise RankFailedError(
+                        f"spawn_gloo: rank {rank} of {world_size} exited with code "
+                        f"{procs[rank].exitcode} without reporting a result"
+                    ) from None
+            else:
+                continue
+        if not ok:
+            raise RankFailedError(f"spawn_gloo: rank {rank} of {world_size} failed:\n{payload}")
+        values[rank] = payload
+        pending.discard(rank)
+    return values
+
+
+def init_megatron_parallel(
+    tensor_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int = 1,
+    seed: int = 1234,
+):
+    """Set up megatron-core's parallel state and RNG trackers on CPU; return the ProcessGroupCollection.
+
+    Call inside a rank whose default process group is initialised (e.g. from a ``spawn_gloo``
+    function). Applies ``enable_cpu_megatron()`` first. Seeds the CPU generator with ``seed`` and
+    megatron's RNG trackers (data-parallel, tensor-parallel and expert-parallel states) as
+    ``model_parallel_cuda_manual_seed(seed)`` does on GPU, so expert weights differ across EP ranks
+    exactly as in a GPU run.
+    """
+    from megatron_microep.glue.cpu import enable_cpu_megatron
+
+    enable_cpu_megatron()
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "init_megatron_parallel: torch.distributed is not initialised; run inside spawn_gloo "
+            "or call torch.distributed.init_process_group('gloo', ...) first"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
