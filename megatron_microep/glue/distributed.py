@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
+import pickle
 import queue
 import socket
 import time
@@ -55,8 +56,9 @@ def _rank_entry(fn, rank, world_size, port, timeout_s, threads_per_rank, results
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-        value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Plain pickle bytes: the queue's pickler would share tensors by file descriptor, which
+        # dies with this process before the parent reads it.
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - everything, incl. SystemExit, goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -112,39 +114,49 @@ def spawn_gloo(
         results.close()
 
 
+# After the first failure, how long to keep listening: the other ranks' reports (often a gloo
+# "connection closed" caused by the first one) help tell cause from consequence.
+_FAILURE_GRACE_S = 3.0
+
+
 def _collect(procs, results, world_size: int, timeout_s: float) -> List[Any]:
     deadline = time.monotonic() + timeout_s
     values: List[Optional[Any]] = [None] * world_size
     pending = set(range(world_size))
+    failures = {}  # rank -> description
     while pending:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RankFailedError(
-                f"spawn_gloo: timed out after {timeout_s:.0f} s; ranks {sorted(pending)} of "
-                f"{world_size} did not finish"
-            )
+            break
         try:
-            rank, ok, payload = results.get(timeout=min(remaining, 0.5))
+            rank, ok, payload = results.get(timeout=min(remaining, 0.2))
         except queue.Empty:
-            # A rank that died without reporting (segfault, OOM kill) would otherwise wait out the
-            # whole timeout; a rank that reported exits by itself, so only unreported ones count.
-            dead = [r for r in pending if procs[r].exitcode is not None]
-            if dead:
-                # Its report may still be in flight in the queue pipe: give it a moment.
-                try:
-                    rank, ok, payload = results.get(timeout=2.0)
-                except queue.Empty:
-                    rank = dead[0]
-                    raise RankFailedError(
-                        f"spawn_gloo: rank {rank} of {world_size} exited with code "
-                        f"{procs[rank].exitcode} without reporting a result"
-                    ) from None
-            else:
-                continue
-        if not ok:
-            raise RankFailedError(f"spawn_gloo: rank {rank} of {world_size} failed:\n{payload}")
-        values[rank] = payload
+            # A rank that died without reporting (segfault, OOM kill, os._exit) never will; once
+            # it has exited, its report would already be in the queue if it had sent one.
+            for rank in sorted(pending):
+                if procs[rank].exitcode is not None and results.empty():
+                    failures[rank] = (
+                        f"rank {rank} of {world_size} exited with code {procs[rank].exitcode} "
+                        "without reporting a result"
+                    )
+                    pending.discard(rank)
+                    deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+            continue
         pending.discard(rank)
+        if ok:
+            values[rank] = pickle.loads(payload)
+        else:
+            failures[rank] = f"rank {rank} of {world_size} failed:\n{payload}"
+            deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+    if failures:
+        raise RankFailedError(
+            "spawn_gloo: " + "\n".join(failures[r] for r in sorted(failures))
+        )
+    if pending:
+        raise RankFailedError(
+            f"spawn_gloo: timed out after {timeout_s:.0f} s; ranks {sorted(pending)} of "
+            f"{world_size} did not finish"
+        )
     return values
 
 
