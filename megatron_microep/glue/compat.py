@@ -1,0 +1,159 @@
+"""What differs between megatron-core 0.16 and 0.19 (and what MicroEP reads from Megatron objects).
+
+- MoE mlp specs are ``ModuleSpec(module=MoELayer, ...)`` in 0.16 and ``functools.partial(MoELayer,
+  ...)`` in 0.19; ``swap_moe_mlp`` rewrites either.
+- ``MoELayer.__init__`` builds its dispatcher with an if/elif on ``moe_token_dispatcher_type``;
+  ``stock_dispatcher_during_init`` lets it build a throw-away stock one that the subclass replaces.
+- Expert weights are read from the stock experts module (``SequentialMLP``: one MLP per expert;
+  ``TEGroupedMLP``: ``weight{i}`` / ``bias{i}`` of two GroupedLinear), never copied.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import List, Optional
+
+import torch
+
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_microep.runtime.experts import ExpertMath, ExpertWeights
+
+
+@contextlib.contextmanager
+def stock_dispatcher_during_init(config):
+    """Let ``MoELayer.__init__`` build the cheap allgather dispatcher (no stream, no buffer); the
+    caller replaces it. The config is restored even if construction fails."""
+    original = config.moe_token_dispatcher_type
+    config.moe_token_dispatcher_type = "allgather"
+    try:
+        yield
+    finally:
+        config.moe_token_dispatcher_type = original
+
+
+def default_pg_collection():
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    return get_default_pg_collection()
+
+
+def _is_moe_layer_class(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, MoELayer)
+
+
+def is_moe_mlp_spec(mlp) -> bool:
+    if isinstance(mlp, ModuleSpec):
+        return _is_moe_layer_class(mlp.module)
+    if isinstance(mlp, functools.partial):
+        return _is_moe_layer_class(mlp.func)
+    return _is_moe_layer_class(mlp)
+
+
+def swap_moe_mlp(mlp, layer_class: type, **params):
+    """The same MoE mlp spec building ``layer_class`` (with extra constructor ``params``) instead."""
+    if isinstance(mlp, ModuleSpec):
+        return ModuleSpec(
+            module=layer_class,
+            submodules=mlp.submodules,
+            params={**mlp.params, **params},
+            **({"metainfo": mlp.metainfo} if hasattr(mlp, "metainfo") else {}),
+        )
+    if isinstance(mlp, functools.partial):
+        return functools.partial(layer_class, *mlp.args, **{**mlp.keywords, **params})
+    raise TypeError(f"not an MoE mlp spec: {mlp!r}")
+
+
+def expert_tensors(experts: torch.nn.Module) -> List[List[torch.Tensor]]:
+    """Per local expert: [fc1 weight, fc2 weight] + [fc1 bias, fc2 bias] when the model has biases.
+
+    Shapes: fc1 [F1/ETP, H], fc2 [H, F/ETP], biases [F1/ETP] and [H]. Raises TypeError for expert
+    classes MicroEP cannot read (e.g. the legacy GroupedMLP).
+    """
+    if isinstance(experts, SequentialMLP):
+        out = []
+        for mlp in experts.local_experts:
+            tensors = [mlp.linear_fc1.weight, mlp.linear_fc2.weight]
+            if mlp.linear_fc1.bias is not None:
+                tensors += [mlp.linear_fc1.bias, mlp.linear_fc2.bias]
+            out.append(tensors)
+        return out
+    if isinstance(experts, TEGroupedMLP):
+        fc1, fc2 = experts.linear_fc1, experts.linear_fc2
+        out = []
+        for i in range(experts.num_local_experts):
+            tensors = [getattr(fc1, f"weight{i}"), getattr(fc2, f"weight{i}")]
+            if getattr(fc1, f"bias{i}", None) is not None:
+                tensors += [getattr(fc1, f"bias{i}"), getattr(fc2, f"bias{i}")]
+            out.append(tensors)
+        return out
+    raise TypeError(
+        f"MicroEP cannot run experts of type {type(experts).__name__}; use SequentialMLP (local spec) "
+        "or TEGroupedMLP (--moe-grouped-gemm with TransformerEngine)"
+    )
+
+
+def expert_weights(tensors: List[torch.Tensor]) -> ExpertWeights:
+    """``ExpertWeights`` from the tensor list of ``expert_tensors`` (or a replica copy of it)."""
+    if len(tensors) == 4:
+        return ExpertWeights(fc1=tensors[0], fc2=tensors[1], fc1_bias=tensors[2], fc2_bias=tensors[3])
+    return ExpertWeights(fc1=tensors[0], fc2=tensors[1])
+
+
+def expert_math(config) -> ExpertMath:
+    return ExpertMath(
+        activation=config.activation_func,
+        gated=bool(config.gated_linear_unit),
+        clamp=getattr(config, "activation_func_clamp_value", None),
+        glu_offset=float(getattr(config, "glu_linear_offset", 0.0) or 0.0),
+        probs_on_input=bool(getattr(config, "moe_apply_probs_on_input", False)),
+    )
+
+
+def sync_expert_params(experts: torch.nn.Module) -> None:
+    """Run the experts' forward pre-hooks without running the experts.
+
+    MicroEP reads the expert weights directly; Megatron's DDP with overlapped parameter all-gather
+    waits for a module's parameters in that module's forward pre-hook, so the hooks must run
+    before the weights are read. Hooks must not need inputs (DDP's do not).
+    """
+    for module in experts.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if key in module._forward_pre_hooks_with_kwargs:
+                result = hook(module, (), {})
+            else:
+                result = hook(module, ())
+            if result is not None:
+                raise RuntimeError(
+                    f"a forward pre-hook of {type(module).__name__} rewrites its inputs; MicroEP reads "
+                    "expert weights without calling the module and cannot honour it"
+                )
+
+
+def layer_offset(config, vp_stage: Optional[int], pp_rank: int) -> int:
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    return get_transformer_layer_offset(config, vp_stage, pp_rank)
+
+
+def stock_decoder_layer_specs(config, use_transformer_engine: bool) -> list:
+    """Megatron's per-layer GPT specs for the whole model (dense and MoE layers), 0.16 to 0.19."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
+
+    return get_gpt_decoder_layer_specs(
+        config, use_transformer_engine, normalization=config.normalization, qk_l2_norm=config.qk_l2_norm
+    )
+
+
+def stock_decoder_block_spec(config, use_transformer_engine: bool, vp_stage: Optional[int] = None):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(
+        config,
+        use_transformer_engine=use_transformer_engine,
+        normalization=config.normalization,
+        qk_l2_norm=config.qk_l2_norm,
+        vp_stage=vp_stage,
+    )

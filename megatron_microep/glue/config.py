@@ -1,0 +1,169 @@
+"""MicroEP settings, how they reach each MoE layer, and which Megatron configurations they accept.
+
+Settings travel as a ``MicroEPConfig``. A layer finds them, in this order: the ``microep`` argument
+of its spec (``swap_moe_layers(..., microep=...)``); ``config.microep`` (set by
+``attach_microep_config`` or ``microep_config_from_args``); the ``--microep-*`` flags of the running
+Megatron-LM job (``megatron.training`` global args). Validation runs when settings are built from
+flags and again when a layer is built, and names the offending flag.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from typing import Optional
+
+DISPATCHER_TYPE = "microep"
+PLANNERS = ("ortools", "greedy")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+
+
+class MicroEPConfigError(ValueError):
+    """An invalid MicroEP setting or an unsupported combination with Megatron's settings."""
+
+
+@dataclass(frozen=True)
+class MicroEPConfig:
+    """Per-layer MicroEP settings; each field is the flag ``--microep-<field with dashes>``."""
+
+    redundant_slots: int = 0  # R: replica slots per EP rank, besides its home experts
+    replan_interval: int = 0  # re-plan the placement every N optimizer steps (0: never)
+    planner: str = "ortools"
+    history_window: int = 50  # optimizer steps of routing history the planner sees
+    planner_time_limit_s: float = 10.0
+    replan_lag: int = 1  # a plan started at step s takes effect at step s + lag on all ranks
+    move_penalty: float = 0.0  # planner cost per replica moved relative to the current placement
+    gpus_per_node: Optional[int] = None  # planner: prefer replicas inside the node (None: flat)
+    expert_backend: str = "auto"
+    trace_dir: Optional[str] = None
+
+    def validate(self) -> "MicroEPConfig":
+        """Checks that need no Megatron settings; returns self."""
+        if self.redundant_slots < 0:
+            raise MicroEPConfigError(f"--microep-redundant-slots must be >= 0, got {self.redundant_slots}")
+        if self.replan_interval < 0:
+            raise MicroEPConfigError(f"--microep-replan-interval must be >= 0, got {self.replan_interval}")
+        if self.planner not in PLANNERS:
+            raise MicroEPConfigError(f"--microep-planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
+        if self.history_window < 1:
+            raise MicroEPConfigError(f"--microep-history-window must be >= 1, got {self.history_window}")
+        if self.planner_time_limit_s <= 0:
+            raise MicroEPConfigError(
+                f"--microep-planner-time-limit-s must be > 0, got {self.planner_time_limit_s}"
+            )
+        if self.replan_lag < 1:
+            raise MicroEPConfigError(f"--microep-replan-lag must be >= 1, got {self.replan_lag}")
+        if self.move_penalty < 0:
+            raise MicroEPConfigError(f"--microep-move-penalty must be >= 0, got {self.move_penalty}")
+        if self.gpus_per_node is not None and self.gpus_per_node < 1:
+            raise MicroEPConfigError(f"--microep-gpus-per-node must be >= 1, got {self.gpus_per_node}")
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise MicroEPConfigError(
+                f"--microep-expert-backend must be one of {', '.join(EXPERT_BACKENDS)}, got {self.expert_backend!r}"
+            )
+        if self.replan_interval > 0 and self.redundant_slots == 0:
+            raise MicroEPConfigError(
+                "--microep-replan-interval > 0 needs --microep-redundant-slots >= 1 (nothing to place)"
+            )
+        return self
+
+    @classmethod
+    def from_args(cls, args) -> "MicroEPConfig":
+        """From an argparse namespace carrying the ``microep_*`` attributes of ``add_microep_args``."""
+        missing = [f.name for f in fields(cls) if not hasattr(args, f"microep_{f.name}")]
+        if missing:
+            raise MicroEPConfigError(
+                f"arguments lack --microep-{missing[0].replace('_', '-')}: register the flags with "
+                "megatron_microep.glue.args.add_microep_args (extra_args_provider)"
+            )
+        return cls(**{f.name: getattr(args, f"microep_{f.name}") for f in fields(cls)}).validate()
+
+
+def flag(name: str) -> str:
+    """Megatron's flag for a TransformerConfig / argument name: ``moe_router_topk`` -> ``--moe-router-topk``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
+    """Reject Megatron settings MicroEP cannot honour. ``config`` is a TransformerConfig or args-like.
+
+    Reads ``num_moe_experts`` (or ``num_experts``), ``expert_model_parallel_size`` and
+    ``expert_tensor_parallel_size`` plus the MoE options named below.
+    """
+    num_experts = getattr(config, "num_moe_experts", None) or getattr(config, "num_experts", None)
+    ep = getattr(config, "expert_model_parallel_size", 1) or 1
+    etp = getattr(config, "expert_tensor_parallel_size", None) or 1
+    if not num_experts:
+        raise MicroEPConfigError("--moe-token-dispatcher-type microep needs an MoE model (--num-experts)")
+    if num_experts % ep:
+        raise MicroEPConfigError(
+            f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}"
+        )
+    per_rank = num_experts // ep
+    if settings.redundant_slots > 0 and ep == 1:
+        raise MicroEPConfigError(
+            "--microep-redundant-slots > 0 needs --expert-model-parallel-size > 1 "
+            "(with EP = 1 every expert is already local)"
+        )
+    if settings.redundant_slots >= per_rank:
+        raise MicroEPConfigError(
+            f"--microep-redundant-slots {settings.redundant_slots} must be smaller than the experts per "
+            f"EP rank ({num_experts} / --expert-model-parallel-size {ep} = {per_rank})"
+        )
+    ffn = getattr(config, "moe_ffn_hidden_size", None)
+    if ffn is not None and ffn % etp:
+        raise MicroEPConfigError(
+            f"--expert-tensor-parallel-size {etp} must divide --moe-ffn-hidden-size {ffn}"
+        )
+    unsupported = {
+        "moe_expert_capacity_factor": "MicroEP is dropless",
+        "moe_pad_expert_input_to_capacity": "MicroEP is dropless",
+        "moe_router_padding_for_quantization": "FP8/FP4 expert padding is not supported",
+        "fp8": "FP8 experts are not supported",
+        "fp4": "FP4 experts are not supported",
+        "moe_shared_expert_overlap": "shared-expert overlap needs the alltoall/flex dispatcher",
+        "overlap_moe_expert_parallel_comm": "EP communication overlap is not supported",
+        "use_te_activation_func": "TransformerEngine activation modules are not supported",
+        "moe_use_legacy_grouped_gemm": "the legacy GroupedMLP experts are not supported",
+        "mtp_num_layers": "multi-token prediction layers are not supported",
+    }
+    for name, why in unsupported.items():
+        if getattr(config, name, None):
+            raise MicroEPConfigError(f"{flag(name)} cannot be used with --moe-token-dispatcher-type microep: {why}")
+    recompute = getattr(config, "recompute_modules", None) or []
+    if getattr(config, "recompute_granularity", None) == "selective" and "moe_act" in recompute:
+        raise MicroEPConfigError(
+            "--recompute-modules moe_act cannot be used with --moe-token-dispatcher-type microep "
+            "(the MicroEP experts do not recompute activations)"
+        )
+
+
+def attach_microep_config(config, settings: MicroEPConfig):
+    """Attach ``settings`` to a TransformerConfig (as ``config.microep``) after checking them; returns config."""
+    check_megatron_compatibility(settings.validate(), config)
+    config.microep = settings
+    return config
+
+
+def _megatron_training_args():
+    """The running Megatron-LM job's parsed args, if megatron.training is loaded and initialised."""
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    return getattr(global_vars, "_GLOBAL_ARGS", None) if global_vars is not None else None
+
+
+def resolve_microep_config(config, explicit: Optional[MicroEPConfig] = None) -> MicroEPConfig:
+    """The settings a layer built from ``config`` uses (see the module docstring), validated."""
+    if explicit is not None:
+        settings = explicit.validate()
+    elif getattr(config, "microep", None) is not None:
+        settings = config.microep.validate()
+    else:
+        args = _megatron_training_args()
+        if args is None or not hasattr(args, "microep_redundant_slots"):
+            raise MicroEPConfigError(
+                "no MicroEP settings for this layer: pass microep= to the spec, call "
+                "megatron_microep.glue.config.attach_microep_config(config, ...), or register the "
+                "--microep-* flags with megatron_microep.glue.args.add_microep_args"
+            )
+        settings = MicroEPConfig.from_args(args)
+    check_megatron_compatibility(settings, config)
+    return settings

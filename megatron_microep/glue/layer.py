@@ -1,0 +1,320 @@
+"""MicroEP inside Megatron: ``MicroEPMoELayer`` (a ``MoELayer``) and ``MicroEPTokenDispatcher``.
+
+The layer keeps Megatron's router, stock experts module (the parameters, their DDP buffers and
+checkpoint layout are untouched) and shared experts. It replaces the token dispatcher and the
+routed-expert computation: tokens go to physical slots (home experts + replicas) chosen per
+micro-batch by the exact scheduler, and one grouped GEMM runs every local slot, replicas using
+weights fetched from their home ranks (``runtime.replicas``).
+
+Steps. Replica weights are reused within an optimizer step and re-fetched in the first forward of
+the next one; re-planned placements take effect at a step boundary. The step number comes from
+Megatron-LM's training loop (``args.curr_iteration``) when it runs, otherwise from
+``set_training_step`` (call it on every rank before each step); with neither, replica weights are
+fetched in every forward, history is not recorded and re-planning is off (logged once).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from megatron_microep.glue import compat
+from megatron_microep.glue.config import (
+    DISPATCHER_TYPE,
+    MicroEPConfig,
+    MicroEPConfigError,
+    _megatron_training_args,
+    resolve_microep_config,
+)
+from megatron_microep.planning.placement import Placement
+from megatron_microep.runtime.dispatch import (
+    Groups,
+    MicroBatchRouting,
+    exchange,
+    exchange_back,
+    permute,
+    regroup,
+    route,
+    ungroup,
+    unpermute,
+)
+from megatron_microep.runtime.experts import choose_backend, run_experts
+from megatron_microep.runtime.layout import PhysicalLayout
+from megatron_microep.runtime.replan import PLANNERS, PlacementController
+from megatron_microep.runtime.replicas import ReplicaExchange, replicate
+from megatron_microep.runtime.telemetry import TelemetryLog, micro_batch_stats, summarize
+
+logger = logging.getLogger(__name__)
+
+
+class _StepClock:
+    """The optimizer step the next forwards belong to; equal on every rank."""
+
+    def __init__(self) -> None:
+        self.manual: Optional[int] = None
+        self.warned = False
+
+    def current(self) -> Optional[int]:
+        if self.manual is not None:
+            return self.manual
+        args = _megatron_training_args()
+        step = getattr(args, "curr_iteration", None) if args is not None else None
+        if step is None and not self.warned:
+            self.warned = True
+            logger.warning(
+                "MicroEP: no training step known (not in Megatron-LM's loop and set_training_step was not "
+                "called): replica weights are fetched in every forward, re-planning is off"
+            )
+        return step
+
+
+STEP_CLOCK = _StepClock()
+
+
+def set_training_step(step: int) -> None:
+    """Declare that the following forwards belong to optimizer step ``step`` (call on every rank)."""
+    STEP_CLOCK.manual = int(step)
+
+
+class _TraceSink:
+    """Routing records of this process's MicroEP layers in the simulator's native trace format."""
+
+    def __init__(self, directory: str, num_gpus: int, num_experts: int) -> None:
+        from megatron_microep.simulator.traces import NativeTraceWriter
+
+        os.makedirs(directory, exist_ok=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.writer = NativeTraceWriter(
+            os.path.join(directory, f"routing_rank{rank}.mept"), num_gpus, num_experts,
+            meta={"source": "megatron_microep", "global_rank": rank},
+        )
+        self.micro_batch: Dict[tuple, int] = {}
+
+    def write(self, step: int, layer: int, tokens: np.ndarray) -> None:
+        key = (step, layer)
+        index = self.micro_batch.get(key, 0)
+        self.micro_batch[key] = index + 1
+        self.writer.write(step, index, layer, tokens)
+
+
+_TRACE_SINKS: Dict[str, _TraceSink] = {}
+
+
+class MicroEPTokenDispatcher(MoETokenDispatcher):
+    """Megatron's six-method dispatcher contract over ``runtime.dispatch``.
+
+    ``dispatch_postprocess`` returns tokens grouped by local physical slot and the rows per slot
+    (home experts, then replica slots); only ``MicroEPMoELayer`` consumes them.
+    """
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, layer: "MicroEPMoELayer"):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = local_expert_indices
+        self.layer = layer
+        self.groups = layer.microep_groups
+        self.routing: Optional[MicroBatchRouting] = None
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self.hidden_shape = hidden_states.shape
+        self.probs_dtype = probs.dtype
+        hidden = hidden_states.view(-1, self.hidden_shape[-1])
+        self.routing = self.layer._route(routing_map)
+        return permute(hidden, probs, self.routing)
+
+    def token_dispatch(self, hidden_states, probs):
+        return exchange(hidden_states, probs, self.routing, self.groups)
+
+    def dispatch_postprocess(self, hidden_states, probs):
+        tokens, per_slot, probs = regroup(hidden_states, probs, self.routing, self.groups)
+        return tokens, torch.from_numpy(per_slot), probs
+
+    def combine_preprocess(self, hidden_states):
+        return ungroup(hidden_states, self.routing, self.groups, self.probs_dtype)
+
+    def token_combine(self, hidden_states):
+        return exchange_back(hidden_states, self.routing, self.groups)
+
+    def combine_postprocess(self, hidden_states):
+        num_tokens = int(np.prod(self.hidden_shape[:-1]))
+        out = unpermute(hidden_states, self.routing, num_tokens)
+        self.routing = None
+        return out.view(self.hidden_shape)
+
+    def set_shared_experts(self, shared_experts):
+        raise MicroEPConfigError("--moe-shared-expert-overlap cannot be used with --moe-token-dispatcher-type microep")
+
+
+class MicroEPMoELayer(MoELayer):
+    """A ``MoELayer`` whose tokens are balanced over replicated experts every micro-batch.
+
+    ``microep``: settings for this layer (else ``config.microep`` or the job's ``--microep-*`` flags).
+    Other arguments are ``MoELayer``'s, passed through unchanged.
+    """
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
+                 microep: Optional[MicroEPConfig] = None, **kwargs):
+        settings = resolve_microep_config(config, microep)
+        if config.moe_token_dispatcher_type != DISPATCHER_TYPE:
+            raise MicroEPConfigError(
+                f"MicroEP layers need --moe-token-dispatcher-type {DISPATCHER_TYPE}, "
+                f"got {config.moe_token_dispatcher_type!r}"
+            )
+        if pg_collection is None:
+            pg_collection = compat.default_pg_collection()
+        with compat.stock_dispatcher_during_init(config):
+            super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                             pg_collection=pg_collection, **kwargs)
+        self.microep_settings = settings
+        home = compat.expert_tensors(self.experts)  # rejects expert classes MicroEP cannot read
+        self.microep_groups = Groups(
+            ep=pg_collection.ep, etp=pg_collection.expt_tp, tp_ep=pg_collection.tp_ep,
+            ep_rank=dist.get_rank(pg_collection.ep), ep_size=dist.get_world_size(pg_collection.ep),
+            etp_rank=dist.get_rank(pg_collection.expt_tp), etp_size=dist.get_world_size(pg_collection.expt_tp),
+        )
+        self._expt_dp_rank = dist.get_rank(pg_collection.expt_dp) if pg_collection.expt_dp is not None else 0
+        layout = PhysicalLayout.stock(self.microep_groups.ep_size, self.num_local_experts, settings.redundant_slots)
+        planner = PLANNERS[settings.planner](settings.planner_time_limit_s, settings.move_penalty, settings.gpus_per_node)
+        self.placement_controller = PlacementController(
+            layout, planner, settings.replan_interval, settings.history_window, settings.replan_lag,
+            group=pg_collection.tp_ep, device=home[0][0].device, name=f" layer {layer_number}",
+        )
+        self.token_dispatcher = MicroEPTokenDispatcher(
+            self.num_local_experts, self.local_expert_indices, config=self.config,
+            pg_collection=pg_collection, layer=self,
+        )
+        self.telemetry = TelemetryLog()
+        self._math = compat.expert_math(self.config)
+        self._backend: Optional[str] = None
+        self._exchange: Optional[ReplicaExchange] = None
+        self._exchange_version = -1
+        self._step: Optional[int] = None
+        self._logged: List = []
+
+    # --- placement ------------------------------------------------------------------------------
+    @property
+    def layout(self) -> PhysicalLayout:
+        return self.placement_controller.layout
+
+    def set_placement(self, placement: Placement) -> None:
+        """Use ``placement`` from the next forward on; call with the same placement on every rank."""
+        layout = PhysicalLayout.build(placement, self.num_local_experts, self.microep_settings.redundant_slots)
+        self.placement_controller.set_layout(layout)
+
+    # --- per micro-batch ------------------------------------------------------------------------
+    def _route(self, routing_map: torch.Tensor) -> MicroBatchRouting:
+        step = STEP_CLOCK.current()
+        if step is not None and step != self._step:
+            self._on_new_step(step)
+        routing = route(routing_map, self.layout, self.microep_groups)
+        if self.training and torch.is_grad_enabled():
+            # Counted once per micro-batch also under activation recompute, whose first pass runs
+            # without grad; evaluation forwards are not training history.
+            tokens = routing.counts.sum(axis=0)
+            self.placement_controller.record(tokens.sum(axis=0))
+            layer = self.layer_number if self.layer_number is not None else -1
+            self.telemetry.add(micro_batch_stats(
+                -1 if step is None else step, layer, tokens, routing.schedule, routing.layout,
+                routing.scheduling_seconds,
+            ))
+            if self.microep_settings.trace_dir and step is not None and dist.get_rank(self.microep_groups.tp_ep) == 0:
+                self._trace_sink(tokens.shape).write(step, layer, tokens)
+        return routing
+
+    def _trace_sink(self, shape) -> _TraceSink:
+        directory = self.microep_settings.trace_dir
+        if directory not in _TRACE_SINKS:
+            _TRACE_SINKS[directory] = _TraceSink(directory, shape[0], shape[1])
+        return _TRACE_SINKS[directory]
+
+    def _on_new_step(self, step: int) -> None:
+        previous, self._step = self._step, step
+        self.placement_controller.on_step(step)
+        args = _megatron_training_args()
+        interval = getattr(args, "log_interval", None) if args is not None else None
+        if previous is not None and interval and step % interval == 0:
+            self.log_telemetry(step)
+
+    def log_telemetry(self, step: int) -> Dict[str, float]:
+        """Summarise (and clear) the stats since the last call; write them to Megatron's writers."""
+        summary = summarize(self.telemetry.drain())
+        if not summary or dist.get_rank(self.microep_groups.tp_ep) != 0 or self._expt_dp_rank != 0:
+            return summary
+        tag = f"microep/layer{self.layer_number}"
+        logger.info(
+            "MicroEP layer %s step %d: max/mean before %.3f after %.3f, remote tokens %.0f -> %.0f, "
+            "%d replicas carrying %.0f tokens, scheduling %.2f ms per micro-batch",
+            self.layer_number, step, summary["imbalance_before"], summary["imbalance_after"],
+            summary["remote_before"], summary["remote_after"], summary["replicas"],
+            summary["replica_tokens"], summary["scheduling_ms"],
+        )
+        writers = _metrics_writers()
+        if "tensorboard" in writers:
+            for key, value in summary.items():
+                writers["tensorboard"].add_scalar(f"{tag}/{key}", value, step)
+        if "wandb" in writers:
+            writers["wandb"].log({f"{tag}/{key}": value for key, value in summary.items()}, step)
+        return summary
+
+    # --- experts --------------------------------------------------------------------------------
+    def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        tokens, per_slot, probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
+        routing = self.token_dispatcher.routing
+        layout = routing.layout
+        compat.sync_expert_params(self.experts)
+        home = compat.expert_tensors(self.experts)
+        weights = [compat.expert_weights(t) for t in home]
+        counts = per_slot.tolist()
+        rows = counts[: self.num_local_experts]
+        if layout.has_replicas:
+            key = None if self._step is None else (self.placement_controller.version, self._step)
+            tokens, replicas = replicate(tokens, self._replica_exchange(layout, home), home, key)
+            for slot, tensors in enumerate(replicas):
+                if tensors is not None:
+                    weights.append(compat.expert_weights(tensors))
+                    rows.append(counts[self.num_local_experts + slot])
+                elif counts[self.num_local_experts + slot]:
+                    raise RuntimeError(f"empty replica slot {slot} was sent {counts[self.num_local_experts + slot]} tokens")
+        if self._backend is None:
+            fc1, fc2 = home[0][0], home[0][1]
+            self._backend = choose_backend(
+                self.microep_settings.expert_backend, fc1.device, fc1.dtype, [fc1.shape[1], fc1.shape[0], fc2.shape[1]]
+            )
+        output = run_experts(self._backend, tokens, rows, probs, weights, self._math)
+        return self.token_dispatcher.combine_preprocess(output), None
+
+    def _replica_exchange(self, layout: PhysicalLayout, home) -> ReplicaExchange:
+        version = self.placement_controller.version
+        if self._exchange is None or self._exchange_version != version:
+            self._exchange = ReplicaExchange(layout, self.microep_groups.ep_rank, self.microep_groups.ep,
+                                             [t.shape for t in home[0]])
+            self._exchange_version = version
+        return self._exchange
+
+
+def _metrics_writers() -> Dict[str, object]:
+    """Megatron-LM's TensorBoard and W&B writers, where the running job created them."""
+    import sys
+
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    if global_vars is None:
+        return {}
+    writers = {}
+    if getattr(global_vars, "_GLOBAL_TENSORBOARD_WRITER", None) is not None:
+        writers["tensorboard"] = global_vars._GLOBAL_TENSORBOARD_WRITER
+    if getattr(global_vars, "_GLOBAL_WANDB_WRITER", None) is not None:
+        writers["wandb"] = global_vars._GLOBAL_WANDB_WRITER
+    return writers
+
+
+def microep_layers(model) -> List[MicroEPMoELayer]:
+    """Every MicroEP layer in ``model`` (a module or a list of model chunks)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MicroEPMoELayer)]

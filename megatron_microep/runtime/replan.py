@@ -1,0 +1,180 @@
+"""Routing history, background re-planning and synchronized placement changes for one layer.
+
+Every rank of the layer's expert domain sees the same per-micro-batch counts (they are gathered for
+scheduling), so the planner rank (rank 0 of the group) keeps the history alone. Every
+``replan_interval`` steps it starts the planner in a background thread on the last
+``history_window`` steps; the result is adopted ``replan_lag`` steps later, at the first forward of
+that step, by every rank at once: the planner rank waits for its thread if it is still running
+(logged), then broadcasts the placement. Step numbers come from the caller and are equal on every
+rank, so all ranks take the same branch at the same collective.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Deque, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_microep.planning.placement import Placement
+from megatron_microep.runtime.layout import PhysicalLayout
+
+logger = logging.getLogger(__name__)
+
+# history int64 [S, E], num_gpus, redundant_slots, current Placement -> new Placement
+PlannerFn = Callable[[np.ndarray, int, int, Placement], Placement]
+
+
+def ortools_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int]) -> PlannerFn:
+    def plan(history, num_gpus, redundant_slots, current):
+        from megatron_microep.planning.planner import plan_placement
+
+        return plan_placement(
+            history, num_gpus, redundant_slots, gpus_per_node=gpus_per_node, time_limit_s=time_limit_s,
+            current=current, move_penalty=move_penalty,
+        ).placement
+
+    return plan
+
+
+def greedy_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int]) -> PlannerFn:
+    def plan(history, num_gpus, redundant_slots, current):
+        from megatron_microep.planning.eplb import eplb_placement
+
+        return eplb_placement(history, num_gpus, redundant_slots, gpus_per_node)
+
+    return plan
+
+
+PLANNERS = {"ortools": ortools_planner, "greedy": greedy_planner}
+
+
+def encode_placement(placement: Placement, num_experts: int, max_slots: int) -> np.ndarray:
+    """Fixed-size int64 [E + 1 + max_slots] (ptr, then GPU ids padded with -1) for a broadcast."""
+    out = np.full(num_experts + 1 + max_slots, -1, dtype=np.int64)
+    out[: num_experts + 1] = placement.ptr
+    out[num_experts + 1 : num_experts + 1 + placement.num_slots] = placement.gpus
+    return out
+
+
+def decode_placement(buffer: np.ndarray, num_experts: int, num_gpus: int) -> Placement:
+    ptr = buffer[: num_experts + 1]
+    gpus = buffer[num_experts + 1 : num_experts + 1 + int(ptr[-1])]
+    return Placement.from_lists([gpus[ptr[e] : ptr[e + 1]].tolist() for e in range(num_experts)], num_gpus)
+
+
+@dataclass
+class _Pending:
+    adopt_step: int
+    thread: Optional[threading.Thread]
+    result: List[object]  # [Placement] or [BaseException] once the thread is done
+    started: float
+
+
+class PlacementController:
+    """History and re-planning for one layer; ``group`` spans the layer's expert domain (tp_ep)."""
+
+    def __init__(
+        self, layout: PhysicalLayout, planner: PlannerFn, replan_interval: int, history_window: int,
+        replan_lag: int, group, device: torch.device, name: str = "",
+    ):
+        self.layout = layout
+        self.planner = planner
+        self.replan_interval = replan_interval
+        self.history_window = history_window
+        self.replan_lag = replan_lag
+        self.group = group
+        self.device = device
+        self.name = name
+        self.is_planner = dist.get_rank(group) == 0
+        self.version = 0  # bumped on every adopted placement
+        self._steps: Deque[np.ndarray] = deque(maxlen=history_window)  # int64 [micro-batches, E] per step
+        self._current_rows: List[np.ndarray] = []
+        self._step: Optional[int] = None
+        self._pending: Optional[_Pending] = None
+
+    def record(self, expert_load: np.ndarray) -> None:
+        """Expert loads int64 [E] of one training micro-batch (summed over the group's sources)."""
+        if self.is_planner:
+            self._current_rows.append(np.asarray(expert_load, dtype=np.int64))
+
+    def history(self) -> np.ndarray:
+        """int64 [S, E]: micro-batch rows of the completed steps in the window (planner rank)."""
+        rows = [block for block in self._steps if block.size]
+        if not rows:
+            return np.zeros((0, self.layout.placement.num_experts), dtype=np.int64)
+        return np.concatenate(rows)
+
+    def on_step(self, step: int) -> Optional[PhysicalLayout]:
+        """Call at the first forward of ``step`` on every rank. Returns a new layout when one takes effect."""
+        if self._step is not None and step == self._step:
+            return None
+        if self._current_rows:
+            self._steps.append(np.stack(self._current_rows))
+            self._current_rows = []
+        self._step = step
+        adopted = None
+        if self._pending is not None and step >= self._pending.adopt_step:
+            adopted = self._adopt()
+        if (
+            self.replan_interval > 0
+            and self._pending is None
+            and step % self.replan_interval == 0
+            and len(self._steps) > 0
+        ):
+            self._start(step)
+        return adopted
+
+    def _start(self, step: int) -> None:
+        result: List[object] = []
+        thread = None
+        if self.is_planner:
+            history = self.history()
+            current = self.layout.placement
+            G, R = self.layout.num_ranks, self.layout.redundant_slots
+
+            def work():
+                try:
+                    result.append(self.planner(history, G, R, current))
+                except BaseException as err:  # noqa: BLE001 - surfaced on adoption, on the training thread
+                    result.append(err)
+
+            thread = threading.Thread(target=work, name=f"microep-planner{self.name}", daemon=True)
+            thread.start()
+        self._pending = _Pending(adopt_step=step + self.replan_lag, thread=thread, result=result, started=time.monotonic())
+
+    def _adopt(self) -> Optional[PhysicalLayout]:
+        pending, self._pending = self._pending, None
+        E = self.layout.placement.num_experts
+        max_slots = E + self.layout.num_ranks * self.layout.redundant_slots
+        buffer = np.full(E + 1 + max_slots, -1, dtype=np.int64)
+        if self.is_planner:
+            if pending.thread.is_alive():
+                logger.warning("MicroEP%s: planner still running at its adoption step; waiting", self.name)
+            pending.thread.join()
+            outcome = pending.result[0]
+            if isinstance(outcome, BaseException):
+                raise RuntimeError(f"MicroEP{self.name}: placement planner failed") from outcome
+            buffer = encode_placement(outcome, E, max_slots)
+        tensor = torch.from_numpy(buffer).to(self.device)
+        dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
+        placement = decode_placement(tensor.cpu().numpy(), E, self.layout.num_ranks)
+        layout = PhysicalLayout.build(placement, self.layout.experts_per_rank, self.layout.redundant_slots)
+        if self.is_planner:
+            logger.info(
+                "MicroEP%s: new placement with %d replicas after %.1f s of planning",
+                self.name, placement.num_slots - E, time.monotonic() - pending.started,
+            )
+        self.layout = layout
+        self.version += 1
+        return layout
+
+    def set_layout(self, layout: PhysicalLayout) -> None:
+        """Adopt ``layout`` now (same call on every rank), e.g. a placement restored by the user."""
+        self.layout = layout
+        self.version += 1
