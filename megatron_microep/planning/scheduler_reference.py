@@ -7,6 +7,8 @@ Variables ``x[r] >= 0`` (tokens processed by copy ``r``) and ``z``; minimise ``z
 from __future__ import annotations
 
 import math
+import time
+from typing import NamedTuple
 
 import numpy as np
 from ortools.linear_solver import pywraplp
@@ -34,8 +36,16 @@ def _routing_lp(solver, load: np.ndarray, placement: Placement):
     return x, per_gpu
 
 
-def lp_min_max_load(tokens: np.ndarray, placement: Placement) -> tuple[float, int]:
-    """(LP optimum z*, integral optimum ceil(z*)) for ``tokens`` int [G, E]."""
+class LPSolution(NamedTuple):
+    value: float  # LP optimum z*
+    optimum: int  # integral optimum ceil(z*)
+    build_seconds: float  # building the model through the Python API
+    solve_seconds: float  # GLOP alone
+
+
+def lp_min_max_load(tokens: np.ndarray, placement: Placement) -> LPSolution:
+    """The min-max LP for ``tokens`` int [G, E] over ``placement``."""
+    start = time.perf_counter()
     load = np.asarray(tokens, dtype=np.int64).sum(axis=0)
     solver = _solver()
     _, per_gpu = _routing_lp(solver, load, placement)
@@ -43,10 +53,12 @@ def lp_min_max_load(tokens: np.ndarray, placement: Placement) -> tuple[float, in
     for terms in per_gpu:
         solver.Add(sum(terms) <= z)
     solver.Minimize(z)
+    built = time.perf_counter()
     if solver.Solve() != pywraplp.Solver.OPTIMAL:
         raise RuntimeError("reference LP did not reach optimality")
+    solved = time.perf_counter()
     value = z.solution_value()
-    return value, max(0, math.ceil(value - _CEIL_TOLERANCE))
+    return LPSolution(value, max(0, math.ceil(value - _CEIL_TOLERANCE)), built - start, solved - built)
 
 
 def lp_min_remote_tokens(tokens: np.ndarray, placement: Placement, max_load: int) -> int:

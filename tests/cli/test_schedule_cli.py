@@ -27,7 +27,7 @@ def test_contract_on_a_random_instance(tmp_path):
     assert main(["schedule", instance, "-o", str(out), "--repeat", "3"]) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"max_load", "gpu_load", "lower_bound", "remote_tokens", "assignment", "solve_seconds"}
-    assert result["max_load"] == lp_min_max_load(tokens, Placement.from_lists(replicas, 4))[1]
+    assert result["max_load"] == lp_min_max_load(tokens, Placement.from_lists(replicas, 4)).optimum
     assigned = np.zeros_like(tokens)
     for s, e, g, n in result["assignment"]:
         assert g in replicas[e]
