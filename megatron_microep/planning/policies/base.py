@@ -1,0 +1,406 @@
+"""The one interface every balancing policy implements, and what they share.
+
+A policy answers two questions at two rates (see docs/simulator.md):
+
+* ``place(history, current) -> Placement``: which GPUs hold a copy of each expert. Called at step
+  boundaries every ``replan_interval`` steps, off the critical path, from the recent routing only.
+* ``assign(tokens, placement) -> Assignment``: where the tokens of one micro-batch and layer are
+  processed, given int64 [G, E] routed counts. Called every micro-batch and layer.
+
+Policies are pure numpy (numba where a loop sits on the critical path), so the trace simulator and
+the training runtime call the same objects. Each policy keeps its parameters in a frozen dataclass
+``Params`` whose field docs are its documented parameters; ``make_policy`` validates them by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.scheduler import _split_by_source
+
+
+class PolicyError(ValueError):
+    """Bad policy parameters or an input a policy cannot take (named in the message)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The EP group a policy balances.
+
+    ``redundant_slots`` R: extra expert copies each GPU may hold beyond its home experts (the memory
+    budget every replicating or moving policy shares). ``gpus_per_node``: GPUs per NVLink domain;
+    it must divide ``num_gpus``; ``None`` means one node.
+    """
+
+    num_gpus: int
+    num_experts: int
+    redundant_slots: int = 0
+    gpus_per_node: int | None = None
+
+    def __post_init__(self):
+        if self.num_gpus < 1:
+            raise PolicyError(f"num_gpus must be >= 1, got {self.num_gpus}")
+        if self.num_experts < 1:
+            raise PolicyError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.redundant_slots < 0:
+            raise PolicyError(f"redundant_slots must be >= 0, got {self.redundant_slots}")
+        gpn = self.gpus_per_node
+        if gpn is not None and (gpn < 1 or self.num_gpus % gpn):
+            raise PolicyError(f"gpus_per_node={gpn} must be >= 1 and divide num_gpus={self.num_gpus}")
+
+    @property
+    def node_size(self) -> int:
+        return self.gpus_per_node or self.num_gpus
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_gpus // self.node_size
+
+    @property
+    def home_slots(self) -> int:
+        """Most home experts on one GPU under the contiguous layout."""
+        return -(-self.num_experts // self.num_gpus)
+
+    @property
+    def slot_limit(self) -> int:
+        """Most physical experts (home + extra) any GPU may hold."""
+        return self.home_slots + self.redundant_slots
+
+    def node_of(self, gpus: np.ndarray) -> np.ndarray:
+        return np.asarray(gpus) // self.node_size
+
+    def contiguous(self) -> Placement:
+        return Placement.contiguous(self.num_experts, self.num_gpus)
+
+    def home(self) -> np.ndarray:
+        """int64 [E]: each expert's home GPU (Megatron's contiguous layout)."""
+        return np.arange(self.num_experts, dtype=np.int64) * self.num_gpus // self.num_experts
+
+
+@dataclass(frozen=True)
+class History:
+    """Recent routing of one layer, oldest first.
+
+    expert_loads int64 [S, E]: per-micro-batch expert totals of the last S micro-batches.
+    step_tokens int64 [T, G, E]: per-source counts summed over each of the last T complete steps.
+    """
+
+    expert_loads: np.ndarray
+    step_tokens: np.ndarray
+
+
+class HistoryWindow:
+    """Bounded record of one layer's routing: the last ``micro_batches`` expert-load vectors and the
+    per-source sums of the last ``steps`` completed steps. Memory is O((micro_batches + steps) * G * E)."""
+
+    def __init__(self, num_gpus: int, num_experts: int, micro_batches: int, steps: int):
+        if micro_batches < 1 or steps < 1:
+            raise PolicyError(f"history window must keep >= 1 micro-batch and step, got {micro_batches}, {steps}")
+        self._loads = np.zeros((micro_batches, num_experts), dtype=np.int64)
+        self._steps = np.zeros((steps, num_gpus, num_experts), dtype=np.int64)
+        self._num_loads = 0
+        self._num_steps = 0
+        self._current = np.zeros((num_gpus, num_experts), dtype=np.int64)
+        self._current_used = False
+
+    def push(self, tokens: np.ndarray) -> None:
+        """Record one micro-batch's int64 [G, E] counts."""
+        self._loads = np.roll(self._loads, -1, axis=0)
+        self._loads[-1] = tokens.sum(axis=0)
+        self._num_loads = min(self._num_loads + 1, len(self._loads))
+        self._current += tokens
+        self._current_used = True
+
+    def end_step(self) -> None:
+        if not self._current_used:
+            return
+        self._steps = np.roll(self._steps, -1, axis=0)
+        self._steps[-1] = self._current
+        self._num_steps = min(self._num_steps + 1, len(self._steps))
+        self._current = np.zeros_like(self._current)
+        self._current_used = False
+
+    @property
+    def empty(self) -> bool:
+        return self._num_loads == 0
+
+    def view(self) -> History:
+        return History(
+            expert_loads=self._loads[len(self._loads) - self._num_loads:],
+            step_tokens=self._steps[len(self._steps) - self._num_steps:],
+        )
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where one micro-batch's tokens of one layer are processed.
+
+    ``tokens`` int64 [G, E]: the routed counts distributed (the input, except for ``ideal``, which
+    replaces it by force-balanced routing with the same per-source totals).
+    ``placement``: the copies in effect for this micro-batch (policies that move or add copies per
+    micro-batch return an extended placement). A single-copy expert's tokens all run on its copy.
+    ``slot_tokens`` int64 [nnz]: tokens each copy processes.
+    Pieces cover experts with more than one copy: ``piece_count[p]`` tokens of GPU ``piece_src[p]``
+    run on copy ``piece_slot[p]``.
+    ``weight_moves`` int64 [K, 2]: (from GPU, to GPU) of every expert's weights sent for this
+    micro-batch before its experts run (LLEP spills, BalanceMoE moves, UltraEP replica pushes).
+    """
+
+    tokens: np.ndarray
+    placement: Placement
+    slot_tokens: np.ndarray
+    piece_src: np.ndarray
+    piece_slot: np.ndarray
+    piece_count: np.ndarray
+    weight_moves: np.ndarray
+
+    def gpu_load(self) -> np.ndarray:
+        """int64 [G]: tokens each GPU processes."""
+        return np.bincount(self.placement.gpus, weights=self.slot_tokens,
+                           minlength=self.placement.num_gpus).astype(np.int64)
+
+
+NO_MOVES = np.zeros((0, 2), dtype=np.int64)
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def single_copy_assignment(tokens: np.ndarray, placement: Placement, weight_moves: np.ndarray = NO_MOVES) -> Assignment:
+    """Every expert has exactly one copy: all its tokens run there."""
+    if placement.num_slots != placement.num_experts:
+        raise PolicyError("single_copy_assignment needs exactly one copy per expert")
+    return Assignment(tokens, placement, tokens.sum(axis=0), _EMPTY, _EMPTY, _EMPTY, weight_moves)
+
+
+def quota_assignment(tokens: np.ndarray, placement: Placement, slot_tokens: np.ndarray,
+                     weight_moves: np.ndarray = NO_MOVES) -> Assignment:
+    """Per-copy quotas ``slot_tokens`` int64 [nnz] -> an Assignment; sources fill quotas local-first
+    (a copy takes its own GPU's tokens first), then in source order (the scheduler's split)."""
+    src, slot, count, _ = _split_by_source(tokens, np.ascontiguousarray(slot_tokens, dtype=np.int64),
+                                           placement.ptr, placement.gpus)
+    return Assignment(tokens, placement, slot_tokens, src, slot, count, weight_moves)
+
+
+def even_split_assignment(tokens: np.ndarray, placement: Placement, node_size: int | None = None) -> Assignment:
+    """Each source splits its tokens of an expert evenly over the expert's copies (remainders go to
+    copies in an order rotated by the source id, so no copy is favoured). With ``node_size``, a source
+    uses only the copies in its own node when there are any (LAER's intra-node split).
+
+    tokens int64 [G, E] -> Assignment with pieces for every multi-copy expert.
+    """
+    num_gpus = tokens.shape[0]
+    counts = placement.replica_counts()
+    multi = np.flatnonzero(counts > 1)
+    slot_tokens = np.zeros(placement.num_slots, dtype=np.int64)
+    single = np.flatnonzero(counts == 1)
+    slot_tokens[placement.ptr[single]] = tokens[:, single].sum(axis=0)
+    srcs, slots, cnts = [], [], []
+    sources = np.arange(num_gpus)
+    for e in multi:
+        copy_slots = np.arange(placement.ptr[e], placement.ptr[e + 1])
+        copy_gpus = placement.gpus[copy_slots]
+        column = tokens[:, e]
+        if node_size is None:
+            groups = [(sources, copy_slots)]
+        else:
+            copy_nodes = copy_gpus // node_size
+            src_nodes = sources // node_size
+            has_local = np.isin(src_nodes, copy_nodes)
+            groups = [(sources[~has_local], copy_slots)]
+            for node in np.unique(copy_nodes):
+                groups.append((sources[src_nodes == node], copy_slots[copy_nodes == node]))
+        for group_src, group_slots in groups:
+            if len(group_src) == 0:
+                continue
+            k = len(group_slots)
+            n = column[group_src]
+            base, rem = np.divmod(n, k)
+            # share[i, j]: tokens of source i to the j-th copy; copy (j - src) mod k gets a remainder token.
+            rank = (np.arange(k)[None, :] - group_src[:, None]) % k
+            share = base[:, None] + (rank < rem[:, None])
+            nz = share > 0
+            i_idx, j_idx = np.nonzero(nz)
+            srcs.append(group_src[i_idx])
+            slots.append(group_slots[j_idx])
+            cnts.append(share[nz])
+    if srcs:
+        src = np.concatenate(srcs).astype(np.int64)
+        slot = np.concatenate(slots).astype(np.int64)
+        cnt = np.concatenate(cnts).astype(np.int64)
+        slot_tokens += np.bincount(slot, weights=cnt, minlength=placement.num_slots).astype(np.int64)
+    else:
+        src = slot = cnt = _EMPTY
+    return Assignment(tokens, placement, slot_tokens, src, slot, cnt, NO_MOVES)
+
+
+def check_placement(placement: Placement, layout: Layout, policy: str) -> None:
+    """Raise PolicyError if ``placement`` does not fit ``layout``: an expert without a copy, two copies
+    on one GPU, or a GPU over the slot limit."""
+    if placement.num_gpus != layout.num_gpus or placement.num_experts != layout.num_experts:
+        raise PolicyError(f"{policy}: placement is for {placement.num_gpus} GPUs x {placement.num_experts} experts, "
+                          f"layout is {layout.num_gpus} x {layout.num_experts}")
+    counts = placement.replica_counts()
+    if (counts < 1).any():
+        raise PolicyError(f"{policy}: expert {int(np.flatnonzero(counts < 1)[0])} has no copy")
+    per_gpu = placement.slots_per_gpu()
+    if per_gpu.max(initial=0) > layout.slot_limit:
+        g = int(per_gpu.argmax())
+        raise PolicyError(f"{policy}: GPU {g} holds {int(per_gpu[g])} experts, limit {layout.slot_limit}")
+    expert_of_slot = np.repeat(np.arange(placement.num_experts), counts)
+    pairs = expert_of_slot * layout.num_gpus + placement.gpus
+    if len(np.unique(pairs)) != len(pairs):
+        raise PolicyError(f"{policy}: an expert has two copies on one GPU")
+
+
+class Policy(ABC):
+    """Base class: subclasses set ``name``, a frozen ``Params`` dataclass, and implement ``assign``
+    (and ``place`` if they re-plan from history)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: Re-plans from history (``place`` is meaningful); ``replan_interval`` is then a parameter.
+    replans: ClassVar[bool] = False
+    #: Its per-micro-batch decision sits on the critical path (its wall time is charged per call).
+    decides_per_micro_batch: ClassVar[bool] = False
+    #: Copies it adds in ``assign`` are temporary: their gradients go back to the owner every micro-batch.
+    temporary_copies: ClassVar[bool] = False
+    #: Copies it adds in ``assign`` persist to the next micro-batch of the same step (UltraEP's cache).
+    keeps_assign_placement: ClassVar[bool] = False
+    #: Experts are fully sharded (FSEP): every step gathers each layout's weights from shards.
+    fully_sharded: ClassVar[bool] = False
+
+    @dataclass(frozen=True)
+    class Params:
+        pass
+
+    def __init__(self, layout: Layout, params: "Policy.Params"):
+        self.layout = layout
+        self.params = params
+
+    # History a policy needs kept (micro-batches, steps); the engine keeps the max over policies.
+    def history_needs(self) -> tuple[int, int]:
+        return (1, 1)
+
+    @property
+    def replan_interval(self) -> int:
+        return int(getattr(self.params, "replan_interval", 0)) if self.replans else 0
+
+    def initial_placement(self) -> Placement:
+        """The placement before any history exists: Megatron's contiguous layout."""
+        return self.layout.contiguous()
+
+    def place(self, history: History, current: Placement) -> Placement:
+        return current
+
+    @abstractmethod
+    def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
+        ...
+
+
+def build_params(cls: type[Policy], values: Mapping[str, Any]) -> Policy.Params:
+    """Validate ``values`` against ``cls.Params``: unknown names and wrong types raise PolicyError."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields)) or "none"
+        raise PolicyError(f"{cls.name}: unknown parameter {unknown[0]!r} (known: {known})")
+    converted = {}
+    for key, value in values.items():
+        default = fields[key].default
+        kind = type(default)
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                converted[key] = value.lower() in ("true", "1")
+            elif kind is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                converted[key] = int(value)
+            elif kind is float:
+                converted[key] = float(value)
+            else:
+                converted[key] = value
+        except (TypeError, ValueError):
+            raise PolicyError(f"{cls.name}: parameter {key} must be {kind.__name__}, got {value!r}") from None
+    params = cls.Params(**converted)
+    validate = getattr(params, "validate", None)
+    if validate is not None:
+        validate()
+    return params
+
+
+def parameter_docs(cls: type[Policy]) -> list[tuple[str, Any, str]]:
+    """(name, default, description) of each parameter, from the Params field metadata."""
+    return [(f.name, f.default, f.metadata.get("doc", "")) for f in dataclasses.fields(cls.Params)]
+
+
+def param(default: Any, doc: str):
+    """A documented policy parameter."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Tokens each GPU sends and receives in one all-to-all, split by link (int64 [G] each).
+    Tokens processed on their own source GPU are not sent."""
+
+    send_intra: np.ndarray
+    send_inter: np.ndarray
+    recv_intra: np.ndarray
+    recv_inter: np.ndarray
+
+    @property
+    def remote_tokens(self) -> int:
+        return int(self.send_intra.sum() + self.send_inter.sum())
+
+    @property
+    def inter_node_tokens(self) -> int:
+        return int(self.send_inter.sum())
+
+
+def traffic(assignment: Assignment, node_size: int) -> Traffic:
+    """Per-GPU all-to-all token counts of ``assignment``; GPUs ``[k*node_size, (k+1)*node_size)`` share a node.
+
+    Single-copy experts are handled column-wise in O(G*E) (their tokens all go to one GPU); the
+    pieces of multi-copy experts are added one by one.
+    """
+    tokens, placement = assignment.tokens, assignment.placement
+    num_gpus = tokens.shape[0]
+    num_nodes = num_gpus // node_size
+    counts = placement.replica_counts()
+    single = np.flatnonzero(counts == 1)
+    dest = placement.gpus[placement.ptr[single]]
+    cols = tokens[:, single]
+    dest_node = dest // node_size
+    src_node = np.arange(num_gpus) // node_size
+    order = np.argsort(dest_node, kind="stable")
+    bounds = np.searchsorted(dest_node[order], np.arange(num_nodes + 1))
+    prefix = np.zeros((num_gpus, len(single) + 1), dtype=np.int64)
+    np.cumsum(cols[:, order], axis=1, out=prefix[:, 1:])
+    to_node = prefix[:, bounds[1:]] - prefix[:, bounds[:-1]]  # [G, nodes]
+    kept_cols = cols[dest, np.arange(len(single))]  # tokens of each single expert already on its GPU
+    kept = np.bincount(dest, weights=kept_cols, minlength=num_gpus)
+    same_node = to_node[np.arange(num_gpus), src_node]
+    send_intra = same_node - kept
+    send_inter = cols.sum(axis=1) - same_node
+    from_own_node = cols.reshape(num_nodes, node_size, -1).sum(axis=1)[dest_node, np.arange(len(single))]
+    recv_intra = np.bincount(dest, weights=from_own_node - kept_cols, minlength=num_gpus)
+    recv_inter = np.bincount(dest, weights=cols.sum(axis=0) - from_own_node, minlength=num_gpus)
+    if len(assignment.piece_count):
+        src = assignment.piece_src
+        dst = placement.gpus[assignment.piece_slot]
+        n = assignment.piece_count
+        remote = src != dst
+        intra = remote & (src // node_size == dst // node_size)
+        inter = remote & ~intra
+        send_intra = send_intra + np.bincount(src[intra], weights=n[intra], minlength=num_gpus)
+        send_inter = send_inter + np.bincount(src[inter], weights=n[inter], minlength=num_gpus)
+        recv_intra = recv_intra + np.bincount(dst[intra], weights=n[intra], minlength=num_gpus)
+        recv_inter = recv_inter + np.bincount(dst[inter], weights=n[inter], minlength=num_gpus)
+    as_int = lambda a: np.rint(a).astype(np.int64)  # noqa: E731  (bincount weights are float)
+    return Traffic(as_int(send_intra), as_int(send_inter), as_int(recv_intra), as_int(recv_inter))

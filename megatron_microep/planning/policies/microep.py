@@ -1,0 +1,65 @@
+"""``microep``: MicroEP. OR-Tools replica placement from history, exact min-max scheduling per micro-batch.
+
+Every ``replan_interval`` steps ``planning.planner.plan_placement`` chooses the replicas that
+minimise the scheduler's expected optimal max load over the last ``history_micro_batches``
+micro-batches (starting from the current placement, ``move_penalty`` tokens per moved copy),
+within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
+tokens over its copies with the exact min-max solve, local copies first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.planner import plan_placement
+from megatron_microep.planning.policies.base import Assignment, History, Policy, PolicyError, param
+from megatron_microep.planning.scheduler import schedule
+
+
+@dataclass(frozen=True)
+class MicroEpParams:
+    replan_interval: int = param(1, "steps between re-plans")
+    history_micro_batches: int = param(16, "micro-batches of expert loads the planner scores plans on")
+    time_limit_s: float = param(0.5, "planner wall-time limit per layer and re-plan")
+    use_solver: bool = param(True, "run CP-SAT after the greedy starts and local search")
+    move_penalty: float = param(0.0, "tokens of expected max load one moved replica is worth")
+    node_confined: bool = param(False, "keep replicas in their home expert's node (needs --gpus-per-node)")
+
+    def validate(self):
+        if self.replan_interval < 1:
+            raise PolicyError(f"microep: replan_interval must be >= 1, got {self.replan_interval}")
+        if self.history_micro_batches < 1:
+            raise PolicyError(f"microep: history_micro_batches must be >= 1, got {self.history_micro_batches}")
+        if self.time_limit_s <= 0:
+            raise PolicyError(f"microep: time_limit_s must be > 0, got {self.time_limit_s}")
+        if self.move_penalty < 0:
+            raise PolicyError(f"microep: move_penalty must be >= 0, got {self.move_penalty}")
+
+
+class MicroEpPolicy(Policy):
+    name = "microep"
+    summary = "MicroEP: OR-Tools placement from history + exact min-max scheduler per micro-batch"
+    replans = True
+    decides_per_micro_batch = True
+    Params = MicroEpParams
+
+    def history_needs(self) -> tuple[int, int]:
+        return (self.params.history_micro_batches, 1)
+
+    def place(self, history: History, current: Placement) -> Placement:
+        loads = history.expert_loads[-self.params.history_micro_batches:]
+        if len(loads) == 0:
+            return current
+        lay = self.layout
+        p = self.params
+        return plan_placement(loads, lay.num_gpus, lay.redundant_slots,
+                              lay.gpus_per_node if p.node_confined else None,
+                              time_limit_s=p.time_limit_s, current=current, move_penalty=p.move_penalty,
+                              use_solver=p.use_solver).placement
+
+    def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
+        result = schedule(tokens, placement)
+        return Assignment(tokens, placement, result.slot_tokens, result.piece_src, result.piece_slot,
+                          result.piece_count, np.zeros((0, 2), dtype=np.int64))
