@@ -250,3 +250,73 @@ def generate(name: str, num_microbatches: int, num_gpus: int, num_experts: int, 
     except KeyError:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(sorted(WORKLOADS))}") from None
     return fn(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, **params)
+
+
+# --- Megatron's token-imbalance benchmark workloads W0-W7 -----------------------------------------------
+# Reproduced from their definitions in Megatron-LM PR 7488 (benchmarks/moe/token_imbalance, open at the
+# time of writing); the random draws are numpy's, not torch's, so counts match in distribution only.
+# Each micro-batch m plays the benchmark's "step"; draws are seeded per (workload, seed, m) and every
+# source GPU routes the same tokens, as in the benchmark (W4: odd sources have one token fewer).
+
+def _megatron_draw(rng: np.random.Generator, pool: np.ndarray, num_tokens: int, topk: int,
+                   num_experts: int) -> np.ndarray:
+    """``num_tokens`` tokens each take ``topk`` distinct experts uniformly from ``pool`` -> int64 [E]."""
+    if topk > len(pool):
+        raise ValueError(f"topk={topk} exceeds the candidate pool of {len(pool)} experts")
+    if num_tokens == 0:
+        return np.zeros(num_experts, dtype=np.int64)
+    picks = np.argpartition(rng.random((num_tokens, len(pool))), topk - 1, axis=1)[:, :topk]
+    return np.bincount(pool[picks].ravel(), minlength=num_experts).astype(np.int64)
+
+
+def _megatron_workload(index: int):
+    def generator(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed) -> np.ndarray:
+        _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
+        everyone = np.arange(num_experts)
+        hot_width = max(topk, num_experts // 4)
+        hot = everyone[:hot_width] % num_experts
+        out = np.empty((num_microbatches, num_gpus, num_experts), dtype=np.int64)
+        t = tokens_per_gpu
+        every_fourth = -(-t // 4)  # tokens 0, 4, 8, ... draw from every expert
+        for m in range(num_microbatches):
+            rng = np.random.default_rng([seed, index, m])
+            ragged = None
+            if index == 0:  # round robin: token t takes experts (t*k + j) mod E
+                ids = (np.arange(t)[:, None] * topk + np.arange(topk)[None, :]) % num_experts
+                counts = np.bincount(ids.ravel(), minlength=num_experts)
+            elif index in (1, 2, 6):  # 3/4 of tokens from a hot block, every 4th from all
+                block = hot if index != 6 else (((m // 3) * hot_width) + np.arange(hot_width)) % num_experts
+                counts = (_megatron_draw(rng, block, t - every_fourth, topk, num_experts)
+                          + _megatron_draw(rng, everyone, every_fourth, topk, num_experts))
+            elif index == 3:  # the same heat spread over the even experts
+                spread = np.unique((2 * np.arange(max(topk, num_experts // 2))) % num_experts)
+                pool = spread if len(spread) >= topk else everyone
+                counts = (_megatron_draw(rng, pool, t - every_fourth, topk, num_experts)
+                          + _megatron_draw(rng, everyone, every_fourth, topk, num_experts))
+            elif index == 4:  # uniform; odd sources route one token fewer (ragged sources)
+                last = _megatron_draw(rng, everyone, 1, topk, num_experts)
+                counts = _megatron_draw(rng, everyone, t - 1, topk, num_experts) + last
+                ragged = counts - last
+            elif index == 5:  # only the upper half of the experts is ever chosen
+                live = everyone[num_experts // 2:] if num_experts // 2 < num_experts else everyone
+                counts = _megatron_draw(rng, live, t, topk, num_experts)
+            else:  # 7: every 4th micro-batch is a burst: even tokens from the hot block
+                if m % 4 == 3:
+                    half = -(-t // 2)
+                    counts = (_megatron_draw(rng, hot, half, topk, num_experts)
+                              + _megatron_draw(rng, everyone, t - half, topk, num_experts))
+                else:
+                    counts = _megatron_draw(rng, everyone, t, topk, num_experts)
+            out[m] = counts
+            if ragged is not None:
+                out[m, 1::2] = ragged
+        return out
+
+    generator.__name__ = f"megatron_w{index}"
+    generator.__doc__ = (f"Megatron token-imbalance workload W{index} (PR 7488), by definition. "
+                         "Returns int64 [M, G, E].")
+    return generator
+
+
+MEGATRON_WORKLOADS = {f"megatron_w{i}": _megatron_workload(i) for i in range(8)}
+WORKLOADS.update(MEGATRON_WORKLOADS)
