@@ -33,7 +33,8 @@ PLACEMENTS = {
 HOT = (0, 1)
 
 
-def _configs(ep_size: int, topk: int, redundant_slots: int):
+def _configs(ep_size: int, topk: int, redundant_slots: int, stock_dispatcher: str = "alltoall", **overrides):
+    """(stock config, MicroEP config) for one MoE layer; ``overrides`` go to both."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
@@ -44,7 +45,8 @@ def _configs(ep_size: int, topk: int, redundant_slots: int):
         expert_model_parallel_size=ep_size, add_bias_linear=False, use_cpu_initialization=True,
         moe_router_pre_softmax=(topk == 1),
     )
-    stock = TransformerConfig(moe_token_dispatcher_type="alltoall", **common)
+    common.update(overrides)
+    stock = TransformerConfig(moe_token_dispatcher_type=stock_dispatcher, **common)
     micro = TransformerConfig(moe_token_dispatcher_type="microep", **common)
     attach_microep_config(micro, MicroEPConfig(redundant_slots=redundant_slots))
     return stock, micro
