@@ -130,7 +130,7 @@ def _stock_moe_rank(rank: int, world_size: int, seed: int):
     x = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=gen)
     upstream = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=gen)
 
-    result = {"version": megatron.core.__version__, "n_local": n_local}
+    result = {"megatron_path": megatron.core.__file__, "n_local": n_local}
     for name, layer in layers.items():
         x_in = x.clone().requires_grad_(True)
         out, bias = layer(x_in)
@@ -224,4 +224,4 @@ def test_ranks_ran_the_installed_megatron(stock_run):
     import megatron.core
 
     _, _, ranks = stock_run
-    assert {r["version"] for r in ranks} == {megatron.core.__version__}
+    assert {r["megatron_path"] for r in ranks} == {megatron.core.__file__}
