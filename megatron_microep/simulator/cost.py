@@ -1,0 +1,311 @@
+"""Cost model: modeled time of one MoE layer and micro-batch, and of per-step weight traffic.
+
+Per (micro-batch, layer), forward and backward:
+
+* expert compute: each GPU runs one grouped GEMM over its copies; a copy with n tokens costs
+  ``flops_per_token * n / (peak * efficiency(n))``, where ``efficiency`` comes from a table of
+  tokens -> fraction of peak (small token counts use the GPU poorly). The layer waits for the
+  busiest GPU. Backward costs ``backward_factor`` times the forward.
+* all-to-all: four per layer (dispatch and combine, forward and backward), each as long as the
+  busiest GPU's largest per-link volume: ``max(intra bytes / intra bw, inter bytes / inter bw)``
+  over its send and receive sides, plus ``a2a_latency_s``.
+* weight moves decided per micro-batch (LLEP spills, BalanceMoE moves, UltraEP pushes): the
+  receiving GPU waits for them before computing (not overlapped, as those papers describe);
+  temporary copies send their gradients back after the backward pass.
+* FSEP (LAER): every copy in a GPU's layout is gathered from shards held by all GPUs before the
+  forward and again before the backward, and its gradient is reduce-scattered back; prefetch hides
+  each transfer behind that pass's compute, so only the excess is charged.
+* the policy's per-micro-batch decision, when it sits on the critical path (measured wall time).
+
+Per step and layer: persistent replicas are refreshed from their home after the optimizer step by a
+pipelined broadcast chain per expert (hidden behind the layer's first forward compute of the step,
+the excess charged) and return their gradients by the reversed chain (hidden behind the last
+backward compute); a re-plan that moves an expert's home copy
+moves its parameters and optimizer state (charged in full). Bytes on a link are not slowed by other
+traffic on it (no contention model); compute and all-to-all of one layer do not overlap.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.policies import Assignment, Traffic
+
+DEFAULT_GEMM_TABLE = Path(__file__).resolve().parent.parent / "data" / "gemm_efficiency_h100.csv"
+
+
+class CostModelError(ValueError):
+    """A bad cost-model parameter or efficiency table (named in the message)."""
+
+
+@dataclass(frozen=True)
+class GemmTable:
+    """Efficiency (fraction of peak) vs tokens per expert, interpolated linearly in log(tokens)."""
+
+    tokens: np.ndarray  # float64 [K], increasing, > 0
+    efficiency: np.ndarray  # float64 [K], in (0, 1]
+    source: str
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_GEMM_TABLE) -> "GemmTable":
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise CostModelError(f"cannot read GEMM table {path}: {err.strerror}") from None
+        rows = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not rows or rows[0].replace(" ", "") != "tokens,efficiency":
+            raise CostModelError(f"{path}: first non-comment line must be the header 'tokens,efficiency'")
+        tokens, eff = [], []
+        for i, row in enumerate(rows[1:], start=2):
+            parts = row.split(",")
+            try:
+                n, e = float(parts[0]), float(parts[1])
+                if len(parts) != 2:
+                    raise ValueError
+            except (ValueError, IndexError):
+                raise CostModelError(f"{path}: data row {i - 1} {row!r} is not 'tokens,efficiency'") from None
+            if n <= 0 or not 0 < e <= 1:
+                raise CostModelError(f"{path}: data row {i - 1}: need tokens > 0 and 0 < efficiency <= 1, got {row!r}")
+            tokens.append(n)
+            eff.append(e)
+        if not tokens:
+            raise CostModelError(f"{path}: no data rows")
+        tokens_arr = np.asarray(tokens)
+        if (np.diff(tokens_arr) <= 0).any():
+            raise CostModelError(f"{path}: tokens must be strictly increasing")
+        return cls(tokens_arr, np.asarray(eff), str(path))
+
+    def __call__(self, n: np.ndarray) -> np.ndarray:
+        n = np.asarray(n, dtype=np.float64)
+        safe = np.maximum(n, 1e-9)
+        return np.interp(np.log(safe), np.log(self.tokens), self.efficiency)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Parameters of the model (defaults: DeepSeek-V3-shaped experts on H100 SXM5 nodes of 8)."""
+
+    hidden_size: int = 7168
+    ffn_hidden_size: int = 2048  # per expert
+    gated: bool = True  # SwiGLU: fc1 is [h, 2f]
+    activation_bytes: float = 2.0  # bytes per hidden element on the wire (bf16)
+    param_bytes: float = 2.0  # bf16 weights
+    grad_bytes: float = 4.0  # fp32 main grads
+    optimizer_bytes_per_param: float = 12.0  # fp32 master + Adam moments, moved with a home copy
+    peak_tflops: float = 989.4
+    backward_factor: float = 2.0
+    intra_node_gbps: float = 450.0  # GB/s per GPU per direction (NVLink 4)
+    inter_node_gbps: float = 50.0  # GB/s per GPU per direction (400 Gb/s NIC)
+    a2a_latency_s: float = 20e-6
+    charge_decision_time: bool = True
+    gemm_table: GemmTable = field(default_factory=GemmTable.load, repr=False)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise CostModelError(f"cost model: {f.name} must be >= 0, got {value}")
+        for name in ("hidden_size", "ffn_hidden_size", "peak_tflops", "intra_node_gbps", "inter_node_gbps"):
+            if getattr(self, name) <= 0:
+                raise CostModelError(f"cost model: {name} must be > 0")
+
+    # --- derived constants -------------------------------------------------------------------
+    @property
+    def params_per_expert(self) -> int:
+        return (3 if self.gated else 2) * self.hidden_size * self.ffn_hidden_size
+
+    @property
+    def flops_per_token(self) -> float:
+        """Forward FLOPs of one token through one expert."""
+        return 2.0 * self.params_per_expert
+
+    @property
+    def token_bytes(self) -> float:
+        return self.hidden_size * self.activation_bytes
+
+    @property
+    def expert_param_bytes(self) -> float:
+        return self.params_per_expert * self.param_bytes
+
+    @property
+    def expert_grad_bytes(self) -> float:
+        return self.params_per_expert * self.grad_bytes
+
+    def token_compute_s(self) -> float:
+        """Forward time of one token at full efficiency (the unit the cost-aware policies use)."""
+        return self.flops_per_token / (self.peak_tflops * 1e12 * float(self.gemm_table.efficiency.max()))
+
+    def policy_cost_params(self) -> dict[str, dict[str, float]]:
+        """Parameters of cost-aware policies in their token units, derived from this model."""
+        unit = self.token_compute_s() * (1.0 + self.backward_factor)
+        per_token_intra = self.token_bytes / (self.intra_node_gbps * 1e9)
+        per_token_inter = self.token_bytes / (self.inter_node_gbps * 1e9)
+        # LAER's T weighs 4 all-to-alls against 3 GEMM passes itself; its costs are per pass.
+        laer = {"intra_cost": per_token_intra / self.token_compute_s(),
+                "inter_cost": per_token_inter / self.token_compute_s()}
+        move_bytes = self.expert_param_bytes + self.expert_grad_bytes
+        balancemoe = {"move_cost_intra": move_bytes / (self.intra_node_gbps * 1e9) / unit,
+                      "move_cost_inter": move_bytes / (self.inter_node_gbps * 1e9) / unit}
+        return {"laer": laer, "balancemoe": balancemoe}
+
+    # --- per micro-batch ---------------------------------------------------------------------
+    def compute_s(self, slot_tokens: np.ndarray, placement: Placement) -> np.ndarray:
+        """float64 [G]: forward expert time of each GPU."""
+        n = np.asarray(slot_tokens, dtype=np.float64)
+        eff = self.gemm_table(n)
+        seconds = np.where(n > 0, n * self.flops_per_token / (self.peak_tflops * 1e12 * eff), 0.0)
+        return np.bincount(placement.gpus, weights=seconds, minlength=placement.num_gpus)
+
+    def a2a_s(self, flow: Traffic) -> float:
+        """One all-to-all's time: the busiest GPU's slowest link, plus launch latency."""
+        intra = np.maximum(flow.send_intra, flow.recv_intra) * self.token_bytes / (self.intra_node_gbps * 1e9)
+        inter = np.maximum(flow.send_inter, flow.recv_inter) * self.token_bytes / (self.inter_node_gbps * 1e9)
+        return float(np.maximum(intra, inter).max(initial=0.0)) + self.a2a_latency_s
+
+    def transfer_s(self, moves: np.ndarray, bytes_each: float, num_gpus: int, node_size: int) -> float:
+        """Time for point-to-point transfers ``moves`` int [K, 2] (src, dst) of ``bytes_each``:
+        the busiest endpoint's slowest link."""
+        if len(moves) == 0:
+            return 0.0
+        src, dst = moves[:, 0], moves[:, 1]
+        intra = (src // node_size) == (dst // node_size)
+        worst = 0.0
+        for mask, gbps in ((intra, self.intra_node_gbps), (~intra, self.inter_node_gbps)):
+            if mask.any():
+                per_gpu = np.maximum(np.bincount(src[mask], minlength=num_gpus),
+                                     np.bincount(dst[mask], minlength=num_gpus))
+                worst = max(worst, float(per_gpu.max()) * bytes_each / (gbps * 1e9))
+        return worst
+
+    def fsep_gather_s(self, placement: Placement, node_size: int) -> tuple[float, float]:
+        """(gather, reduce-scatter) seconds for FSEP: every copy on a GPU is rebuilt from 1/G shards
+        on every GPU; shards from the GPU's own node use NVLink, the rest the network."""
+        num_gpus = placement.num_gpus
+        copies = placement.slots_per_gpu().astype(np.float64).max(initial=0.0)
+        intra_share = (node_size - 1) / num_gpus
+        inter_share = (num_gpus - node_size) / num_gpus
+
+        def seconds(bytes_per_copy: float) -> float:
+            return max(copies * bytes_per_copy * intra_share / (self.intra_node_gbps * 1e9),
+                       copies * bytes_per_copy * inter_share / (self.inter_node_gbps * 1e9))
+
+        return seconds(self.expert_param_bytes), seconds(self.expert_grad_bytes)
+
+    def fsep_bytes(self, placement: Placement) -> float:
+        """Bytes moved by one micro-batch of FSEP on one layer: two gathers and one reduce-scatter."""
+        num_gpus = placement.num_gpus
+        share = (num_gpus - 1) / num_gpus
+        return placement.num_slots * share * (2 * self.expert_param_bytes + self.expert_grad_bytes)
+
+
+@dataclass(frozen=True)
+class RecordCost:
+    """Modeled cost of one (micro-batch, layer) under one policy."""
+
+    gpu_load: np.ndarray  # int64 [G]
+    compute_fwd_s: float  # busiest GPU's forward expert time
+    compute_s: float  # forward + backward
+    a2a_s: float  # four all-to-alls
+    weight_move_s: float  # per-micro-batch weight moves (+ gradient return of temporary copies)
+    fsep_exposed_s: float
+    decision_s: float
+    weight_bytes: float
+    remote_tokens: int
+    inter_node_tokens: int
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.a2a_s + self.weight_move_s + self.fsep_exposed_s + self.decision_s
+
+
+def record_cost(model: CostModel, assignment: Assignment, flow: Traffic, node_size: int, *,
+                temporary_copies: bool, fully_sharded: bool, decision_s: float) -> RecordCost:
+    placement = assignment.placement
+    per_gpu = model.compute_s(assignment.slot_tokens, placement)
+    fwd = float(per_gpu.max(initial=0.0))
+    bwd = model.backward_factor * fwd
+    moves = assignment.weight_moves
+    move_s = model.transfer_s(moves, model.expert_param_bytes, placement.num_gpus, node_size)
+    weight_bytes = len(moves) * model.expert_param_bytes
+    if temporary_copies and len(moves):
+        move_s += model.transfer_s(moves[:, ::-1], model.expert_grad_bytes, placement.num_gpus, node_size)
+        weight_bytes += len(moves) * model.expert_grad_bytes
+    fsep = 0.0
+    if fully_sharded:
+        gather, scatter = model.fsep_gather_s(placement, node_size)
+        fsep = max(0.0, gather - fwd) + max(0.0, gather + scatter - bwd)
+        weight_bytes += model.fsep_bytes(placement)
+    return RecordCost(
+        gpu_load=assignment.gpu_load(),
+        compute_fwd_s=fwd,
+        compute_s=fwd + bwd,
+        a2a_s=4.0 * model.a2a_s(flow),
+        weight_move_s=move_s,
+        fsep_exposed_s=fsep,
+        decision_s=decision_s if model.charge_decision_time else 0.0,
+        weight_bytes=weight_bytes,
+        remote_tokens=flow.remote_tokens,
+        inter_node_tokens=flow.inter_node_tokens,
+    )
+
+
+def broadcast_chains(expert: np.ndarray, home: np.ndarray, replica: np.ndarray, node_size: int) -> np.ndarray:
+    """int64 [K, 2] edges of pipelined broadcast chains: per expert, home -> its replicas, those in the
+    home's node first, then node by node, so each chain crosses each node boundary once. A pipelined
+    chain moves the weights in about one transfer time whatever its length (NCCL-style broadcast);
+    the reversed chain is the gradient reduction.
+
+    expert, home, replica: int [K] (one row per replica; ``home`` is the expert's home GPU).
+    """
+    if len(expert) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    experts = np.unique(expert)
+    home_of = dict(zip(expert.tolist(), home.tolist()))
+    homes = np.array([home_of[e] for e in experts.tolist()], dtype=np.int64)
+    all_expert = np.concatenate([experts, expert])
+    all_gpu = np.concatenate([homes, replica])
+    home_node = np.concatenate([homes, home]) // node_size
+    node = all_gpu // node_size
+    is_home = np.concatenate([np.ones(len(experts), bool), np.zeros(len(expert), bool)])
+    # Order within an expert: home, then its node, then other nodes in order.
+    key = np.where(is_home, -1, np.where(node == home_node, 0, 1 + node))
+    order = np.lexsort((all_gpu, key, all_expert))
+    e_sorted, g_sorted = all_expert[order], all_gpu[order]
+    link = e_sorted[1:] == e_sorted[:-1]
+    return np.stack([g_sorted[:-1][link], g_sorted[1:][link]], axis=1).astype(np.int64)
+
+
+def replica_sync(model: CostModel, expert: np.ndarray, home: np.ndarray, replica: np.ndarray, num_gpus: int,
+                 node_size: int, first_fwd_s: float, last_bwd_s: float) -> tuple[float, float]:
+    """(exposed seconds, bytes) of one step's replica refresh (broadcast from home) and gradient
+    return (reduction to home) for replicas ``(expert, home, replica)`` int [K] each, hidden behind
+    ``first_fwd_s`` and ``last_bwd_s`` of compute."""
+    if len(expert) == 0:
+        return 0.0, 0.0
+    edges = broadcast_chains(expert, home, replica, node_size)
+    refresh = model.transfer_s(edges, model.expert_param_bytes, num_gpus, node_size)
+    grads = model.transfer_s(edges[:, ::-1], model.expert_grad_bytes, num_gpus, node_size)
+    exposed = max(0.0, refresh - first_fwd_s) + max(0.0, grads - last_bwd_s)
+    return exposed, len(expert) * (model.expert_param_bytes + model.expert_grad_bytes)
+
+
+def home_moves(model: CostModel, before: Placement, after: Placement, node_size: int) -> tuple[float, float]:
+    """(seconds, bytes) to move the home copies that a re-plan relocated, optimizer state included."""
+    old = before.gpus[before.ptr[:-1]]
+    new = after.gpus[after.ptr[:-1]]
+    moved = old != new
+    if not moved.any():
+        return 0.0, 0.0
+    bytes_each = model.params_per_expert * (model.param_bytes + model.optimizer_bytes_per_param)
+    pairs = np.stack([old[moved], new[moved]], axis=1)
+    return model.transfer_s(pairs, bytes_each, before.num_gpus, node_size), int(moved.sum()) * bytes_each
+
+
+def cost_model_fields() -> list[str]:
+    """Names a user may override (everything but the table, which has its own flag)."""
+    return [f.name for f in dataclasses.fields(CostModel) if f.name != "gemm_table"]
