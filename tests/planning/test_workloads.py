@@ -44,7 +44,9 @@ def test_sample_counts_realizable_under_extreme_skew():
     assert counts[:, :3].mean() > 45  # the hot experts stay near saturation (capped at 1/4 each)
 
 
-@pytest.mark.parametrize("name", sorted(WORKLOADS))
+# Megatron's W0-W7 follow their benchmark's definitions (W0 is deterministic, W4 has ragged sources)
+# and are tested with them.
+@pytest.mark.parametrize("name", sorted(set(WORKLOADS) - set(workloads.MEGATRON_WORKLOADS)))
 def test_every_workload_is_top_k_realizable_and_seeded(name):
     seed = _seed()
     num_experts = 256 if name.startswith("dsv3") else 24
