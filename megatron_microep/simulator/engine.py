@@ -186,7 +186,7 @@ class Simulation:
                               "conserve tokens")
         if policy.keeps_assign_placement:
             ps.placement = a.placement
-        if not (policy.temporary_copies or policy.fully_sharded):
+        if not (policy.temporary_copies or policy.fully_sharded or policy.weightless):
             counts = a.placement.replica_counts()
             is_replica = np.ones(a.placement.num_slots, dtype=bool)
             is_replica[a.placement.ptr[:-1]] = False

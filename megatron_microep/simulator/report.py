@@ -202,7 +202,8 @@ def plot_heatmaps(results: list[PolicyResult], out_dir: Path, max_layers: int = 
     for layer in layers:
         maps = [(r.name, r.heatmaps[layer].array()) for r in results if layer in r.heatmaps]
         top = max(float(m.max()) for _, m in maps)
-        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(top, 1.05))
+        # Colours saturate at 2x the mean so that the few percent that separate good policies stay visible.
+        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=min(max(top, 1.05), 2.0))
         fig, axes = plt.subplots(1, len(maps), figsize=(2.2 * len(maps) + 1.2, 4.2), sharey=True, squeeze=False)
         for ax, (name, m) in zip(axes[0], maps):
             im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="RdBu_r", norm=norm)
@@ -210,8 +211,9 @@ def plot_heatmaps(results: list[PolicyResult], out_dir: Path, max_layers: int = 
                          fontsize=9)
             ax.set_xlabel("GPU")
         axes[0][0].set_ylabel("time (micro-batches, binned)")
-        fig.colorbar(im, ax=axes[0].tolist(), label="GPU load / mean", shrink=0.9)
-        fig.suptitle(f"Per-GPU load, layer {layer_label(layer)}", fontsize=11)
+        fig.colorbar(im, ax=axes[0].tolist(), label="GPU load / mean (saturates at 2)", shrink=0.9, extend="max")
+        fig.suptitle(f"Per-GPU load over time, layer {layer_label(layer)} (white = mean, red = over)", fontsize=11,
+                     y=1.04)
         name = f"heatmap_layer{layer_label(layer)}.png"
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -261,11 +263,23 @@ def plot_traffic(rows: list[Summary], out_dir: Path) -> str:
     ax1.set_xticks(x, names, rotation=30, ha="right")
     ax1.set_ylabel("tokens sent to another GPU (millions)")
     ax1.set_title("All-to-all traffic (one dispatch, whole trace)")
-    ax1.legend(fontsize=8)
-    ax2.bar(x, [r.weight_bytes / 1e9 for r in rows], color=[POLICY_COLORS.get(n, "#333") for n in names])
+    ax1.legend(fontsize=8, loc="upper right", ncol=2)
+    for xi, r in zip(x, rows):
+        share = r.inter_node_tokens / r.remote_tokens if r.remote_tokens else 0.0
+        ax1.text(xi, r.remote_tokens / 1e6, f"{share:.0%}\ninter", ha="center", va="bottom", fontsize=7)
+    ax1.set_ylim(0, 1.35 * max(r.remote_tokens for r in rows) / 1e6 + 1e-9)
+    gigabytes = np.array([r.weight_bytes / 1e9 for r in rows])
+    positive = gigabytes[gigabytes > 0]
+    floor = positive.min() / 10 if len(positive) else 1.0
+    ax2.bar(x[gigabytes > 0], gigabytes[gigabytes > 0], color=[POLICY_COLORS.get(n, "#333")
+                                                               for n, gb in zip(names, gigabytes) if gb > 0])
+    for xi, gb in zip(x, gigabytes):
+        ax2.text(xi, max(gb, floor), f"{gb:.3g}" if gb else "none", ha="center", va="bottom", fontsize=7)
+    ax2.set_yscale("log")
+    ax2.set_ylim(floor, max(gigabytes.max(), floor) * 3)
     ax2.set_xticks(x, names, rotation=30, ha="right")
-    ax2.set_ylabel("GB")
-    ax2.set_title("Expert weight + gradient bytes moved")
+    ax2.set_ylabel("GB (log scale)")
+    ax2.set_title("Expert weight + gradient bytes moved, whole trace")
     fig.tight_layout()
     name = "traffic.png"
     fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
@@ -290,6 +304,7 @@ def plot_step_time(rows: list[Summary], out_dir: Path) -> str:
         ax.axhline(1e3 * ideal.modeled_step_time, color="k", ls="--", lw=1, label="ideal")
     for xi, r in zip(x, rows):
         ax.text(xi, bottom[xi], f"{r.share_of_ideal:.0%}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.08 * bottom.max())
     ax.set_xticks(x, [r.policy for r in rows], rotation=30, ha="right")
     ax.set_ylabel("modeled MoE time per step (ms)")
     ax.set_title("Modeled step time by component (label: share of ideal)")

@@ -392,3 +392,84 @@ def test_history_window_keeps_the_recent_past():
     view = window.view()
     assert view.expert_loads.tolist() == [[6] * 3, [8] * 3, [10] * 3]
     assert [s[0, 0] for s in view.step_tokens] == [3, 7]
+
+
+def _reference_spill(load, home, num_gpus, cap, min_chunk, limit):
+    """Slow transcription of LLEP's LPT spill (module doc) for the numba version."""
+    assigned = np.zeros(num_gpus)
+    foreign = np.zeros(num_gpus, dtype=np.int64)
+    keep = np.zeros(len(load), dtype=np.int64)
+    helpers = []
+    for e in sorted(range(len(load)), key=lambda x: -load[x]):
+        g = home[e]
+        kept = min(load[e], max(int(cap - assigned[g]), 0))
+        assigned[g] += kept
+        rest = load[e] - kept
+        holders = {g}
+        while rest >= min_chunk:
+            options = [h for h in range(num_gpus) if h not in holders and foreign[h] < limit]
+            if not options:
+                break
+            h = min(options, key=lambda x: (assigned[x], x))
+            chunk = min(rest, max(int(cap - assigned[h]), min_chunk))
+            helpers.append((e, h, chunk))
+            assigned[h] += chunk
+            foreign[h] += 1
+            holders.add(h)
+            rest -= chunk
+        keep[e] = kept + rest
+        assigned[g] += rest
+    return keep, helpers
+
+
+def test_llep_spill_matches_slow_reference():
+    from megatron_microep.planning.policies.llep import _spill
+
+    rng = np.random.default_rng(SEED)
+    for _ in range(50):
+        num_gpus, num_experts = int(rng.integers(2, 12)), int(rng.integers(2, 40))
+        load = (rng.lognormal(0, 1.5, num_experts) * 200).astype(np.int64)
+        home = np.arange(num_experts) * num_gpus // num_experts
+        cap = float(rng.uniform(0.8, 1.3) * load.sum() / num_gpus)
+        chunk, limit = int(rng.integers(1, 100)), int(rng.integers(1, 4))
+        order = np.argsort(-load, kind="stable").astype(np.int64)
+        keep, rep_e, rep_g, rep_n = _spill(load, home, order, num_gpus, cap, chunk, limit)
+        ref_keep, ref_helpers = _reference_spill(load, home, num_gpus, cap, chunk, limit)
+        assert (keep == ref_keep).all()
+        assert list(zip(rep_e.tolist(), rep_g.tolist(), rep_n.tolist())) == ref_helpers
+
+
+def _reference_greedy_place(load, counts, num_gpus, node_size, slot_limit):
+    """Slow transcription of LAER's greedy placement (module doc) for the numba version."""
+    num_nodes = num_gpus // node_size
+    gpu_load = np.zeros(num_gpus)
+    free = np.full(num_gpus, slot_limit)
+    copies = [[] for _ in load]
+    for e in np.lexsort((-load, -counts)):
+        node_copies = [0] * num_nodes
+        for _ in range(counts[e]):
+            def open_gpus(node):
+                return [g for g in range(node * node_size, (node + 1) * node_size) if free[g] > 0 and g not in copies[e]]
+            nodes = [n for n in range(num_nodes) if open_gpus(n)]
+            node_load = [gpu_load[n * node_size:(n + 1) * node_size].sum() for n in range(num_nodes)]
+            node = min(nodes, key=lambda n: (node_copies[n], node_load[n], n))
+            g = min(open_gpus(node), key=lambda x: (gpu_load[x], x))
+            copies[e].append(g)
+            free[g] -= 1
+            gpu_load[g] += load[e] / counts[e]
+            node_copies[node] += 1
+    return copies
+
+
+def test_laer_greedy_place_matches_slow_reference():
+    rng = np.random.default_rng(SEED)
+    for _ in range(20):
+        node_size, nodes = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        num_gpus = node_size * nodes
+        num_experts = int(rng.integers(num_gpus, 3 * num_gpus + 1))
+        slot_limit = -(-num_experts // num_gpus) + int(rng.integers(0, 3))
+        load = np.round(rng.lognormal(0, 1.0, num_experts) * 100)
+        counts = priority_counts(load, num_gpus * slot_limit, num_gpus)
+        got = greedy_place(load, counts, num_gpus, node_size, slot_limit)
+        ref = _reference_greedy_place(load, counts, num_gpus, node_size, slot_limit)
+        assert got.to_lists() == ref

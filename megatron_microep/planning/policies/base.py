@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
+import numba
 import numpy as np
 
 from megatron_microep.planning.placement import Placement
@@ -185,6 +186,54 @@ def quota_assignment(tokens: np.ndarray, placement: Placement, slot_tokens: np.n
     return Assignment(tokens, placement, slot_tokens, src, slot, count, weight_moves)
 
 
+@numba.njit(cache=True)
+def _even_split(tokens, ptr, gpus, node_size):
+    """Pieces of the even split (see ``even_split_assignment``); node_size 0 means one node.
+    Returns (piece_src, piece_slot, piece_count, slot_tokens)."""
+    num_gpus, num_experts = tokens.shape
+    bound = 0
+    for e in range(num_experts):
+        if ptr[e + 1] - ptr[e] > 1:
+            bound += num_gpus * (ptr[e + 1] - ptr[e])
+    src = np.empty(bound, np.int64)
+    slot = np.empty(bound, np.int64)
+    count = np.empty(bound, np.int64)
+    slot_tokens = np.zeros(gpus.size, np.int64)
+    usable = np.empty(gpus.size, np.int64)
+    n = 0
+    for e in range(num_experts):
+        start, stop = ptr[e], ptr[e + 1]
+        if stop - start == 1:
+            for s in range(num_gpus):
+                slot_tokens[start] += tokens[s, e]
+            continue
+        for s in range(num_gpus):
+            t = tokens[s, e]
+            if t == 0:
+                continue
+            k = 0
+            if node_size > 0:
+                for r in range(start, stop):
+                    if gpus[r] // node_size == s // node_size:
+                        usable[k] = r
+                        k += 1
+            if k == 0:
+                for r in range(start, stop):
+                    usable[k] = r
+                    k += 1
+            base = t // k
+            rem = t - base * k
+            for j in range(k):
+                share = base + (1 if (j - s) % k < rem else 0)
+                if share > 0:
+                    src[n] = s
+                    slot[n] = usable[j]
+                    count[n] = share
+                    slot_tokens[usable[j]] += share
+                    n += 1
+    return src[:n], slot[:n], count[:n], slot_tokens
+
+
 def even_split_assignment(tokens: np.ndarray, placement: Placement, node_size: int | None = None) -> Assignment:
     """Each source splits its tokens of an expert evenly over the expert's copies (remainders go to
     copies in an order rotated by the source id, so no copy is favoured). With ``node_size``, a source
@@ -192,49 +241,9 @@ def even_split_assignment(tokens: np.ndarray, placement: Placement, node_size: i
 
     tokens int64 [G, E] -> Assignment with pieces for every multi-copy expert.
     """
-    num_gpus = tokens.shape[0]
-    counts = placement.replica_counts()
-    multi = np.flatnonzero(counts > 1)
-    slot_tokens = np.zeros(placement.num_slots, dtype=np.int64)
-    single = np.flatnonzero(counts == 1)
-    slot_tokens[placement.ptr[single]] = tokens[:, single].sum(axis=0)
-    srcs, slots, cnts = [], [], []
-    sources = np.arange(num_gpus)
-    for e in multi:
-        copy_slots = np.arange(placement.ptr[e], placement.ptr[e + 1])
-        copy_gpus = placement.gpus[copy_slots]
-        column = tokens[:, e]
-        if node_size is None:
-            groups = [(sources, copy_slots)]
-        else:
-            copy_nodes = copy_gpus // node_size
-            src_nodes = sources // node_size
-            has_local = np.isin(src_nodes, copy_nodes)
-            groups = [(sources[~has_local], copy_slots)]
-            for node in np.unique(copy_nodes):
-                groups.append((sources[src_nodes == node], copy_slots[copy_nodes == node]))
-        for group_src, group_slots in groups:
-            if len(group_src) == 0:
-                continue
-            k = len(group_slots)
-            n = column[group_src]
-            base, rem = np.divmod(n, k)
-            # share[i, j]: tokens of source i to the j-th copy; copy (j - src) mod k gets a remainder token.
-            rank = (np.arange(k)[None, :] - group_src[:, None]) % k
-            share = base[:, None] + (rank < rem[:, None])
-            nz = share > 0
-            i_idx, j_idx = np.nonzero(nz)
-            srcs.append(group_src[i_idx])
-            slots.append(group_slots[j_idx])
-            cnts.append(share[nz])
-    if srcs:
-        src = np.concatenate(srcs).astype(np.int64)
-        slot = np.concatenate(slots).astype(np.int64)
-        cnt = np.concatenate(cnts).astype(np.int64)
-        slot_tokens += np.bincount(slot, weights=cnt, minlength=placement.num_slots).astype(np.int64)
-    else:
-        src = slot = cnt = _EMPTY
-    return Assignment(tokens, placement, slot_tokens, src, slot, cnt, NO_MOVES)
+    tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+    src, slot, count, slot_tokens = _even_split(tokens, placement.ptr, placement.gpus, node_size or 0)
+    return Assignment(tokens, placement, slot_tokens, src, slot, count, NO_MOVES)
 
 
 def check_placement(placement: Placement, layout: Layout, policy: str) -> None:
@@ -272,6 +281,8 @@ class Policy(ABC):
     keeps_assign_placement: ClassVar[bool] = False
     #: Experts are fully sharded (FSEP): every step gathers each layout's weights from shards.
     fully_sharded: ClassVar[bool] = False
+    #: Copies cost nothing to keep in sync (only the ``ideal`` bound).
+    weightless: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Params:
@@ -363,44 +374,45 @@ class Traffic:
         return int(self.send_inter.sum())
 
 
-def traffic(assignment: Assignment, node_size: int) -> Traffic:
-    """Per-GPU all-to-all token counts of ``assignment``; GPUs ``[k*node_size, (k+1)*node_size)`` share a node.
+@numba.njit(cache=True)
+def _traffic(tokens, ptr, gpus, piece_src, piece_slot, piece_count, node_size):
+    num_gpus, num_experts = tokens.shape
+    send_intra = np.zeros(num_gpus, np.int64)
+    send_inter = np.zeros(num_gpus, np.int64)
+    recv_intra = np.zeros(num_gpus, np.int64)
+    recv_inter = np.zeros(num_gpus, np.int64)
+    for e in range(num_experts):
+        if ptr[e + 1] - ptr[e] != 1:
+            continue
+        g = gpus[ptr[e]]
+        for s in range(num_gpus):
+            n = tokens[s, e]
+            if n == 0 or s == g:
+                continue
+            if s // node_size == g // node_size:
+                send_intra[s] += n
+                recv_intra[g] += n
+            else:
+                send_inter[s] += n
+                recv_inter[g] += n
+    for p in range(piece_src.size):
+        s = piece_src[p]
+        g = gpus[piece_slot[p]]
+        n = piece_count[p]
+        if s == g:
+            continue
+        if s // node_size == g // node_size:
+            send_intra[s] += n
+            recv_intra[g] += n
+        else:
+            send_inter[s] += n
+            recv_inter[g] += n
+    return send_intra, send_inter, recv_intra, recv_inter
 
-    Single-copy experts are handled column-wise in O(G*E) (their tokens all go to one GPU); the
-    pieces of multi-copy experts are added one by one.
-    """
-    tokens, placement = assignment.tokens, assignment.placement
-    num_gpus = tokens.shape[0]
-    num_nodes = num_gpus // node_size
-    counts = placement.replica_counts()
-    single = np.flatnonzero(counts == 1)
-    dest = placement.gpus[placement.ptr[single]]
-    cols = tokens[:, single]
-    dest_node = dest // node_size
-    src_node = np.arange(num_gpus) // node_size
-    order = np.argsort(dest_node, kind="stable")
-    bounds = np.searchsorted(dest_node[order], np.arange(num_nodes + 1))
-    prefix = np.zeros((num_gpus, len(single) + 1), dtype=np.int64)
-    np.cumsum(cols[:, order], axis=1, out=prefix[:, 1:])
-    to_node = prefix[:, bounds[1:]] - prefix[:, bounds[:-1]]  # [G, nodes]
-    kept_cols = cols[dest, np.arange(len(single))]  # tokens of each single expert already on its GPU
-    kept = np.bincount(dest, weights=kept_cols, minlength=num_gpus)
-    same_node = to_node[np.arange(num_gpus), src_node]
-    send_intra = same_node - kept
-    send_inter = cols.sum(axis=1) - same_node
-    from_own_node = cols.reshape(num_nodes, node_size, -1).sum(axis=1)[dest_node, np.arange(len(single))]
-    recv_intra = np.bincount(dest, weights=from_own_node - kept_cols, minlength=num_gpus)
-    recv_inter = np.bincount(dest, weights=cols.sum(axis=0) - from_own_node, minlength=num_gpus)
-    if len(assignment.piece_count):
-        src = assignment.piece_src
-        dst = placement.gpus[assignment.piece_slot]
-        n = assignment.piece_count
-        remote = src != dst
-        intra = remote & (src // node_size == dst // node_size)
-        inter = remote & ~intra
-        send_intra = send_intra + np.bincount(src[intra], weights=n[intra], minlength=num_gpus)
-        send_inter = send_inter + np.bincount(src[inter], weights=n[inter], minlength=num_gpus)
-        recv_intra = recv_intra + np.bincount(dst[intra], weights=n[intra], minlength=num_gpus)
-        recv_inter = recv_inter + np.bincount(dst[inter], weights=n[inter], minlength=num_gpus)
-    as_int = lambda a: np.rint(a).astype(np.int64)  # noqa: E731  (bincount weights are float)
-    return Traffic(as_int(send_intra), as_int(send_inter), as_int(recv_intra), as_int(recv_inter))
+
+def traffic(assignment: Assignment, node_size: int) -> Traffic:
+    """Per-GPU all-to-all token counts of ``assignment``; GPUs ``[k*node_size, (k+1)*node_size)`` share a
+    node. Single-copy experts send all their tokens to their one copy; multi-copy experts by pieces."""
+    placement = assignment.placement
+    return Traffic(*_traffic(np.ascontiguousarray(assignment.tokens, dtype=np.int64), placement.ptr, placement.gpus,
+                             assignment.piece_src, assignment.piece_slot, assignment.piece_count, node_size))

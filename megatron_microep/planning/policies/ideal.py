@@ -3,15 +3,18 @@
 The routed counts are replaced by a round-robin routing with the same per-source totals: the
 global token sequence (sources in order) visits experts 0, 1, ..., E-1, 0, ... so every expert gets
 ``total / E`` tokens up to one, and with the contiguous layout every GPU gets its share of the
-mean. Nothing moves, nothing is planned. It changes the routing itself, so it is a bound, not a
-policy one could deploy without changing the model.
+mean. With more GPUs than experts, each expert runs on its own block of ``G / E`` GPUs (copies that
+cost nothing) and is split evenly over them. Nothing moves, nothing is planned. It changes the
+routing itself, so it is a bound, not a policy one could deploy without changing the model.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from megatron_microep.planning.placement import Placement
-from megatron_microep.planning.policies.base import Assignment, Policy, single_copy_assignment
+from megatron_microep.planning.policies.base import (
+    Assignment, Policy, even_split_assignment, single_copy_assignment,
+)
 
 
 def force_balanced(tokens: np.ndarray) -> np.ndarray:
@@ -34,6 +37,18 @@ def force_balanced(tokens: np.ndarray) -> np.ndarray:
 class IdealPolicy(Policy):
     name = "ideal"
     summary = "force-balanced routing: every expert gets the mean (the ceiling)"
+    weightless = True
+
+    def initial_placement(self) -> Placement:
+        lay = self.layout
+        if lay.num_gpus <= lay.num_experts:
+            return lay.contiguous()
+        owner = np.arange(lay.num_gpus) * lay.num_experts // lay.num_gpus
+        return Placement.from_lists([np.flatnonzero(owner == e).tolist() for e in range(lay.num_experts)],
+                                    lay.num_gpus)
 
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
-        return single_copy_assignment(force_balanced(tokens), placement)
+        balanced = force_balanced(tokens)
+        if placement.num_slots == placement.num_experts:
+            return single_copy_assignment(balanced, placement)
+        return even_split_assignment(balanced, placement)

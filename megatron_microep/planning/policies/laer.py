@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from megatron_microep.planning.placement import Placement
@@ -76,36 +77,71 @@ def priority_counts(load: np.ndarray, slots: int, num_gpus: int) -> np.ndarray:
 
 
 def greedy_place(load: np.ndarray, counts: np.ndarray, num_gpus: int, node_size: int, slot_limit: int) -> Placement:
-    """Place ``counts[e]`` copies of each expert (most copies, then heaviest, first); each copy goes to the node
-    with the fewest copies of the expert (ties: least loaded node), then to the least-loaded GPU of
-    that node with a free slot and no copy of the expert. Load per copy is ``load[e] / counts[e]``."""
+    """Place ``counts[e]`` copies of each expert (most copies, then heaviest, first); each copy goes to
+    the node with the fewest copies of the expert (ties: least loaded node), then to the least-loaded
+    GPU of that node with a free slot and no copy of the expert. Load per copy is ``load[e] / counts[e]``."""
+    order = np.lexsort((-load, -counts)).astype(np.int64)
+    expert, gpu = _greedy_place(np.asarray(load, dtype=np.float64), np.asarray(counts, dtype=np.int64), order,
+                                num_gpus, node_size, slot_limit)
+    if len(expert) < counts.sum():
+        raise PolicyError(f"laer: no free slot left for a copy of expert {int(order[_first_short(expert, counts, order)])}")
+    ptr = np.zeros(len(load) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    by_expert = np.argsort(expert, kind="stable")
+    return Placement(num_gpus=num_gpus, ptr=ptr, gpus=gpu[by_expert].astype(np.int64))
+
+
+def _first_short(expert: np.ndarray, counts: np.ndarray, order: np.ndarray) -> int:
+    placed = np.bincount(expert, minlength=len(counts))
+    return int(np.flatnonzero(placed[order] < counts[order])[0])
+
+
+@numba.njit(cache=True)
+def _greedy_place(load, counts, order, num_gpus, node_size, slot_limit):
+    """Returns (expert, gpu) int64 arrays of the copies placed, in placement order; stops early when a
+    copy finds no GPU."""
     num_nodes = num_gpus // node_size
     gpu_load = np.zeros(num_gpus)
-    free = np.full(num_gpus, slot_limit, dtype=np.int64)
-    copies: list[list[int]] = [[] for _ in range(len(load))]
-    node_of = np.arange(num_gpus) // node_size
-    # Experts with the most copies first, so they still find enough distinct GPUs with free slots.
-    for e in np.lexsort((-load, -counts)):
+    node_load = np.zeros(num_nodes)
+    free = np.full(num_gpus, slot_limit, np.int64)
+    total = counts.sum()
+    out_expert = np.empty(total, np.int64)
+    out_gpu = np.empty(total, np.int64)
+    holds = np.zeros(num_gpus, np.bool_)
+    node_copies = np.zeros(num_nodes, np.int64)
+    n = 0
+    for e in order:
         share = load[e] / counts[e]
-        holds = np.zeros(num_gpus, dtype=bool)
-        node_copies = np.zeros(num_nodes, dtype=np.int64)
+        holds[:] = False
+        node_copies[:] = 0
         for _ in range(counts[e]):
-            open_gpu = (free > 0) & ~holds
-            if not open_gpu.any():
-                raise PolicyError(f"laer: no free slot left for a copy of expert {e}")
-            node_open = np.bincount(node_of[open_gpu], minlength=num_nodes) > 0
-            node_load = np.bincount(node_of, weights=gpu_load, minlength=num_nodes)
-            # Fewest copies first, then least load; closed nodes last.
-            key = np.where(node_open, node_copies * 1e30 + node_load, np.inf)
-            node = int(np.argmin(key))
-            in_node = np.flatnonzero(open_gpu & (node_of == node))
-            g = int(in_node[np.argmin(gpu_load[in_node])])
-            copies[e].append(g)
-            holds[g] = True
-            free[g] -= 1
-            gpu_load[g] += share
-            node_copies[node] += 1
-    return Placement.from_lists(copies, num_gpus)
+            best_node = -1
+            for node in range(num_nodes):
+                open_gpu = False
+                for g in range(node * node_size, (node + 1) * node_size):
+                    if free[g] > 0 and not holds[g]:
+                        open_gpu = True
+                        break
+                if not open_gpu:
+                    continue
+                if best_node < 0 or node_copies[node] < node_copies[best_node] or (
+                        node_copies[node] == node_copies[best_node] and node_load[node] < node_load[best_node]):
+                    best_node = node
+            if best_node < 0:
+                return out_expert[:n], out_gpu[:n]
+            best = -1
+            for g in range(best_node * node_size, (best_node + 1) * node_size):
+                if free[g] > 0 and not holds[g] and (best < 0 or gpu_load[g] < gpu_load[best]):
+                    best = g
+            out_expert[n] = e
+            out_gpu[n] = best
+            n += 1
+            holds[best] = True
+            free[best] -= 1
+            gpu_load[best] += share
+            node_load[best_node] += share
+            node_copies[best_node] += 1
+    return out_expert[:n], out_gpu[:n]
 
 
 class LaerPolicy(Policy):

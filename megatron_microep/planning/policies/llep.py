@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from megatron_microep.planning.placement import Placement
@@ -52,42 +53,73 @@ class LlepPolicy(Policy):
 
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
         lay = self.layout
-        load = tokens.sum(axis=0)
+        load = tokens.sum(axis=0).astype(np.int64)
         home = placement.gpus[placement.ptr[:-1]]
         native = np.bincount(home, weights=load, minlength=lay.num_gpus)
         total = int(load.sum())
         mean = total / lay.num_gpus
-        foreign_left = self._foreign_limit()
-        if total == 0 or native.max() < self.params.imbalance_threshold * mean or foreign_left == 0:
+        foreign_limit = self._foreign_limit()
+        if total == 0 or native.max() < self.params.imbalance_threshold * mean or foreign_limit == 0:
             return single_copy_assignment(tokens, placement)
-        cap = self.params.capacity_factor * mean
-        assigned = np.zeros(lay.num_gpus, dtype=np.int64)
-        foreign = np.zeros(lay.num_gpus, dtype=np.int64)
-        copies: list[list[int]] = [[int(g)] for g in home]
-        quotas: list[list[int]] = [[0] for _ in home]
-        for e in np.argsort(-load, kind="stable"):
-            g = int(home[e])
-            keep = int(min(load[e], max(cap - assigned[g], 0)))
-            assigned[g] += keep
-            quotas[e][0] = keep
-            rest = int(load[e]) - keep
-            while rest >= self.params.min_chunk:
-                eligible = foreign < self._foreign_limit()
-                eligible[copies[e]] = False
-                if not eligible.any():
-                    break
-                candidates = np.flatnonzero(eligible)
-                h = int(candidates[np.argmin(assigned[candidates])])
-                chunk = int(min(rest, max(cap - assigned[h], self.params.min_chunk)))
-                copies[e].append(h)
-                quotas[e].append(chunk)
-                assigned[h] += chunk
-                foreign[h] += 1
-                rest -= chunk
-            quotas[e][0] += rest
-            assigned[g] += rest
-        extended = Placement.from_lists(copies, lay.num_gpus)
-        slot_tokens = np.asarray([q for qs in quotas for q in qs], dtype=np.int64)
-        moves = np.asarray([(copies[e][0], h) for e in range(len(copies)) for h in copies[e][1:]],
-                           dtype=np.int64).reshape(-1, 2)
+        order = np.argsort(-load, kind="stable").astype(np.int64)
+        keep, rep_expert, rep_gpu, rep_tokens = _spill(load, home, order, lay.num_gpus,
+                                                       self.params.capacity_factor * mean,
+                                                       self.params.min_chunk, foreign_limit)
+        counts = 1 + np.bincount(rep_expert, minlength=lay.num_experts)
+        ptr = np.zeros(lay.num_experts + 1, dtype=np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        gpus = np.empty(ptr[-1], dtype=np.int64)
+        slot_tokens = np.empty(ptr[-1], dtype=np.int64)
+        gpus[ptr[:-1]] = home
+        slot_tokens[ptr[:-1]] = keep
+        # Helpers of an expert follow its home copy in the order they were chosen (_spill emits them so).
+        by_expert = np.argsort(rep_expert, kind="stable")
+        rep_expert, rep_gpu, rep_tokens = rep_expert[by_expert], rep_gpu[by_expert], rep_tokens[by_expert]
+        rank = np.arange(len(rep_expert)) - np.searchsorted(rep_expert, rep_expert)
+        gpus[ptr[rep_expert] + 1 + rank] = rep_gpu
+        slot_tokens[ptr[rep_expert] + 1 + rank] = rep_tokens
+        extended = Placement(num_gpus=lay.num_gpus, ptr=ptr, gpus=gpus)
+        moves = np.stack([home[rep_expert], rep_gpu], axis=1).astype(np.int64)
         return quota_assignment(tokens, extended, slot_tokens, moves)
+
+
+@numba.njit(cache=True)
+def _spill(load, home, order, num_gpus, cap, min_chunk, foreign_limit):
+    """LPT spill over experts in ``order``. Returns (keep int64 [E] tokens left at home, and per
+    helper copy: expert, GPU, tokens)."""
+    assigned = np.zeros(num_gpus, np.float64)
+    foreign = np.zeros(num_gpus, np.int64)
+    keep = np.zeros(load.size, np.int64)
+    bound = num_gpus * foreign_limit
+    rep_expert = np.empty(bound, np.int64)
+    rep_gpu = np.empty(bound, np.int64)
+    rep_tokens = np.empty(bound, np.int64)
+    holds = np.zeros(num_gpus, np.bool_)
+    n = 0
+    for e in order:
+        g = home[e]
+        room = cap - assigned[g]
+        kept = min(load[e], max(int(room), 0))
+        assigned[g] += kept
+        rest = load[e] - kept
+        holds[:] = False
+        holds[g] = True
+        while rest >= min_chunk:
+            helper = -1
+            for h in range(num_gpus):
+                if not holds[h] and foreign[h] < foreign_limit and (helper < 0 or assigned[h] < assigned[helper]):
+                    helper = h
+            if helper < 0:
+                break
+            chunk = min(rest, max(int(cap - assigned[helper]), min_chunk))
+            rep_expert[n] = e
+            rep_gpu[n] = helper
+            rep_tokens[n] = chunk
+            n += 1
+            assigned[helper] += chunk
+            foreign[helper] += 1
+            holds[helper] = True
+            rest -= chunk
+        keep[e] = kept + rest
+        assigned[g] += rest
+    return keep, rep_expert[:n], rep_gpu[:n], rep_tokens[:n]

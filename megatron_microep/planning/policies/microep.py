@@ -5,6 +5,9 @@ minimise the scheduler's expected optimal max load over the last ``history_micro
 micro-batches (starting from the current placement, ``move_penalty`` tokens per moved copy),
 within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
 tokens over its copies with the exact min-max solve, local copies first.
+
+``planner="eplb"`` places replicas with the EPLB-style greedy instead (same scheduler), for layouts
+the OR-Tools planner does not take (more GPUs than experts); reports label it.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_microep.planning.eplb import eplb_placement
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.planner import plan_placement
 from megatron_microep.planning.policies.base import Assignment, History, Policy, PolicyError, param
@@ -26,8 +30,11 @@ class MicroEpParams:
     use_solver: bool = param(True, "run CP-SAT after the greedy starts and local search")
     move_penalty: float = param(0.0, "tokens of expected max load one moved replica is worth")
     node_confined: bool = param(False, "keep replicas in their home expert's node (needs --gpus-per-node)")
+    planner: str = param("ortools", "'ortools' (plan_placement) or 'eplb' (EPLB-style greedy placement)")
 
     def validate(self):
+        if self.planner not in ("ortools", "eplb"):
+            raise PolicyError(f"microep: planner must be 'ortools' or 'eplb', got {self.planner!r}")
         if self.replan_interval < 1:
             raise PolicyError(f"microep: replan_interval must be >= 1, got {self.replan_interval}")
         if self.history_micro_batches < 1:
@@ -54,10 +61,15 @@ class MicroEpPolicy(Policy):
             return current
         lay = self.layout
         p = self.params
-        return plan_placement(loads, lay.num_gpus, lay.redundant_slots,
-                              lay.gpus_per_node if p.node_confined else None,
-                              time_limit_s=p.time_limit_s, current=current, move_penalty=p.move_penalty,
-                              use_solver=p.use_solver).placement
+        node_size = lay.gpus_per_node if p.node_confined else None
+        if p.planner == "eplb":
+            return eplb_placement(loads, lay.num_gpus, lay.redundant_slots, node_size)
+        try:
+            return plan_placement(loads, lay.num_gpus, lay.redundant_slots, node_size,
+                                  time_limit_s=p.time_limit_s, current=current, move_penalty=p.move_penalty,
+                                  use_solver=p.use_solver).placement
+        except ValueError as err:
+            raise PolicyError(f"microep planner: {err} (microep.planner=eplb places replicas without it)") from None
 
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
         result = schedule(tokens, placement)
