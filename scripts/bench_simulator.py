@@ -1,0 +1,133 @@
+"""Trace simulator benchmarks: replay speed, the 1024-GPU scale run, and the policy table per workload.
+
+Prints figures for docs/benchmarks.md ("## Simulator"):
+
+1. replay: a 64-GPU x 256-expert x 4-layer x 48-micro-batch trace through every policy (target < 180 s),
+   against the time of only reading the same trace from disk (the baseline measured in this run).
+2. scale: a 1024-GPU x 256-expert x 8-layer x 100-micro-batch trace written to a .mept file, then
+   streamed through every policy; wall time and peak resident memory against the size the whole
+   trace would take in memory. microep runs with ``planner=eplb`` there: the OR-Tools planner
+   takes at most one GPU per expert (G <= E).
+3. tables: every policy on several skewed and drifting workloads (and two controls) with 2 redundant
+   slots per GPU, 8 GPUs per node; markdown tables with the summary columns.
+
+Usage: python scripts/bench_simulator.py [--parts replay,scale,tables] [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from megatron_microep.planning.policies import POLICIES
+from megatron_microep.simulator import simulate
+from megatron_microep.simulator.cost import CostModel
+from megatron_microep.simulator.report import markdown_table
+from megatron_microep.simulator.traces import NativeTraceWriter, open_trace
+
+TABLE_WORKLOADS = ("lognormal_drift", "zipf_drift", "dsv3_derived", "rotating_hotspot", "bursty", "megatron_w6",
+                   "balanced")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_trace(spec: str, path: Path) -> tuple[int, float]:
+    info, records = open_trace(spec)
+    started = time.perf_counter()
+    count = 0
+    with NativeTraceWriter(path, info.num_gpus, info.num_experts, meta=info.meta) as writer:
+        for r in records:
+            writer.write(r.step, r.micro_batch, r.layer, r.tokens)
+            count += 1
+    return count, time.perf_counter() - started
+
+
+def read_only(path: Path) -> float:
+    started = time.perf_counter()
+    _, records = open_trace(str(path))
+    for _ in records:
+        pass
+    return time.perf_counter() - started
+
+
+def replay(out: Path, quick: bool) -> None:
+    shape = "gpus=64,experts=256,layers=4,micro_batches=48,tokens=4096,topk=8"
+    if quick:
+        shape = "gpus=64,experts=256,layers=1,micro_batches=16,tokens=4096,topk=8"
+    trace = out / "replay.mept"
+    count, gen_s = write_trace(f"gen:lognormal_drift:{shape}", trace)
+    base = read_only(trace)
+    started = time.perf_counter()
+    result = simulate(str(trace), list(POLICIES), 2, 8, out / "replay_report", CostModel())
+    seconds = time.perf_counter() - started
+    print(f"## replay: {shape}, all {len(POLICIES)} policies")
+    print(f"records {count}; generate+write {gen_s:.1f} s; read-only pass {base:.2f} s; "
+          f"replay with report {seconds:.1f} s ({seconds / base:.0f}x the read-only pass; target < 180 s)")
+    print(markdown_table(result.rows))
+    print()
+
+
+def scale(out: Path, quick: bool) -> None:
+    micro_batches, layers = (100, 8) if not quick else (8, 1)
+    spec = (f"gen:lognormal_drift:gpus=1024,experts=256,layers={layers},micro_batches={micro_batches},"
+            "tokens=4096,topk=8")
+    trace = out / "scale.mept"
+    rss_before = peak_rss_mb()
+    count, gen_s = write_trace(spec, trace)
+    rss_gen = peak_rss_mb()
+    base = read_only(trace)
+    full_gb = count * 1024 * 256 * 8 / 1e9
+    started = time.perf_counter()
+    result = simulate(str(trace), list(POLICIES), 2, 8, out / "scale_report", CostModel(),
+                      policy_params={"microep": {"planner": "eplb"}})
+    seconds = time.perf_counter() - started
+    print(f"## scale: 1024 GPUs x 256 experts x {layers} layers x {micro_batches} micro-batches, all policies")
+    print(f"records {count}; trace file {trace.stat().st_size / 1e6:.0f} MB (whole trace as int64 arrays: "
+          f"{full_gb:.2f} GB); generate+write {gen_s:.1f} s (peak RSS {rss_gen:.0f} MB, {rss_before:.0f} MB before)")
+    print(f"read-only pass {base:.1f} s; replay with report {seconds:.1f} s ({seconds / base:.0f}x the read-only "
+          f"pass); peak RSS after replay {peak_rss_mb():.0f} MB")
+    print(markdown_table(result.rows))
+    print()
+
+
+def tables(out: Path, quick: bool) -> None:
+    shape = "gpus=64,experts=256,layers=4,micro_batches=48,tokens=4096,topk=8"
+    if quick:
+        shape = "gpus=64,experts=256,layers=1,micro_batches=16,tokens=4096,topk=8"
+    for workload in TABLE_WORKLOADS:
+        started = time.perf_counter()
+        result = simulate(f"gen:{workload}:{shape}", list(POLICIES), 2, 8, out / f"table_{workload}", CostModel(),
+                          plots=False)
+        print(f"### {workload} ({shape}; {time.perf_counter() - started:.0f} s)")
+        print(markdown_table(result.rows))
+        notes = (out / f"table_{workload}" / "report.md").read_text().split("## Where another policy wins")
+        if len(notes) > 1:
+            print("\nWhere another policy wins:" + notes[1].split("##")[0].rstrip())
+        print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="replay,scale,tables")
+    parser.add_argument("--out", default="runs/bench_simulator")
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"# bench_simulator ({time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}, numpy {np.__version__})\n")
+    parts = {"replay": replay, "scale": scale, "tables": tables}
+    for name in args.parts.split(","):
+        if name not in parts:
+            parser.error(f"unknown part {name!r}; choose from {', '.join(parts)}")
+        parts[name](out, args.quick)
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
