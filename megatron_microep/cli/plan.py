@@ -102,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         "per_sample_max": result.per_sample_max.tolist(),
     }
     try:
-        args.output.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        # One key per line, values compact: a 256-expert placement stays readable.
+        text = "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in out.items()) + "\n}\n"
+        args.output.write_text(text, encoding="utf-8")
     except OSError as err:
         raise UsageError(f"{args.output}: cannot write ({err.strerror})") from None
     print(f"{args.output}: expected max/mean {result.max_over_mean:.4f}, gap {result.gap:.2%} to the proven bound, "
