@@ -70,7 +70,9 @@ def test_matches_brute_force_optimum_on_small_instances(num_experts, num_gpus, r
     optimum = _brute_force(history, num_gpus, redundant_slots, gpus_per_node)
     _check_invariants(result.placement, num_experts, num_gpus, redundant_slots, gpus_per_node)
     assert result.objective == pytest.approx(optimum)
-    assert result.model_complete  # small loads, every pair in the model: the solver's bound is a proof
+    # Small loads, every pair in the model: the solver's bound is a proof (it is skipped when a start
+    # already meets the perfect-balance bound).
+    assert result.model_complete or result.solver_status == "NOT_RUN"
     assert result.status == "OPTIMAL" and result.bound == pytest.approx(optimum)
 
 
