@@ -43,7 +43,7 @@ from ortools.sat.python import cp_model
 
 from megatron_microep.planning.eplb import allowed_replica_gpus, eplb_placement
 from megatron_microep.planning.placement import Placement, home_gpu
-from megatron_microep.planning.scheduler import optimal_max_load, schedule
+from megatron_microep.planning.scheduler import optimal_max_load, route_loads
 
 # CP-SAT gets the complete model (every allowed pair) up to this many flow variables x[s,e,g]; beyond it,
 # a neighbourhood of the incumbent with at most RESTRICTED_FLOW_VARIABLES, since larger models do not
@@ -260,12 +260,9 @@ class _LocalSearch:
         placement = self.evaluator.placement(extra)
         gpu_load = np.empty((self.p.num_samples, self.p.num_gpus))
         usage = np.zeros(placement.num_slots)
-        tokens = np.zeros((self.p.num_gpus, self.p.num_experts), dtype=np.int64)
         for s, row in enumerate(self.p.loads):
-            tokens[self.p.home, np.arange(self.p.num_experts)] = row  # all tokens start at home
-            result = schedule(tokens, placement)
-            gpu_load[s] = result.gpu_load
-            usage += result.slot_tokens
+            slot_tokens, gpu_load[s] = route_loads(row, placement)
+            usage += slot_tokens
         slot_use = {}
         for e, x in enumerate(extra):
             for i, g in enumerate(x):
@@ -451,11 +448,9 @@ def _incumbent_flows(problem: _Problem, incumbent, scale: float) -> dict[tuple[i
     """{(sample, expert, gpu): tokens the exact schedule moves from the expert's home to that copy}."""
     evaluator = _Evaluator(problem)
     placement = evaluator.placement(incumbent)
-    tokens = np.zeros((problem.num_gpus, problem.num_experts), dtype=np.int64)
     flows = {}
     for s, row in enumerate(problem.loads):
-        tokens[problem.home, np.arange(problem.num_experts)] = row
-        slot_tokens = schedule(tokens, placement).slot_tokens
+        slot_tokens, _ = route_loads(row, placement)
         for e, x in enumerate(incumbent):
             for i, g in enumerate(x):
                 moved = int(math.floor(slot_tokens[placement.ptr[e] + 1 + i] * scale))

@@ -392,11 +392,34 @@ def schedule(tokens: np.ndarray, placement: Placement) -> Schedule:
     )
 
 
-def optimal_max_load(expert_load: np.ndarray, placement: Placement) -> int:
-    """Exact min-max GPU load for aggregated per-expert loads int [E] (the planner's objective)."""
+def route_loads(expert_load: np.ndarray, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """Exact min-max routing of aggregated per-expert loads int [E] (the planner's view).
+
+    Returns (slot_tokens int64 [nnz], gpu_load int64 [G]). Copies are filled in slot order, so the
+    home copy (slot ``ptr[e]``) takes what it can before replicas do.
+    """
     load = np.ascontiguousarray(expert_load, dtype=np.int64)
     if load.shape != (placement.num_experts,):
         raise ValueError(f"expert_load must have shape [{placement.num_experts}], got {list(load.shape)}")
     local = _NO_LOCAL.reshape(0, placement.num_experts)
-    _, gpu_load, _, _ = _route(load, local, placement.ptr, placement.gpus, placement.num_gpus, 0)
-    return int(gpu_load.max(initial=0))
+    slot_tokens, gpu_load, _, _ = _route(load, local, placement.ptr, placement.gpus, placement.num_gpus, 0)
+    return slot_tokens, gpu_load
+
+
+def optimal_max_load(expert_load: np.ndarray, placement: Placement) -> int:
+    """Exact min-max GPU load for aggregated per-expert loads int [E] (the planner's objective)."""
+    return int(route_loads(expert_load, placement)[1].max(initial=0))
+
+
+def split_by_source(tokens: np.ndarray, slot_tokens: np.ndarray, placement: Placement):
+    """Split per-copy quotas ``slot_tokens`` int [nnz] over the sources of ``tokens`` int [G, E].
+
+    The quotas of each expert must sum to its tokens. Returns (piece_src, piece_slot, piece_count,
+    remote_tokens) as in ``Schedule``; lets any policy's quotas become an all-to-all plan.
+    """
+    tokens = _check_tokens(tokens, placement)
+    slot_tokens = np.ascontiguousarray(slot_tokens, dtype=np.int64)
+    per_expert = np.add.reduceat(slot_tokens, placement.ptr[:-1]) if slot_tokens.size else slot_tokens
+    if slot_tokens.shape != (placement.num_slots,) or not np.array_equal(per_expert, tokens.sum(axis=0)):
+        raise ValueError("slot_tokens must have one entry per copy and sum to each expert's tokens")
+    return _split_by_source(tokens, slot_tokens, placement.ptr, placement.gpus)

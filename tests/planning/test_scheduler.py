@@ -148,3 +148,19 @@ def test_rejects_bad_tokens(bad, match):
 def test_rejects_bad_placements(replicas, match):
     with pytest.raises(PlacementError, match=match):
         Placement.from_lists(replicas, 2)
+
+
+def test_route_loads_and_split_by_source_rebuild_the_schedule(rng):
+    from megatron_microep.planning.scheduler import route_loads, split_by_source
+    tokens, placement = random_instance(rng, 8, 24, 2)
+    slot_tokens, gpu_load = route_loads(tokens.sum(0), placement)
+    assert gpu_load.max() == schedule(tokens, placement).max_load
+    np.testing.assert_array_equal(np.add.reduceat(slot_tokens, placement.ptr[:-1]), tokens.sum(0))
+    src, slot, count, remote = split_by_source(tokens, slot_tokens, placement)
+    sent = np.zeros_like(slot_tokens)
+    np.add.at(sent, slot, count)
+    single = placement.ptr[:-1][placement.replica_counts() == 1]
+    sent[single] = slot_tokens[single]
+    np.testing.assert_array_equal(sent, slot_tokens)
+    with pytest.raises(ValueError, match="sum to each expert"):
+        split_by_source(tokens, slot_tokens + 1, placement)

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from megatron_microep.planning.placement import Placement
-from megatron_microep.planning.scheduler import _split_by_source
+from megatron_microep.planning.scheduler import split_by_source
 
 
 class PolicyError(ValueError):
@@ -181,8 +181,7 @@ def quota_assignment(tokens: np.ndarray, placement: Placement, slot_tokens: np.n
                      weight_moves: np.ndarray = NO_MOVES) -> Assignment:
     """Per-copy quotas ``slot_tokens`` int64 [nnz] -> an Assignment; sources fill quotas local-first
     (a copy takes its own GPU's tokens first), then in source order (the scheduler's split)."""
-    src, slot, count, _ = _split_by_source(tokens, np.ascontiguousarray(slot_tokens, dtype=np.int64),
-                                           placement.ptr, placement.gpus)
+    src, slot, count, _ = split_by_source(tokens, slot_tokens, placement)
     return Assignment(tokens, placement, slot_tokens, src, slot, count, weight_moves)
 
 
