@@ -11,7 +11,7 @@ Skew comes from per-micro-batch expert probabilities; sources differ by a small 
 [M, E] per-expert totals the placement planner takes as history.
 
 Workloads with ``dsv3`` in the name are *derived* from recorded DeepSeek-V3 expert loads (SGLang's
-EP statistics, see /work/shared/data/routing/README.md): the recorded per-layer load vectors set the
+EP statistics, see shared/data/routing/README.md beside the checkout): the recorded per-layer load vectors set the
 probabilities, and everything sampled from them is synthetic.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Callable
 import numpy as np
 
 DSV3_FILE_NAME = "sglang_dsv3_logical_count.npz"
+# The recording is third-party data: it ships beside a checkout in ../shared, not in the package.
 DSV3_DEFAULT_DIRS = (
-    Path(__file__).resolve().parent.parent / "data",
-    Path("/work/shared/data/routing"),
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routing",
 )
 
 
@@ -186,7 +186,7 @@ def load_dsv3_expert_loads(path: str | os.PathLike | None = None) -> tuple[np.nd
     """Recorded DeepSeek-V3 expert loads: int64 [scenarios=12, moe_layers=58, experts=256] and scenario names.
 
     Only the MoE layers (3..60) are returned; the dense layers 0-2 are all zero in the recording.
-    ``path`` defaults to $MICROEP_DSV3_LOADS, then the package's data/ folder, then the shared data folder.
+    ``path`` defaults to $MICROEP_DSV3_LOADS, then ``shared/data/routing`` beside the checkout.
     """
     candidates = [Path(path)] if path else (
         [Path(os.environ["MICROEP_DSV3_LOADS"])] if os.environ.get("MICROEP_DSV3_LOADS")
