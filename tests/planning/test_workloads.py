@@ -5,6 +5,18 @@ from megatron_microep.planning import workloads
 from megatron_microep.planning.workloads import WORKLOADS, expert_loads, generate, sample_counts
 
 
+def _dsv3_available() -> bool:
+    try:
+        workloads.load_dsv3_expert_loads()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# The DeepSeek-V3 recording is third-party data beside the checkout (shared/), not part of the package.
+needs_dsv3 = pytest.mark.skipif(not _dsv3_available(), reason="shared/data/routing beside the checkout is absent")
+
+
 def _seed():
     seed = int(np.random.SeedSequence().entropy % 2**31)
     print(f"seed={seed}")
@@ -46,7 +58,9 @@ def test_sample_counts_realizable_under_extreme_skew():
 
 # Megatron's W0-W7 follow their benchmark's definitions (W0 is deterministic, W4 has ragged sources)
 # and are tested with them.
-@pytest.mark.parametrize("name", sorted(set(WORKLOADS) - set(workloads.MEGATRON_WORKLOADS)))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=needs_dsv3) if name.startswith("dsv3") else name
+    for name in sorted(set(WORKLOADS) - set(workloads.MEGATRON_WORKLOADS))])
 def test_every_workload_is_top_k_realizable_and_seeded(name):
     seed = _seed()
     num_experts = 256 if name.startswith("dsv3") else 24
@@ -77,6 +91,7 @@ def test_rotating_hotspot_moves():
     np.testing.assert_array_equal(hottest_block, [0, 0, 1, 1, 2, 2, 3, 3])
 
 
+@needs_dsv3
 def test_dsv3_loader_and_derived_follow_the_recording():
     loads, names = workloads.load_dsv3_expert_loads()
     assert loads.shape == (12, 58, 256) and len(names) == 12
