@@ -93,6 +93,8 @@ def test_rotating_hotspot_moves():
 
 @needs_dsv3
 def test_dsv3_loader_and_derived_follow_the_recording():
+    with pytest.raises(ValueError, match="num_experts=256"):
+        generate("dsv3_derived", 1, 1, 64, 8, 2, 0)
     loads, names = workloads.load_dsv3_expert_loads()
     assert loads.shape == (12, 58, 256) and len(names) == 12
     sums = loads.sum(axis=2)
@@ -108,7 +110,5 @@ def test_bad_arguments_are_named():
         generate("nope", 1, 1, 8, 1, 1, 0)
     with pytest.raises(ValueError, match="topk"):
         generate("bursty", 1, 1, 4, 8, 5, 0)
-    with pytest.raises(ValueError, match="num_experts=256"):
-        generate("dsv3_derived", 1, 1, 64, 8, 2, 0)
     with pytest.raises(FileNotFoundError, match="not found"):
         workloads.load_dsv3_expert_loads("/nonexistent/x.npz")
