@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Sequence
 
-SUBCOMMAND_MODULES = ("schedule", "plan", "simulate", "demo")
+SUBCOMMAND_MODULES = ("schedule", "plan", "simulate", "demo", "train", "launch_args")
 
 
 class UsageError(Exception):
