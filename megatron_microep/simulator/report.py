@@ -233,16 +233,20 @@ def plot_ratio_over_time(results: list[PolicyResult], out_dir: Path) -> str:
         keys = sorted(by_time)
         ys = [np.mean(by_time[k]) for k in keys]
         ax.plot(range(len(keys)), ys, label=r.name, color=POLICY_COLORS.get(r.name), lw=1.4,
-                ls="--" if r.name == "ideal" else "-")
+                ls={"ideal": "--", "static": ":"}.get(r.name, "-"))
     ax.set_xlabel("micro-batch (measured, in step order)")
     ax.set_ylabel("max / mean GPU load (mean over layers)")
     ax.set_yscale("log")
-    ticks = [1.0, 1.05, 1.1, 1.2, 1.5, 2, 3, 4]
+    low, high = ax.get_ylim()
+    ticks = []
+    for t in (1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100, 200):
+        if low <= t <= high and (not ticks or np.log(t / ticks[-1]) > 0.035 * np.log(high / low) * 2):
+            ticks.append(t)
     ax.set_yticks(ticks)
     ax.set_yticklabels([f"{t:g}" for t in ticks])
     ax.minorticks_off()
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(ncol=4, fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Load imbalance over time")
     name = "max_over_mean_over_time.png"
     fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
