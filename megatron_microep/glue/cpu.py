@@ -158,6 +158,33 @@ def _patch_moe_utils() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _patch_uneven_all_gather() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings._gather_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        # With expert-TP > 1 the alltoall dispatcher gathers a different number of tokens from each
+        # expert-TP peer (torch.distributed.all_gather into uneven slices); gloo requires equal
+        # sizes. Pad every slice to the longest, gather, and cut the padding off again.
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        if input_.shape[0] != sizes[group.rank()]:
+            raise ValueError(
+                f"uneven all-gather: this rank holds {input_.shape[0]} rows, split sizes say "
+                f"{sizes[group.rank()]} ({sizes})"
+            )
+        padded = input_.new_zeros((max(sizes),) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        slots = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(slots, padded, group=group)
+        return torch.cat([slot[:n] for slot, n in zip(slots, sizes)])
+
+    # The autograd functions in mappings.py look the helper up by module-global name at call time.
+    mappings._gather_along_first_dim = _gather_along_first_dim
+
+
 @dataclass(frozen=True)
 class _Patch:
     name: str
@@ -168,6 +195,7 @@ _PATCHES: Tuple[_Patch, ...] = (
     _Patch("torch.cuda current_device/Stream/current_stream", _patch_torch_cuda),
     _Patch("megatron RNG tracker on the CPU generator", _patch_rng_tracker),
     _Patch("moe_utils: te_general_gemm, CPU split sizes", _patch_moe_utils),
+    _Patch("uneven first-dim all-gather on gloo", _patch_uneven_all_gather),
 )
 
 

@@ -2,8 +2,10 @@
 
 This is the ground the plugin's parity tests stand on: if megatron's own layer does not run, agree
 with itself across dispatchers, and conserve tokens here, nothing built on the CPU harness can be
-trusted. Ranks are launched once per EP size (imports cost ~6 s per process); every check below
-reads the measurements that one launch returns. Seeds are fresh per run and printed.
+trusted. Layouts covered: EP=2, EP=4, EP=2 x expert-TP=2, and TP=2 (sequence parallel) x EP=2.
+Ranks are launched once per world size (imports cost ~6 s per process) and run every layout in
+turn; each check below reads the measurements that launch returns. Seeds are fresh per run and
+printed; tolerances are 1e-6 relative to the tensor's scale when that exceeds one.
 """
 import os
 import random
@@ -26,11 +28,12 @@ DISPATCHERS = ("allgather", "alltoall")
 PARITY_TOL = 1e-6
 
 
-def _build_stock_moe_layer(dispatcher: str, ep_size: int, pg_collection):
+def _build_stock_moe_layer(dispatcher: str, layout, pg_collection):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    tp, ep, etp = layout
     config = TransformerConfig(
         num_layers=1,
         hidden_size=HIDDEN,
@@ -40,7 +43,11 @@ def _build_stock_moe_layer(dispatcher: str, ep_size: int, pg_collection):
         num_moe_experts=NUM_EXPERTS,
         moe_router_topk=TOPK,
         moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=ep_size,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        # MoELayer refuses to train with TP > 1 without sequence parallelism.
+        sequence_parallel=tp > 1,
         add_bias_linear=False,
         use_cpu_initialization=True,
         # Outputs of order one, so the 1e-6 parity tolerance is a real constraint (default 0.02
@@ -54,10 +61,10 @@ def _build_stock_moe_layer(dispatcher: str, ep_size: int, pg_collection):
     return spec(config=config, pg_collection=pg_collection)
 
 
-def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """All ranks' equally shaped ``tensor`` concatenated along dim 0 in rank order."""
-    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, tensor.contiguous())
+def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The equally shaped ``tensor`` of every rank in ``group``, concatenated along dim 0."""
+    parts = [torch.empty_like(tensor) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts)
 
 
@@ -68,8 +75,18 @@ def _sorted_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows[torch.argsort(key, stable=True)]
 
 
-def _round_trip(layer, x: torch.Tensor, upstream: torch.Tensor, global_expert_ids):
-    """Dispatch ``x`` with the layer's own routing, weight by the probs, combine; no experts."""
+def _scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    # Float32 sums in a different token order (each dispatcher orders an expert's tokens its own
+    # way) differ by ~1e-7 relative: measure against the tensor's scale when that exceeds one.
+    return ((a - b).abs().max() / max(1.0, a.abs().max().item())).item()
+
+
+def _round_trip(layer, x: torch.Tensor, upstream: torch.Tensor, pg_collection):
+    """Dispatch ``x`` with the layer's own routing, weight by the probs, combine; no experts.
+
+    Every expert-TP peer receives each of its experts' tokens and combine sums the peers' partial
+    outputs, so with identity experts the layer returns ``etp * x * (sum of the token's probs)``.
+    """
     with torch.no_grad():
         probs, routing_map = layer.router(x)
     dispatcher = layer.token_dispatcher
@@ -85,52 +102,59 @@ def _round_trip(layer, x: torch.Tensor, upstream: torch.Tensor, global_expert_id
     )
     (restored * upstream).sum().backward()
 
-    prob_mass = probs.sum(dim=-1).view(x.shape[0], x.shape[1], 1)
+    etp = pg_collection.expt_tp.size()
+    gain = etp * probs.sum(dim=-1).view(x.shape[0], x.shape[1], 1)
     tokens_per_expert = torch.as_tensor(tokens_per_expert).tolist()
 
-    # What each local expert must have received: every rank's tokens routed to it, with their probs.
-    flat_x = x.detach().reshape(-1, x.shape[-1])
-    all_rows = _gather_rows(torch.cat([flat_x, probs.detach().to(flat_x.dtype)], dim=1))
-    all_routing = _gather_rows(routing_map.to(torch.uint8)).bool()
+    # What each local expert must have received: the tokens routed to it by every rank whose
+    # tokens this rank's experts serve (the TP x EP group), each with its routing prob.
+    flat_x = x.detach().reshape(-1, HIDDEN)
+    all_rows = _gather_rows(torch.cat([flat_x, probs.detach().to(flat_x.dtype)], dim=1), pg_collection.tp_ep)
+    all_routing = _gather_rows(routing_map.to(torch.uint8), pg_collection.tp_ep).bool()
     received = torch.cat([dispatched.detach(), permuted_probs.detach().unsqueeze(-1)], dim=1)
+    expert_ids = list(layer.local_expert_indices)
     row_mismatch, count_mismatch, start = 0.0, [], 0
-    for local, global_id in enumerate(global_expert_ids):
+    for local, global_id in enumerate(expert_ids):
         expected_rows = all_rows[all_routing[:, global_id]]
         expected = torch.cat([expected_rows[:, :HIDDEN], expected_rows[:, HIDDEN + global_id, None]], 1)
         got = received[start : start + tokens_per_expert[local]]
         start += tokens_per_expert[local]
         if got.shape != expected.shape:
             count_mismatch.append((global_id, got.shape[0], expected.shape[0]))
-            continue
-        if got.numel():
-            row_mismatch = max(row_mismatch, (_sorted_rows(got) - _sorted_rows(expected)).abs().max().item())
+        elif got.numel():
+            diff = (_sorted_rows(got) - _sorted_rows(expected)).abs().max().item()
+            row_mismatch = max(row_mismatch, diff)
     return {
         "tokens_per_expert": tokens_per_expert,
         "dispatched_rows": dispatched.shape[0],
-        "expected_rows_total": int(all_routing[:, global_expert_ids].sum()),
+        "expected_rows_total": int(all_routing[:, expert_ids].sum()),
         "count_mismatch": count_mismatch,
         "row_mismatch": row_mismatch,
-        "restore_err": (restored.detach() - x * prob_mass).abs().max().item(),
-        "restore_grad_err": (x_in.grad - upstream * prob_mass).abs().max().item(),
+        "restore_err": _scaled_diff(gain * x, restored.detach()),
+        "restore_grad_err": _scaled_diff(gain * upstream, x_in.grad),
         "routed_assignments": int(routing_map.sum()),
+        "etp": etp,
     }
 
 
-def _stock_moe_rank(rank: int, world_size: int, seed: int):
-    import megatron.core
-
-    pg_collection = init_megatron_parallel(expert_model_parallel_size=world_size, seed=seed)
-    layers = {d: _build_stock_moe_layer(d, world_size, pg_collection) for d in DISPATCHERS}
+def _run_layout(rank: int, layout, seed: int):
+    tp, ep, etp = layout
+    pg_collection = init_megatron_parallel(
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        seed=seed,
+    )
+    layers = {d: _build_stock_moe_layer(d, layout, pg_collection) for d in DISPATCHERS}
     # Identical weights under both dispatchers, whatever each one's init consumed from the RNG.
     layers["alltoall"].load_state_dict(layers["allgather"].state_dict(), strict=True)
-    n_local = NUM_EXPERTS // world_size
-    global_expert_ids = list(range(rank * n_local, (rank + 1) * n_local))
 
+    # Each rank its own tokens (with TP > 1 and sequence parallelism: its own sequence shard).
     gen = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
     x = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=gen)
     upstream = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=gen)
 
-    result = {"megatron_path": megatron.core.__file__, "n_local": n_local}
+    result = {"n_local": NUM_EXPERTS // ep}
     for name, layer in layers.items():
         x_in = x.clone().requires_grad_(True)
         out, bias = layer(x_in)
@@ -146,78 +170,105 @@ def _stock_moe_rank(rank: int, world_size: int, seed: int):
             },
         }
         layer.zero_grad(set_to_none=True)
-        result[name]["round_trip"] = _round_trip(layer, x, upstream, global_expert_ids)
+        result[name]["round_trip"] = _round_trip(layer, x, upstream, pg_collection)
     return result
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda ep: f"ep{ep}")
+def _stock_moe_rank(rank: int, world_size: int, seed: int, layouts):
+    import megatron.core
+
+    results = {layout: _run_layout(rank, layout, seed) for layout in layouts}
+    return {"megatron_path": megatron.core.__file__, "layouts": results}
+
+
+# (TP, EP, expert-TP) layouts per launch; one launch per world size, re-initialising megatron's
+# parallel state between layouts inside the same processes.
+LAYOUTS = {2: [(1, 2, 1)], 4: [(1, 4, 1), (1, 2, 2), (2, 2, 1)]}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS), ids=lambda w: f"world{w}")
 def stock_run(request):
-    ep = request.param
+    world = request.param
     seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
-    print(f"stock MoE on CPU: EP={ep} seed={seed} (rerun with MICROEP_TEST_SEED={seed})")
-    return ep, seed, spawn_gloo(_stock_moe_rank, ep, seed, timeout_s=240)
+    print(f"stock MoE on CPU: world={world} (TP, EP, ETP) layouts={LAYOUTS[world]} seed={seed} "
+          f"(rerun with MICROEP_TEST_SEED={seed})")
+    ranks = spawn_gloo(_stock_moe_rank, world, seed, LAYOUTS[world], timeout_s=300)
+    return world, seed, ranks
+
+
+def _each_layout(stock_run):
+    """(layout, seed, per-rank results) for every layout of the launch."""
+    world, seed, ranks = stock_run
+    for layout in LAYOUTS[world]:
+        yield layout, seed, [r["layouts"][layout] for r in ranks]
 
 
 def test_local_spec_uses_sequential_mlp(stock_run):
-    _, _, ranks = stock_run
-    assert {r[d]["experts_class"] for r in ranks for d in DISPATCHERS} == {"SequentialMLP"}
+    for layout, _, ranks in _each_layout(stock_run):
+        assert {r[d]["experts_class"] for r in ranks for d in DISPATCHERS} == {"SequentialMLP"}
 
 
 def test_output_finite_and_shaped(stock_run):
-    ep, seed, ranks = stock_run
-    for rank, r in enumerate(ranks):
-        for d in DISPATCHERS:
-            out = r[d]["out"]
-            assert out.shape == (SEQ_LEN, MICRO_BATCH, HIDDEN), (d, rank, seed)
-            assert torch.isfinite(out).all(), (d, rank, seed)
-            assert out.abs().max() > 0, (d, rank, seed)
-            assert r[d]["bias"] is None, (d, rank, seed)
+    for layout, seed, ranks in _each_layout(stock_run):
+        for rank, r in enumerate(ranks):
+            for d in DISPATCHERS:
+                out = r[d]["out"]
+                where = (layout, d, rank, seed)
+                assert out.shape == (SEQ_LEN, MICRO_BATCH, HIDDEN), where
+                assert torch.isfinite(out).all(), where
+                assert out.abs().max() > 0, where
+                assert r[d]["bias"] is None, where
 
 
 def test_router_and_expert_weights_get_gradients(stock_run):
-    ep, seed, ranks = stock_run
-    for rank, r in enumerate(ranks):
-        for d in DISPATCHERS:
-            grads = r[d]["grads"]
-            assert grads["router.weight"].abs().sum() > 0, (d, rank, seed)
-            tokens = r[d]["round_trip"]["tokens_per_expert"]
-            for local in range(r["n_local"]):
-                for fc in ("linear_fc1", "linear_fc2"):
-                    g = grads[f"experts.local_experts.{local}.{fc}.weight"]
-                    assert torch.isfinite(g).all(), (d, rank, local, fc, seed)
-                    # An expert gets a gradient exactly when some token reached it.
-                    assert (g.abs().sum() > 0) == (tokens[local] > 0), (d, rank, local, fc, tokens, seed)
-    all_tokens = [t for r in ranks for t in r["alltoall"]["round_trip"]["tokens_per_expert"]]
-    assert sum(t > 0 for t in all_tokens) >= NUM_EXPERTS // 2, (all_tokens, seed)
+    for layout, seed, ranks in _each_layout(stock_run):
+        for rank, r in enumerate(ranks):
+            for d in DISPATCHERS:
+                grads = r[d]["grads"]
+                assert grads["router.weight"].abs().sum() > 0, (layout, d, rank, seed)
+                tokens = r[d]["round_trip"]["tokens_per_expert"]
+                for local in range(r["n_local"]):
+                    for fc in ("linear_fc1", "linear_fc2"):
+                        g = grads[f"experts.local_experts.{local}.{fc}.weight"]
+                        where = (layout, d, rank, local, fc, tokens, seed)
+                        assert torch.isfinite(g).all(), where
+                        # An expert gets a gradient exactly when some token reached it.
+                        assert (g.abs().sum() > 0) == (tokens[local] > 0), where
+        served = [t for r in ranks for t in r["alltoall"]["round_trip"]["tokens_per_expert"]]
+        assert sum(t > 0 for t in served) >= len(served) // 2, (layout, served, seed)
 
 
 def test_allgather_and_alltoall_agree(stock_run):
-    ep, seed, ranks = stock_run
-    for rank, r in enumerate(ranks):
-        a, b = r["allgather"], r["alltoall"]
-        assert (a["out"] - b["out"]).abs().max() <= PARITY_TOL, (rank, seed)
-        assert (a["x_grad"] - b["x_grad"]).abs().max() <= PARITY_TOL, (rank, seed)
-        assert a["grads"].keys() == b["grads"].keys()
-        for name in a["grads"]:
-            assert (a["grads"][name] - b["grads"][name]).abs().max() <= PARITY_TOL, (rank, name, seed)
+    for layout, seed, ranks in _each_layout(stock_run):
+        for rank, r in enumerate(ranks):
+            a, b = r["allgather"], r["alltoall"]
+            where = (layout, rank, seed)
+            assert _scaled_diff(a["out"], b["out"]) <= PARITY_TOL, where
+            assert _scaled_diff(a["x_grad"], b["x_grad"]) <= PARITY_TOL, where
+            assert a["grads"].keys() == b["grads"].keys()
+            for name in a["grads"]:
+                assert _scaled_diff(a["grads"][name], b["grads"][name]) <= PARITY_TOL, (name, where)
 
 
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 def test_dispatch_combine_round_trip_conserves_tokens(stock_run, dispatcher):
-    ep, seed, ranks = stock_run
-    total_dispatched = total_routed = 0
-    for rank, r in enumerate(ranks):
-        rt = r[dispatcher]["round_trip"]
-        assert rt["count_mismatch"] == [], (rank, rt["count_mismatch"], seed)
-        assert rt["dispatched_rows"] == sum(rt["tokens_per_expert"]) == rt["expected_rows_total"]
-        # Rows are copied, never computed, on the way to the experts: bitwise equal.
-        assert rt["row_mismatch"] == 0.0, (rank, seed)
-        assert rt["restore_err"] <= 1e-6, (rank, rt["restore_err"], seed)
-        assert rt["restore_grad_err"] <= 1e-6, (rank, rt["restore_grad_err"], seed)
-        total_dispatched += rt["dispatched_rows"]
-        total_routed += rt["routed_assignments"]
-    assert total_routed == ep * SEQ_LEN * MICRO_BATCH * TOPK
-    assert total_dispatched == total_routed, seed
+    world, _, _ = stock_run
+    for layout, seed, ranks in _each_layout(stock_run):
+        total_dispatched = total_routed = 0
+        for rank, r in enumerate(ranks):
+            rt = r[dispatcher]["round_trip"]
+            where = (layout, rank, seed)
+            assert rt["count_mismatch"] == [], (rt["count_mismatch"], where)
+            assert rt["dispatched_rows"] == sum(rt["tokens_per_expert"]) == rt["expected_rows_total"], where
+            # Rows are copied, never computed, on the way to the experts: bitwise equal.
+            assert rt["row_mismatch"] == 0.0, where
+            assert rt["restore_err"] <= PARITY_TOL, (rt["restore_err"], where)
+            assert rt["restore_grad_err"] <= PARITY_TOL, (rt["restore_grad_err"], where)
+            total_dispatched += rt["dispatched_rows"]
+            total_routed += rt["routed_assignments"]
+        assert total_routed == world * SEQ_LEN * MICRO_BATCH * TOPK, (layout, seed)
+        # Each routed (token, expert) pair reaches every expert-TP shard of that expert once.
+        assert total_dispatched == layout[2] * total_routed, (layout, seed)
 
 
 def test_ranks_ran_the_installed_megatron(stock_run):
