@@ -124,8 +124,9 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
     load int64 [E]; local int64 [G, E] tokens already on each GPU (shape [0, E] disables the
     local-first pass); ptr int64 [E+1]; gpus int64 [nnz]; start_cap: a known lower bound on the
     optimum to start from (0 if none).
-    Returns (slot_tokens int64 [nnz], gpu_load int64 [G], bound_num, bound_den) with
-    max(gpu_load) == ceil(bound_num / bound_den), the proven optimum.
+    Returns (slot_tokens int64 [nnz], gpu_load int64 [G], bound_num, bound_den, raised) with
+    max(gpu_load) == ceil(bound_num / bound_den), the proven optimum; ``raised`` tells whether the
+    capacity had to grow past the one the local-first fill ran at.
     """
     num_experts = ptr.size - 1
     nnz = gpus.size
@@ -157,6 +158,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
     spare = np.empty(num_gpus, np.int64)
     for g in range(num_gpus):
         spare[g] = cap - fixed[g]
+    raised = False
 
     # Reverse adjacency GPU -> flexible slots, for walking back along flow.
     gpu_ptr = np.zeros(num_gpus + 1, np.int64)
@@ -240,6 +242,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
             for g in range(num_gpus):
                 spare[g] += new_cap - cap
             cap = new_cap
+            raised = True
             continue
         # Walk back to the root expert, measuring the bottleneck, then push along the path.
         push = spare[target]
@@ -269,7 +272,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
     for r in range(nnz):
         if flexible[slot_expert[r]]:
             gpu_load[gpus[r]] += slot_tokens[r]
-    return slot_tokens, gpu_load, bound_num, bound_den
+    return slot_tokens, gpu_load, bound_num, bound_den, raised
 
 
 @numba.njit(cache=True)
@@ -375,10 +378,11 @@ def schedule(tokens: np.ndarray, placement: Placement) -> Schedule:
     tokens = _check_tokens(tokens, placement)
     load = tokens.sum(axis=0)
     ptr, gpus, num_gpus = placement.ptr, placement.gpus, placement.num_gpus
-    # Pass 1 finds the optimum and its certificate; pass 2 routes at that capacity from the start,
-    # so the local-first fill is not squeezed by the smaller capacities pass 1 starts from.
-    _, first_load, num, den = _route(load, _NO_LOCAL.reshape(0, load.size), ptr, gpus, num_gpus, 0)
-    slot_tokens, gpu_load, _, _ = _route(load, tokens, ptr, gpus, num_gpus, int(first_load.max(initial=0)))
+    slot_tokens, gpu_load, num, den, raised = _route(load, tokens, ptr, gpus, num_gpus, 0)
+    if raised:
+        # The local-first fill ran below the optimal capacity; routing again at the optimum from the
+        # start keeps more tokens local (same max load, same certificate).
+        slot_tokens, gpu_load, _, _, _ = _route(load, tokens, ptr, gpus, num_gpus, int(gpu_load.max(initial=0)))
     src, slot, count, remote = _split_by_source(tokens, slot_tokens, ptr, gpus)
     return Schedule(
         max_load=int(gpu_load.max(initial=0)),
@@ -402,7 +406,7 @@ def route_loads(expert_load: np.ndarray, placement: Placement) -> tuple[np.ndarr
     if load.shape != (placement.num_experts,):
         raise ValueError(f"expert_load must have shape [{placement.num_experts}], got {list(load.shape)}")
     local = _NO_LOCAL.reshape(0, placement.num_experts)
-    slot_tokens, gpu_load, _, _ = _route(load, local, placement.ptr, placement.gpus, placement.num_gpus, 0)
+    slot_tokens, gpu_load, _, _, _ = _route(load, local, placement.ptr, placement.gpus, placement.num_gpus, 0)
     return slot_tokens, gpu_load
 
 
