@@ -124,6 +124,17 @@ def _patch_rng_tracker() -> None:
                 torch.set_rng_state(outer_state)
                 self._current_state_name = outer_name
 
+    def get_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    # Activation recompute (tensor_parallel.checkpoint, e.g. moe_layer_recompute) saves and restores
+    # the "CUDA" generator state through these two module-level helpers; on CPU that state is the
+    # CPU generator's.
+    mcore_random._get_cuda_rng_state = get_rng_state
+    mcore_random._set_cuda_rng_state = set_rng_state
     # initialize_rng_tracker() looks the class up by this module-level name on every (re)init,
     # so every tracker megatron builds from now on keeps its states on the CPU generator.
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker

@@ -25,10 +25,11 @@ TOPK = 2
 SEQ_LEN = 12
 MICRO_BATCH = 2
 DISPATCHERS = ("allgather", "alltoall")
+RECOMPUTED = "alltoall+recompute"
 PARITY_TOL = 1e-6
 
 
-def _build_stock_moe_layer(dispatcher: str, layout, pg_collection):
+def _build_stock_moe_layer(dispatcher: str, layout, pg_collection, recompute: bool = False):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -49,7 +50,11 @@ def _build_stock_moe_layer(dispatcher: str, layout, pg_collection):
         # MoELayer refuses to train with TP > 1 without sequence parallelism.
         sequence_parallel=tp > 1,
         add_bias_linear=False,
-        use_cpu_initialization=True,
+        # Initialise as on GPU, through megatron's RNG tracker: each EP rank draws its own experts.
+        # (use_cpu_initialization=True gives every EP rank identical local experts, which would
+        # hide tokens reaching the wrong rank.)
+        use_cpu_initialization=False,
+        moe_layer_recompute=recompute,
         # Outputs of order one, so the 1e-6 parity tolerance is a real constraint (default 0.02
         # gives outputs ~1e-2).
         init_method_std=0.3,
@@ -146,15 +151,23 @@ def _run_layout(rank: int, layout, seed: int):
         seed=seed,
     )
     layers = {d: _build_stock_moe_layer(d, layout, pg_collection) for d in DISPATCHERS}
-    # Identical weights under both dispatchers, whatever each one's init consumed from the RNG.
-    layers["alltoall"].load_state_dict(layers["allgather"].state_dict(), strict=True)
+    # Activation recompute replays the forward under saved RNG states (the CPU shim's job).
+    layers[RECOMPUTED] = _build_stock_moe_layer("alltoall", layout, pg_collection, recompute=True)
+    weights = {n: p.detach().clone() for n, p in layers["allgather"].named_parameters()}
+    # Identical weights under every variant, whatever each one's init consumed from the RNG.
+    for name in ("alltoall", RECOMPUTED):
+        layers[name].load_state_dict(layers["allgather"].state_dict(), strict=True)
 
     # Each rank its own tokens (with TP > 1 and sequence parallelism: its own sequence shard).
     gen = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
     x = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=gen)
     upstream = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=gen)
 
-    result = {"n_local": NUM_EXPERTS // ep}
+    result = {
+        "n_local": NUM_EXPERTS // ep,
+        "expert_rank": (pg_collection.ep.rank(), pg_collection.expt_tp.rank()),
+        "weights": weights,
+    }
     for name, layer in layers.items():
         x_in = x.clone().requires_grad_(True)
         out, bias = layer(x_in)
@@ -170,7 +183,8 @@ def _run_layout(rank: int, layout, seed: int):
             },
         }
         layer.zero_grad(set_to_none=True)
-        result[name]["round_trip"] = _round_trip(layer, x, upstream, pg_collection)
+        if name in DISPATCHERS:
+            result[name]["round_trip"] = _round_trip(layer, x, upstream, pg_collection)
     return result
 
 
@@ -206,6 +220,21 @@ def _each_layout(stock_run):
 def test_local_spec_uses_sequential_mlp(stock_run):
     for layout, _, ranks in _each_layout(stock_run):
         assert {r[d]["experts_class"] for r in ranks for d in DISPATCHERS} == {"SequentialMLP"}
+
+
+def test_expert_weights_follow_the_expert_parallel_rng(stock_run):
+    # megatron seeds experts per (EP rank, expert-TP rank) and everything else identically: two
+    # ranks hold the same expert weights exactly when they are expert-data-parallel peers.
+    for layout, seed, ranks in _each_layout(stock_run):
+        for i, a in enumerate(ranks):
+            for j, b in enumerate(ranks):
+                peers = a["expert_rank"] == b["expert_rank"]
+                for name, weight in a["weights"].items():
+                    same = torch.equal(weight, b["weights"][name])
+                    if name.startswith("experts."):
+                        assert same == peers, (layout, i, j, name, seed)
+                    else:
+                        assert same, (layout, i, j, name, seed)
 
 
 def test_output_finite_and_shaped(stock_run):
@@ -248,6 +277,16 @@ def test_allgather_and_alltoall_agree(stock_run):
             assert a["grads"].keys() == b["grads"].keys()
             for name in a["grads"]:
                 assert _scaled_diff(a["grads"][name], b["grads"][name]) <= PARITY_TOL, (name, where)
+
+
+def test_recompute_replays_the_same_forward_and_backward(stock_run):
+    for layout, seed, ranks in _each_layout(stock_run):
+        for rank, r in enumerate(ranks):
+            a, b = r["alltoall"], r[RECOMPUTED]
+            assert torch.equal(a["out"], b["out"]), (layout, rank, seed)
+            assert torch.equal(a["x_grad"], b["x_grad"]), (layout, rank, seed)
+            for name in a["grads"]:
+                assert torch.equal(a["grads"][name], b["grads"][name]), (layout, rank, name, seed)
 
 
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
