@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from megatron_microep.cli import UsageError
+from megatron_microep.validation import count_matrix
 
 
 def load_json_object(path: str) -> dict:
@@ -36,24 +37,12 @@ def positive_int(value: Any, name: str) -> int:
     return value
 
 
-def nonnegative_int_matrix(value: Any, name: str, rows: int | None = None) -> np.ndarray:
+def nonnegative_int_matrix(value: Any, name: str, where: str, rows: int | None = None) -> np.ndarray:
     """A JSON list of equal-length lists of non-negative integers -> int64 [rows, cols]."""
-    if not isinstance(value, list) or not value:
-        raise UsageError(f"{name} must be a non-empty list of lists")
-    if rows is not None and len(value) != rows:
-        raise UsageError(f"{name} has {len(value)} rows, expected {rows}")
-    width = None
-    for i, row in enumerate(value):
-        if not isinstance(row, list):
-            raise UsageError(f"{name}[{i}] must be a list")
-        if width is None:
-            width = len(row)
-        if len(row) != width or width == 0:
-            raise UsageError(f"{name}[{i}] has {len(row)} entries, expected {width or 'at least 1'}")
-        for j, item in enumerate(row):
-            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
-                raise UsageError(f"{name}[{i}][{j}] must be a non-negative integer, got {item!r}")
-    return np.asarray(value, dtype=np.int64)
+    try:
+        return count_matrix(value, name, rows)
+    except ValueError as err:
+        raise UsageError(f"{where}: {err}") from None
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
 def read_instance(path: str) -> tuple:
     instance = load_json_object(path)
     num_gpus = positive_int(require(instance, "num_gpus", path), f"{path}: num_gpus")
-    tokens = nonnegative_int_matrix(require(instance, "tokens", path), f"{path}: tokens", rows=num_gpus)
+    tokens = nonnegative_int_matrix(require(instance, "tokens", path), "tokens", path, rows=num_gpus)
     replicas = require(instance, "replicas", path)
     if not isinstance(replicas, list) or len(replicas) != tokens.shape[1]:
         raise UsageError(f"{path}: replicas must list the GPUs of each of the {tokens.shape[1]} experts")

@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from megatron_microep.validation import count_matrix
+
 MTP_LAYER_BASE = 1_000_000
 NATIVE_MAGIC = b"MEPTRC01"
 RECORD_MAGIC = b"MEPR"
@@ -201,34 +203,10 @@ def _int_field(obj: dict, key: str, where: str) -> int:
 
 
 def _count_matrix(value, where: str, name: str, rows: int | None, cols: int | None) -> np.ndarray:
-    """Validate a JSON [[int]] of non-negative counts; errors name the first bad entry."""
-    if not isinstance(value, list) or not value:
-        raise TraceError(f"{where}: field '{name}' must be a non-empty list of lists")
-    if rows is not None and len(value) != rows:
-        raise TraceError(f"{where}: field '{name}' has {len(value)} rows, expected {rows}")
-    width = cols
-    for i, row in enumerate(value):
-        if not isinstance(row, list):
-            raise TraceError(f"{where}: field '{name}[{i}]' must be a list")
-        if width is None:
-            width = len(row)
-        if len(row) != width or width == 0:
-            raise TraceError(f"{where}: field '{name}[{i}]' has {len(row)} entries, expected {width or 'at least 1'}")
     try:
-        arr = np.array(value, dtype=np.int64)
-        exact = all(type(x) is int for row in value for x in row)  # noqa: E721 (bool and float are not counts)
-    except (TypeError, ValueError, OverflowError):
-        exact = False
-    if not exact:
-        for i, row in enumerate(value):
-            for j, x in enumerate(row):
-                if type(x) is not int:  # noqa: E721
-                    raise TraceError(f"{where}: field '{name}[{i}][{j}]' must be an integer, got {x!r}")
-        raise TraceError(f"{where}: field '{name}' holds an integer out of range")
-    if arr.min() < 0:
-        i, j = np.argwhere(arr < 0)[0]
-        raise TraceError(f"{where}: field '{name}[{i}][{j}]' must be non-negative, got {int(arr[i, j])}")
-    return arr
+        return count_matrix(value, name, rows, cols)
+    except ValueError as err:
+        raise TraceError(f"{where}: {err}") from None
 
 
 def _json_line(line: str, where: str) -> dict:

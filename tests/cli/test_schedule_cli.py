@@ -39,9 +39,9 @@ def test_contract_on_a_random_instance(tmp_path):
 @pytest.mark.parametrize("payload,message", [
     ({"tokens": [[1]], "replicas": [[0]]}, "missing field 'num_gpus'"),
     ({"num_gpus": 0, "tokens": [[1]], "replicas": [[0]]}, "num_gpus must be a positive integer"),
-    ({"num_gpus": 2, "tokens": [[1, 2], [3]], "replicas": [[0], [1]]}, "tokens[1] has 1 entries"),
-    ({"num_gpus": 1, "tokens": [[1, -2]], "replicas": [[0], [0]]}, "tokens[0][1] must be a non-negative integer"),
-    ({"num_gpus": 3, "tokens": [[1], [1]], "replicas": [[0]]}, "tokens has 2 rows, expected 3"),
+    ({"num_gpus": 2, "tokens": [[1, 2], [3]], "replicas": [[0], [1]]}, "'tokens[1]' has 1 entries"),
+    ({"num_gpus": 1, "tokens": [[1, -2]], "replicas": [[0], [0]]}, "'tokens[0][1]' must be non-negative"),
+    ({"num_gpus": 3, "tokens": [[1], [1]], "replicas": [[0]]}, "'tokens' has 2 rows, expected 3"),
     ({"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0], [1, 1]]}, "two copies on one GPU"),
     ({"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0], [5]]}, "GPU id 5 outside"),
     ({"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0]]}, "replicas must list the GPUs of each of the 2"),
