@@ -202,7 +202,7 @@ PARALLEL = (
     _o("expert_tensor_parallel_size", "int", "expert TP", TRANSFORMER, minimum=1),
     _o("context_parallel_size", "int", "CP", RUN, minimum=1),
     _o("sequence_parallel", "switch", "sequence parallelism (with TP > 1)", TRANSFORMER),
-    _o("use_distributed_optimizer", "switch", "ZeRO-1 distributed optimizer", RUN),
+    _o("use_distributed_optimizer", "switch", "ZeRO-1 distributed optimizer"),
     _o("decoder_first_pipeline_num_layers", "int", "layers on the first pipeline stage", minimum=1),
     _o("decoder_last_pipeline_num_layers", "int", "layers on the last pipeline stage", minimum=1),
     _o("overlap_grad_reduce", "switch", "overlap the gradient reduction with backward"),
@@ -224,7 +224,7 @@ TRAINING = (
     _o("adam_eps", "float", "Adam epsilon", RUN, minimum=0.0),
     _o("clip_grad", "float", "gradient-norm clip", RUN, minimum=0.0),
     _o("seed", "int", "random seed", RUN, minimum=0),
-    _o("bf16", "switch", "bf16 mixed precision", RUN),
+    _o("bf16", "switch", "bf16 mixed precision"),
     _o("log_interval", "int", "steps between log lines", RUN, minimum=1),
     _o("save_interval", "int", "steps between checkpoints", RUN, minimum=1),
     _o("eval_interval", "int", "steps between validation passes", RUN, minimum=1),
@@ -493,6 +493,14 @@ def _check_parallel(config: LaunchConfig) -> None:
                       f"{micro} x data-parallel size {dp} ({what} {size} / (TP {tp} x PP {pp} x CP {cp}))")
 
 
+def _check_schedule(config: LaunchConfig) -> None:
+    warmup = config.get("training", "lr_warmup_iters", 0)
+    decay_key = "lr_decay_iters" if config.get("training", "lr_decay_iters") is not None else "train_iters"
+    decay = config.get("training", decay_key)
+    if warmup >= decay:
+        _fail(config, f"training.lr_warmup_iters {warmup} must be smaller than training.{decay_key} {decay}")
+
+
 def _check_microep(config: LaunchConfig) -> None:
     from megatron_microep.glue.config import MicroEPConfigError, check_megatron_compatibility
 
@@ -511,7 +519,7 @@ def _check_data(config: LaunchConfig) -> None:
 
 
 CHECKS: Tuple[Callable[[LaunchConfig], None], ...] = (
-    _check_model_shape, _check_moe, _check_parallel, _check_microep, _check_data,
+    _check_model_shape, _check_moe, _check_parallel, _check_schedule, _check_microep, _check_data,
 )
 
 
