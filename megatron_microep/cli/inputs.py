@@ -31,6 +31,13 @@ def require(obj: dict, key: str, where: str) -> Any:
     return obj[key]
 
 
+def only_fields(obj: dict, allowed: tuple[str, ...], where: str) -> None:
+    """Reject unknown fields: a misspelt optional field must not be silently ignored."""
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise UsageError(f"{where}: unknown field '{unknown[0]}' (allowed: {', '.join(allowed)})")
+
+
 def positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")

@@ -5,16 +5,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from megatron_microep.cli import UsageError
+from megatron_microep.cli.inputs import load_json_object, nonnegative_int_matrix, only_fields, positive_int, require
 from megatron_microep.planning.planner import plan_placement
 
 NAME = "plan"
 HELP = "Plan expert replicas from a load history: OR-Tools + local search on the exact scheduler's max load."
-
-_INT64_MAX = np.iinfo(np.int64).max
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("history", type=Path, help='HISTORY.json: {"num_gpus": G, "loads": [[tokens per expert], ...]}')
@@ -27,49 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="PLACEMENT.json")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _read_history(path: Path):
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object with keys \"num_gpus\" and \"loads\"")
-    for key in ("num_gpus", "loads"):
-        if key not in data:
-            raise UsageError(f"{path}: missing key \"{key}\"")
-    unknown = sorted(set(data) - {"num_gpus", "loads", "current"})
-    if unknown:
-        raise UsageError(f"{path}: unknown key \"{unknown[0]}\" (allowed: num_gpus, loads, current)")
-    num_gpus = data["num_gpus"]
-    if not _is_int(num_gpus) or num_gpus < 1:
-        raise UsageError(f"{path}: \"num_gpus\" must be a positive integer, got {num_gpus!r}")
-    loads = data["loads"]
-    if not isinstance(loads, list) or not loads:
-        raise UsageError(f"{path}: \"loads\" must be a non-empty list of samples")
-    for s, row in enumerate(loads):
-        if not isinstance(row, list) or not row:
-            raise UsageError(f"{path}: loads[{s}] must be a non-empty list of tokens per expert")
-        if len(row) != len(loads[0]):
-            raise UsageError(f"{path}: ragged loads: sample {s} has {len(row)} experts, sample 0 has {len(loads[0])}")
-        for e, value in enumerate(row):
-            if not _is_int(value):
-                raise UsageError(f"{path}: loads[{s}][{e}] must be an integer token count, got {value!r}")
-            if not 0 <= value <= _INT64_MAX:
-                raise UsageError(f"{path}: loads[{s}][{e}] = {value} is negative or too large")
+    where = str(path)
+    data = load_json_object(where)
+    only_fields(data, ("num_gpus", "loads", "current"), where)
+    num_gpus = positive_int(require(data, "num_gpus", where), f"{where}: num_gpus")
+    loads = nonnegative_int_matrix(require(data, "loads", where), "loads", where)
     current = data.get("current")
     if current is not None:
         if not isinstance(current, list) or not all(
-                isinstance(r, list) and r and all(_is_int(g) for g in r) for r in current):
-            raise UsageError(f"{path}: \"current\" must be a list of non-empty GPU id lists, one per expert")
-    return num_gpus, np.array(loads, dtype=np.int64), current
+                isinstance(r, list) and r and all(isinstance(g, int) and not isinstance(g, bool) for g in r)
+                for r in current):
+            raise UsageError(f"{where}: \"current\" must be a list of non-empty GPU id lists, one per expert")
+    return num_gpus, loads, current
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import time
 
 from megatron_microep.cli import UsageError
 from megatron_microep.cli.inputs import (
-    load_json_object, nonnegative_int_matrix, positive_int, require, write_json,
+    load_json_object, nonnegative_int_matrix, only_fields, positive_int, require, write_json,
 )
 from megatron_microep.planning.placement import Placement, PlacementError
 from megatron_microep.planning.scheduler import schedule
@@ -24,6 +24,7 @@ def add_arguments(parser) -> None:
 
 def read_instance(path: str) -> tuple:
     instance = load_json_object(path)
+    only_fields(instance, ("num_gpus", "tokens", "replicas"), path)
     num_gpus = positive_int(require(instance, "num_gpus", path), f"{path}: num_gpus")
     tokens = nonnegative_int_matrix(require(instance, "tokens", path), "tokens", path, rows=num_gpus)
     replicas = require(instance, "replicas", path)

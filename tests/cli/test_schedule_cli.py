@@ -62,3 +62,9 @@ def test_not_json_and_bad_repeat(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
     good = write(tmp_path / "g.json", {"num_gpus": 1, "tokens": [[1]], "replicas": [[0]]})
     assert main(["schedule", good, "-o", str(tmp_path / "o"), "--repeat", "0"]) == 2
+
+
+def test_unknown_field_is_rejected(tmp_path, capsys):
+    instance = write(tmp_path / "i.json", {"num_gpus": 1, "tokens": [[1]], "replicas": [[0]], "replica": []})
+    assert main(["schedule", instance, "-o", str(tmp_path / "o")]) == 2
+    assert "unknown field 'replica'" in capsys.readouterr().err

@@ -222,17 +222,17 @@ def test_cli_plans_and_writes_the_documented_format(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("history,flags,message", [
-    ("{not json", [], "invalid JSON"),
+    ("{not json", [], "not valid JSON"),
     ([1, 2], [], "JSON object"),
-    ({"loads": [[1, 2]]}, [], 'missing key "num_gpus"'),
-    ({"num_gpus": 2}, [], 'missing key "loads"'),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "extra": 1}, [], 'unknown key "extra"'),
+    ({"loads": [[1, 2]]}, [], "missing field 'num_gpus'"),
+    ({"num_gpus": 2}, [], "missing field 'loads'"),
+    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "extra": 1}, [], "unknown field 'extra'"),
     ({"num_gpus": 0, "loads": [[1, 2]]}, [], "positive integer"),
     ({"num_gpus": 2, "loads": []}, [], "non-empty list"),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4], [1, 2, 3]]}, [], "ragged loads: sample 1 has 3"),
-    ({"num_gpus": 2, "loads": [[1, 2, -3, 4]]}, [], "loads[0][2] = -3 is negative"),
-    ({"num_gpus": 2, "loads": [[1, 2.5, 3, 4]]}, [], "loads[0][1] must be an integer"),
-    ({"num_gpus": 2, "loads": [[1, True, 3, 4]]}, [], "loads[0][1] must be an integer"),
+    ({"num_gpus": 2, "loads": [[1, 2, 3, 4], [1, 2, 3]]}, [], "field 'loads[1]' has 3 entries, expected 4"),
+    ({"num_gpus": 2, "loads": [[1, 2, -3, 4]]}, [], "field 'loads[0][2]' must be non-negative, got -3"),
+    ({"num_gpus": 2, "loads": [[1, 2.5, 3, 4]]}, [], "field 'loads[0][1]' must be an integer, got 2.5"),
+    ({"num_gpus": 2, "loads": [[1, True, 3, 4]]}, [], "field 'loads[0][1]' must be an integer, got True"),
     ({"num_gpus": 8, "loads": [[1, 2, 3, 4]]}, [], "num_gpus=8 exceeds the number of experts"),
     ({"num_gpus": 2, "loads": [[1, 2, 3, 4]]}, ["--redundant-slots", "5"], "redundant_slots=5 exceeds"),
     ({"num_gpus": 4, "loads": [[1, 2, 3, 4]]}, ["--gpus-per-node", "3"], "must be >= 1 and divide num_gpus=4"),
@@ -254,4 +254,4 @@ def test_cli_missing_history_file(tmp_path, capsys):
     from megatron_microep.cli import main
 
     code = main(["plan", str(tmp_path / "absent.json"), "--redundant-slots", "1", "-o", str(tmp_path / "p.json")])
-    assert code == 2 and "no such file" in capsys.readouterr().err
+    assert code == 2 and "No such file" in capsys.readouterr().err
