@@ -8,55 +8,46 @@ spec, ``SequentialMLP``) and our dispatcher run forward and backward on CPU proc
 Checked against megatron-core 0.16.1 and 0.19.2; see docs/cpu-harness.md.
 
 The shim is only for processes without CUDA: every ``torch.cuda`` function it replaces raises there,
-so replacing it cannot change behaviour that worked. With CUDA present it refuses to run.
+so replacing it cannot change behaviour that worked. With CUDA present it refuses to run. Megatron
+functions are replaced where megatron looks them up (module globals), and only after checking that
+the target exists, so a megatron-core release that moved one fails loudly instead of running
+unpatched.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-_APPLIED: List[str] = []
+# Names of the applied patches once enable_cpu_megatron() has completed.
+_ENABLED: Optional[List[str]] = None
 
 
 class _CpuEvent:
     """What ``_CpuStream.record_event`` returns: CPU work is synchronous, so it has always completed."""
-
-    def record(self, stream=None) -> None:
-        pass
-
-    def wait(self, stream=None) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
 
     def synchronize(self) -> None:
         pass
 
 
 class _CpuStream:
-    """Stands in for ``torch.cuda.Stream``: one in-order CPU stream, so waits and syncs are no-ops."""
+    """Stands in for ``torch.cuda.Stream``: CPU execution is in order, so waiting is a no-op.
+
+    Implements what megatron's MoE code calls on streams: ``wait_stream`` (dispatcher, shared
+    experts) and ``record_event(...).synchronize()`` (alltoall dispatcher's device-to-host copies);
+    equality, because the dispatcher compares its side stream with the current one.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
-        pass
+        pass  # device/priority arguments mean nothing on CPU
 
     def wait_stream(self, stream) -> None:
         pass
 
-    def wait_event(self, event) -> None:
-        pass
-
     def record_event(self, event=None):
-        return event if event is not None else _CpuEvent()
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
+        return _CpuEvent()
 
     def __eq__(self, other) -> bool:
         return isinstance(other, _CpuStream)
@@ -66,6 +57,18 @@ class _CpuStream:
 
 
 _CPU_STREAM = _CpuStream()
+
+
+def _require(module, *names: str) -> None:
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        import megatron.core
+
+        raise RuntimeError(
+            f"enable_cpu_megatron: {module.__name__} in megatron-core {megatron.core.__version__} "
+            f"has no {', '.join(missing)}; the CPU harness is checked against 0.16.1 and 0.19.2 "
+            "(see docs/cpu-harness.md)"
+        )
 
 
 def _patch_torch_cuda() -> None:
@@ -82,6 +85,16 @@ def _patch_torch_cuda() -> None:
 
 def _patch_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
+
+    _require(
+        mcore_random,
+        "CudaRNGStatesTracker",
+        "_get_cuda_rng_state",
+        "_set_cuda_rng_state",
+        "_CUDA_RNG_STATE_TRACKER",
+        "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
+        "_MODEL_PARALLEL_RNG_TRACKER_NAME",
+    )
 
     class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
         """megatron's named RNG states (data-, tensor- and expert-parallel) kept on the CPU generator.
@@ -147,8 +160,10 @@ def _patch_rng_tracker() -> None:
 
 
 def _patch_moe_utils() -> None:
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
+    _require(moe_utils, "maybe_move_tensor_to_cpu")
+    _require(token_dispatcher, "maybe_move_tensor_to_cpu")
     # 0.16.x imports te_general_gemm only inside its TransformerEngine try-block, yet the router's
     # gating GEMM tests `te_general_gemm is not None` (NameError without TE); 0.19 binds it to None.
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -164,14 +179,13 @@ def _patch_moe_utils() -> None:
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     # token_dispatcher.py imported the function by name: patch the name it calls.
-    from megatron.core.transformer.moe import token_dispatcher
-
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
 def _patch_uneven_all_gather() -> None:
     from megatron.core.tensor_parallel import mappings
 
+    _require(mappings, "_gather_along_first_dim")
     original = mappings._gather_along_first_dim
 
     def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
@@ -217,8 +231,9 @@ def enable_cpu_megatron() -> List[str]:
     Raises ``RuntimeError`` if CUDA is available (the shim would hide the GPU from megatron) and
     ``ImportError`` if megatron-core is not installed.
     """
-    if _APPLIED:
-        return list(_APPLIED)
+    global _ENABLED
+    if _ENABLED is not None:
+        return list(_ENABLED)
     if torch.cuda.is_available():
         raise RuntimeError(
             "enable_cpu_megatron: CUDA is available in this process; the CPU shim would redirect "
@@ -226,7 +241,9 @@ def enable_cpu_megatron() -> List[str]:
         )
     import megatron.core  # noqa: F401 - a clear ImportError before any patch is applied
 
+    applied = []
     for patch in _PATCHES:
         patch.apply()
-        _APPLIED.append(patch.name)
-    return list(_APPLIED)
+        applied.append(patch.name)
+    _ENABLED = applied
+    return list(applied)

@@ -315,3 +315,30 @@ def test_ranks_ran_the_installed_megatron(stock_run):
 
     _, _, ranks = stock_run
     assert {r["megatron_path"] for r in ranks} == {megatron.core.__file__}
+
+
+def _enable_twice_after_refusing_cuda(rank, world_size):
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from megatron_microep.glue.cpu import enable_cpu_megatron
+
+    is_available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True
+    try:
+        enable_cpu_megatron()
+    except RuntimeError as error:
+        refusal = str(error)
+    else:
+        refusal = None
+    torch.cuda.is_available = is_available
+    untouched = mcore_random.CudaRNGStatesTracker.__name__
+    first, second = enable_cpu_megatron(), enable_cpu_megatron()
+    return refusal, untouched, first, second, str(torch.cuda.current_device())
+
+
+def test_enable_cpu_megatron_refuses_cuda_and_is_idempotent():
+    [(refusal, untouched, first, second, device)] = spawn_gloo(_enable_twice_after_refusing_cuda, 1)
+    assert refusal is not None and "CUDA is available" in refusal
+    assert untouched == "CudaRNGStatesTracker"  # the refusal patched nothing
+    assert first == second and len(first) >= 4
+    assert device == "cpu"
