@@ -16,6 +16,7 @@ unpatched.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -210,6 +211,20 @@ def _patch_uneven_all_gather() -> None:
     mappings._gather_along_first_dim = _gather_along_first_dim
 
 
+def _patch_default_causal_mask() -> None:
+    from megatron.core.fusions import fused_softmax
+
+    _require(fused_softmax, "get_default_causal_mask")
+
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        # Local-spec attention without an explicit mask builds the causal mask with device="cuda".
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    # fused_softmax.py imported the function by name: patch the name it calls.
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
 @dataclass(frozen=True)
 class _Patch:
     name: str
@@ -221,6 +236,7 @@ _PATCHES: Tuple[_Patch, ...] = (
     _Patch("megatron RNG tracker on the CPU generator", _patch_rng_tracker),
     _Patch("moe_utils: te_general_gemm, CPU split sizes", _patch_moe_utils),
     _Patch("uneven first-dim all-gather on gloo", _patch_uneven_all_gather),
+    _Patch("default causal attention mask on CPU", _patch_default_causal_mask),
 )
 
 

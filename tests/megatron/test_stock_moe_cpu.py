@@ -188,11 +188,63 @@ def _run_layout(rank: int, layout, seed: int):
     return result
 
 
+def _run_gpt(rank: int, world_size: int, seed: int):
+    """A 2-layer MoE GPTModel (local spec, RoPE, dropout, alltoall, EP=world) trained one step,
+    once with megatron's default causal mask and once with the same mask passed explicitly."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    init_megatron_parallel(expert_model_parallel_size=world_size, seed=seed)
+    config = TransformerConfig(
+        num_layers=2,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        ffn_hidden_size=FFN_HIDDEN,
+        moe_ffn_hidden_size=FFN_HIDDEN,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=TOPK,
+        moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=world_size,
+        add_bias_linear=False,
+        hidden_dropout=0.2,
+        attention_dropout=0.2,
+    )
+    vocab, seq = 32, SEQ_LEN
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False),
+        vocab_size=vocab,
+        max_sequence_length=seq,
+        position_embedding_type="rope",
+    )
+    gen = torch.Generator().manual_seed(seed + rank)
+    tokens = torch.randint(0, vocab, (MICRO_BATCH, seq), generator=gen)
+    positions = torch.arange(seq).expand(MICRO_BATCH, seq)
+    explicit_mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+    runs = {}
+    for name, mask in (("default_mask", None), ("explicit_mask", explicit_mask)):
+        # Same dropout draws in both runs: reseed the CPU generator and megatron's tracker.
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens, positions, mask, labels=tokens).float().mean()
+        loss.backward()
+        runs[name] = {
+            "loss": loss.item(),
+            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+        }
+    runs["param_names"] = [n for n, _ in model.named_parameters()]
+    return runs
+
+
 def _stock_moe_rank(rank: int, world_size: int, seed: int, layouts):
     import megatron.core
 
     results = {layout: _run_layout(rank, layout, seed) for layout in layouts}
-    return {"megatron_path": megatron.core.__file__, "layouts": results}
+    gpt = _run_gpt(rank, world_size, seed)
+    return {"megatron_path": megatron.core.__file__, "layouts": results, "gpt": gpt}
 
 
 # (TP, EP, expert-TP) layouts per launch; one launch per world size, re-initialising megatron's
@@ -308,6 +360,19 @@ def test_dispatch_combine_round_trip_conserves_tokens(stock_run, dispatcher):
         assert total_routed == world * SEQ_LEN * MICRO_BATCH * TOPK, (layout, seed)
         # Each routed (token, expert) pair reaches every expert-TP shard of that expert once.
         assert total_dispatched == layout[2] * total_routed, (layout, seed)
+
+
+def test_gpt_model_trains_a_step_with_default_or_explicit_mask(stock_run):
+    _, seed, ranks = stock_run
+    for rank, r in enumerate(ranks):
+        default, explicit = r["gpt"]["default_mask"], r["gpt"]["explicit_mask"]
+        assert torch.isfinite(torch.tensor(default["loss"])), (rank, seed)
+        assert default["loss"] == explicit["loss"], (rank, seed)
+        # Every parameter (embedding, attention, router, each local expert, output) gets a gradient.
+        assert sorted(default["grads"]) == sorted(r["gpt"]["param_names"]), (rank, seed)
+        for name, grad in default["grads"].items():
+            assert torch.isfinite(grad).all(), (rank, name, seed)
+            assert torch.equal(grad, explicit["grads"][name]), (rank, name, seed)
 
 
 def test_ranks_ran_the_installed_megatron(stock_run):
