@@ -164,7 +164,7 @@ class PlacementController:
         tensor = torch.from_numpy(buffer).to(self.device)
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
         placement = decode_placement(tensor.cpu().numpy(), E, self.layout.num_ranks)
-        layout = PhysicalLayout.build(placement, self.layout.experts_per_rank, self.layout.redundant_slots)
+        layout = self.build_layout(placement)
         if self.is_planner:
             logger.info(
                 "MicroEP%s: new placement with %d replicas after %.1f s of planning",
@@ -173,6 +173,10 @@ class PlacementController:
         self.layout = layout
         self.version += 1
         return layout
+
+    def build_layout(self, placement: Placement) -> PhysicalLayout:
+        """The physical layout of an adopted placement (FSEP's controller overrides the layout rules)."""
+        return PhysicalLayout.build(placement, self.layout.experts_per_rank, self.layout.redundant_slots)
 
     def set_layout(self, layout: PhysicalLayout) -> None:
         """Adopt ``layout`` now (same call on every rank), e.g. a placement restored by the user."""
