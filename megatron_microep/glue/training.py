@@ -429,8 +429,6 @@ def train_rank(spec: RunSpec) -> dict:
     start_step, losses, resume_step = 0, [], None
     trace_path = out / "routing" / "trace.mept"
     checkpoint = latest_checkpoint(out) if spec.resume else None
-    if spec.resume and checkpoint is None:
-        raise TrainError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
     if checkpoint is not None:
         _check_manifest(json.loads((checkpoint / "manifest.json").read_text()), manifest, checkpoint)
         state = torch.load(checkpoint / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
@@ -450,8 +448,6 @@ def train_rank(spec: RunSpec) -> dict:
         if writes_trace:
             with open(trace_path, "r+b") as f:  # records of steps after the checkpoint are re-recorded
                 f.truncate(state["trace_bytes"])
-    elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise TrainError(f"{out} already holds checkpoints: pass --resume to continue, or use a new output directory")
 
     log = _Log(out, rank == 0, resume_step)
     if rank == 0:
@@ -694,7 +690,27 @@ def write_balance_report(output_dir: Path, config: LaunchConfig):
     cost = CostModel()
     redundant = config.get("microep", "redundant_slots", 1)
     return simulate(str(output_dir / "routing" / "trace.mept"), report_policies(config), redundant, None,
-                    output_dir / "report", cost, warmup_steps=1, plots=True, progress=None)
+                    output_dir / "report", cost, policy_params=replayed_microep_params(config), warmup_steps=1,
+                    plots=True, progress=None)
+
+
+def replayed_microep_params(config: LaunchConfig) -> Dict[str, dict]:
+    """The simulator's ``microep`` policy set up as the run's MicroEP layers were (re-plan interval,
+    history window, planner and its limits), so the report's microep row replays what trained."""
+    if config.dispatcher != DISPATCHER_TYPE:
+        return {}
+    settings = config.microep_settings()
+    if settings.replan_interval == 0:
+        return {}  # never re-planned in the run: the simulator's defaults show what re-planning would do
+    micro_batches = config.get("training", "global_batch_size") // (
+        config.get("training", "micro_batch_size") * config.get("embedded", "processes", _EMBEDDED_DEFAULTS["processes"]))
+    return {"microep": {
+        "replan_interval": settings.replan_interval,
+        "history_micro_batches": settings.history_window * micro_batches,
+        "time_limit_s": settings.planner_time_limit_s,
+        "move_penalty": settings.move_penalty,
+        "planner": {"ortools": "ortools", "greedy": "eplb"}[settings.planner],
+    }}
 
 
 def run(config: LaunchConfig, output_dir: str | os.PathLike, resume: bool = False, cache_dir: Optional[str] = None,
@@ -710,6 +726,10 @@ def run(config: LaunchConfig, output_dir: str | os.PathLike, resume: bool = Fals
         log(f"note: {note}")
     report_policies(config)  # reject unknown names before training, not after
     out = Path(output_dir)
+    if resume and latest_checkpoint(out) is None:
+        raise TrainError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise TrainError(f"{out} already holds checkpoints: pass --resume to continue, or use a new output directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / STOP_FILE).unlink(missing_ok=True)
     cache = Path(cache_dir or os.environ.get("MICROEP_CACHE_DIR") or Path.home() / ".cache" / "megatron-microep")

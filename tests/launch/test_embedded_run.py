@@ -1,0 +1,185 @@
+"""The embedded training run end to end (``microep train`` as a user runs it, 4 gloo ranks, EP = 4).
+
+Three runs of a 2-layer version of configs/tiny-cpu.yaml, re-planning every 2 steps so replicas
+appear within 6 steps:
+- ``reference``: 6 steps uninterrupted, with the balance report;
+- ``interrupted``: the same, stopped with SIGTERM after step 4 or 5 (checkpoint at the stop step, replicas
+  in use), then resumed;
+- ``stock``: the same model with Megatron's alltoall dispatcher.
+The resumed loss curve must equal the uninterrupted one, the routing trace and metrics must have no
+gap or duplicate, MicroEP must train like stock EP, and the logged balance figures must be
+consistent (two independent counts of the load before scheduling agree; scheduling never raises the
+max load; replicas carried tokens).
+"""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("tokenizers")
+
+from megatron_microep.simulator.traces import open_trace  # noqa: E402
+
+STEPS = 6
+COMMON = [
+    "--steps", str(STEPS), "--set", "model.num_layers=2", "--set", "training.log_interval=1",
+    "--set", "training.save_interval=3", "--set", "training.eval_interval=6", "--set", "training.lr_warmup_iters=2",
+    "--set", "microep.replan_interval=2", "--set", "microep.planner=greedy", "--set", "microep.history_window=4",
+    "--set", "embedded.corpus_megabytes=1.0", "--set", "embedded.validation_fraction=0.15",
+]
+
+
+def _train(out: Path, cache: Path, *extra: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "megatron_microep", "train", "--output", str(out), "--cache-dir", str(cache),
+           *COMMON, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    output, _ = proc.communicate(timeout=600)
+    return proc.returncode, output
+
+
+def _metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _losses(out: Path):
+    final = sorted((out / "checkpoints").glob("step_*"))[-1]
+    return torch.load(final / "rank00000.pt", map_location="cpu", weights_only=False)["losses"]
+
+
+def _trace(out: Path):
+    info, records = open_trace(str(out / "routing" / "trace.mept"))
+    return info, [(r.step, r.micro_batch, r.layer, np.asarray(r.tokens)) for r in records]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embedded")
+    cache = root / "cache"
+    out = {name: root / name for name in ("reference", "interrupted", "stock")}
+    result = {"dirs": out}
+
+    result["reference"] = _train(out["reference"], cache, "--set", "embedded.report_policies=[static,microep]")
+
+    proc = _train(out["interrupted"], cache, "--no-report", wait=False)
+    metrics = out["interrupted"] / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r.get("step", 0) >= 4 for r in _metrics(out["interrupted"])):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.1)
+    first_output, _ = proc.communicate(timeout=300)
+    result["stopped"] = (proc.returncode, first_output)
+    result["stop_checkpoints"] = sorted(p.name for p in (out["interrupted"] / "checkpoints").glob("step_*"))
+    result["resumed"] = _train(out["interrupted"], cache, "--no-report", "--resume")
+
+    result["stock"] = _train(out["stock"], cache, "--no-report", "--dispatcher", "alltoall")
+    return result
+
+
+def test_runs_complete(runs):
+    for name in ("reference", "resumed", "stock"):
+        code, output = runs[name]
+        assert code == 0, f"{name} failed:\n{output[-3000:]}"
+    code, output = runs["stopped"]
+    assert code == 130, f"SIGTERM did not stop the run cleanly (exit {code}):\n{output[-3000:]}"
+    assert "interrupted after step" in output
+
+
+def test_resume_continues_the_loss_curve(runs):
+    dirs = runs["dirs"]
+    stopped_at = int(runs["stop_checkpoints"][-1].split("_")[1])
+    assert 4 <= stopped_at < STEPS, f"the run was stopped at step {stopped_at}, not mid-run"
+    reference, resumed = _losses(dirs["reference"]), _losses(dirs["interrupted"])
+    assert len(resumed) == len(reference) == STEPS
+    diffs = [abs(a - b) for a, b in zip(reference, resumed)]
+    assert max(diffs) <= 1e-6 * max(reference), f"resumed curve differs: {diffs}"
+    assert reference[-1] < reference[0]
+    assert "resumed from" in runs["resumed"][1]
+    steps = [r["step"] for r in _metrics(dirs["interrupted"]) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1)), f"metrics have a gap or a duplicate: {steps}"
+
+
+def test_checkpoint_holds_placements_and_load_history(runs):
+    directory = runs["dirs"]["interrupted"] / "checkpoints" / runs["stop_checkpoints"][-1]
+    state = torch.load(directory / "rank00000.pt", map_location="cpu", weights_only=False)
+    assert sorted(state["placements"]) == sorted(state["load_history"]) == [1, 2]
+    for layer, placement in state["placements"].items():
+        assert len(placement) == 16 and all(copies for copies in placement)
+        history = state["load_history"][layer]
+        assert len(history) == min(state["step"], 4)  # history_window steps
+        assert all(rows.shape == (2, 16) for rows in history)  # 2 micro-batches x 16 experts per step
+    # Replicas were in use at the stop (planned at step 2, adopted at step 3, counting from 0).
+    assert any(len(copies) > 1 for p in state["placements"].values() for copies in p)
+
+
+def test_routing_trace_has_every_micro_batch_once(runs):
+    dirs = runs["dirs"]
+    info, reference = _trace(dirs["reference"])
+    _, resumed = _trace(dirs["interrupted"])
+    assert (info.num_gpus, info.num_experts) == (4, 16)
+    expected = [(step, micro, layer) for step in range(STEPS) for micro in range(2) for layer in (1, 2)]
+    assert [record[:3] for record in reference] == expected
+    assert len(resumed) == len(reference)
+    for a, b in zip(reference, resumed):
+        assert a[:3] == b[:3] and np.array_equal(a[3], b[3])
+    # Each record: 4 ranks x 4 sequences x 128 tokens, each routed to 2 experts.
+    assert all(int(t.sum()) == 4 * 4 * 128 * 2 for *_, t in reference)
+
+
+def test_balance_figures_are_logged_and_consistent(runs):
+    rows = [r for r in _metrics(runs["dirs"]["reference"]) if "loss" in r]
+    assert len(rows) == STEPS
+    replica_rows = 0
+    for row in rows:
+        assert row["tokens_per_s"] > 0
+        for layer, figures in row["layers"].items():
+            assert figures["before"] == pytest.approx(figures["telemetry_before"], rel=1e-12), (row["step"], layer)
+            assert figures["after"] <= figures["before"] + 1e-12
+            if figures["replica_tokens"] > 0:
+                replica_rows += 1
+                assert figures["replicas"] > 0
+    assert replica_rows > 0, "no step ran with replicas carrying tokens"
+    assert any(f["after"] < f["before"] for r in rows for f in r["layers"].values())
+    output = runs["reference"][1]
+    assert "max/mean before->after L1" in output and "tok/s" in output and "validation loss" in output
+
+
+def test_microep_trains_like_stock_ep(runs):
+    micro, stock = _losses(runs["dirs"]["reference"]), _losses(runs["dirs"]["stock"])
+    diffs = [abs(a - b) / b for a, b in zip(micro, stock)]
+    assert max(diffs) <= 1e-4, f"relative loss differences {diffs}"
+    assert "max/mean (stock EP) L1" in runs["stock"][1]
+    assert not (runs["dirs"]["stock"] / "report").exists()
+
+
+def test_balance_report_written(runs):
+    report = runs["dirs"]["reference"] / "report"
+    summary = (report / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary[1:]] == ["static", "microep", "ideal"]
+    assert (report / "report.md").exists() and list(report.glob("*.png"))
+    assert "balance report:" in runs["reference"][1]
+
+
+def test_cli_rejects_what_the_run_cannot_do(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "megatron_microep", "train", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    result = cli("--config", "deepseek-v3", "--output", str(tmp_path / "x"))
+    assert result.returncode == 2 and "cannot honour" in result.stderr and "model.multi_latent_attention" in result.stderr
+    result = cli("--output", str(tmp_path / "empty"), "--resume")
+    assert result.returncode == 2 and "no complete checkpoint" in result.stderr
+    result = cli("--steps", "0")
+    assert result.returncode == 2 and "--steps must be >= 1" in result.stderr
+    result = cli("--set", "embedded.report_policies=[static,nope]", "--output", str(tmp_path / "y"))
+    assert result.returncode == 2 and "unknown policy 'nope'" in result.stderr
