@@ -14,6 +14,7 @@ fetched in every forward, history is not recorded and re-planning is off (logged
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from typing import Dict, List, Optional
@@ -100,11 +101,19 @@ class _TraceSink:
     def write(self, step: int, layer: int, tokens: np.ndarray) -> None:
         key = (step, layer)
         index = self.micro_batch.get(key, 0)
+        self.micro_batch = {k: v for k, v in self.micro_batch.items() if k[0] == step}
         self.micro_batch[key] = index + 1
         self.writer.write(step, index, layer, tokens)
 
 
 _TRACE_SINKS: Dict[str, _TraceSink] = {}
+
+
+def close_traces() -> None:
+    """Flush and close the routing traces of ``--microep-trace-dir`` (also run at interpreter exit)."""
+    while _TRACE_SINKS:
+        _, sink = _TRACE_SINKS.popitem()
+        sink.writer.close()
 
 
 class MicroEPTokenDispatcher(MoETokenDispatcher):
@@ -231,6 +240,8 @@ class MicroEPMoELayer(MoELayer):
     def _trace_sink(self, shape) -> _TraceSink:
         directory = self.microep_settings.trace_dir
         if directory not in _TRACE_SINKS:
+            if not _TRACE_SINKS:
+                atexit.register(close_traces)
             _TRACE_SINKS[directory] = _TraceSink(directory, shape[0], shape[1])
         return _TRACE_SINKS[directory]
 

@@ -1,7 +1,8 @@
 """Routing history, background re-planning and synchronized placement changes for one layer.
 
 Every rank of the layer's expert domain sees the same per-micro-batch counts (they are gathered for
-scheduling), so the planner rank (rank 0 of the group) keeps the history alone. Every
+scheduling), so every rank keeps the same history (E integers per micro-batch) and takes the same
+decisions from it; only the planner rank (rank 0 of the group) runs the planner. Every
 ``replan_interval`` steps it starts the planner in a background thread on the last
 ``history_window`` steps; the result is adopted ``replan_lag`` steps later, at the first forward of
 that step, by every rank at once: the planner rank waits for its thread if it is still running
@@ -100,11 +101,10 @@ class PlacementController:
 
     def record(self, expert_load: np.ndarray) -> None:
         """Expert loads int64 [E] of one training micro-batch (summed over the group's sources)."""
-        if self.is_planner:
-            self._current_rows.append(np.asarray(expert_load, dtype=np.int64))
+        self._current_rows.append(np.asarray(expert_load, dtype=np.int64))
 
     def history(self) -> np.ndarray:
-        """int64 [S, E]: micro-batch rows of the completed steps in the window (planner rank)."""
+        """int64 [S, E]: micro-batch rows of the completed steps in the window."""
         rows = [block for block in self._steps if block.size]
         if not rows:
             return np.zeros((0, self.layout.placement.num_experts), dtype=np.int64)

@@ -1,0 +1,94 @@
+"""Layer specs that put ``MicroEPMoELayer`` where Megatron's GPT specs put ``MoELayer``.
+
+Two entry points:
+
+- ``microep_layer_spec``: a ``ModuleSpec`` for Megatron-LM's ``--spec megatron_microep.glue.spec
+  microep_layer_spec``. Megatron-LM imports the named object as is (it does not call it) and, for a
+  layer spec, builds every decoder layer of the pipeline stage from it. Each layer then looks up
+  Megatron's own GPT spec for its global layer number (dense or MoE, per ``--moe-layer-freq``;
+  TransformerEngine or local modules, per ``--transformer-impl``) and swaps the MoE mlp.
+- ``microep_decoder_block_spec(config, vp_stage=None)``: the same decoder block spec as Megatron's
+  ``get_gpt_decoder_block_spec``, MoE layers swapped, for model providers that build specs in code.
+
+``swap_moe_layers`` does the swap on any layer spec, list of layer specs or block spec.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_microep.glue import compat
+from megatron_microep.glue.config import MicroEPConfig
+from megatron_microep.glue.layer import MicroEPMoELayer
+
+
+def _uses_transformer_engine(config) -> bool:
+    return getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
+
+
+def _swap_layer(layer_spec, microep: Optional[MicroEPConfig], pg_collection=None):
+    submodules = getattr(layer_spec, "submodules", None)
+    if submodules is None or not compat.is_moe_mlp_spec(getattr(submodules, "mlp", None)):
+        return layer_spec
+    params = {} if microep is None else {"microep": microep}
+    if pg_collection is not None and isinstance(submodules.mlp, ModuleSpec):
+        # 0.16's TransformerLayer hands its process groups only to mlp modules that are exactly
+        # MoELayer; the subclass gets them through the spec instead.
+        params["pg_collection"] = pg_collection
+    mlp = compat.swap_moe_mlp(submodules.mlp, MicroEPMoELayer, **params)
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, mlp=mlp))
+
+
+def swap_moe_layers(spec, microep: Optional[MicroEPConfig] = None):
+    """Copy of ``spec`` (layer ModuleSpec, list of them, or TransformerBlockSubmodules) with every
+    MoE mlp built as ``MicroEPMoELayer`` (with ``microep`` settings if given). Dense layers stay."""
+    if isinstance(spec, TransformerBlockSubmodules):
+        return dataclasses.replace(spec, layer_specs=[_swap_layer(s, microep) for s in spec.layer_specs])
+    if isinstance(spec, (list, tuple)):
+        return [_swap_layer(s, microep) for s in spec]
+    return _swap_layer(spec, microep)
+
+
+def microep_decoder_block_spec(config, vp_stage: Optional[int] = None, use_transformer_engine: Optional[bool] = None,
+                               microep: Optional[MicroEPConfig] = None) -> TransformerBlockSubmodules:
+    """Megatron's GPT decoder block spec for this pipeline stage with MicroEP MoE layers."""
+    use_te = _uses_transformer_engine(config) if use_transformer_engine is None else use_transformer_engine
+    return swap_moe_layers(compat.stock_decoder_block_spec(config, use_te, vp_stage=vp_stage), microep)
+
+
+class MicroEPTransformerLayer(TransformerLayer):
+    """A decoder layer built from Megatron's GPT spec for its position, MoE mlp swapped.
+
+    The spec's own ``submodules`` are ignored (``microep_layer_spec`` has none): they are looked up
+    per layer so one ``--spec`` object serves dense and MoE layers alike.
+    """
+
+    def __init__(self, config, submodules=None, layer_number: int = 1, *args, **kwargs):
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.core.utils import get_pg_rank
+
+        if kwargs.get("is_mtp_layer"):
+            raise ValueError("microep_layer_spec builds decoder layers only; MTP layers are not supported")
+        pg_collection = kwargs.get("pg_collection") or ProcessGroupCollection.use_mpu_process_groups()
+        if kwargs.get("add_layer_offset", True):
+            offset = compat.layer_offset(config, kwargs.get("vp_stage"), get_pg_rank(pg_collection.pp))
+        else:
+            offset = 0
+        global_number = layer_number + offset
+        stock = compat.stock_decoder_layer_specs(config, _uses_transformer_engine(config))
+        if not 1 <= global_number <= len(stock):
+            raise ValueError(f"layer number {global_number} outside the model's {len(stock)} layers")
+        spec = _swap_layer(stock[global_number - 1], None, kwargs.get("pg_collection"))
+        if spec.module is not TransformerLayer:
+            raise TypeError(
+                f"Megatron's spec for layer {global_number} builds {spec.module.__name__}; "
+                "microep_layer_spec only wraps TransformerLayer (use microep_decoder_block_spec)"
+            )
+        super().__init__(config, spec.submodules, layer_number, *args, **kwargs)
+
+
+microep_layer_spec = ModuleSpec(module=MicroEPTransformerLayer)

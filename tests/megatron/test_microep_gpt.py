@@ -1,0 +1,259 @@
+"""A small GPTModel trained with MicroEP and with stock EP: same losses, and checkpoints interoperate.
+
+One launch of 4 CPU ranks (gloo, EP = 4) builds the stock model (alltoall dispatcher, Megatron's
+local GPT decoder spec) and the MicroEP model (``--spec megatron_microep.glue.spec
+microep_layer_spec``: the object Megatron-LM would import), with the same weights. Both train for
+20 optimizer steps through Megatron's DistributedDataParallel (gradient buffers, overlapped
+reduction), 2 micro-batches per step with deferred gradient sync, and finalize_model_grads. Routing
+is skewed with a fixed router expert bias; the MicroEP model re-plans its placement every 4 steps
+(greedy planner, background thread) so replicas appear during training and must carry tokens.
+
+Then a MicroEP checkpoint (Megatron distributed checkpoint) is loaded into a fresh stock model and a
+stock checkpoint into a fresh MicroEP model, strictly (no missing or unexpected key), and the loaded
+parameters must equal the saved ones.
+"""
+import contextlib
+import multiprocessing
+import os
+import random
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+import torch  # noqa: E402
+
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+
+EP = 4
+NUM_EXPERTS = 8
+HOT_EXPERTS = (0, 1)
+VOCAB = 64
+SEQ_LEN = 16
+MICRO_BATCH = 2
+MICRO_BATCHES = 2
+STEPS = int(os.environ.get("GPT_STEPS", 20))
+LOSS_TOL = 1e-4
+
+
+def _config(dispatcher: str, seed: int):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
+
+    config = TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, moe_ffn_hidden_size=32,
+        num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=EP, add_bias_linear=False, use_cpu_initialization=True,
+        transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
+        bf16=False, params_dtype=torch.float32,
+    )
+    if dispatcher == "microep":
+        attach_microep_config(config, MicroEPConfig(redundant_slots=1, replan_interval=4, planner="greedy"))
+    return config
+
+
+def _model(config, spec):
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
+                    position_embedding_type="rope")
+
+
+def _stock_spec(config):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+
+
+def _skew(model):
+    """Route most tokens to the hot experts: a fixed expert bias (update rate 0 keeps it)."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("router.expert_bias"):
+                buffer.zero_()
+                buffer[list(HOT_EXPERTS)] = 0.6
+
+
+class _MainGradAdam:
+    """torch Adam on the gradients Megatron's DDP reduced into its buffers (``param.main_grad``).
+
+    megatron-core's own optimizers allocate on ``device='cuda'`` unconditionally, so CPU runs step
+    with torch's Adam over the same reduced gradients.
+    """
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.adam = torch.optim.Adam(self.params, lr=3e-3)
+
+    def zero_grad(self):
+        self.adam.zero_grad(set_to_none=True)
+
+    def step(self):
+        for p in self.params:
+            p.grad = p.main_grad.to(p.dtype)
+        self.adam.step()
+
+
+def _wrap(model, config):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True)
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp, _MainGradAdam(ddp)
+
+
+def _batches(seed: int, step: int):
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(seed + 1000 * step + dist.get_rank())
+    mask = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)[None, None]
+    positions = torch.arange(SEQ_LEN)[None].expand(MICRO_BATCH, SEQ_LEN)
+    out = []
+    for _ in range(MICRO_BATCHES):
+        # A learnable pattern (next token = token + 1 mod V) so the loss moves.
+        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
+        tokens = (start + torch.arange(SEQ_LEN + 1)) % VOCAB
+        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
+    return out
+
+
+def _train(ddp, optimizer, seed, micro: bool):
+    """Megatron's no-pipelining step, written out (megatron's schedule allocates on 'cuda'):
+    gradient sync deferred to the last micro-batch, loss averaged over micro-batches,
+    finalize_model_grads, optimizer step."""
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from megatron_microep.glue.layer import microep_layers, set_training_step
+
+    losses = []
+    for step in range(1, STEPS + 1):
+        if micro:
+            set_training_step(step)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        step_losses = []
+        batches = _batches(seed, step)
+        for i, (tokens, labels, positions, mask) in enumerate(batches):
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else ddp.no_sync()
+            with sync:
+                loss = ddp(tokens, positions, mask, labels=labels).float().mean()
+                (loss / len(batches)).backward()
+            step_losses.append(loss.item())
+        finalize_model_grads([ddp])
+        optimizer.step()
+        losses.append(sum(step_losses) / len(step_losses))
+    stats = [s for layer in microep_layers(ddp.module) for s in layer.telemetry.drain()] if micro else []
+    versions = [layer.placement_controller.version for layer in microep_layers(ddp.module)] if micro else []
+    return losses, stats, versions
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _save_and_load(source, target, directory):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    os.makedirs(directory, exist_ok=True)
+    # The writer synchronises CUDA before copying tensors; CPU work is already synchronous. (The
+    # CPU harness does not replace torch.cuda.synchronize yet.)
+    torch.cuda.synchronize = lambda device=None: None
+    # The torch_dist writer starts multiprocessing helpers, which a daemonic process (a spawn_gloo
+    # rank) may not do; the helpers end with the save, so clearing the flag for it is safe.
+    process = multiprocessing.current_process()
+    daemon = process._config.get("daemon")
+    process._config["daemon"] = False
+    try:
+        dist_checkpointing.save(source.sharded_state_dict(), directory)
+    finally:
+        process._config["daemon"] = daemon
+        # Its writer-results queue lives in a Manager process that would outlive the rank (spawn_gloo
+        # terminates finished ranks): stop it, and let the next save start a fresh one.
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        filesystem_async._results_queue = None
+        for helper in multiprocessing.active_children():
+            helper.terminate()
+            helper.join()
+    loaded = dist_checkpointing.load(target.sharded_state_dict(), directory, strict=StrictHandling.RAISE_ALL)
+    target.load_state_dict(loaded, strict=True)
+
+
+def _gpt_rank(rank: int, world_size: int, seed: int, tmp_dir: str):
+    import torch.distributed as dist
+
+    from megatron_microep.glue.spec import microep_layer_spec
+
+    init_megatron_parallel(expert_model_parallel_size=EP, seed=seed)
+    stock_config, micro_config = _config("alltoall", seed), _config("microep", seed)
+    stock = _model(stock_config, _stock_spec(stock_config))
+    micro = _model(micro_config, microep_layer_spec)
+    _skew(stock)
+    micro.load_state_dict(stock.state_dict(), strict=True)
+    initial = _params(stock)
+
+    stock_ddp, stock_opt = _wrap(stock, stock_config)
+    micro_ddp, micro_opt = _wrap(micro, micro_config)
+    stock_losses, _, _ = _train(stock_ddp, stock_opt, seed, micro=False)
+    micro_losses, stats, versions = _train(micro_ddp, micro_opt, seed, micro=True)
+    moved = max((initial[n] - p.detach()).abs().max().item() for n, p in stock.named_parameters())
+
+    # Checkpoints: MicroEP -> fresh stock, stock -> fresh MicroEP.
+    torch.manual_seed(seed + 99)
+    fresh_stock = _model(_config("alltoall", seed), _stock_spec(stock_config))
+    fresh_micro = _model(_config("microep", seed), microep_layer_spec)
+    _save_and_load(micro, fresh_stock, os.path.join(tmp_dir, "from_microep"))
+    dist.barrier()
+    _save_and_load(stock, fresh_micro, os.path.join(tmp_dir, "from_stock"))
+    saved_micro, saved_stock = _params(micro), _params(stock)
+    ckpt_err = {
+        "microep_to_stock": max((saved_micro[n] - p).abs().max().item() for n, p in _params(fresh_stock).items()),
+        "stock_to_microep": max((saved_stock[n] - p).abs().max().item() for n, p in _params(fresh_micro).items()),
+        "same_names": sorted(saved_micro) == sorted(saved_stock),
+        "micro_vs_stock_trained": max((saved_micro[n] - saved_stock[n]).abs().max().item() for n in saved_stock),
+    }
+    return {"stock": stock_losses, "micro": micro_losses, "stats": stats, "versions": versions,
+            "moved": moved, "ckpt": ckpt_err}
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
+    print(f"GPT test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
+    return spawn_gloo(_gpt_rank, EP, seed, str(tmp_path_factory.mktemp("ckpt")), timeout_s=480)
+
+
+def test_losses_match_stock_for_twenty_steps(gpt_run):
+    for rank, res in enumerate(gpt_run):
+        assert len(res["micro"]) == STEPS
+        diffs = [abs(a - b) for a, b in zip(res["micro"], res["stock"])]
+        assert max(diffs) <= LOSS_TOL, f"rank {rank}: loss diffs {diffs}"
+        assert res["moved"] > 1e-3  # training really changed the weights
+    losses = gpt_run[0]["stock"]
+    assert losses[-1] < losses[0]
+
+
+def test_replicas_planned_and_used_during_training(gpt_run):
+    for res in gpt_run:
+        assert res["versions"] and all(v >= 1 for v in res["versions"]), "no placement was adopted"
+        stats = res["stats"]
+        assert len(stats) == STEPS * MICRO_BATCHES * 2  # every micro-batch of both MoE layers
+        late = [s for s in stats if s.replicas > 0]
+        assert late, "no micro-batch ran with replicas"
+        assert sum(s.replica_tokens for s in late) > 0
+        assert sum(s.max_after for s in late) < sum(s.max_before for s in late)
+
+
+def test_checkpoints_interoperate_with_stock(gpt_run):
+    for rank, res in enumerate(gpt_run):
+        ckpt = res["ckpt"]
+        assert ckpt["same_names"]
+        assert ckpt["microep_to_stock"] == 0.0, f"rank {rank}: {ckpt}"
+        assert ckpt["stock_to_microep"] == 0.0, f"rank {rank}: {ckpt}"
