@@ -82,6 +82,9 @@ def _patch_torch_cuda() -> None:
     # torch.cuda.Event already work without CUDA and are left alone.)
     torch.cuda.Stream = _CpuStream
     torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    # dist_checkpointing's writer and megatron's timers synchronise the device; CPU work is
+    # already synchronous.
+    torch.cuda.synchronize = lambda device=None: None
 
 
 def _patch_rng_tracker() -> None:
@@ -232,7 +235,7 @@ class _Patch:
 
 
 _PATCHES: Tuple[_Patch, ...] = (
-    _Patch("torch.cuda current_device/Stream/current_stream", _patch_torch_cuda),
+    _Patch("torch.cuda current_device/Stream/current_stream/synchronize", _patch_torch_cuda),
     _Patch("megatron RNG tracker on the CPU generator", _patch_rng_tracker),
     _Patch("moe_utils: te_general_gemm, CPU split sizes", _patch_moe_utils),
     _Patch("uneven first-dim all-gather on gloo", _patch_uneven_all_gather),

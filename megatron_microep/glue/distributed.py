@@ -94,15 +94,24 @@ def spawn_gloo(
             target=_rank_entry,
             args=(fn, rank, world_size, port, timeout_s, threads_per_rank, results, args),
             name=f"gloo-rank-{rank}",
-            daemon=True,
+            # Not daemonic, so a rank may start helper processes of its own (DataLoader workers,
+            # megatron's checkpoint writer); the finally below ends every rank in any case.
+            daemon=False,
         )
         for rank in range(world_size)
     ]
     for proc in procs:
         proc.start()
+    finished = False
     try:
-        return _collect(procs, results, world_size, timeout_s)
+        values = _collect(procs, results, world_size, timeout_s)
+        finished = True
+        return values
     finally:
+        if finished:
+            # Every rank reported: let them exit by themselves (their own cleanup included).
+            for proc in procs:
+                proc.join(timeout=_EXIT_GRACE_S)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
@@ -114,6 +123,8 @@ def spawn_gloo(
         results.close()
 
 
+# How long ranks that reported a result get to exit by themselves before they are terminated.
+_EXIT_GRACE_S = 30.0
 # After the first failure, how long to keep listening: the other ranks' reports (often a gloo
 # "connection closed" caused by the first one) help tell cause from consequence.
 _FAILURE_GRACE_S = 3.0
