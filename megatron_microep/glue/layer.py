@@ -231,7 +231,7 @@ class MicroEPMoELayer(MoELayer):
             layer = self.layer_number if self.layer_number is not None else -1
             self.telemetry.add(micro_batch_stats(
                 -1 if step is None else step, layer, tokens, routing.schedule, routing.layout,
-                routing.scheduling_seconds,
+                routing.phase_seconds,
             ))
             if self.microep_settings.trace_dir and step is not None and dist.get_rank(self.microep_groups.tp_ep) == 0:
                 self._trace_sink(tokens.shape).write(step, layer, tokens)

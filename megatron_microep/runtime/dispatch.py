@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Tuple
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ class MicroBatchRouting:
     to_slot_major: torch.Tensor  # int64 [rows]
     from_slot_major: torch.Tensor  # int64 [rows]: inverse of to_slot_major
     scheduling_seconds: float  # count gather + solve + split computation
+    phase_seconds: Tuple[float, float, float]  # (count gather, solve, split computation)
 
 
 Solver = Callable[[np.ndarray, object], Schedule]
@@ -80,12 +81,14 @@ def route(routing_map: torch.Tensor, layout: PhysicalLayout, groups: Groups, sol
     """Agree on counts, solve, and build this rank's index maps. ``routing_map`` bool [tokens, E]."""
     start = time.perf_counter()
     counts = gather_counts(routing_map.sum(dim=0), groups)
+    gathered = time.perf_counter()
     sched = solver(counts.sum(axis=0), layout.placement)
+    solved = time.perf_counter()
     per_source = source_slot_counts(counts, sched, layout)
     plan = rank_plan(per_source, layout, groups.etp_rank, groups.ep_rank)
     inverse = np.empty_like(plan.to_slot_major)
     inverse[plan.to_slot_major] = np.arange(plan.to_slot_major.size)
-    seconds = time.perf_counter() - start
+    done = time.perf_counter()
 
     device = routing_map.device
     pairs = routing_map.t().nonzero()  # (expert, token), ordered by expert then token
@@ -104,7 +107,8 @@ def route(routing_map: torch.Tensor, layout: PhysicalLayout, groups: Groups, sol
         send_experts=pairs[:, 0].index_select(0, send),
         to_slot_major=torch.from_numpy(plan.to_slot_major).to(device),
         from_slot_major=torch.from_numpy(inverse).to(device),
-        scheduling_seconds=seconds,
+        scheduling_seconds=done - start,
+        phase_seconds=(gathered - start, solved - gathered, done - solved),
     )
 
 

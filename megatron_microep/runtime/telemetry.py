@@ -7,7 +7,7 @@ rank other than the one that routed them.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -28,6 +28,9 @@ class MicroBatchStats:
     replicas: int  # replica slots in the placement
     replica_tokens: int  # tokens processed by replica slots
     scheduling_ms: float  # count gather + solve + split computation
+    gather_ms: float
+    solve_ms: float
+    split_ms: float
 
     @property
     def imbalance_before(self) -> float:
@@ -39,9 +42,11 @@ class MicroBatchStats:
 
 
 def micro_batch_stats(
-    step: int, layer: int, tokens: np.ndarray, schedule: Schedule, layout: PhysicalLayout, scheduling_seconds: float
+    step: int, layer: int, tokens: np.ndarray, schedule: Schedule, layout: PhysicalLayout,
+    phase_seconds: Tuple[float, float, float],
 ) -> MicroBatchStats:
-    """``tokens`` int64 [G, E]: routed tokens per source EP rank and expert (what was scheduled)."""
+    """``tokens`` int64 [G, E]: routed tokens per source EP rank and expert (what was scheduled);
+    ``phase_seconds``: count gather, solve and split computation times."""
     n, G = layout.experts_per_rank, layout.num_ranks
     home_load = tokens.sum(axis=0).reshape(G, n).sum(axis=1)
     own_home = sum(int(tokens[g, g * n : (g + 1) * n].sum()) for g in range(G))
@@ -58,7 +63,10 @@ def micro_batch_stats(
         remote_after=int(schedule.remote_tokens),
         replicas=layout.placement.num_slots - layout.placement.num_experts,
         replica_tokens=replica_tokens,
-        scheduling_ms=1e3 * scheduling_seconds,
+        scheduling_ms=1e3 * sum(phase_seconds),
+        gather_ms=1e3 * phase_seconds[0],
+        solve_ms=1e3 * phase_seconds[1],
+        split_ms=1e3 * phase_seconds[2],
     )
 
 
