@@ -1,0 +1,374 @@
+"""FSEP inside Megatron: ``FSEPExperts`` (shard storage) and ``FSEPMoELayer`` (a MicroEP layer over it).
+
+``FSEPMoELayer`` is a ``MicroEPMoELayer`` (router, dispatcher, scheduler, telemetry, step clock
+unchanged) whose experts are fully sharded (``runtime.fsep``): after Megatron builds and initialises
+the stock experts, one all-to-all turns them into shards and the stock module is dropped. The
+layout (C = experts per rank + ``--microep-redundant-slots`` slots per rank, any expert anywhere)
+is re-planned from routing history by the FSEP planner (``planning.fsep_layout``) in a background
+thread, as often as every step, and adopted at a step boundary on every rank; the scheduler
+balances every micro-batch over it. Changing it moves nothing but the next gathers.
+
+Parameters, gradients, optimizer. ``experts.shards`` [E, S] is one ordinary expert parameter
+(``allreduce = False``): Megatron's DDP gives it an fp32 main gradient in the expert buffers,
+reduces it over expert-data-parallel ranks and clips it with the other expert parameters, and any
+optimizer over the model's parameters (Megatron's, with fp32 main params for bf16/fp16 models, or a
+torch optimizer on ``main_grad``) steps on shards only. The gradient return adds the summed copies'
+gradients to ``main_grad`` in fp32 directly when DDP provides one.
+
+Checkpoints. ``sharded_state_dict`` writes every shard piece as a block of the stock expert
+tensors (``{prefix}experts.linear_fc1.weight`` [E, F1, H], ...), the layout of Megatron's
+``SequentialMLP`` and ``TEGroupedMLP``: a checkpoint saved with FSEP loads into stock EP, into FSEP
+with another EP size, and back. Optimizer state built with Megatron's
+``optim_state_to_sharding_state`` follows the same factory.
+
+Prefetch. Layers built from one TransformerConfig form a chain by layer number; during the forward
+a layer starts the next layer's gather before running its own experts, and under the ``regather``
+policy its backward starts the previous layer's gather. A prefetched gather is used only by the
+very next FSEP expert pass of this process (otherwise it is waited for and dropped), so a
+prefetch never outlives an optimizer step.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+from megatron_microep.glue import compat
+from megatron_microep.glue.config import MicroEPConfig, MicroEPConfigError
+from megatron_microep.glue.layer import MicroEPMoELayer
+from megatron_microep.planning.placement import Placement
+from megatron_microep.runtime.experts import choose_backend, run_experts
+from megatron_microep.runtime.fsep import (
+    MEMORY_POLICIES,
+    GatheredMemory,
+    PendingGather,
+    ShardExchange,
+    ShardSpec,
+    TrafficCounter,
+    fsep_layout,
+    initial_fsep_placement,
+    run_sharded_experts,
+    shards_from_experts,
+)
+from megatron_microep.runtime.layout import PhysicalLayout
+from megatron_microep.runtime.replan import PlacementController
+
+logger = logging.getLogger(__name__)
+
+_STOCK_EXTRA_STATE = "stock_linear_extra_state"
+TENSOR_NAMES = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
+# Bytes of gathered experts alive in this process over all FSEP layers (a measurement).
+GATHERED_MEMORY = GatheredMemory()
+
+
+@dataclass(frozen=True)
+class FSEPSettings:
+    """FSEP options of a layer: the memory policy (``runtime.fsep.MEMORY_POLICIES``) and prefetching."""
+
+    memory_policy: str = "keep"
+    prefetch: bool = True
+
+    def validate(self) -> "FSEPSettings":
+        if self.memory_policy not in MEMORY_POLICIES:
+            raise MicroEPConfigError(
+                f"FSEP memory policy must be one of {', '.join(MEMORY_POLICIES)}, got {self.memory_policy!r}"
+            )
+        return self
+
+
+def shard_spec_for(tensors: List[torch.Tensor], gated: bool, num_ranks: int) -> ShardSpec:
+    """The cut of one expert given as ``compat.expert_tensors`` lists it (fc1, fc2, biases)."""
+    names = TENSOR_NAMES[: len(tensors)]
+    parts = [2 if gated and name.startswith("linear_fc1") else 1 for name in names]
+    return ShardSpec([t.shape for t in tensors], parts, num_ranks, names)
+
+
+class FSEPExperts(MegatronModule):
+    """One layer's experts as this EP rank's shards: ``shards`` [E, S], 1/G of every expert."""
+
+    def __init__(self, config, spec: ShardSpec, shards: torch.Tensor, ep_rank: int, expt_dp_rank: int):
+        super().__init__(config=config)
+        self.spec = spec
+        self.ep_rank = ep_rank
+        self.expt_dp_rank = expt_dp_rank
+        self.shards = torch.nn.Parameter(shards)
+        # An expert parameter: DDP's expert buffers, reduction over expert-DP only, expert optimizer.
+        self.shards.allreduce = False
+
+    @property
+    def num_experts(self) -> int:
+        return self.shards.shape[0]
+
+    def expert_tensors(self, shards: torch.Tensor) -> Dict[tuple, torch.Tensor]:
+        """{(expert, tensor index, half): view [b, *rest]} of a buffer laid out like ``shards``."""
+        return {(e, i, p): view for e in range(shards.shape[0]) for i, p, view in self.spec.pieces(shards[e])}
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        if (metadata or {}).get("singleton_local_shards", False):
+            raise NotImplementedError("FSEP experts do not support singleton_local_shards checkpoints")
+        spec, G, r = self.spec, self.spec.num_ranks, self.ep_rank
+        num_experts, prepend = self.num_experts, len(sharded_offsets) + 1
+        replica_id = (0, 0, self.expt_dp_rank)
+
+        def build(key, data, replica, flattened_range):
+            if flattened_range is not None:
+                raise NotImplementedError("FSEP experts cannot be saved with a flattened range")
+            out = {}
+            for (e, i, p), view in self.expert_tensors(data).items():
+                rows_axis = prepend  # the tensor's first dimension, after the prepended axes
+                out[f"{e}.{spec.names[i]}.{p}"] = ShardedTensor.from_rank_offsets(
+                    f"{key}.{spec.names[i]}", view, *sharded_offsets, (len(sharded_offsets), e, num_experts),
+                    (rows_axis, p * G + r, spec.parts[i] * G), replica_id=replica, prepend_axis_num=prepend,
+                )
+            return out
+
+        def merge(loaded):
+            out = torch.empty(self.shards.shape, dtype=next(iter(loaded.values())).dtype)
+            for (e, i, p), view in self.expert_tensors(out).items():
+                view.copy_(loaded[f"{e}.{spec.names[i]}.{p}"])
+            return out
+
+        out = {f"{prefix}shards": ShardedTensorFactory(f"{prefix}experts", self.shards, build, merge, replica_id)}
+        # Stock local experts also write their linears' (empty) extra state; write the same objects
+        # for this rank's Megatron home experts so that either checkpoint loads strictly into the other.
+        per_rank = num_experts // G
+        for e in range(r * per_rank, (r + 1) * per_rank):
+            for linear in ("linear_fc1", "linear_fc2"):
+                out[f"{prefix}{_STOCK_EXTRA_STATE}.{e}.{linear}"] = make_sharded_object_for_checkpoint(
+                    None, f"{prefix}experts.{linear}._extra_state",
+                    (*sharded_offsets, (len(sharded_offsets), e, num_experts)), replica_id,
+                )
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{_STOCK_EXTRA_STATE}.")]:
+            del state_dict[key]  # the stock linears' extra state is empty; nothing to restore
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# Layers of one model (one TransformerConfig, by identity) in build order: the prefetch chain.
+_CHAINS: Dict[int, List["weakref.ref"]] = {}
+
+
+def _join_chain(config, layer) -> None:
+    if id(config) not in _CHAINS:
+        _CHAINS[id(config)] = []
+        weakref.finalize(config, _CHAINS.pop, id(config), None)
+    _CHAINS[id(config)].append(weakref.ref(layer))
+
+
+class _PassClock:
+    """Counts FSEP expert passes in this process, forward and backward separately: a prefetch is
+    valid only for the pass right after the one that started it."""
+
+    def __init__(self) -> None:
+        self.forward = 0
+        self.backward = 0
+
+
+_PASSES = _PassClock()
+
+
+@dataclass
+class _Prefetched:
+    pending: PendingGather
+    exchange: ShardExchange
+    pass_index: int
+
+
+class FSEPMoELayer(MicroEPMoELayer):
+    """A MicroEP layer whose experts are FSEP shards (see the module doc).
+
+    ``fsep``: FSEP options (else ``config.microep_fsep``, else defaults). Other arguments are
+    ``MicroEPMoELayer``'s.
+    """
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
+                 microep: Optional[MicroEPConfig] = None, fsep: Optional[FSEPSettings] = None, **kwargs):
+        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         microep=microep, **kwargs)
+        self.fsep_settings = (fsep or getattr(config, "microep_fsep", None) or FSEPSettings()).validate()
+        groups = self.microep_groups
+        if groups.etp_size != 1:
+            raise MicroEPConfigError("FSEP experts need --expert-tensor-parallel-size 1")
+        home = compat.expert_tensors(self.experts)
+        self.fsep_spec = shard_spec_for(home[0], bool(config.gated_linear_unit), groups.ep_size)
+        shards = shards_from_experts(home, self.fsep_spec, groups.ep_rank, groups.ep)
+        self.experts = FSEPExperts(config, self.fsep_spec, shards, groups.ep_rank, self._expt_dp_rank)
+
+        settings = self.microep_settings
+        self.slots_per_rank = self.num_local_experts + settings.redundant_slots
+        num_experts = self.num_local_experts * groups.ep_size
+        layout = fsep_layout(initial_fsep_placement(num_experts, groups.ep_size, self.slots_per_rank),
+                             self.slots_per_rank)
+        planner = FSEP_PLANNERS[settings.planner](settings.planner_time_limit_s, self.slots_per_rank)
+        self.placement_controller = FSEPPlacementController(
+            layout, planner, settings.replan_interval, settings.history_window, settings.replan_lag,
+            group=self.placement_controller.group, device=shards.device, name=f" layer {layer_number}",
+        )
+        self.fsep_traffic = TrafficCounter()
+        self.prefetch_hits = 0  # gathers that had been started by a neighbouring layer
+        self._shard_exchange: Optional[ShardExchange] = None
+        self._prefetched: Dict[str, _Prefetched] = {}
+        _join_chain(config, self)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        super().set_layer_number(layer_number)
+        self.placement_controller.name = f" layer {layer_number}"
+
+    # --- layout ---------------------------------------------------------------------------------
+    def set_placement(self, placement: Placement) -> None:
+        """Use the FSEP layout ``placement`` (any expert on any rank, at most C copies per rank) from the
+        next forward on; call with the same placement on every rank."""
+        self.placement_controller.set_layout(fsep_layout(placement, self.slots_per_rank))
+
+    def exchange_for(self, layout: PhysicalLayout) -> ShardExchange:
+        if self._shard_exchange is None or self._shard_exchange.layout is not layout:
+            self._shard_exchange = ShardExchange(layout, self.microep_groups.ep_rank, self.microep_groups.ep,
+                                                 self.fsep_spec, self.fsep_traffic, GATHERED_MEMORY)
+        return self._shard_exchange
+
+    # --- prefetch -------------------------------------------------------------------------------
+    def _neighbour(self, offset: int) -> Optional["FSEPMoELayer"]:
+        chain = [ref() for ref in _CHAINS.get(id(self.config), [])]
+        chain = sorted((m for m in chain if m is not None and m.layer_number is not None), key=lambda m: m.layer_number)
+        if self not in chain:
+            return None
+        index = chain.index(self) + offset
+        return chain[index] if 0 <= index < len(chain) else None
+
+    def _take(self, direction: str, pass_index: int, exchange: ShardExchange) -> Optional[PendingGather]:
+        """This layer's prefetched gather if it was started for this very pass and layout."""
+        found = self._prefetched.pop(direction, None)
+        if found is None:
+            return None
+        if found.pass_index == pass_index and found.exchange is exchange:
+            self.prefetch_hits += 1
+            return found.pending
+        found.pending.wait()  # a collective every rank started; let it finish, drop its result
+        return None
+
+    def _prefetch_into(self, target: Optional["FSEPMoELayer"], direction: str, pass_index: int) -> None:
+        if target is None or not self.fsep_settings.prefetch or self._step is None:
+            return
+        if direction == "forward" and target._step != self._step:
+            target._on_new_step(self._step)  # adopt its layout for this step now, as its forward would
+        exchange = target.exchange_for(target.layout)
+        stale = target._prefetched.pop(direction, None)
+        if stale is not None:
+            stale.pending.wait()
+        target._prefetched[direction] = _Prefetched(exchange.start_gather(target.experts.shards), exchange, pass_index)
+
+    # --- experts --------------------------------------------------------------------------------
+    def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        tokens, per_slot, probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
+        layout = self.token_dispatcher.routing.layout
+        compat.sync_expert_params(self.experts)
+        exchange = self.exchange_for(layout)
+        counts = per_slot.tolist()
+        rows = counts[: exchange.num_local]
+        if any(counts[exchange.num_local:]):
+            raise RuntimeError(f"empty FSEP slots were sent tokens: {counts}")
+        if self._backend is None:
+            fc1, fc2 = self.fsep_spec.shapes[0], self.fsep_spec.shapes[1]
+            self._backend = choose_backend(self.microep_settings.expert_backend, self.experts.shards.device,
+                                           self.experts.shards.dtype, [fc1[1], fc1[0], fc2[1]])
+        _PASSES.forward += 1
+        pass_index = _PASSES.forward
+        pending = self._take("forward", pass_index, exchange) or exchange.start_gather(self.experts.shards)
+        self._prefetch_into(self._neighbour(+1), "forward", pass_index + 1)
+        backend, math = self._backend, self._math
+
+        def run(x, p, tensors):
+            weights = [compat.expert_weights([t[j] for t in tensors]) for j in range(exchange.num_local)]
+            return run_experts(backend, x, rows, p, weights, math)
+
+        def regather() -> PendingGather:
+            _PASSES.backward += 1
+            index = _PASSES.backward
+            own = self._take("backward", index, exchange) or exchange.start_gather(self.experts.shards)
+            self._prefetch_into(self._neighbour(-1), "backward", index + 1)
+            return own
+
+        output = run_sharded_experts(self.fsep_settings.memory_policy, tokens, probs, self.experts.shards,
+                                     exchange, run, pending, regather)
+        return self.token_dispatcher.combine_preprocess(output), None
+
+
+class FSEPPlacementController(PlacementController):
+    """The placement controller with FSEP layout rules: adopted placements need no home copy."""
+
+    def build_layout(self, placement: Placement) -> PhysicalLayout:
+        return fsep_layout(placement, self.layout.local_slots)
+
+
+def ortools_fsep_planner(time_limit_s: float, slots_per_rank: int):
+    def plan(history, num_gpus, redundant_slots, current):
+        from megatron_microep.planning.fsep_layout import plan_fsep_layout
+
+        return plan_fsep_layout(history, num_gpus, slots_per_rank, time_limit_s=time_limit_s, current=current).placement
+
+    return plan
+
+
+def greedy_fsep_planner(time_limit_s: float, slots_per_rank: int):
+    def plan(history, num_gpus, redundant_slots, current):
+        from megatron_microep.planning.fsep_layout import greedy_layout, placement_from_holds
+
+        return placement_from_holds(greedy_layout(np.asarray(history, dtype=np.int64), num_gpus, slots_per_rank))
+
+    return plan
+
+
+FSEP_PLANNERS = {"ortools": ortools_fsep_planner, "greedy": greedy_fsep_planner}
+
+
+def swap_fsep_layers(spec, microep: Optional[MicroEPConfig] = None, fsep: Optional[FSEPSettings] = None):
+    """Copy of a layer spec, list of them or ``TransformerBlockSubmodules`` with every MoE mlp built as
+    ``FSEPMoELayer``. Dense layers stay."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    params = {k: v for k, v in (("microep", microep), ("fsep", fsep)) if v is not None}
+
+    def swap(layer_spec):
+        submodules = getattr(layer_spec, "submodules", None)
+        if submodules is None or not compat.is_moe_mlp_spec(getattr(submodules, "mlp", None)):
+            return layer_spec
+        mlp = compat.swap_moe_mlp(submodules.mlp, FSEPMoELayer, **params)
+        return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, mlp=mlp))
+
+    if isinstance(spec, TransformerBlockSubmodules):
+        return dataclasses.replace(spec, layer_specs=[swap(s) for s in spec.layer_specs])
+    if isinstance(spec, (list, tuple)):
+        return [swap(s) for s in spec]
+    return swap(spec)
+
+
+def fsep_decoder_block_spec(config, vp_stage: Optional[int] = None, use_transformer_engine: bool = False,
+                            microep: Optional[MicroEPConfig] = None, fsep: Optional[FSEPSettings] = None):
+    """Megatron's GPT decoder block spec for this pipeline stage with FSEP MoE layers."""
+    return swap_fsep_layers(compat.stock_decoder_block_spec(config, use_transformer_engine, vp_stage=vp_stage),
+                            microep, fsep)
+
+
+def fsep_layers(model) -> List[FSEPMoELayer]:
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, FSEPMoELayer)]
+
+
+def full_experts(layer: FSEPMoELayer) -> List[torch.Tensor]:
+    """Every expert's full tensors [E, *shape_i] of an FSEP layer (all-gather over EP; inspection/tests)."""
+    from megatron_microep.runtime.fsep import experts_from_shards
+
+    return experts_from_shards(layer.experts.shards, layer.fsep_spec, layer.microep_groups.ep)
+

@@ -1,0 +1,540 @@
+"""FSEP GPTModel vs stock EP: training parity with a new layout every step, checkpoints across modes
+and EP sizes, and a rank killed mid-run.
+
+Two launches of 4 CPU ranks (gloo), both through Megatron's DistributedDataParallel (fp32 main
+gradients, overlapped reduction), 2 micro-batches per step with deferred gradient sync,
+finalize_model_grads and Adam on the main gradients (megatron-core's optimizers need CUDA; Adam
+is elementwise, so stepping on shards is stepping on experts).
+
+Launch 1 (EP = 4). The stock model (alltoall dispatcher) and the FSEP model start from the same
+weights and train 20 steps on skewed routing. The FSEP layers re-plan every step with the OR-Tools
+FSEP planner in a background thread (a plan identical to the current layout is perturbed by a slot
+swap, so the layout really changes every step) under the ``keep`` memory policy. Checked every
+step: losses (1e-4), every main gradient including the experts' (1e-5 relative, shards against the
+same slices of stock's expert gradients), the clipping norm; bytes: the adoption of a new layout
+sends only the placement broadcast, and the gathers and gradient returns send exactly what the
+layout implies. Checkpoints (model and optimizer, Megatron distributed checkpoint) at steps 14 and
+16. Then a fresh FSEP model (``regather`` policy) resumes from step 14, checkpoints at step 16 and
+trains until rank 3 dies (``os._exit``) in step 17.
+
+Launch 2 resumes FSEP EP = 4 from the last checkpoint (step 16) and trains to step 20; loads the
+step-14 checkpoint into FSEP at EP = 2 and into stock EP at EP = 2 and trains both to step 20; and
+loads a stock EP = 2 checkpoint back into FSEP. All loss curves must continue the launch-1 curve.
+"""
+import contextlib
+import multiprocessing
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+pytest.importorskip("megatron.core")
+
+import torch  # noqa: E402
+
+from megatron_microep.glue.distributed import RankFailedError, init_megatron_parallel, spawn_gloo  # noqa: E402
+
+NUM_EXPERTS = 8
+HOT_EXPERTS = (0, 1)
+VOCAB = 64
+SEQ_LEN = 16
+MICRO_BATCH = 2
+MICRO_BATCHES = 2
+STEPS = 20
+CKPT_STEPS = (14, 16)
+KILL_STEP = 17
+KILLED_RANK = 3
+LOSS_TOL = 1e-4
+GRAD_TOL = 1e-5
+
+
+def _config(dispatcher: str, ep: int, policy: str = "keep"):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
+    from megatron_microep.glue.fsep import FSEPSettings
+
+    config = TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, moe_ffn_hidden_size=32,
+        num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep, add_bias_linear=False, use_cpu_initialization=True,
+        transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
+        gated_linear_unit=True, bf16=False, params_dtype=torch.float32,
+    )
+    if dispatcher == "microep":
+        attach_microep_config(config, MicroEPConfig(redundant_slots=1, replan_interval=1, replan_lag=1,
+                                                    history_window=4, planner_time_limit_s=0.3))
+        config.microep_fsep = FSEPSettings(memory_policy=policy)
+    return config
+
+
+def _build(config, seed: int):
+    """GPTModel with the stock or the FSEP MoE layers; the same seed gives the same weights."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_microep.glue import compat
+    from megatron_microep.glue.fsep import fsep_decoder_block_spec
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    if config.moe_token_dispatcher_type == "microep":
+        spec = fsep_decoder_block_spec(config)
+    else:
+        spec = compat.stock_decoder_block_spec(config, False)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
+                     position_embedding_type="rope")
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("router.expert_bias"):
+                buffer.zero_()
+                buffer[list(HOT_EXPERTS)] = 0.6
+    return model
+
+
+class _ShardedAdam:
+    """torch Adam on DDP's main gradients, with a Megatron sharded state dict (the model's own
+    checkpoint layout, via megatron's ``optim_state_to_sharding_state``)."""
+
+    def __init__(self, model, ep_group):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.adam = torch.optim.Adam(self.params, lr=3e-3)
+        self.ep_group = ep_group
+        self.steps = 0
+
+    def grad_norm(self) -> float:
+        dense = torch.zeros(1, dtype=torch.float64)
+        expert = torch.zeros(1, dtype=torch.float64)
+        for p in self.params:
+            (dense if getattr(p, "allreduce", True) else expert).add_(p.main_grad.double().square().sum())
+        torch.distributed.all_reduce(expert, group=self.ep_group)
+        return float((dense + expert).sqrt())
+
+    def step(self):
+        for p in self.params:
+            p.grad = p.main_grad
+        self.adam.step()
+        for p in self.params:
+            p.grad = None
+        self.steps += 1
+
+    def _init_state(self):
+        for p in self.params:
+            if p not in self.adam.state:
+                self.adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+    def sharded_state_dict(self, model_sharded):
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map, optim_state_to_sharding_state,
+        )
+
+        self._init_state()
+        state = self.adam.state_dict()
+        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sharded, self.params),
+                                      exclude_keys=("step",))
+        return {"adam": state, "steps": self.steps}
+
+    def load(self, loaded):
+        state = loaded["adam"]
+        for values in state["state"].values():
+            values["step"] = torch.tensor(float(loaded["steps"]))
+        self.adam.load_state_dict(state)
+        self.steps = loaded["steps"]
+
+
+def _wrap(model, config):
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                                        overlap_grad_reduce=True), model)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp, _ShardedAdam(ddp, parallel_state.get_expert_model_parallel_group())
+
+
+def _batches(seed: int, step: int):
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(seed + 1000 * step + dist.get_rank())
+    mask = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)[None, None]
+    positions = torch.arange(SEQ_LEN)[None].expand(MICRO_BATCH, SEQ_LEN)
+    out = []
+    for _ in range(MICRO_BATCHES):
+        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
+        tokens = (start + torch.arange(SEQ_LEN + 1)) % VOCAB
+        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
+    return out
+
+
+def _sharded(ddp, optimizer):
+    model_sd = ddp.module.sharded_state_dict()
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+
+
+def _save(ddp, optimizer, directory):
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(directory, exist_ok=True)
+    # The torch_dist writer starts helper processes, which a daemonic spawn_gloo rank may not do.
+    process = multiprocessing.current_process()
+    daemon = process._config.get("daemon")
+    process._config["daemon"] = False
+    try:
+        dist_checkpointing.save(_sharded(ddp, optimizer), directory)
+    finally:
+        process._config["daemon"] = daemon
+
+
+def _load(ddp, optimizer, directory):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded = dist_checkpointing.load(_sharded(ddp, optimizer), directory, strict=StrictHandling.RAISE_ALL)
+    ddp.module.load_state_dict(loaded["model"], strict=True)
+    optimizer.load(loaded["optimizer"])
+
+
+def _expert_grads_as_shards(stock_ddp, fsep_layers):
+    """Stock EP's expert main gradients cut like each FSEP layer's shards: [E, S] per layer."""
+    import torch.distributed as dist
+
+    from megatron_microep.glue import compat
+    from megatron_microep.glue.layer import microep_layers  # noqa: F401 - same module tree
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    stock_layers = [m for m in stock_ddp.module.modules() if isinstance(m, MoELayer)]
+    out = []
+    for stock, fsep in zip(stock_layers, fsep_layers):
+        group = fsep.microep_groups.ep
+        per_tensor = []
+        for i in range(len(fsep.fsep_spec.shapes)):
+            mine = torch.stack([t[i].main_grad for t in compat.expert_tensors(stock.experts)])
+            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(everyone, mine.contiguous(), group=group)
+            per_tensor.append(torch.cat(everyone))
+        out.append(fsep.fsep_spec.to_shards(per_tensor)[:, fsep.microep_groups.ep_rank])
+    return out
+
+
+def _rel(a, b) -> float:
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+class _CollectiveBytes:
+    """Counts bytes handed to torch.distributed collectives while active (this rank's inputs)."""
+
+    NAMES = ("all_to_all_single", "broadcast", "all_reduce", "all_gather", "all_gather_into_tensor",
+             "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single")
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.sent, self.calls = dist, 0, []
+        self.originals = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
+
+    @contextlib.contextmanager
+    def counting(self):
+        def wrap(name, fn):
+            def counted(*args, **kwargs):
+                tensors = [a for a in args[:2] if torch.is_tensor(a)]
+                size = tensors[-1] if name in ("all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+                                               "all_gather_single", "reduce_scatter_single") else tensors[0]
+                self.sent += size.numel() * size.element_size()
+                self.calls.append(name)
+                return fn(*args, **kwargs)
+            return counted
+
+        for name, fn in self.originals.items():
+            setattr(self.dist, name, wrap(name, fn))
+        try:
+            yield self
+        finally:
+            for name, fn in self.originals.items():
+                setattr(self.dist, name, fn)
+
+
+def _changing_planner(layer, seed):
+    """The layer's OR-Tools FSEP planner; a plan equal to the current layout gets one slot swap."""
+    from megatron_microep.planning.fsep_layout import placement_from_holds
+
+    real = layer.placement_controller.planner
+
+    def plan(history, num_gpus, redundant_slots, current):
+        placement = real(history, num_gpus, redundant_slots, current)
+        if placement.to_lists() != current.to_lists():
+            return placement
+        holds = np.zeros((placement.num_experts, num_gpus), dtype=bool)
+        holds[np.repeat(np.arange(placement.num_experts), placement.replica_counts()), placement.gpus] = True
+        rng = np.random.default_rng(seed + len(history))
+        while True:
+            g, h = rng.choice(num_gpus, 2, replace=False)
+            a = np.flatnonzero(holds[:, g] & ~holds[:, h])
+            b = np.flatnonzero(holds[:, h] & ~holds[:, g])
+            if a.size and b.size:
+                ea, eb = rng.choice(a), rng.choice(b)
+                holds[ea, g], holds[eb, h], holds[ea, h], holds[eb, g] = False, False, True, True
+                return placement_from_holds(holds)
+
+    return plan
+
+
+def _step(ddp, optimizer, seed, step, fsep):
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from megatron_microep.glue.layer import set_training_step
+
+    if fsep:
+        set_training_step(step)
+    ddp.zero_grad_buffer()
+    losses = []
+    batches = _batches(seed, step)
+    for i, (tokens, labels, positions, mask) in enumerate(batches):
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else ddp.no_sync()
+        with sync:
+            loss = ddp(tokens, positions, mask, labels=labels).float().mean()
+            (loss / len(batches)).backward()
+        losses.append(loss.item())
+    finalize_model_grads([ddp])
+    return sum(losses) / len(losses)
+
+
+def _placements(layers):
+    return [layer.layout.placement.to_lists() for layer in layers]
+
+
+def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
+    import torch.distributed as dist
+
+    from megatron_microep.glue.fsep import fsep_layers, full_experts
+
+    init_megatron_parallel(expert_model_parallel_size=4, seed=seed)
+    stock_config, fsep_config = _config("alltoall", 4), _config("microep", 4)
+    stock, fsep = _build(stock_config, seed), _build(fsep_config, seed)
+    layers = fsep_layers(fsep)
+    for layer in layers:
+        layer.placement_controller.planner = _changing_planner(layer, seed)
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_microep.glue import compat
+
+    init_equal = True
+    for stock_layer, layer in zip([m for m in stock.modules() if isinstance(m, MoELayer)], layers):
+        full = full_experts(layer)
+        mine = compat.expert_tensors(stock_layer.experts)
+        n = len(mine)
+        for i, tensor in enumerate(full):
+            local = torch.stack([t[i] for t in mine])
+            init_equal &= torch.equal(tensor[rank * n : (rank + 1) * n], local.detach())
+    stock_ddp, stock_opt = _wrap(stock, stock_config)
+    fsep_ddp, fsep_opt = _wrap(fsep, fsep_config)
+    counter = _CollectiveBytes()
+    result = {"init_equal": bool(init_equal), "stock": [], "fsep": [], "grad_err": [], "norm_err": [],
+              "placements": [], "adopt_bytes": [], "adopt_calls": [], "traffic": [], "expected_traffic": []}
+    for step in range(1, STEPS + 1):
+        result["stock"].append(_step(stock_ddp, stock_opt, seed, step, fsep=False))
+        # Adopt this step's layouts explicitly (the forward would): count what that sends.
+        from megatron_microep.glue.layer import set_training_step
+
+        set_training_step(step)
+        with counter.counting():
+            counter.sent, counter.calls = 0, []
+            for layer in layers:
+                layer._on_new_step(step)
+        result["adopt_bytes"].append(counter.sent)
+        result["adopt_calls"].append(sorted(set(counter.calls)))
+        result["placements"].append(_placements(layers))
+        before = [layer.fsep_traffic.snapshot() for layer in layers]
+        result["fsep"].append(_step(fsep_ddp, fsep_opt, seed, step, fsep=True))
+        after = [layer.fsep_traffic.snapshot() for layer in layers]
+        result["traffic"].append([{k: a[k] - b[k] for k in a} for a, b in zip(after, before)])
+        expected = []
+        for layer in layers:
+            sent, received = layer.exchange_for(layer.layout).bytes_per_gather(4)
+            expected.append({"gathers": MICRO_BATCHES, "gather_sent": MICRO_BATCHES * sent,
+                             "gather_received": MICRO_BATCHES * received, "grad_returns": MICRO_BATCHES,
+                             "grad_sent": MICRO_BATCHES * received, "grad_received": MICRO_BATCHES * sent})
+        result["expected_traffic"].append(expected)
+        # Gradients: dense main grads by name, expert main grads as shards, and the clipping norm.
+        stock_grads = dict(stock_ddp.named_parameters())
+        errors = [_rel(p.main_grad, stock_grads[n].main_grad) for n, p in fsep_ddp.named_parameters()
+                  if getattr(p, "allreduce", True)]
+        for layer, ref in zip(layers, _expert_grads_as_shards(stock_ddp, layers)):
+            errors.append(_rel(layer.experts.shards.main_grad.view_as(ref), ref))
+        result["grad_err"].append(max(errors))
+        norms = stock_opt.grad_norm(), fsep_opt.grad_norm()
+        result["norm_err"].append(abs(norms[0] - norms[1]) / norms[0])
+        state_ptrs = [fsep_opt.adam.state[layer.experts.shards]["exp_avg"].data_ptr()
+                      for layer in layers] if step > 1 else None
+        stock_opt.step()
+        fsep_opt.step()
+        if state_ptrs is not None:
+            result.setdefault("state_moved", []).append(
+                state_ptrs != [fsep_opt.adam.state[layer.experts.shards]["exp_avg"].data_ptr() for layer in layers])
+        if step in CKPT_STEPS:
+            _save(fsep_ddp, fsep_opt, os.path.join(tmp_dir, f"fsep_ep4_step{step}"))
+    result["prefetch_hits"] = [layer.prefetch_hits for layer in layers]
+    result["placement_bytes"] = (NUM_EXPERTS + 1 + 4 * layers[0].slots_per_rank) * 8 * len(layers)
+    with open(os.path.join(tmp_dir, f"launch1_rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.barrier()
+
+    # Resume from the first checkpoint with the regather policy, checkpoint again, die mid-run.
+    config = _config("microep", 4, policy="regather")
+    model = _build(config, seed + 1)
+    ddp, opt = _wrap(model, config)
+    _load(ddp, opt, os.path.join(tmp_dir, f"fsep_ep4_step{CKPT_STEPS[0]}"))
+    resumed = []
+    for step in range(CKPT_STEPS[0] + 1, STEPS + 1):
+        if step == KILL_STEP and rank == KILLED_RANK:
+            with open(os.path.join(tmp_dir, f"victim_rank{rank}.pkl"), "wb") as f:
+                pickle.dump(resumed, f)
+            os._exit(17)
+        loss = _step(ddp, opt, seed, step, fsep=True)
+        opt.step()
+        resumed.append(loss)
+        with open(os.path.join(tmp_dir, f"victim_rank{rank}.pkl"), "wb") as f:
+            pickle.dump(resumed, f)
+        dist.barrier()  # every rank's record is on disk before the victim dies
+        if step == CKPT_STEPS[1]:
+            _save(ddp, opt, os.path.join(tmp_dir, "victim_last"))
+    return "not killed"
+
+
+def _train_from(config, seed, directory, first_step, last_step):
+    model = _build(config, seed + 7)
+    ddp, opt = _wrap(model, config)
+    _load(ddp, opt, directory)
+    losses = []
+    for step in range(first_step, last_step + 1):
+        losses.append(_step(ddp, opt, seed, step, fsep=config.moe_token_dispatcher_type == "microep"))
+        opt.step()
+    return ddp, opt, losses
+
+
+def _restart_rank(rank, world_size, seed, tmp_dir):
+    import torch.distributed as dist
+
+    from megatron_microep.glue.fsep import fsep_layers, full_experts
+
+    out = {}
+    init_megatron_parallel(expert_model_parallel_size=4, seed=seed)
+    resumed, _, out["resumed_ep4"] = _train_from(_config("microep", 4, "regather"), seed,
+                                                 os.path.join(tmp_dir, "victim_last"), CKPT_STEPS[1] + 1, STEPS)
+    out["regather_prefetch_hits"] = [layer.prefetch_hits for layer in fsep_layers(resumed.module)]
+    init_megatron_parallel(expert_model_parallel_size=2, seed=seed)
+    first = os.path.join(tmp_dir, f"fsep_ep4_step{CKPT_STEPS[0]}")
+    _, _, out["fsep_ep2"] = _train_from(_config("microep", 2), seed, first, CKPT_STEPS[0] + 1, STEPS)
+    stock_ddp, stock_opt, out["stock_ep2"] = _train_from(_config("alltoall", 2), seed, first, CKPT_STEPS[0] + 1, STEPS)
+    # And back: the trained stock EP=2 checkpoint into FSEP EP=2, parameters equal.
+    back_dir = os.path.join(tmp_dir, "stock_ep2_end")
+    _save(stock_ddp, stock_opt, back_dir)
+    dist.barrier()
+    config = _config("microep", 2)
+    fsep = _build(config, seed + 11)
+    ddp, opt = _wrap(fsep, config)
+    _load(ddp, opt, back_dir)
+    from megatron_microep.glue import compat
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    ep_rank = fsep_layers(fsep)[0].microep_groups.ep_rank
+    stock_layers = [m for m in stock_ddp.module.modules() if isinstance(m, MoELayer)]
+    err = 0.0
+    for stock_layer, layer in zip(stock_layers, fsep_layers(fsep)):
+        mine = compat.expert_tensors(stock_layer.experts)
+        n = len(mine)
+        for i, tensor in enumerate(full_experts(layer)):
+            local = torch.stack([t[i].detach() for t in mine])
+            err = max(err, (tensor[ep_rank * n : (ep_rank + 1) * n] - local).abs().max().item())
+    stock_params = dict(stock_ddp.named_parameters())
+    for name, p in ddp.named_parameters():
+        if getattr(p, "allreduce", True):
+            err = max(err, (p.detach() - stock_params[name].detach()).abs().max().item())
+    out["stock_to_fsep_err"] = err
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
+    print(f"FSEP GPT test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
+    tmp_dir = str(tmp_path_factory.mktemp("fsep"))
+    with pytest.raises(RankFailedError, match=f"rank {KILLED_RANK} of 4 exited with code 17"):
+        spawn_gloo(_parity_and_kill_rank, 4, seed, tmp_dir, timeout_s=400)
+    launch1 = []
+    for rank in range(4):
+        with open(os.path.join(tmp_dir, f"launch1_rank{rank}.pkl"), "rb") as f:
+            launch1.append(pickle.load(f))
+        with open(os.path.join(tmp_dir, f"victim_rank{rank}.pkl"), "rb") as f:
+            launch1[rank]["victim"] = pickle.load(f)
+    launch2 = spawn_gloo(_restart_rank, 4, seed, tmp_dir, timeout_s=400)
+    return launch1, launch2
+
+
+def test_fsep_trains_like_stock_ep_with_a_new_layout_every_step(runs):
+    launch1, _ = runs
+    for rank, res in enumerate(launch1):
+        assert res["init_equal"], f"rank {rank}: FSEP shards do not hold Megatron's initial experts"
+        diffs = [abs(a - b) for a, b in zip(res["fsep"], res["stock"])]
+        assert len(diffs) == STEPS and max(diffs) <= LOSS_TOL, f"rank {rank}: loss diffs {diffs}"
+        assert max(res["grad_err"]) <= GRAD_TOL, f"rank {rank}: gradient rel errors {res['grad_err']}"
+        assert max(res["norm_err"]) <= GRAD_TOL, f"rank {rank}: grad-norm rel errors {res['norm_err']}"
+    losses = launch1[0]["stock"]
+    assert losses[-1] < losses[0] - 0.1, "training did not learn"
+    placements = launch1[0]["placements"]
+    changed = [placements[i] != placements[i - 1] for i in range(1, STEPS)]
+    # A plan started at step s is adopted at s + 1 (lag 1): new layouts from step 3 on, every step.
+    assert all(changed[1:]), f"layout unchanged at steps {[i + 2 for i, c in enumerate(changed) if not c]}"
+
+
+def test_a_changed_layout_moves_no_optimizer_state(runs):
+    launch1, _ = runs
+    for res in launch1:
+        for step in range(2, STEPS):
+            # Adopting a layout sends the placement (a broadcast of a few integers), nothing else.
+            assert res["adopt_bytes"][step] == res["placement_bytes"], (step, res["adopt_bytes"][step])
+            assert res["adopt_calls"][step] == ["broadcast"]
+        # Per step, FSEP sends exactly the layout's gathers and gradient returns.
+        assert res["traffic"] == res["expected_traffic"]
+        assert not any(res["state_moved"]), "optimizer state tensors were reallocated"
+
+
+def test_next_layer_gather_is_prefetched(runs):
+    launch1, _ = runs
+    for res in launch1:
+        # The second MoE layer's gather is started by the first in every micro-batch's forward.
+        assert res["prefetch_hits"] == [0, STEPS * MICRO_BATCHES]
+    # Under regather, the first layer's backward gather is also started early (by the second's backward).
+    passes = (STEPS - CKPT_STEPS[1]) * MICRO_BATCHES
+    for res in runs[1]:
+        assert res["regather_prefetch_hits"] == [passes, passes]
+
+
+def test_checkpoint_loads_at_other_ep_size_and_into_stock(runs):
+    launch1, launch2 = runs
+    for rank in range(4):
+        reference = launch1[rank]["fsep"][CKPT_STEPS[0]:]
+        for name in ("fsep_ep2", "stock_ep2"):
+            diffs = [abs(a - b) for a, b in zip(launch2[rank][name], reference)]
+            assert len(diffs) == STEPS - CKPT_STEPS[0] and max(diffs) <= LOSS_TOL, f"rank {rank} {name}: {diffs}"
+        assert launch2[rank]["stock_to_fsep_err"] == 0.0
+
+
+def test_killed_rank_restart_continues_the_curve(runs):
+    launch1, launch2 = runs
+    for rank in range(4):
+        reference = launch1[rank]["fsep"]
+        victim = launch1[rank]["victim"]
+        assert len(victim) == KILL_STEP - CKPT_STEPS[0] - 1  # the killed step never finished
+        diffs = [abs(a - b) for a, b in zip(victim, reference[CKPT_STEPS[0]:])]
+        assert max(diffs) <= LOSS_TOL, f"rank {rank}: resumed-from-checkpoint diffs {diffs}"
+        resumed = launch2[rank]["resumed_ep4"]
+        diffs = [abs(a - b) for a, b in zip(resumed, reference[CKPT_STEPS[1]:])]
+        assert len(resumed) == STEPS - CKPT_STEPS[1] and max(diffs) <= LOSS_TOL, f"rank {rank}: {diffs}"
