@@ -1,7 +1,7 @@
 """A small GPTModel trained with MicroEP and with stock EP: same losses, and checkpoints interoperate.
 
-One launch of 4 CPU ranks (gloo, EP = 4) builds the stock model (alltoall dispatcher, Megatron's
-local GPT decoder spec) and the MicroEP model (``--spec megatron_microep.glue.spec
+Per layout, one launch of 4 CPU ranks (gloo; EP = 4, or EP = 2 with expert data parallelism 2)
+builds the stock model (alltoall dispatcher, Megatron's local GPT decoder spec) and the MicroEP model (``--spec megatron_microep.glue.spec
 microep_layer_spec``: the object Megatron-LM would import), with the same weights. Both train for
 20 optimizer steps through Megatron's DistributedDataParallel (gradient buffers, overlapped
 reduction), 2 micro-batches per step with deferred gradient sync, and finalize_model_grads. Routing
@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
-EP = 4
+WORLD = 4
+LAYOUTS = {"ep4": 4, "ep2_edp2": 2}  # name: EP size (expert data parallelism = 4 / EP)
 NUM_EXPERTS = 8
 HOT_EXPERTS = (0, 1)
 VOCAB = 64
@@ -36,7 +37,7 @@ STEPS = int(os.environ.get("GPT_STEPS", 20))
 LOSS_TOL = 1e-4
 
 
-def _config(dispatcher: str, seed: int):
+def _config(dispatcher: str, ep: int):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
@@ -44,7 +45,7 @@ def _config(dispatcher: str, seed: int):
     config = TransformerConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=EP, add_bias_linear=False, use_cpu_initialization=True,
+        expert_model_parallel_size=ep, add_bias_linear=False, use_cpu_initialization=True,
         transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0,
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
         moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
@@ -186,13 +187,13 @@ def _save_and_load(source, target, directory):
     target.load_state_dict(loaded, strict=True)
 
 
-def _gpt_rank(rank: int, world_size: int, seed: int, tmp_dir: str):
+def _gpt_rank(rank: int, world_size: int, ep: int, seed: int, tmp_dir: str):
     import torch.distributed as dist
 
     from megatron_microep.glue.spec import microep_layer_spec
 
-    init_megatron_parallel(expert_model_parallel_size=EP, seed=seed)
-    stock_config, micro_config = _config("alltoall", seed), _config("microep", seed)
+    init_megatron_parallel(expert_model_parallel_size=ep, seed=seed)
+    stock_config, micro_config = _config("alltoall", ep), _config("microep", ep)
     stock = _model(stock_config, _stock_spec(stock_config))
     micro = _model(micro_config, microep_layer_spec)
     _skew(stock)
@@ -207,8 +208,8 @@ def _gpt_rank(rank: int, world_size: int, seed: int, tmp_dir: str):
 
     # Checkpoints: MicroEP -> fresh stock, stock -> fresh MicroEP.
     torch.manual_seed(seed + 99)
-    fresh_stock = _model(_config("alltoall", seed), _stock_spec(stock_config))
-    fresh_micro = _model(_config("microep", seed), microep_layer_spec)
+    fresh_stock = _model(_config("alltoall", ep), _stock_spec(stock_config))
+    fresh_micro = _model(_config("microep", ep), microep_layer_spec)
     _save_and_load(micro, fresh_stock, os.path.join(tmp_dir, "from_microep"))
     dist.barrier()
     _save_and_load(stock, fresh_micro, os.path.join(tmp_dir, "from_stock"))
@@ -223,11 +224,12 @@ def _gpt_rank(rank: int, world_size: int, seed: int, tmp_dir: str):
             "moved": moved, "ckpt": ckpt_err}
 
 
-@pytest.fixture(scope="module")
-def gpt_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def gpt_run(request, tmp_path_factory):
     seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
     print(f"GPT test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
-    return spawn_gloo(_gpt_rank, EP, seed, str(tmp_path_factory.mktemp("ckpt")), timeout_s=480)
+    ckpt_dir = str(tmp_path_factory.mktemp(f"ckpt_{request.param}"))
+    return spawn_gloo(_gpt_rank, WORLD, LAYOUTS[request.param], seed, ckpt_dir, timeout_s=600)
 
 
 def test_losses_match_stock_for_twenty_steps(gpt_run):

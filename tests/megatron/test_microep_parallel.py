@@ -3,7 +3,7 @@
 One launch re-initialises megatron's parallel state per case: expert-TP x EP (vs the allgather
 dispatcher: the alltoall one needs an uneven all-gather that gloo rejects), attention TP with
 sequence parallelism, expert data parallelism, and TP + SP with expert-TP. Each case uses skewed
-routing with replicas and, in one case, biases and SwiGLU. Same tolerances as the EP parity test.
+routing with replicas; one case adds biases and SwiGLU, another a shared expert. Same tolerances as the EP parity test.
 """
 import os
 import random
@@ -21,8 +21,9 @@ from test_microep_parity import HIDDEN, HOT, MICRO_BATCH, NUM_EXPERTS, REL_TOL, 
 CASES = {
     "etp2_ep2": (dict(expert_tensor_parallel_size=2, expert_model_parallel_size=2), "allgather",
                  dict(expert_tensor_parallel_size=2)),
-    "tp2_sp_ep2": (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2), "alltoall",
-                   dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1)),
+    "tp2_sp_ep2_shared": (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2), "alltoall",
+                          dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1,
+                               moe_shared_expert_intermediate_size=24)),
     "ep2_edp2_swiglu_bias": (dict(expert_model_parallel_size=2), "alltoall",
                              dict(gated_linear_unit=True, activation_func=torch.nn.functional.silu,
                                   add_bias_linear=True, bias_activation_fusion=False)),
