@@ -78,7 +78,8 @@ def loop_experts(
             h = h + w.fc1_bias
         y = torch.matmul(_activate(h, p, math), w.fc2.t())
         if w.fc2_bias is not None:
-            y = y + w.fc2_bias.unsqueeze(0) * p.unsqueeze(-1)
+            # Megatron adds in place: computed in the promoted dtype, stored in the output's.
+            y = (y + w.fc2_bias.unsqueeze(0) * p.unsqueeze(-1)).to(y.dtype)
         outs.append(y)
     return torch.cat(outs)
 
@@ -102,7 +103,7 @@ def grouped_mm_experts(
     y = _grouped_mm(_activate(h, probs, math).contiguous(), fc2, offs)
     if weights[0].fc2_bias is not None:
         bias = torch.repeat_interleave(torch.stack([w.fc2_bias for w in weights]), counts, dim=0)
-        y = y + bias * probs.unsqueeze(-1)
+        y = (y + bias * probs.unsqueeze(-1)).to(y.dtype)
     return y
 
 

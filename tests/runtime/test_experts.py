@@ -120,3 +120,20 @@ def test_backend_choice():
         choose_backend("grouped_mm", cpu, torch.float32, [6])
     with pytest.raises(ValueError, match="unknown expert backend"):
         choose_backend("te", cpu, torch.float32, [16])
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_bf16_tokens_with_fp32_probabilities_stay_bf16(backend):
+    """Megatron's router may keep probabilities in fp32; expert outputs keep the token dtype."""
+    if backend == "grouped_mm" and not _grouped_mm_runs():
+        pytest.skip("grouped_mm does not run on this CPU torch")
+    gen = torch.Generator().manual_seed(SEED + 3)
+    x, counts, probs, weights = _case(gen, slots=3, hidden=16, ffn=16, gated=True, bias=True)
+    weights = [ExpertWeights(*(t.to(torch.bfloat16) for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias))) for w in weights]
+    fn = grouped_mm_experts if backend == "grouped_mm" else loop_experts
+    out = fn(x.to(torch.bfloat16), counts, probs.float(), weights, MATHS["swiglu"])
+    assert out.dtype == torch.bfloat16
+    ref = loop_experts(x.to(torch.bfloat16).double(), counts, probs.double(),
+                       [ExpertWeights(*(t.double() for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias))) for w in weights],
+                       MATHS["swiglu"])
+    assert (out.double() - ref).abs().max() <= 0.05 * ref.abs().max()
