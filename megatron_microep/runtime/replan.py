@@ -6,8 +6,9 @@ decisions from it; only the planner rank (rank 0 of the group) runs the planner.
 ``replan_interval`` steps it starts the planner in a background thread on the last
 ``history_window`` steps; the result is adopted ``replan_lag`` steps later, at the first forward of
 that step, by every rank at once: the planner rank waits for its thread if it is still running
-(logged), then broadcasts the placement. Step numbers come from the caller and are equal on every
-rank, so all ranks take the same branch at the same collective.
+(logged), then broadcasts the placement. A planner that fails or returns an invalid placement is
+logged with its traceback and every rank keeps the current placement. Step numbers come from the
+caller and are equal on every rank, so all ranks take the same branch at the same collective.
 """
 from __future__ import annotations
 
@@ -152,18 +153,25 @@ class PlacementController:
         pending, self._pending = self._pending, None
         E = self.layout.placement.num_experts
         max_slots = E + self.layout.num_ranks * self.layout.redundant_slots
-        buffer = np.full(E + 1 + max_slots, -1, dtype=np.int64)
+        buffer = np.full(E + 1 + max_slots, -1, dtype=np.int64)  # all -1: no plan, keep the current one
         if self.is_planner:
             if pending.thread.is_alive():
                 logger.warning("MicroEP%s: planner still running at its adoption step; waiting", self.name)
             pending.thread.join()
             outcome = pending.result[0]
-            if isinstance(outcome, BaseException):
-                raise RuntimeError(f"MicroEP{self.name}: placement planner failed") from outcome
-            buffer = encode_placement(outcome, E, max_slots)
+            try:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                self.build_layout(outcome)  # reject an invalid plan here, before anyone adopts it
+                buffer = encode_placement(outcome, E, max_slots)
+            except Exception:  # noqa: BLE001 - every rank must still reach the broadcast
+                logger.exception("MicroEP%s: placement planning failed; keeping the current placement", self.name)
         tensor = torch.from_numpy(buffer).to(self.device)
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
-        placement = decode_placement(tensor.cpu().numpy(), E, self.layout.num_ranks)
+        received = tensor.cpu().numpy()
+        if received[0] < 0:
+            return None
+        placement = decode_placement(received, E, self.layout.num_ranks)
         layout = self.build_layout(placement)
         if self.is_planner:
             logger.info(

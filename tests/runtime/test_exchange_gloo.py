@@ -18,6 +18,7 @@ from megatron_microep.planning.placement import Placement
 from megatron_microep.runtime import dispatch
 from megatron_microep.runtime.collectives import all_gather_uneven, reduce_scatter_uneven
 from megatron_microep.runtime.layout import PhysicalLayout
+from megatron_microep.runtime.replan import PlacementController, decode_placement, encode_placement, greedy_planner
 from megatron_microep.runtime.replicas import ReplicaExchange, replicate
 
 ETP, EP = 2, 2
@@ -145,6 +146,36 @@ def _check_round_trip(groups, seed):
     }
 
 
+def _check_replanning(groups):
+    """Controller over the whole expert domain (tp_ep): plan from history, adopt on every rank."""
+    stock = PhysicalLayout.stock(EP, EXPERTS_PER_RANK, REDUNDANT)
+    hot = np.array([90, 5, 5, 0], dtype=np.int64)  # expert 0 (EP rank 0) is hot
+    events = {}
+
+    def run(planner, steps):
+        controller = PlacementController(stock, planner, replan_interval=2, history_window=4, replan_lag=1,
+                                         group=groups.tp_ep, device=torch.device("cpu"))
+        adopted = []
+        for step in steps:
+            layout = controller.on_step(step)
+            adopted.append(None if layout is None else layout.placement.to_lists())
+            for _ in range(2):
+                controller.record(hot)
+        return controller, adopted
+
+    controller, adopted = run(greedy_planner(1.0, 0.0, None), [1, 2, 3, 4, 5])
+    events["adopted"] = adopted
+    events["version"] = controller.version
+    events["history_rows"] = controller.history().shape[0]
+
+    def broken(history, num_gpus, redundant_slots, current):
+        raise ValueError("planner exploded")
+
+    controller, adopted = run(broken, [1, 2, 3])
+    events["after_failure"] = (adopted, controller.version, controller.layout.placement.to_lists())
+    return events
+
+
 def _exchange_rank(rank, world_size, seed):
     torch.manual_seed(seed)
     groups = _groups()
@@ -152,6 +183,7 @@ def _exchange_rank(rank, world_size, seed):
         "collectives": _check_collectives(groups, seed),
         "replicas": _check_replicas(groups, seed),
         "round_trip": _check_round_trip(groups, seed),
+        "replanning": _check_replanning(groups),
     }
 
 
@@ -186,3 +218,27 @@ def test_round_trip_conserves_tokens_and_uses_the_replica(results):
     assert results[ETP]["round_trip"]["replica_rows"] > 0  # EP rank 1 ran tokens of expert 0
     rt = results[0]["round_trip"]
     assert rt["max_after"] < rt["max_before"]
+
+
+def test_replanning_adopts_one_placement_everywhere_at_the_step_boundary(results):
+    events = [r["replanning"] for r in results]
+    assert all(e["adopted"] == events[0]["adopted"] for e in events)
+    adopted = events[0]["adopted"]
+    # Planned at step 2 (history of step 1), adopted at step 3 = 2 + lag; planned again at 4, adopted at 5.
+    assert [a is not None for a in adopted] == [False, False, True, False, True]
+    assert adopted[2][0] == [0, 1]  # the hot expert got its replica on the other EP rank
+    assert all(e["version"] == 2 for e in events)
+    assert all(e["history_rows"] == 8 for e in events)  # 4 completed steps x 2 micro-batches, on every rank
+
+
+def test_failed_planning_keeps_the_placement_on_every_rank(results):
+    for r in results:
+        adopted, version, placement = r["replanning"]["after_failure"]
+        assert adopted == [None, None, None] and version == 0
+        assert placement == [[0], [0], [1], [1]]
+
+
+def test_placement_broadcast_encoding_round_trips():
+    placement = Placement.from_lists([[0, 1, 3], [0], [1, 2], [2], [3, 0]], 4)
+    buffer = encode_placement(placement, 5, 5 + 4 * 2)
+    assert decode_placement(buffer, 5, 4).to_lists() == placement.to_lists()
