@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -140,7 +141,22 @@ def _rank(rank, world_size, args):
     local = torch.tensor(rows, dtype=torch.float64)
     worst = local.clone()
     dist.all_reduce(worst[:, :6], op=dist.ReduceOp.MAX)  # the slowest rank sets a collective's pace
-    return {"rows": worst.tolist(), "replicas": replicas, "placement": micro.layout.placement.to_lists()}
+
+    # In the layer the count gather also waits for the last rank to arrive; alone, after a barrier,
+    # it shows the collective's own latency.
+    from megatron_microep.runtime.collectives import all_gather_rows
+
+    counts = torch.zeros(args.experts + 2, dtype=torch.int64)
+    alone = []
+    for _ in range(20):
+        dist.barrier()
+        start = time.perf_counter()
+        all_gather_rows(counts, pg.tp_ep)
+        alone.append(time.perf_counter() - start)
+    alone = torch.tensor([statistics.median(alone)], dtype=torch.float64)
+    dist.all_reduce(alone, op=dist.ReduceOp.MAX)
+    return {"rows": worst.tolist(), "replicas": replicas, "placement": micro.layout.placement.to_lists(),
+            "gather_alone_s": float(alone[0])}
 
 
 def main(argv=None) -> int:
@@ -169,6 +185,8 @@ def main(argv=None) -> int:
         "count_gather_ms": 1e3 * med["gather_s"],
         "solve_ms": 1e3 * med["solve_s"],
         "split_ms": 1e3 * med["split_s"],
+        "count_gather_alone_ms": 1e3 * result["gather_alone_s"],
+        "load_average_1min": os.getloadavg()[0],
         "scheduling_share_of_layer": float(np.median(share)),
         "imbalance_before": float(np.median(rows[:, 6] / rows[:, 7])),
         "imbalance_after": float(np.median(rows[:, 8] / rows[:, 9])),
@@ -183,10 +201,12 @@ def main(argv=None) -> int:
           f"(ratio {figures['microep_over_stock']:.2f})")
     print(f"  scheduling: {figures['scheduling_ms']:.2f} ms = count gather {figures['count_gather_ms']:.2f} + solve "
           f"{figures['solve_ms']:.2f} + split {figures['split_ms']:.2f}; {100 * figures['scheduling_share_of_layer']:.1f}% "
-          "of the MicroEP layer time")
+          f"of the MicroEP layer time (the count gather alone, after a barrier: "
+          f"{figures['count_gather_alone_ms']:.2f} ms)")
     print(f"  GPU load max/mean: before {figures['imbalance_before']:.3f}, after {figures['imbalance_after']:.3f}; "
           f"remote tokens {figures['remote_tokens_before']:.0f} -> {figures['remote_tokens_after']:.0f}; "
           f"replicas carried {figures['replica_tokens']:.0f} tokens")
+    print(f"  machine: {figures['machine']}; 1-minute load average at the end {figures['load_average_1min']:.1f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(figures, f, indent=2)
