@@ -14,6 +14,8 @@ from typing import Optional
 from megatron_microep.glue.config import (
     DISPATCHER_TYPE,
     EXPERT_BACKENDS,
+    EXPERT_SHARDINGS,
+    FSEP_MEMORY_POLICIES,
     PLANNERS,
     MicroEPConfig,
     attach_microep_config,
@@ -62,6 +64,14 @@ def add_microep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument("--microep-trace-dir", type=str, default=_DEFAULTS.trace_dir,
                        help="record per-micro-batch routing counts of every MicroEP layer in the simulator's "
                        "native trace format (one routing_rank<R>.mept per writing rank)")
+    group.add_argument("--microep-expert-sharding", choices=EXPERT_SHARDINGS, default=_DEFAULTS.expert_sharding,
+                       help="none: Megatron's expert storage (replicas are copies of home experts); fsep: every EP "
+                       "rank stores 1/EP of every expert and gathers the experts of its layout each micro-batch, "
+                       "re-laid out as often as every step (docs/fsep.md)")
+    group.add_argument("--microep-fsep-memory-policy", choices=FSEP_MEMORY_POLICIES,
+                       default=_DEFAULTS.fsep_memory_policy,
+                       help="fsep: keep the gathered experts until the layer's backward, or free them after the "
+                       "forward and gather again (recomputing the expert forward) in the backward")
     return parser
 
 

@@ -12,9 +12,12 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from megatron_microep.runtime.fsep import MEMORY_POLICIES as FSEP_MEMORY_POLICIES
+
 DISPATCHER_TYPE = "microep"
 PLANNERS = ("ortools", "greedy")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+EXPERT_SHARDINGS = ("none", "fsep")  # none: Megatron's experts; fsep: fully sharded (docs/fsep.md)
 
 
 class MicroEPConfigError(ValueError):
@@ -35,6 +38,8 @@ class MicroEPConfig:
     gpus_per_node: Optional[int] = None  # planner: prefer replicas inside the node (None: flat)
     expert_backend: str = "auto"
     trace_dir: Optional[str] = None
+    expert_sharding: str = "none"
+    fsep_memory_policy: str = "keep"
 
     def validate(self) -> "MicroEPConfig":
         """Checks that need no Megatron settings; returns self."""
@@ -60,7 +65,17 @@ class MicroEPConfig:
             raise MicroEPConfigError(
                 f"--microep-expert-backend must be one of {', '.join(EXPERT_BACKENDS)}, got {self.expert_backend!r}"
             )
-        if self.replan_interval > 0 and self.redundant_slots == 0:
+        if self.expert_sharding not in EXPERT_SHARDINGS:
+            raise MicroEPConfigError(
+                f"--microep-expert-sharding must be one of {', '.join(EXPERT_SHARDINGS)}, got {self.expert_sharding!r}"
+            )
+        if self.fsep_memory_policy not in FSEP_MEMORY_POLICIES:
+            raise MicroEPConfigError(
+                f"--microep-fsep-memory-policy must be one of {', '.join(FSEP_MEMORY_POLICIES)}, "
+                f"got {self.fsep_memory_policy!r}"
+            )
+        # Under FSEP a re-plan also moves the experts' own copies, so it needs no replica slot.
+        if self.replan_interval > 0 and self.redundant_slots == 0 and self.expert_sharding == "none":
             raise MicroEPConfigError(
                 "--microep-replan-interval > 0 needs --microep-redundant-slots >= 1 (nothing to place)"
             )
@@ -104,7 +119,15 @@ def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
             "--microep-redundant-slots > 0 needs --expert-model-parallel-size > 1 "
             "(with EP = 1 every expert is already local)"
         )
-    if settings.redundant_slots >= per_rank:
+    if settings.expert_sharding == "fsep":
+        if etp != 1:
+            raise MicroEPConfigError("--microep-expert-sharding fsep needs --expert-tensor-parallel-size 1")
+        if per_rank + settings.redundant_slots > num_experts:
+            raise MicroEPConfigError(
+                f"--microep-redundant-slots {settings.redundant_slots}: FSEP slots per rank ({per_rank} + "
+                f"{settings.redundant_slots}) exceed the {num_experts} experts (one copy of an expert per rank)"
+            )
+    elif settings.redundant_slots >= per_rank:
         raise MicroEPConfigError(
             f"--microep-redundant-slots {settings.redundant_slots} must be smaller than the experts per "
             f"EP rank ({num_experts} / --expert-model-parallel-size {ep} = {per_rank})"

@@ -47,7 +47,6 @@ from megatron_microep.glue.layer import MicroEPMoELayer
 from megatron_microep.planning.placement import Placement
 from megatron_microep.runtime.experts import choose_backend, run_experts
 from megatron_microep.runtime.fsep import (
-    MEMORY_POLICIES,
     GatheredMemory,
     PendingGather,
     ShardExchange,
@@ -67,21 +66,6 @@ _STOCK_EXTRA_STATE = "stock_linear_extra_state"
 TENSOR_NAMES = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
 # Bytes of gathered experts alive in this process over all FSEP layers (a measurement).
 GATHERED_MEMORY = GatheredMemory()
-
-
-@dataclass(frozen=True)
-class FSEPSettings:
-    """FSEP options of a layer: the memory policy (``runtime.fsep.MEMORY_POLICIES``) and prefetching."""
-
-    memory_policy: str = "keep"
-    prefetch: bool = True
-
-    def validate(self) -> "FSEPSettings":
-        if self.memory_policy not in MEMORY_POLICIES:
-            raise MicroEPConfigError(
-                f"FSEP memory policy must be one of {', '.join(MEMORY_POLICIES)}, got {self.memory_policy!r}"
-            )
-        return self
 
 
 def shard_spec_for(tensors: List[torch.Tensor], gated: bool, num_ranks: int) -> ShardSpec:
@@ -187,18 +171,17 @@ class _Prefetched:
 class FSEPMoELayer(MicroEPMoELayer):
     """A MicroEP layer whose experts are FSEP shards (see the module doc).
 
-    ``fsep``: FSEP options (else ``config.microep_fsep``, else defaults). Other arguments are
-    ``MicroEPMoELayer``'s.
+    Built by ``MicroEPMoELayer`` when the settings say ``--microep-expert-sharding fsep``; the
+    arguments are ``MicroEPMoELayer``'s.
     """
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
-                 microep: Optional[MicroEPConfig] = None, fsep: Optional[FSEPSettings] = None, **kwargs):
+                 microep: Optional[MicroEPConfig] = None, **kwargs):
         super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
                          microep=microep, **kwargs)
-        self.fsep_settings = (fsep or getattr(config, "microep_fsep", None) or FSEPSettings()).validate()
+        if self.microep_settings.expert_sharding != "fsep":
+            raise MicroEPConfigError("FSEPMoELayer needs --microep-expert-sharding fsep")
         groups = self.microep_groups
-        if groups.etp_size != 1:
-            raise MicroEPConfigError("FSEP experts need --expert-tensor-parallel-size 1")
         home = compat.expert_tensors(self.experts)
         self.fsep_spec = shard_spec_for(home[0], bool(config.gated_linear_unit), groups.ep_size)
         shards = shards_from_experts(home, self.fsep_spec, groups.ep_rank, groups.ep)
@@ -257,7 +240,7 @@ class FSEPMoELayer(MicroEPMoELayer):
         return None
 
     def _prefetch_into(self, target: Optional["FSEPMoELayer"], direction: str, pass_index: int) -> None:
-        if target is None or not self.fsep_settings.prefetch or self._step is None:
+        if target is None or self._step is None:
             return
         if direction == "forward" and target._step != self._step:
             target._on_new_step(self._step)  # adopt its layout for this step now, as its forward would
@@ -298,7 +281,7 @@ class FSEPMoELayer(MicroEPMoELayer):
             self._prefetch_into(self._neighbour(-1), "backward", index + 1)
             return own
 
-        output = run_sharded_experts(self.fsep_settings.memory_policy, tokens, probs, self.experts.shards,
+        output = run_sharded_experts(self.microep_settings.fsep_memory_policy, tokens, probs, self.experts.shards,
                                      exchange, run, pending, regather)
         return self.token_dispatcher.combine_preprocess(output), None
 
@@ -329,36 +312,6 @@ def greedy_fsep_planner(time_limit_s: float, slots_per_rank: int):
 
 
 FSEP_PLANNERS = {"ortools": ortools_fsep_planner, "greedy": greedy_fsep_planner}
-
-
-def swap_fsep_layers(spec, microep: Optional[MicroEPConfig] = None, fsep: Optional[FSEPSettings] = None):
-    """Copy of a layer spec, list of them or ``TransformerBlockSubmodules`` with every MoE mlp built as
-    ``FSEPMoELayer``. Dense layers stay."""
-    import dataclasses
-
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    params = {k: v for k, v in (("microep", microep), ("fsep", fsep)) if v is not None}
-
-    def swap(layer_spec):
-        submodules = getattr(layer_spec, "submodules", None)
-        if submodules is None or not compat.is_moe_mlp_spec(getattr(submodules, "mlp", None)):
-            return layer_spec
-        mlp = compat.swap_moe_mlp(submodules.mlp, FSEPMoELayer, **params)
-        return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, mlp=mlp))
-
-    if isinstance(spec, TransformerBlockSubmodules):
-        return dataclasses.replace(spec, layer_specs=[swap(s) for s in spec.layer_specs])
-    if isinstance(spec, (list, tuple)):
-        return [swap(s) for s in spec]
-    return swap(spec)
-
-
-def fsep_decoder_block_spec(config, vp_stage: Optional[int] = None, use_transformer_engine: bool = False,
-                            microep: Optional[MicroEPConfig] = None, fsep: Optional[FSEPSettings] = None):
-    """Megatron's GPT decoder block spec for this pipeline stage with FSEP MoE layers."""
-    return swap_fsep_layers(compat.stock_decoder_block_spec(config, use_transformer_engine, vp_stage=vp_stage),
-                            microep, fsep)
 
 
 def fsep_layers(model) -> List[FSEPMoELayer]:

@@ -15,6 +15,7 @@ fetched in every forward, history is not recorded and re-planning is off (logged
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
 from typing import Dict, List, Optional
@@ -161,12 +162,27 @@ class MicroEPTokenDispatcher(MoETokenDispatcher):
         raise MicroEPConfigError("--moe-shared-expert-overlap cannot be used with --moe-token-dispatcher-type microep")
 
 
+# Layer subclasses for --microep-expert-sharding values other than "none" ("module:class", imported on use).
+EXPERT_SHARDING_LAYERS = {"fsep": "megatron_microep.glue.fsep:FSEPMoELayer"}
+
+
 class MicroEPMoELayer(MoELayer):
     """A ``MoELayer`` whose tokens are balanced over replicated experts every micro-batch.
 
     ``microep``: settings for this layer (else ``config.microep`` or the job's ``--microep-*`` flags).
-    Other arguments are ``MoELayer``'s, passed through unchanged.
+    Other arguments are ``MoELayer``'s, passed through unchanged. Built with
+    ``--microep-expert-sharding`` other than ``none``, it is the subclass ``EXPERT_SHARDING_LAYERS``
+    names (so every spec path selects it).
     """
+
+    def __new__(cls, *args, **kwargs):
+        config = kwargs.get("config", args[0] if args else None)
+        if cls is MicroEPMoELayer and config is not None:
+            sharding = resolve_microep_config(config, kwargs.get("microep")).expert_sharding
+            if sharding in EXPERT_SHARDING_LAYERS:
+                module, name = EXPERT_SHARDING_LAYERS[sharding].split(":")
+                cls = getattr(importlib.import_module(module), name)
+        return super().__new__(cls)
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
                  microep: Optional[MicroEPConfig] = None, **kwargs):

@@ -29,9 +29,8 @@ the current layer's compute. ``TrafficCounter`` counts every byte this rank send
 """
 from __future__ import annotations
 
-import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np

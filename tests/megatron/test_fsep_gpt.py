@@ -54,7 +54,6 @@ def _config(dispatcher: str, ep: int, policy: str = "keep"):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
-    from megatron_microep.glue.fsep import FSEPSettings
 
     config = TransformerConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, moe_ffn_hidden_size=32,
@@ -66,24 +65,26 @@ def _config(dispatcher: str, ep: int, policy: str = "keep"):
         gated_linear_unit=True, bf16=False, params_dtype=torch.float32,
     )
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=1, replan_interval=1, replan_lag=1,
-                                                    history_window=4, planner_time_limit_s=0.3))
-        config.microep_fsep = FSEPSettings(memory_policy=policy)
+        attach_microep_config(config, MicroEPConfig(
+            redundant_slots=1, replan_interval=1, replan_lag=1, history_window=4, planner_time_limit_s=0.3,
+            expert_sharding="fsep", fsep_memory_policy=policy,
+        ))
     return config
 
 
 def _build(config, seed: int):
-    """GPTModel with the stock or the FSEP MoE layers; the same seed gives the same weights."""
+    """GPTModel with the stock or the FSEP MoE layers (MicroEP's block spec: the layer class follows
+    --microep-expert-sharding); the same seed gives the same weights."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_microep.glue import compat
-    from megatron_microep.glue.fsep import fsep_decoder_block_spec
+    from megatron_microep.glue.spec import microep_decoder_block_spec
 
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     if config.moe_token_dispatcher_type == "microep":
-        spec = fsep_decoder_block_spec(config)
+        spec = microep_decoder_block_spec(config, use_transformer_engine=False)
     else:
         spec = compat.stock_decoder_block_spec(config, False)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
@@ -205,9 +206,9 @@ def _expert_grads_as_shards(stock_ddp, fsep_layers):
     """Stock EP's expert main gradients cut like each FSEP layer's shards: [E, S] per layer."""
     import torch.distributed as dist
 
-    from megatron_microep.glue import compat
-    from megatron_microep.glue.layer import microep_layers  # noqa: F401 - same module tree
     from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_microep.glue import compat
 
     stock_layers = [m for m in stock_ddp.module.modules() if isinstance(m, MoELayer)]
     out = []
