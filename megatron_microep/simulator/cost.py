@@ -12,9 +12,14 @@ Per (micro-batch, layer), forward and backward:
 * weight moves decided per micro-batch (LLEP spills, BalanceMoE moves, UltraEP pushes): the
   receiving GPU waits for them before computing (not overlapped, as those papers describe);
   temporary copies send their gradients back after the backward pass.
-* FSEP (LAER): every copy in a GPU's layout is gathered from shards held by all GPUs before the
-  forward and again before the backward, and its gradient is reduce-scattered back; prefetch hides
-  each transfer behind that pass's compute, so only the excess is charged.
+* FSEP (LAER, and MicroEP's ``--microep-expert-sharding fsep``): every copy in a GPU's layout is
+  gathered by an all-to-all of shards (1/G of the expert from every GPU) before the forward, and
+  again before the backward when ``fsep_backward_gather`` (LAER's FSDP-style freeing, MicroEP's
+  ``regather`` policy; MicroEP's ``keep`` policy keeps the copies instead); every copy's gradient
+  goes back as shards in the parameter dtype (summed per expert in fp32 on the shard's GPU).
+  ``fsep_recompute`` (MicroEP's ``regather``) adds one expert forward to the backward. Each GPU's
+  transfer time is its slowest link over its send and receive sides; prefetch hides each transfer
+  behind that pass's compute, so only the excess is charged.
 * the policy's per-micro-batch decision, when it sits on the critical path (measured wall time).
 
 Per step and layer: persistent replicas are refreshed from their home after the optimizer step by a
@@ -103,6 +108,8 @@ class CostModel:
     inter_node_gbps: float = 50.0  # GB/s per GPU per direction (400 Gb/s NIC)
     a2a_latency_s: float = 20e-6
     charge_decision_time: bool = True
+    fsep_backward_gather: bool = True  # FSEP: gather the layout again before the backward
+    fsep_recompute: bool = False  # FSEP: the backward recomputes the expert forward
     gemm_table: GemmTable = field(default_factory=GemmTable.load, repr=False)
 
     def __post_init__(self):
@@ -182,25 +189,40 @@ class CostModel:
                 worst = max(worst, float(per_gpu.max()) * bytes_each / (gbps * 1e9))
         return worst
 
-    def fsep_gather_s(self, placement: Placement, node_size: int) -> tuple[float, float]:
-        """(gather, reduce-scatter) seconds for FSEP: every copy on a GPU is rebuilt from 1/G shards
-        on every GPU; shards from the GPU's own node use NVLink, the rest the network."""
+    def fsep_shard_traffic(self, placement: Placement, node_size: int) -> dict[str, np.ndarray]:
+        """Bytes of one FSEP gather per GPU (float64 [G] each): ``send_intra``, ``send_inter``,
+        ``recv_intra``, ``recv_inter``. GPU g receives shard r of each of its copies from every other
+        GPU r; it sends its own shard of every copy held elsewhere. The gradient return is the same
+        traffic reversed (send and receive swapped), in the same dtype."""
         num_gpus = placement.num_gpus
-        copies = placement.slots_per_gpu().astype(np.float64).max(initial=0.0)
-        intra_share = (node_size - 1) / num_gpus
-        inter_share = (num_gpus - node_size) / num_gpus
+        shard = self.expert_param_bytes / num_gpus
+        copies = placement.slots_per_gpu().astype(np.float64)  # [G]
+        node = np.arange(num_gpus) // node_size
+        node_copies = np.bincount(node, weights=copies)[node]  # copies held in each GPU's node
+        recv_intra = copies * (node_size - 1) * shard
+        recv_inter = copies * (num_gpus - node_size) * shard
+        send_intra = (node_copies - copies) * shard
+        send_inter = (copies.sum() - node_copies) * shard
+        return {"send_intra": send_intra, "send_inter": send_inter, "recv_intra": recv_intra, "recv_inter": recv_inter}
 
-        def seconds(bytes_per_copy: float) -> float:
-            return max(copies * bytes_per_copy * intra_share / (self.intra_node_gbps * 1e9),
-                       copies * bytes_per_copy * inter_share / (self.inter_node_gbps * 1e9))
+    def fsep_gather_s(self, placement: Placement, node_size: int) -> float:
+        """Seconds of one FSEP gather (or gradient return): the busiest GPU's slowest link."""
+        t = self.fsep_shard_traffic(placement, node_size)
+        intra = np.maximum(t["send_intra"], t["recv_intra"]) / (self.intra_node_gbps * 1e9)
+        inter = np.maximum(t["send_inter"], t["recv_inter"]) / (self.inter_node_gbps * 1e9)
+        return float(np.maximum(intra, inter).max(initial=0.0))
 
-        return seconds(self.expert_param_bytes), seconds(self.expert_grad_bytes)
+    @property
+    def fsep_gathers(self) -> int:
+        """Gathers per layer and micro-batch (the gradient return is one more transfer of that size)."""
+        return 2 if self.fsep_backward_gather else 1
 
     def fsep_bytes(self, placement: Placement) -> float:
-        """Bytes moved by one micro-batch of FSEP on one layer: two gathers and one reduce-scatter."""
+        """Bytes moved by one micro-batch of FSEP on one layer (all GPUs): the gathers and the
+        gradient return, each sending (G-1)/G of every copy."""
         num_gpus = placement.num_gpus
         share = (num_gpus - 1) / num_gpus
-        return placement.num_slots * share * (2 * self.expert_param_bytes + self.expert_grad_bytes)
+        return placement.num_slots * share * self.expert_param_bytes * (self.fsep_gathers + 1)
 
 
 @dataclass(frozen=True)
@@ -237,8 +259,11 @@ def record_cost(model: CostModel, assignment: Assignment, flow: Traffic, node_si
         weight_bytes += len(moves) * model.expert_grad_bytes
     fsep = 0.0
     if fully_sharded:
-        gather, scatter = model.fsep_gather_s(placement, node_size)
-        fsep = max(0.0, gather - fwd) + max(0.0, gather + scatter - bwd)
+        transfer = model.fsep_gather_s(placement, node_size)
+        backward = transfer * (model.fsep_gathers - 1) + transfer  # gather again (if so), then return
+        if model.fsep_recompute:
+            bwd += fwd
+        fsep = max(0.0, transfer - fwd) + max(0.0, backward - bwd)
         weight_bytes += model.fsep_bytes(placement)
     return RecordCost(
         gpu_load=assignment.gpu_load(),
