@@ -18,6 +18,7 @@ import atexit
 import importlib
 import logging
 import os
+import sys
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -221,7 +222,6 @@ class MicroEPMoELayer(MoELayer):
         self._exchange: Optional[ReplicaExchange] = None
         self._exchange_version = -1
         self._step: Optional[int] = None
-        self._logged: List = []
 
     # --- placement ------------------------------------------------------------------------------
     @property
@@ -328,8 +328,6 @@ class MicroEPMoELayer(MoELayer):
 
 def _metrics_writers() -> Dict[str, object]:
     """Megatron-LM's TensorBoard and W&B writers, where the running job created them."""
-    import sys
-
     global_vars = sys.modules.get("megatron.training.global_vars")
     if global_vars is None:
         return {}
