@@ -236,6 +236,8 @@ class MicroEPMoELayer(MoELayer):
     # --- per micro-batch ------------------------------------------------------------------------
     def _route(self, routing_map: torch.Tensor) -> MicroBatchRouting:
         step = STEP_CLOCK.current()
+        # Placement broadcasts use the compute device (Megatron may build on CPU and move the model).
+        self.placement_controller.device = routing_map.device
         if step is not None and step != self._step:
             self._on_new_step(step)
         routing = route(routing_map, self.layout, self.microep_groups)
