@@ -15,7 +15,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="a YAML file, or a preset name from configs/ (tiny-cpu, mixtral-8x7b, ...)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one value (YAML syntax; 'KEY=' removes it), e.g. training.train_iters=50")
-    parser.add_argument("--lines", action="store_true", help="one flag (with its values) per line")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--lines", action="store_true", help="one flag (with its values) per line, shell-quoted")
+    output.add_argument("--null", action="store_true",
+                        help="every argument NUL-terminated, unquoted, for scripts: "
+                        "mapfile -d '' ARGS < <(microep launch-args --null CONFIG)")
 
 
 def _grouped(flags: list[str]) -> list[list[str]]:
@@ -37,7 +41,9 @@ def run(args) -> int:
     if config.microep_settings() is None and config.sections.get("microep"):
         print(f"launch-args: section 'microep' not printed: moe.moe_token_dispatcher_type is {config.dispatcher}",
               file=sys.stderr)
-    if args.lines:
+    if args.null:
+        sys.stdout.write("".join(f"{item}\0" for item in flags))
+    elif args.lines:
         print("\n".join(shlex.join(group) for group in _grouped(flags)))
     else:
         print(shlex.join(flags))
