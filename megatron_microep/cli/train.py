@@ -50,6 +50,8 @@ def run(args) -> int:
                               report=not args.no_report)
     except TrainError as err:
         raise UsageError(str(err)) from None
+    if result.get("rank", 0) != 0:
+        return 0  # one rank of a torchrun launch: rank 0 reports
     minutes = (time.perf_counter() - started) / 60
     losses = result["losses"]
     if result["status"] != "completed":

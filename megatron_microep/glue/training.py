@@ -722,8 +722,10 @@ def run(config: LaunchConfig, output_dir: str | os.PathLike, resume: bool = Fals
     from megatron_microep.glue.data import prepare_corpus
     from megatron_microep.glue.distributed import RankFailedError, spawn_gloo
 
-    for note in check_embedded_support(config):
-        log(f"note: {note}")
+    notes = check_embedded_support(config)
+    if not (_under_torchrun() and os.environ["RANK"] != "0"):  # once per run, not once per torchrun rank
+        for note in notes:
+            log(f"note: {note}")
     report_policies(config)  # reject unknown names before training, not after
     out = Path(output_dir)
     if resume and latest_checkpoint(out) is None:
