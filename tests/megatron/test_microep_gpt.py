@@ -13,7 +13,6 @@ stock checkpoint into a fresh MicroEP model, strictly (no missing or unexpected 
 parameters must equal the saved ones.
 """
 import contextlib
-import multiprocessing
 import os
 import random
 
@@ -163,26 +162,7 @@ def _save_and_load(source, target, directory):
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     os.makedirs(directory, exist_ok=True)
-    # The writer synchronises CUDA before copying tensors; CPU work is already synchronous. (The
-    # CPU harness does not replace torch.cuda.synchronize yet.)
-    torch.cuda.synchronize = lambda device=None: None
-    # The torch_dist writer starts multiprocessing helpers, which a daemonic process (a spawn_gloo
-    # rank) may not do; the helpers end with the save, so clearing the flag for it is safe.
-    process = multiprocessing.current_process()
-    daemon = process._config.get("daemon")
-    process._config["daemon"] = False
-    try:
-        dist_checkpointing.save(source.sharded_state_dict(), directory)
-    finally:
-        process._config["daemon"] = daemon
-        # Its writer-results queue lives in a Manager process that would outlive the rank (spawn_gloo
-        # terminates finished ranks): stop it, and let the next save start a fresh one.
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-        filesystem_async._results_queue = None
-        for helper in multiprocessing.active_children():
-            helper.terminate()
-            helper.join()
+    dist_checkpointing.save(source.sharded_state_dict(), directory)
     loaded = dist_checkpointing.load(target.sharded_state_dict(), directory, strict=StrictHandling.RAISE_ALL)
     target.load_state_dict(loaded, strict=True)
 
