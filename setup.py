@@ -23,6 +23,8 @@ setup(
         # Supported and CI-tested: 0.16.1 and 0.19.2. 0.17+ declare Python>=3.12, so on 3.11 pip picks
         # 0.16.x; scripts/setup_env.sh shows how CI runs 0.19.2 on 3.11 (--no-deps).
         "megatron-core>=0.16,<0.20",
+        # megatron-core's distributed checkpointing imports it but does not declare it.
+        "psutil>=5.9",
     ],
     extras_require={
         # TransformerEngine and NVIDIA apex need CUDA; apex is NOT the PyPI package named "apex".
