@@ -180,7 +180,8 @@ class TrafficCounter:
 class GatheredMemory:
     """Bytes of gathered experts alive in this process, and the peak since ``reset_peak``.
 
-    Tracks storages (the received shards and the assembled expert tensors) until torch frees them,
+    Tracks storages (the receive buffer from the start of a gather, the received shards in slot
+    order, the assembled expert tensors) until torch frees them,
     whoever holds the last reference (a view, autograd's saved tensors): a measurement, not a model.
     """
 
@@ -273,6 +274,8 @@ class ShardExchange:
         with torch.no_grad():
             send = shards.detach().index_select(0, self._send_index.to(shards.device))
             recv = shards.new_empty(G * self.num_local * S)
+            if self.memory is not None:
+                self.memory.track(recv)
             work = dist.all_to_all_single(
                 recv, send.reshape(-1), [self.num_local * S] * G, (self.counts * S).tolist(),
                 group=self.group, async_op=True,
