@@ -42,7 +42,7 @@ def _configs(ep_size: int, topk: int, redundant_slots: int, stock_dispatcher: st
     common = dict(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=FFN_HIDDEN,
         moe_ffn_hidden_size=FFN_HIDDEN, num_moe_experts=NUM_EXPERTS, moe_router_topk=topk,
-        expert_model_parallel_size=ep_size, add_bias_linear=False, use_cpu_initialization=True,
+        expert_model_parallel_size=ep_size, add_bias_linear=False, use_cpu_initialization=False,
         moe_router_pre_softmax=(topk == 1),
     )
     common.update(overrides)
@@ -97,6 +97,8 @@ def _parity_rank(rank: int, world_size: int, seed: int):
             stock.router.weight[list(HOT)] += 3.0 * direction
         micro.load_state_dict(stock.state_dict(), strict=True)
         micro.set_placement(placement)
+        # Per-EP-rank initialisation: a token sent to the wrong rank's expert must change the output.
+        results.setdefault("first_expert_weights", {})[topk] = next(stock.experts.parameters()).detach().clone()
         x = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=gen) + 2.0 * direction
         upstream = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=gen)
         micro.train()
@@ -141,6 +143,15 @@ def test_output_and_gradients_match_stock(parity_run, topk):
         for name, ref in ref_grads.items():
             err = _rel(grads[name], ref)
             assert err <= REL_TOL, f"ep{ep} top{topk} rank {rank}: grad of {name} rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("topk", TOPKS)
+def test_experts_differ_across_ep_ranks(parity_run, topk):
+    ep, results = parity_run
+    weights = [res["first_expert_weights"][topk] for res in results]
+    for a in range(ep):
+        for b in range(a + 1, ep):
+            assert not torch.equal(weights[a], weights[b]), f"ranks {a} and {b} hold identical local experts"
 
 
 @pytest.mark.parametrize("topk", TOPKS)
