@@ -29,7 +29,6 @@ prefetch never outlives an optimizer step.
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -59,8 +58,6 @@ from megatron_microep.runtime.fsep import (
 )
 from megatron_microep.runtime.layout import PhysicalLayout
 from megatron_microep.runtime.replan import PlacementController
-
-logger = logging.getLogger(__name__)
 
 _STOCK_EXTRA_STATE = "stock_linear_extra_state"
 TENSOR_NAMES = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
@@ -138,7 +135,7 @@ class FSEPExperts(MegatronModule):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-# Layers of one model (one TransformerConfig, by identity) in build order: the prefetch chain.
+# Layers of one model (one TransformerConfig, by identity): the prefetch chain, ordered by layer number.
 _CHAINS: Dict[int, List["weakref.ref"]] = {}
 
 

@@ -170,6 +170,20 @@ def _rank(rank, world, seed):
         (y * upstream).sum().backward()
     out["main_grad_err"] = (param.main_grad - 2 * shard_grad_ref).abs().max().item()
     out["main_grad_flag"] = param.grad_added_to_main_grad
+
+    # Mixed precision: bf16 shards, fp32 main gradient; copies' gradients travel in bf16.
+    param = shards.to(torch.bfloat16).requires_grad_(True)
+    param.main_grad = torch.zeros(param.shape, dtype=torch.float32)
+    param.grad_added_to_main_grad = False
+    traffic = TrafficCounter()
+    ex16 = ShardExchange(layout, rank, group, spec, traffic)
+    x = x0.to(torch.bfloat16).requires_grad_(True)
+    y = run_sharded_experts("keep", x, p0.to(torch.bfloat16), param, ex16,
+                            lambda a, b, t: _experts_run(a, b, t, rows))
+    (y.double() * upstream).sum().backward()
+    ref = shard_grad_ref.float()
+    out["bf16"] = (param.main_grad.dtype, ((param.main_grad - ref).abs().max() / ref.abs().max()).item(),
+                   traffic.grad_sent == int(ex16.counts[rank]) * (G - 1) * spec.shard_numel * 2)
     return out
 
 
@@ -206,3 +220,10 @@ def test_gathered_memory_is_released(fsep_run):
 def test_gradient_lands_in_main_grad(fsep_run):
     for r in fsep_run:
         assert r["main_grad_err"] < 1e-10 and r["main_grad_flag"]
+
+
+def test_mixed_precision_shards_keep_fp32_main_grads(fsep_run):
+    for r in fsep_run:
+        dtype, rel_err, bf16_on_wire = r["bf16"]
+        assert dtype == torch.float32 and bf16_on_wire
+        assert rel_err < 5e-2, f"bf16 shard gradient relative error {rel_err}"
