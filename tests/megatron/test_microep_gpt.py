@@ -44,7 +44,7 @@ def _config(dispatcher: str, ep: int):
     config = TransformerConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=ep, add_bias_linear=False, use_cpu_initialization=True,
+        expert_model_parallel_size=ep, add_bias_linear=False, use_cpu_initialization=False,
         transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0,
         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
         moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
