@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Sequence
 
-SUBCOMMAND_MODULES = ("schedule", "plan", "simulate", "demo", "train", "launch_args")
+SUBCOMMAND_MODULES = ("train", "schedule", "plan", "simulate", "launch_args")
 
 
 class UsageError(Exception):
@@ -19,19 +19,12 @@ class UsageError(Exception):
 
 
 def _load_subcommands():
-    modules = []
-    for name in SUBCOMMAND_MODULES:
-        try:
-            modules.append(importlib.import_module(f"{__name__}.{name}"))
-        except ModuleNotFoundError as err:
-            # A subcommand whose module has not landed yet is simply absent; a missing dependency is not.
-            if err.name != f"{__name__}.{name}":
-                raise
-    return modules
+    return [importlib.import_module(f"{__name__}.{name}") for name in SUBCOMMAND_MODULES]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="microep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="microep", description="MicroEP for Megatron MoE: train, schedule, plan, simulate, launch-args.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _load_subcommands():
         sub_parser = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
