@@ -382,6 +382,7 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         if step in CKPT_STEPS:
             _save(fsep_ddp, fsep_opt, os.path.join(tmp_dir, f"fsep_ep4_step{step}"))
     result["prefetch_hits"] = [layer.prefetch_hits for layer in layers]
+    result["stats"] = [row for layer in layers for row in layer.telemetry.drain()]
     result["placement_bytes"] = (NUM_EXPERTS + 1 + 4 * layers[0].slots_per_rank) * 8 * len(layers)
     with open(os.path.join(tmp_dir, f"launch1_rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
@@ -493,6 +494,16 @@ def test_fsep_trains_like_stock_ep_with_a_new_layout_every_step(runs):
     changed = [placements[i] != placements[i - 1] for i in range(1, STEPS)]
     # A plan started at step s is adopted at s + 1 (lag 1): new layouts from step 3 on, every step.
     assert all(changed[1:]), f"layout unchanged at steps {[i + 2 for i, c in enumerate(changed) if not c]}"
+
+
+def test_scheduler_balances_over_the_fsep_layouts(runs):
+    launch1, _ = runs
+    for res in launch1:
+        stats = res["stats"]
+        assert len(stats) == STEPS * MICRO_BATCHES * 2  # every micro-batch of both MoE layers
+        assert sum(s.replica_tokens for s in stats) > 0, "extra copies carried no token"
+        # "before" is stock EP's home placement on the same routing.
+        assert sum(s.max_after for s in stats) < sum(s.max_before for s in stats)
 
 
 def test_a_changed_layout_moves_no_optimizer_state(runs):
