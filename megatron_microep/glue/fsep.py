@@ -200,10 +200,6 @@ class FSEPMoELayer(MicroEPMoELayer):
         self._prefetched: Dict[str, _Prefetched] = {}
         _join_chain(config, self)
 
-    def set_layer_number(self, layer_number: int) -> None:
-        super().set_layer_number(layer_number)
-        self.placement_controller.name = f" layer {layer_number}"
-
     # --- layout ---------------------------------------------------------------------------------
     def set_placement(self, placement: Placement) -> None:
         """Use the FSEP layout ``placement`` (any expert on any rank, at most C copies per rank) from the

@@ -223,6 +223,11 @@ class MicroEPMoELayer(MoELayer):
         self._exchange_version = -1
         self._step: Optional[int] = None
 
+    def set_layer_number(self, layer_number: int) -> None:
+        # Megatron numbers a layer after constructing it; the planner's log lines name it.
+        super().set_layer_number(layer_number)
+        self.placement_controller.name = f" layer {layer_number}"
+
     # --- placement ------------------------------------------------------------------------------
     @property
     def layout(self) -> PhysicalLayout:
