@@ -7,7 +7,8 @@
 #   docker run --rm --gpus all --ipc=host -v /data:/data -e CONFIG=qwen3-30b-a3b \
 #       -e MICROEP_SET="data.data_path=/data/corpus_text_document" megatron-microep \
 #       pretrain --nproc-per-node 8 -- --save /data/ckpt      # one node; Slurm: scripts/slurm/
-#   docker run --rm megatron-microep check $(microep launch-args tiny-cpu)   # validate a launch
+#   docker run --rm -e CONFIG=mixtral-8x7b -e WORLD_SIZE=32 -e CUDA_DEVICE_MAX_CONNECTIONS=1 \
+#       -e MICROEP_SET="data.mock_data=true" megatron-microep check      # validate a launch
 #   docker run --rm -it megatron-microep bash                   # anything else runs as given
 #
 # The image pins the NGC PyTorch release that Megatron-LM core_r0.19.0 tests with (its
@@ -51,6 +52,13 @@ COPY --chmod=755 <<'EOF' /usr/local/bin/microep-entrypoint
 # test | demo [microep train args] | pretrain [torchrun args] -- [Megatron-LM args] | check ARGS | COMMAND...
 set -euo pipefail
 cd "$MICROEP_REPO"
+config_flags() {
+    flags=()
+    [[ -n ${CONFIG:-} ]] || return 0
+    local sets=() item
+    for item in ${MICROEP_SET:-}; do sets+=(--set "$item"); done
+    mapfile -d '' flags < <(microep launch-args --null "$CONFIG" "${sets[@]}")
+}
 case ${1:-test} in
     test)
         shift || true
@@ -64,16 +72,13 @@ case ${1:-test} in
         torchrun_args=()
         while (($#)) && [[ $1 != -- ]]; do torchrun_args+=("$1"); shift; done
         (($#)) && shift
-        flags=()
-        if [[ -n ${CONFIG:-} ]]; then
-            sets=()
-            for item in ${MICROEP_SET:-}; do sets+=(--set "$item"); done
-            mapfile -d '' flags < <(microep launch-args --null "$CONFIG" "${sets[@]}")
-        fi
+        config_flags
         exec torchrun "${torchrun_args[@]}" scripts/pretrain_gpt_microep.py "${flags[@]}" "$@" ;;
     check)
+        # check [Megatron-LM args]: --microep-check args for CONFIG's flags (WORLD_SIZE: the job's size)
         shift
-        exec python scripts/pretrain_gpt_microep.py --microep-check args "$@" ;;
+        config_flags
+        exec python scripts/pretrain_gpt_microep.py --microep-check args "${flags[@]}" "$@" ;;
     *)
         exec "$@" ;;
 esac

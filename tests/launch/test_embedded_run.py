@@ -31,7 +31,8 @@ STEPS = 6
 COMMON = [
     "--steps", str(STEPS), "--set", "model.num_layers=2", "--set", "training.log_interval=1",
     "--set", "training.save_interval=3", "--set", "training.eval_interval=6", "--set", "training.lr_warmup_iters=2",
-    "--set", "microep.replan_interval=2", "--set", "microep.planner=greedy", "--set", "microep.history_window=4",
+    "--set", "microep.replan_interval=2", "--set", "microep.replan_lag=1", "--set", "microep.planner=greedy",
+    "--set", "microep.history_window=4",
     "--set", "embedded.corpus_megabytes=1.0", "--set", "embedded.validation_fraction=0.15",
 ]
 
@@ -167,7 +168,7 @@ def test_balance_report_written(runs):
     summary = (report / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == ["static", "microep", "ideal"]
     assert (report / "report.md").exists() and list(report.glob("*.png"))
-    assert "balance report:" in runs["reference"][1]
+    assert "balance report (with modeled step times and plots):" in runs["reference"][1]
 
 
 def test_cli_rejects_what_the_run_cannot_do(tmp_path):

@@ -162,7 +162,7 @@ def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [
         f"training.train_iters={STEPS}", "training.log_interval=1", "training.save_interval=2",
-        f"training.eval_interval={STEPS}", "training.lr_warmup_iters=1", "microep.replan_interval=2",
+        f"training.eval_interval={STEPS}", "training.lr_warmup_iters=1", "microep.replan_interval=2", "microep.replan_lag=1",
         "microep.planner=greedy", "embedded.corpus_megabytes=1.0", "embedded.validation_fraction=0.15",
         "embedded.report_policies=[static,microep]",
     ]
@@ -190,7 +190,7 @@ def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
     assert state.get("ExitCode") == "0:0"
     assert "1 node(s) x 4 CPU ranks" in output
     assert "max/mean before->after L1" in output and "tok/s" in output
-    assert "balance report:" in output
+    assert "balance report (with modeled step times and plots):" in output
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
