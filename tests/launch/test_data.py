@@ -6,7 +6,6 @@ import random
 import numpy as np
 import pytest
 
-pytest.importorskip("tokenizers")
 
 from megatron_microep.glue.data import (  # noqa: E402
     CorpusError, Sampler, prepare_corpus, select_files, stdlib_files, stdlib_root, validation_batches,

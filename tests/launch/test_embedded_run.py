@@ -23,7 +23,6 @@ import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-pytest.importorskip("tokenizers")
 
 from megatron_microep.simulator.traces import open_trace  # noqa: E402
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("megatron.core")
-pytest.importorskip("tokenizers")
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
