@@ -73,13 +73,9 @@ class RunSpec:
     corpus_dir: str
     resume: bool
     world_size: int
-    progress: bool = True
 
     def embedded(self, key: str):
         return self.config.get("embedded", key, _EMBEDDED_DEFAULTS[key])
-
-    def training(self, key: str, default=None):
-        return self.config.get("training", key, default)
 
 
 def check_embedded_support(config: LaunchConfig) -> List[str]:
@@ -270,7 +266,18 @@ def _manifest(spec: RunSpec, corpus_key: str) -> dict:
         "parallel": cfg.sections.get("parallel", {}),
         "batch": [cfg.get("training", "micro_batch_size"), cfg.get("training", "global_batch_size")],
         "seed": cfg.get("training", "seed", 1234),
+        # Saved placements have this many replica slots per rank.
+        "redundant_slots": cfg.get("microep", "redundant_slots", 0) if cfg.dispatcher == DISPATCHER_TYPE else None,
     }
+
+
+def check_resumable(spec: RunSpec) -> None:
+    """Raise TrainError unless the newest checkpoint in the output directory was written by a run
+    this one can continue (same model, parallel layout, batch, seed, corpus, replica slots)."""
+    checkpoint = latest_checkpoint(Path(spec.output_dir))
+    corpus_key = json.loads((Path(spec.corpus_dir) / "meta.json").read_text())["key"]
+    saved = json.loads((checkpoint / "manifest.json").read_text())
+    _check_manifest(saved, _manifest(spec, corpus_key), checkpoint)
 
 
 def _check_manifest(saved: dict, current: dict, where: Path) -> None:
@@ -430,7 +437,6 @@ def train_rank(spec: RunSpec) -> dict:
     trace_path = out / "routing" / "trace.mept"
     checkpoint = latest_checkpoint(out) if spec.resume else None
     if checkpoint is not None:
-        _check_manifest(json.loads((checkpoint / "manifest.json").read_text()), manifest, checkpoint)
         state = torch.load(checkpoint / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -752,6 +758,8 @@ def run(config: LaunchConfig, output_dir: str | os.PathLike, resume: bool = Fals
             directory = [str(corpus().directory) if rank == 0 else None]
             dist.broadcast_object_list(directory, src=0)
             spec = RunSpec(config, str(out), directory[0], resume, world)
+            if resume:
+                check_resumable(spec)
             result = train_rank(spec)
             dist.barrier()
         finally:
@@ -760,6 +768,8 @@ def run(config: LaunchConfig, output_dir: str | os.PathLike, resume: bool = Fals
             return {**result, "report": None}
     else:
         spec = RunSpec(config, str(out), str(corpus().directory), resume, world)
+        if resume:
+            check_resumable(spec)
         stop_file = out / STOP_FILE
         previous = {}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 
-from megatron_microep.glue.data import (  # noqa: E402
+from megatron_microep.glue.data import (
     CorpusError, Sampler, prepare_corpus, select_files, stdlib_files, stdlib_root, validation_batches,
 )
 

@@ -183,3 +183,17 @@ def test_cli_rejects_what_the_run_cannot_do(tmp_path):
     assert result.returncode == 2 and "--steps must be >= 1" in result.stderr
     result = cli("--set", "embedded.report_policies=[static,nope]", "--output", str(tmp_path / "y"))
     assert result.returncode == 2 and "unknown policy 'nope'" in result.stderr
+
+
+def test_resume_refuses_an_incompatible_config(runs):
+    out = runs["dirs"]["interrupted"]
+    result = subprocess.run([sys.executable, "-m", "megatron_microep", "train", "--output", str(out), "--resume",
+                             "--cache-dir", str(out.parent / "cache"), *COMMON, "--set", "model.hidden_size=64"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "checkpoint was written with model = " in result.stderr and "resume with the same config" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-m", "megatron_microep", "train", "--output", str(out),
+                             "--cache-dir", str(out.parent / "cache"), *COMMON], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "already holds checkpoints: pass --resume" in result.stderr
