@@ -25,6 +25,8 @@ setup(
         "megatron-core>=0.16,<0.20",
         # megatron-core's distributed checkpointing imports it but does not declare it.
         "psutil>=5.9",
+        # The embedded run trains a byte-level BPE on the local stdlib corpus (no downloads).
+        "tokenizers>=0.19",
     ],
     extras_require={
         # TransformerEngine and NVIDIA apex need CUDA; apex is NOT the PyPI package named "apex".

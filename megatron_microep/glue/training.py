@@ -131,7 +131,9 @@ def transformer_config(config: LaunchConfig):
             if name not in fields:
                 raise TrainError(f"{section}.{key}: this megatron-core has no TransformerConfig.{name}")
             kwargs[name] = value
-    kwargs.update(use_cpu_initialization=True, params_dtype=torch.float32, bf16=False, fp16=False,
+    # Megatron's per-EP-rank expert initialisation (the CPU harness makes it work): with CPU
+    # initialisation every EP rank would start from identical local experts.
+    kwargs.update(use_cpu_initialization=False, params_dtype=torch.float32, bf16=False, fp16=False,
                   tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     config_obj = TransformerConfig(**kwargs)
     settings = config.microep_settings()
