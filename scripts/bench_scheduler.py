@@ -13,7 +13,6 @@ import platform
 import statistics
 import time
 
-import numpy as np
 
 from megatron_microep.planning.eplb import eplb_placement
 from megatron_microep.planning.placement import Placement

@@ -35,6 +35,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.planner import run_cp_sat
 from megatron_microep.planning.scheduler import optimal_max_load, route_loads
 
 # The complete CP-SAT model (every expert on every GPU) up to this many flow variables; beyond it a
@@ -284,17 +285,10 @@ def _cp_sat(p: _Problem, incumbent: np.ndarray, deadline: float):
     for pair in pairs:
         model.add_hint(y[pair], bool(incumbent[pair]))
     model.minimize(sum(z))
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
+    run = run_cp_sat(model, deadline, p.num_samples, scale)
+    if run is None:
         return not_run
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = remaining
-    solver.parameters.num_workers = 2
-    solver.parameters.random_seed = 0
-    status = solver.solve(model)
-    name = solver.status_name(status)
-    slack = 0.0 if scale == 1.0 else p.num_samples  # floored loads: per-sample optimum < scale * exact + 1
-    bound = max(0.0, (solver.best_objective_bound - slack) / (p.num_samples * scale))
+    solver, status, name, bound = run
     exact = bool(complete and scale == 1.0)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, name, bound, exact

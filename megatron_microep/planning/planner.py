@@ -368,6 +368,27 @@ def _candidate_pairs(problem: _Problem, incumbent, gpu_load_mean: np.ndarray) ->
     return sorted(pairs), False
 
 
+def run_cp_sat(model: cp_model.CpModel, deadline: float, num_samples: int, scale: float):
+    """Solve ``model`` (minimising the sum over ``num_samples`` samples of the per-sample max load, in
+    loads scaled by ``scale`` and floored) until ``deadline`` (time.monotonic).
+
+    Returns (solver, status, status name, proven bound on the mean per-sample optimum in tokens), or
+    None when no time is left.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = remaining
+    solver.parameters.num_workers = 2
+    solver.parameters.random_seed = 0
+    status = solver.solve(model)
+    # Floored loads: the model's optimum per sample is < scale * exact optimum + 1 (see module doc).
+    slack = 0.0 if scale == 1.0 else num_samples
+    bound = max(0.0, (solver.best_objective_bound - slack) / (num_samples * scale))
+    return solver, status, solver.status_name(status), bound
+
+
 def _cp_sat(problem: _Problem, incumbent, gpu_load_mean, deadline: float):
     """Solve the flow model; returns (extra lists or None, status name, bound in tokens, complete)."""
     p = problem
@@ -423,18 +444,10 @@ def _cp_sat(problem: _Problem, incumbent, gpu_load_mean, deadline: float):
     moved = [y[pair] for pair in pairs if pair not in p.current_pairs]
     model.minimize(sum(z) + penalty * sum(moved) if penalty and moved else sum(z))
 
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
+    run = run_cp_sat(model, deadline, num_samples, scale)
+    if run is None:
         return not_run
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = remaining
-    solver.parameters.num_workers = 2
-    solver.parameters.random_seed = 0
-    status = solver.solve(model)
-    name = solver.status_name(status)
-    # Floored loads: the model's optimum per sample is < scale * exact optimum + 1 (see module doc).
-    slack = 0.0 if scale == 1.0 else num_samples
-    bound = max(0.0, (solver.best_objective_bound - slack) / (num_samples * scale))
+    solver, status, name, bound = run
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, name, bound, bool(complete and scale == 1.0)
     extra: list[list[int]] = [[] for _ in range(p.num_experts)]

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies import Layout, make_policy, traffic
 from megatron_microep.simulator.cost import (
     CostModel, CostModelError, GemmTable, broadcast_chains, record_cost, replica_sync,

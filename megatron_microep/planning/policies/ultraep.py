@@ -40,7 +40,6 @@ class UltraEpParams:
 def _greedy_quotas(load, home_ptr, home_experts, num_gpus, node_size, redundant, cap):
     """Greedy check at cap ``cap``. Returns (feasible, keep int64 [E] home quotas,
     rep_expert, rep_gpu, rep_tokens (int64 [n] each)) for the replicas it made."""
-    num_experts = load.size
     gpu_load = np.zeros(num_gpus, np.int64)
     for g in range(num_gpus):
         for i in range(home_ptr[g], home_ptr[g + 1]):
