@@ -35,7 +35,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from megatron_microep.planning.placement import Placement
-from megatron_microep.planning.planner import run_cp_sat
+from megatron_microep.planning.planner import history_matrix, run_cp_sat
 from megatron_microep.planning.scheduler import optimal_max_load, route_loads
 
 # The complete CP-SAT model (every expert on every GPU) up to this many flow variables; beyond it a
@@ -69,14 +69,7 @@ class FsepPlan:
 
 def validate_fsep_inputs(history, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
     """Check the inputs; returns history as int64 [S, E]. Raises ValueError naming the problem."""
-    loads = np.asarray(history)
-    if loads.ndim != 2 or loads.shape[0] < 1 or loads.shape[1] < 1:
-        raise ValueError(f"history must be a non-empty [samples, experts] matrix, got shape {list(loads.shape)}")
-    if loads.dtype.kind not in "iu":
-        raise ValueError(f"history must hold integer token counts, got dtype {loads.dtype}")
-    if loads.min() < 0:
-        s, e = np.argwhere(loads < 0)[0]
-        raise ValueError(f"history has a negative load (sample {s}, expert {e}: {loads[s, e]})")
+    loads = history_matrix(history)
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
     num_experts = loads.shape[1]

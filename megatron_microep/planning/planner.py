@@ -104,8 +104,8 @@ class _Problem:
         return self.loads.shape[1]
 
 
-def validate_history(history, num_gpus: int, redundant_slots: int, gpus_per_node: int | None = None) -> np.ndarray:
-    """Check the planner's inputs; returns ``history`` as int64 [S, E]. Raises ValueError naming the problem."""
+def history_matrix(history) -> np.ndarray:
+    """Load history as int64 [S, E] (S, E >= 1, non-negative integers). Raises ValueError naming the problem."""
     loads = np.asarray(history)
     if loads.ndim != 2 or loads.shape[0] < 1 or loads.shape[1] < 1:
         raise ValueError(f"history must be a non-empty [samples, experts] matrix, got shape {list(loads.shape)}")
@@ -114,6 +114,12 @@ def validate_history(history, num_gpus: int, redundant_slots: int, gpus_per_node
     if loads.min() < 0:
         s, e = np.argwhere(loads < 0)[0]
         raise ValueError(f"history has a negative load (sample {s}, expert {e}: {loads[s, e]})")
+    return loads.astype(np.int64, copy=False)
+
+
+def validate_history(history, num_gpus: int, redundant_slots: int, gpus_per_node: int | None = None) -> np.ndarray:
+    """Check the planner's inputs; returns ``history`` as int64 [S, E]. Raises ValueError naming the problem."""
+    loads = history_matrix(history)
     num_experts = loads.shape[1]
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
