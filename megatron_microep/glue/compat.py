@@ -2,6 +2,10 @@
 
 - MoE mlp specs are ``ModuleSpec(module=MoELayer, ...)`` in 0.16 and ``functools.partial(MoELayer,
   ...)`` in 0.19; ``swap_moe_mlp`` rewrites either.
+- Before 0.18, ``TransformerLayer`` hands its process groups only to mlp ModuleSpecs whose module is
+  exactly ``MoELayer`` (or a stock expert class); any other ModuleSpec, a ``MoELayer`` subclass
+  included, is built with default groups after an "Unknown MLP type" warning. From 0.18 it calls
+  every mlp spec with ``pg_collection``. ``bind_mlp_process_groups`` closes the gap.
 - ``MoELayer.__init__`` builds its dispatcher with an if/elif on ``moe_token_dispatcher_type``;
   ``stock_dispatcher_during_init`` lets it build a throw-away stock one that the subclass replaces.
 - Expert weights are read from the stock experts module (``SequentialMLP``: one MLP per expert;
@@ -10,11 +14,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import List, Optional
 
 import torch
 
+from megatron.core import package_info
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -64,6 +70,38 @@ def swap_moe_mlp(mlp, layer_class: type, **params):
     if isinstance(mlp, functools.partial):
         return functools.partial(layer_class, *mlp.args, **{**mlp.keywords, **params})
     raise TypeError(f"not an MoE mlp spec: {mlp!r}")
+
+
+LAYER_PASSES_GROUPS_TO_ANY_MLP = (int(package_info.MAJOR), int(package_info.MINOR)) >= (0, 18)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupBoundSpec:
+    """An mlp spec whose params include the layer's ``pg_collection``.
+
+    Deliberately not a ``ModuleSpec``: TransformerLayer before 0.18 then adds no kwargs of its own
+    and logs nothing, and its ``build_module`` reads ``module``, ``params`` and ``submodules`` from
+    this object as from a ModuleSpec.
+    """
+
+    module: type
+    params: dict
+    submodules: object = None
+
+
+def bind_mlp_process_groups(submodules, pg_collection):
+    """``submodules`` (TransformerLayerSubmodules) whose MoE-subclass mlp is built with ``pg_collection``.
+
+    Unchanged where TransformerLayer passes the groups itself (0.18 on, or a stock ``MoELayer``).
+    """
+    mlp = getattr(submodules, "mlp", None)
+    if LAYER_PASSES_GROUPS_TO_ANY_MLP or not isinstance(mlp, ModuleSpec):
+        return submodules
+    if mlp.module is MoELayer or not _is_moe_layer_class(mlp.module):
+        return submodules
+    bound = GroupBoundSpec(module=mlp.module, params={**mlp.params, "pg_collection": pg_collection},
+                           submodules=mlp.submodules)
+    return dataclasses.replace(submodules, mlp=bound)
 
 
 def expert_tensors(experts: torch.nn.Module) -> List[List[torch.Tensor]]:

@@ -10,7 +10,10 @@ Two entry points:
 - ``microep_decoder_block_spec(config, vp_stage=None)``: the same decoder block spec as Megatron's
   ``get_gpt_decoder_block_spec``, MoE layers swapped, for model providers that build specs in code.
 
-``swap_moe_layers`` does the swap on any layer spec, list of layer specs or block spec.
+``swap_moe_layers`` does the swap on any layer spec, list of layer specs or block spec. On
+megatron-core before 0.18 it also builds the MoE layers as ``MicroEPDecoderLayer``, a
+TransformerLayer that hands its process groups to the MicroEP mlp (those versions pass them only to
+an mlp that is exactly ``MoELayer``).
 """
 from __future__ import annotations
 
@@ -30,17 +33,26 @@ def _uses_transformer_engine(config) -> bool:
     return getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
 
 
-def _swap_layer(layer_spec, microep: Optional[MicroEPConfig], pg_collection=None):
+def _is_subclass(obj, cls: type) -> bool:
+    return isinstance(obj, type) and issubclass(obj, cls)
+
+
+def _swap_layer(layer_spec, microep: Optional[MicroEPConfig]):
     submodules = getattr(layer_spec, "submodules", None)
     if submodules is None or not compat.is_moe_mlp_spec(getattr(submodules, "mlp", None)):
         return layer_spec
     params = {} if microep is None else {"microep": microep}
-    if pg_collection is not None and isinstance(submodules.mlp, ModuleSpec):
-        # 0.16's TransformerLayer hands its process groups only to mlp modules that are exactly
-        # MoELayer; the subclass gets them through the spec instead.
-        params["pg_collection"] = pg_collection
     mlp = compat.swap_moe_mlp(submodules.mlp, MicroEPMoELayer, **params)
-    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, mlp=mlp))
+    spec = dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, mlp=mlp))
+    if compat.LAYER_PASSES_GROUPS_TO_ANY_MLP or _is_subclass(spec.module, MicroEPDecoderLayer):
+        return spec
+    if spec.module is not TransformerLayer:
+        raise TypeError(
+            f"the MoE layer spec builds {getattr(spec.module, '__name__', spec.module)}; on megatron-core before "
+            "0.18 MicroEP replaces TransformerLayer by MicroEPDecoderLayer to hand the layer's process groups "
+            "to the MoE mlp, and cannot do so for other layer classes"
+        )
+    return dataclasses.replace(spec, module=MicroEPDecoderLayer)
 
 
 def swap_moe_layers(spec, microep: Optional[MicroEPConfig] = None):
@@ -60,20 +72,40 @@ def microep_decoder_block_spec(config, vp_stage: Optional[int] = None, use_trans
     return swap_moe_layers(compat.stock_decoder_block_spec(config, use_te, vp_stage=vp_stage), microep)
 
 
-class MicroEPTransformerLayer(TransformerLayer):
+class MicroEPDecoderLayer(TransformerLayer):
+    """A TransformerLayer that builds a MicroEP mlp with the layer's own process groups.
+
+    megatron-core before 0.18 passes ``pg_collection`` only to an mlp whose module is exactly
+    ``MoELayer`` (``compat.bind_mlp_process_groups``); ``_swap_layer`` uses this class there.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
+                 **kwargs):
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        # The same default TransformerLayer would take, decided here so the mlp gets it too.
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        super().__init__(config, compat.bind_mlp_process_groups(submodules, pg_collection), layer_number,
+                         hidden_dropout, pg_collection=pg_collection, **kwargs)
+
+
+class MicroEPTransformerLayer(MicroEPDecoderLayer):
     """A decoder layer built from Megatron's GPT spec for its position, MoE mlp swapped.
 
     The spec's own ``submodules`` are ignored (``microep_layer_spec`` has none): they are looked up
     per layer so one ``--spec`` object serves dense and MoE layers alike.
     """
 
-    def __init__(self, config, submodules=None, layer_number: int = 1, *args, **kwargs):
+    def __init__(self, config, submodules=None, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
+                 **kwargs):
         from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.core.utils import get_pg_rank
 
         if kwargs.get("is_mtp_layer"):
             raise ValueError("microep_layer_spec builds decoder layers only; MTP layers are not supported")
-        pg_collection = kwargs.get("pg_collection") or ProcessGroupCollection.use_mpu_process_groups()
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         if kwargs.get("add_layer_offset", True):
             offset = compat.layer_offset(config, kwargs.get("vp_stage"), get_pg_rank(pg_collection.pp))
         else:
@@ -82,13 +114,14 @@ class MicroEPTransformerLayer(TransformerLayer):
         stock = compat.stock_decoder_layer_specs(config, _uses_transformer_engine(config))
         if not 1 <= global_number <= len(stock):
             raise ValueError(f"layer number {global_number} outside the model's {len(stock)} layers")
-        spec = _swap_layer(stock[global_number - 1], None, kwargs.get("pg_collection"))
-        if spec.module is not TransformerLayer:
+        spec = _swap_layer(stock[global_number - 1], None)
+        if spec.module not in (TransformerLayer, MicroEPDecoderLayer):
             raise TypeError(
                 f"Megatron's spec for layer {global_number} builds {spec.module.__name__}; "
                 "microep_layer_spec only wraps TransformerLayer (use microep_decoder_block_spec)"
             )
-        super().__init__(config, spec.submodules, layer_number, *args, **kwargs)
+        super().__init__(config, spec.submodules, layer_number, hidden_dropout, pg_collection=pg_collection,
+                         **kwargs)
 
 
 microep_layer_spec = ModuleSpec(module=MicroEPTransformerLayer)

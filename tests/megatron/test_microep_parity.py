@@ -176,3 +176,68 @@ def test_tokens_conserved(parity_run, topk):
     # Both load vectors cover every routed (token, expert) pair exactly once.
     assert round(s.mean_before * ep) == routed
     assert round(s.mean_after * ep) == routed
+
+
+def _spec_groups_rank(rank: int, world_size: int, seed: int):
+    """Build MicroEP decoder blocks through both spec entry points with a pg_collection of fresh
+    groups (not megatron's global ones); report the warnings logged and the groups each layer holds."""
+    import copy
+    import logging
+
+    import torch.distributed as dist
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_microep.glue.layer import microep_layers
+    from megatron_microep.glue.spec import microep_decoder_block_spec, microep_layer_spec
+
+    mpu_pg = init_megatron_parallel(expert_model_parallel_size=world_size, seed=seed)
+    pg = copy.copy(mpu_pg)
+    pg.ep = dist.new_group(list(range(world_size)))
+    pg.tp_ep = dist.new_group(list(range(world_size)))
+    for r in range(world_size):  # every rank takes part in creating every group
+        own = dist.new_group([r])
+        if r == rank:
+            pg.expt_tp = own
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    _, micro_config = _configs(world_size, 2, 0, num_layers=2)
+    micro_config.transformer_impl = "local"  # what microep_layer_spec reads; TransformerEngine is absent
+    x = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=torch.Generator().manual_seed(seed + rank))
+    results = {}
+    specs = {"block spec": microep_decoder_block_spec(micro_config, use_transformer_engine=False),
+             "layer spec": microep_layer_spec}
+    for name, spec in specs.items():
+        records.clear()
+        block = TransformerBlock(micro_config, spec, pre_process=True, post_process=True, pg_collection=pg)
+        layers = microep_layers(block)
+        out = block(x.clone().requires_grad_(True), attention_mask=None)
+        out.sum().backward()
+        results[name] = {
+            "warnings": [m for m in records if "Unknown MLP type" in m],
+            "layers": len(layers),
+            "groups_are_models": [
+                layer.microep_groups.ep is pg.ep and layer.microep_groups.tp_ep is pg.tp_ep
+                and layer.microep_groups.etp is pg.expt_tp and layer.ep_group is pg.ep
+                and layer.token_dispatcher.groups is layer.microep_groups
+                for layer in layers
+            ],
+            "grads_finite": all(torch.isfinite(p.grad).all().item() for p in block.parameters() if p.grad is not None),
+        }
+    logging.getLogger().removeHandler(handler)
+    return results
+
+
+def test_spec_built_layers_use_the_models_process_groups():
+    """megatron-core 0.16/0.17 pass pg_collection only to an mlp that is exactly MoELayer; layers
+    from our specs must still get the model's groups, with no 'Unknown MLP type' warning."""
+    seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
+    print(f"spec groups test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
+    results = spawn_gloo(_spec_groups_rank, 2, seed, timeout_s=240)
+    for rank, per_spec in enumerate(results):
+        for name, res in per_spec.items():
+            assert res["layers"] == 2, f"rank {rank} {name}: {res['layers']} MicroEP layers built"
+            assert not res["warnings"], f"rank {rank} {name}: {res['warnings']}"
+            assert all(res["groups_are_models"]), f"rank {rank} {name}: layers on other process groups"
+            assert res["grads_finite"]
