@@ -1,16 +1,19 @@
-"""The grouped_mm expert backend against the per-slot loop reference, and backend selection."""
+"""The grouped_mm and te_grouped expert backends against the per-slot loop reference, and backend selection."""
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_microep.runtime import experts
 from megatron_microep.runtime.experts import (
     ExpertMath,
     ExpertWeights,
     choose_backend,
     grouped_mm_experts,
     loop_experts,
+    te_gemm_adapter,
+    te_grouped_experts,
 )
 
 SEED = int(os.environ.get("MICROEP_TEST_SEED", torch.seed() % 2**31))
@@ -49,21 +52,21 @@ def _case(gen, slots, hidden, ffn, gated, bias):
     return x, counts.tolist(), probs, weights
 
 
-def _leaves(x, probs, weights, dtype):
-    x = x.to(dtype).requires_grad_(True)
-    probs = probs.to(dtype).requires_grad_(True)
+def _leaves(x, probs, weights, dtype, device="cpu"):
+    x = x.to(device, dtype).requires_grad_(True)
+    probs = probs.to(device, dtype).requires_grad_(True)
     ws = [
-        ExpertWeights(*(t.to(dtype).requires_grad_(True) if t is not None else None
+        ExpertWeights(*(t.to(device, dtype).requires_grad_(True) if t is not None else None
                         for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias)))
         for w in weights
     ]
     return x, probs, ws
 
 
-def _grads(fn, x, counts, probs, weights, math, upstream, dtype):
-    x, probs, ws = _leaves(x, probs, weights, dtype)
+def _grads(fn, x, counts, probs, weights, math, upstream, dtype, device="cpu"):
+    x, probs, ws = _leaves(x, probs, weights, dtype, device)
     out = fn(x, counts, probs, ws, math)
-    out.backward(upstream.to(dtype))
+    out.backward(upstream.to(device, dtype))
     tensors = [x, probs] + [t for w in ws for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias) if t is not None]
     return out.detach().double(), [t.grad.double() if t.grad is not None else None for t in tensors]
 
@@ -137,3 +140,138 @@ def test_bf16_tokens_with_fp32_probabilities_stay_bf16(backend):
                        [ExpertWeights(*(t.double() for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias))) for w in weights],
                        MATHS["swiglu"])
     assert (out.double() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+# --- te_grouped ---------------------------------------------------------------------------------
+def _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate):
+    """TransformerEngine's general_grouped_gemm as read from its sources, in torch: "TN" out_i =
+    B_i A_i^T, "NN" out_i = B_i A_i, "NT" out_i = B_i^T A_i; single_output splits out[0] by rows."""
+    assert not accumulate
+    outs = list(torch.split(out[0], m_splits)) if single_output else out
+    assert len(A) == len(B) == len(outs) == len(m_splits)
+    for a, b, o in zip(A, B, outs):
+        o.copy_({"TN": lambda: b @ a.t(), "NN": lambda: b @ a, "NT": lambda: b.t() @ a}[layout]())
+
+
+WORKSPACES = [torch.empty(1)]
+
+
+def te_gemm_2_0(A, B, out, out_dtype, workspaces, layout="TN", m_splits=None, gelu=False, grad=False,
+                accumulate=False, bias=None, use_bias=False, use_split_accumulator=False, D_dtype=None,
+                single_output=False):
+    assert workspaces is WORKSPACES and out_dtype == out[0].dtype and not use_bias
+    _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
+
+
+def te_gemm_2_10(A, B, out, out_dtype, layout="TN", m_splits=None, gelu=False, grad=False, accumulate=False,
+                 bias=None, use_bias=False, use_split_accumulator=False, D_dtype=None, single_output=False):
+    assert out_dtype == out[0].dtype and not use_bias
+    _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
+
+
+def te_gemm_2_11(A, B, out, quantization_params, out_dtype, layout="TN", m_splits=None, gelu=False, grad=False,
+                 accumulate=False, bias=None, use_bias=False, use_split_accumulator=False, D_dtype=None,
+                 single_output=False):
+    assert quantization_params == [None] * len(A) and out_dtype == out[0].dtype and not use_bias
+    _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
+
+
+@pytest.mark.parametrize("gemm", [te_gemm_2_0, te_gemm_2_10, te_gemm_2_11], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bias", [False, True])
+def test_te_grouped_autograd_matches_loop_through_te_contract(monkeypatch, gemm, bias):
+    """te_grouped's autograd function and signature adapters, on CPU, over a torch model of TE's
+    grouped GEMM contract (the real TE runs in test_te_grouped_matches_loop_on_cuda)."""
+    print(f"experts test seed: {SEED} (rerun with MICROEP_TEST_SEED={SEED})")
+    monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: te_gemm_adapter(gemm, lambda: WORKSPACES))
+    gen = torch.Generator().manual_seed(SEED + 4)
+    math = MATHS["swiglu_clamp_offset"]
+    x, counts, probs, weights = _case(gen, slots=5, hidden=16, ffn=24, gated=True, bias=bias)
+    upstream = torch.randn(x.shape[0], 16, generator=gen, dtype=torch.float64)
+    ref_out, ref_grads = _grads(loop_experts, x, counts, probs, weights, math, upstream, torch.float32)
+    out, grads = _grads(te_grouped_experts, x, counts, probs, weights, math, upstream, torch.float32)
+    _assert_close(out, ref_out, grads, ref_grads, 1e-5)
+
+
+def test_te_grouped_without_tokens_gives_zero_weight_gradients(monkeypatch):
+    monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: te_gemm_adapter(te_gemm_2_11, None))
+    gen = torch.Generator().manual_seed(SEED + 5)
+    x, _, probs, weights = _case(gen, slots=3, hidden=8, ffn=4, gated=False, bias=False)
+    out, grads = _grads(te_grouped_experts, x[:0], [0, 0, 0], probs[:0], weights, MATHS["gelu"],
+                        torch.ones(0, 8), torch.float32)
+    assert out.shape == (0, 8)
+    assert all(g is not None and g.abs().sum() == 0 for g in grads[2:])
+
+
+def _assert_close(out, ref_out, grads, ref_grads, rel):
+    assert (out - ref_out).abs().max() <= rel * ref_out.abs().max(), "output"
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert (g is None) == (r is None), f"tensor {i}"
+        if r is not None:
+            assert (g - r).abs().max() <= rel * max(r.abs().max().item(), 1.0), f"gradient {i}"
+
+
+def test_te_signature_adapter_refuses_unknown_signatures():
+    def te_1_grouped_gemm(A, B, out, dtype, workspaces, gelu=False):  # TE 1.x's name and order
+        return None
+
+    def renamed(A, B, out, quantizers, out_dtype, layout="TN"):
+        return None
+
+    for gemm in (te_1_grouped_gemm, renamed):
+        call, why = te_gemm_adapter(gemm, lambda: WORKSPACES)
+        assert call is None and "signature MicroEP does not know" in why, gemm.__name__
+
+
+def test_te_grouped_selection(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(ValueError, match="te_grouped unavailable: tensors are on cpu, TransformerEngine runs on CUDA"):
+        choose_backend("te_grouped", cpu, torch.bfloat16, [16])
+    assert choose_backend("auto", cpu, torch.float32, [6]) == "loop"
+
+    missing = (None, "TransformerEngine not usable (ModuleNotFoundError: No module named 'transformer_engine')")
+    monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: missing)
+    with pytest.raises(ValueError, match="te_grouped unavailable: TransformerEngine not usable"):
+        choose_backend("te_grouped", cuda, torch.bfloat16, [16])
+    assert choose_backend("auto", cuda, torch.bfloat16, [16]) != "te_grouped"
+
+    monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: te_gemm_adapter(te_gemm_2_11, None))
+    assert choose_backend("auto", cuda, torch.bfloat16, [16]) == "te_grouped"
+    assert choose_backend("auto", cuda, torch.float32, [6]) == "te_grouped"  # no 16-byte rule for TE
+    assert choose_backend("auto", cpu, torch.bfloat16, [16]) != "te_grouped"
+    with pytest.raises(ValueError, match="te_grouped unavailable: torch.float64 is not one of"):
+        choose_backend("te_grouped", cuda, torch.float64, [16])
+
+
+def test_choice_is_logged_once_with_the_reasons(caplog):
+    caplog.set_level("INFO", logger=experts.logger.name)
+    experts._LOGGED.clear()
+    for _ in range(3):
+        choose_backend("auto", torch.device("cpu"), torch.float32, [6])
+    lines = [r.getMessage() for r in caplog.records if "MicroEP experts" in r.getMessage()]
+    assert len(lines) == 1
+    assert "loop backend" in lines[0] and "te_grouped: tensors are on cpu" in lines[0] and "16 bytes" in lines[0]
+
+
+def _real_te_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (te_grouped runs TransformerEngine's grouped GEMM on CUDA)"
+    call, why = experts.transformer_engine_gemm()
+    return why if call is None else None
+
+
+@pytest.mark.skipif(_real_te_reason() is not None, reason=f"real TransformerEngine: {_real_te_reason()}")
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("math_name", sorted(MATHS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_te_grouped_matches_loop_on_cuda(dtype, rel, math_name, bias):
+    """The real TE grouped GEMM against the loop on the same device and dtype: outputs and every
+    weight, input and probability gradient; one slot has no rows. fp32 allows TF32-level error."""
+    print(f"experts test seed: {SEED} (rerun with MICROEP_TEST_SEED={SEED})")
+    gen = torch.Generator().manual_seed(SEED + 6)
+    math = MATHS[math_name]
+    x, counts, probs, weights = _case(gen, slots=6, hidden=64, ffn=96, gated=math.gated, bias=bias)
+    assert 0 in counts
+    upstream = torch.randn(x.shape[0], 64, generator=gen, dtype=torch.float64)
+    ref_out, ref_grads = _grads(loop_experts, x, counts, probs, weights, math, upstream, dtype, "cuda")
+    out, grads = _grads(te_grouped_experts, x, counts, probs, weights, math, upstream, dtype, "cuda")
+    _assert_close(out, ref_out, grads, ref_grads, rel)
