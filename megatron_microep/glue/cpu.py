@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import types
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -228,6 +230,111 @@ def _patch_default_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.split(":")[0] == "cuda"
+
+
+def _on_cpu_if_cuda(factory):
+    @functools.wraps(factory)
+    def make(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return make
+
+
+class _TorchWithCpuFactories(types.ModuleType):
+    """``torch`` as seen from one megatron module: tensors it creates with ``device="cuda"`` go to
+    the CPU; every other name is torch's own (looked up once, then cached here).
+
+    The optimizer, gradient clipping and the pipeline schedules allocate flags, norms and token
+    counts with a literal ``device="cuda"``. Redirecting only inside those modules keeps the
+    plugin's own code honest: a hard-coded ``device="cuda"`` there still fails on CPU.
+    """
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        for name in self._FACTORIES:
+            setattr(self, name, _on_cpu_if_cuda(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        setattr(self, name, value)
+        return value
+
+
+_CPU_FACTORY_TORCH = _TorchWithCpuFactories()
+
+# Megatron modules whose literal device="cuda" allocations are on the training path, per feature.
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.optimizer",  # found_inf, overflow buffer, loss scale of every optimizer
+    "megatron.core.optimizer.clip_grads",  # gradient norm, clipping, zero counting
+    "megatron.core.utils",  # local_multi_tensor_l2_norm, the norm without apex/TE
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens of every schedule
+)
+
+
+def _patch_cuda_literal_allocations() -> None:
+    for name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        _require(module, "torch")
+        if module.torch is not torch and module.torch is not _CPU_FACTORY_TORCH:
+            raise RuntimeError(f"enable_cpu_megatron: {name}.torch is not the torch module")
+        module.torch = _CPU_FACTORY_TORCH
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """CPU tensors answer ``.type()`` with the CUDA type name of their dtype while inside.
+
+    Megatron's optimizers sort parameters into fp32 and 16-bit groups, and gradient clipping
+    asserts fp32 gradients, by comparing ``tensor.type()`` with "torch.cuda.FloatTensor" etc.
+    """
+    original = torch.Tensor.type
+
+    def cuda_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is not None:
+            return original(self, dtype, non_blocking, **kwargs)
+        name = original(self)
+        return "torch.cuda." + name[len("torch."):] if self.device.type == "cpu" else name
+
+    torch.Tensor.type = cuda_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    wrapped._cpu_harness_wrapped = True
+    return wrapped
+
+
+def _patch_type_checks() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    _require(optimizer, "Float16OptimizerWithFloat16Params", "clip_grad_by_total_norm_fp32")
+    _require(distrib_optimizer, "DistributedOptimizer")
+    _require(clip_grads, "clip_grad_by_total_norm_fp32")
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        if not getattr(cls.__init__, "_cpu_harness_wrapped", False):
+            cls.__init__ = _with_cuda_type_names(cls.__init__)
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    # optimizer.py imported the function by name: patch both names.
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    optimizer.clip_grad_by_total_norm_fp32 = clip
+
+
 @dataclass(frozen=True)
 class _Patch:
     name: str
@@ -240,6 +347,8 @@ _PATCHES: Tuple[_Patch, ...] = (
     _Patch("moe_utils: te_general_gemm, CPU split sizes", _patch_moe_utils),
     _Patch("uneven first-dim all-gather on gloo", _patch_uneven_all_gather),
     _Patch("default causal attention mask on CPU", _patch_default_causal_mask),
+    _Patch("optimizer, clipping, schedules: device='cuda' allocations on CPU", _patch_cuda_literal_allocations),
+    _Patch("optimizer parameter type checks accept CPU tensors", _patch_type_checks),
 )
 
 

@@ -1,0 +1,327 @@
+"""MicroEP trained through Megatron's own training stack on CPU ranks, against stock EP.
+
+Megatron's ``DistributedDataParallel`` (gradient buffers), ``get_megatron_optimizer`` (Adam, fp32,
+with and without the distributed optimizer, gradient clipping) and ``get_forward_backward_func``
+(several micro-batches) train a small MoE ``GPTModel`` for a few steps, once with the stock
+alltoall dispatcher and once with ``microep_layer_spec`` from the same weights. Routing is skewed
+towards expert 0 and MicroEP holds a replica of it on the other EP rank, so replicas carry tokens in
+every micro-batch and their gradients must come home before Megatron reduces expert gradients.
+
+Launch 1 (4 ranks, EP = 2, expert data parallelism 2, no pipelining):
+- DDP without overlap, non-distributed optimizer: losses within 1e-4, parameters within 1e-5
+  relative; the expert gradients that Megatron's expert-DP all-reduce starts from (captured just
+  before ``finalize_model_grads``) already equal stock's, replica contributions included;
+- DDP with overlapped reduction, distributed optimizer: the same parity;
+- control: with the replica-gradient return removed, parity breaks (the checks can fail).
+Launch 2 (4 ranks, PP = 2 x EP = 2): Megatron's 1F1B schedule, same parity per stage.
+"""
+import contextlib
+import os
+import random
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+import torch  # noqa: E402
+
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+
+WORLD = 4
+NUM_EXPERTS = 4
+PLACEMENT = [[0, 1], [0], [1], [1]]  # expert 0 (home EP rank 0, hot) also on EP rank 1
+VOCAB, SEQ_LEN, MICRO_BATCH, HIDDEN = 64, 16, 2, 32
+MICRO_BATCHES = 3
+STEPS = 4
+LOSS_TOL = 1e-4
+PARAM_REL_TOL = 1e-5
+
+
+def _seed() -> int:
+    seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
+    print(f"training-stack test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
+    return seed
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _config(dispatcher: str, ep: int, pp: int, layers: int):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
+
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64,
+        moe_ffn_hidden_size=32, num_moe_experts=NUM_EXPERTS, moe_router_topk=2,
+        moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+        add_bias_linear=False, use_cpu_initialization=False, transformer_impl="local", hidden_dropout=0.0,
+        attention_dropout=0.0, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
+        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+    )
+    if dispatcher == "microep":
+        attach_microep_config(config, MicroEPConfig(redundant_slots=1))
+    return config
+
+
+def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None):
+    """A GPTModel for this pipeline stage; stock weights skewed towards expert 0, or ``state``."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_microep.glue.layer import microep_layers
+    from megatron_microep.glue.spec import microep_layer_spec
+    from megatron_microep.planning.placement import Placement
+
+    config = _config(dispatcher, ep, pp, layers)
+    spec = (microep_layer_spec if dispatcher == "microep"
+            else get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm"))
+    stage, stages = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()
+    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN, pre_process=stage == 0,
+                     post_process=stage == stages - 1, position_embedding_type="rope")
+    if state is None:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name.endswith("router.expert_bias"):
+                    buffer.zero_()
+                    buffer[0] = 0.6
+    else:
+        model.load_state_dict(state, strict=True)
+    for layer in microep_layers(model):
+        layer.set_placement(Placement.from_lists(PLACEMENT, ep))
+    return model, config
+
+
+def _wrap(model, config, overlap: bool, distributed_optimizer: bool):
+    """Megatron's DDP and optimizer, wired into the config as Megatron-LM's training loop does."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed_optimizer,
+        bucket_size=2000 if overlap else None,  # several buckets, so reductions start during backward
+    )
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=False, fp16=False,
+                        params_dtype=torch.float32, use_distributed_optimizer=distributed_optimizer),
+        [ddp],
+    )
+    config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync if overlap else None
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    return ddp, optimizer
+
+
+def _micro_batches(seed: int, step: int):
+    from megatron.core import parallel_state
+
+    # Same data on the pipeline stages of one data-parallel rank, different across them.
+    dp_rank = parallel_state.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(seed + 1000 * step + dp_rank)
+    mask = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)[None, None]
+    positions = torch.arange(SEQ_LEN)[None].expand(MICRO_BATCH, SEQ_LEN)
+    out = []
+    for _ in range(MICRO_BATCHES):
+        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
+        tokens = (start + torch.arange(SEQ_LEN + 1)) % VOCAB  # next token = token + 1: learnable
+        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
+    return out
+
+
+def _forward_step(data_iterator, model):
+    tokens, labels, positions, mask = next(data_iterator)
+    output = model(tokens, positions, mask, labels=labels)
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        # A copy: the schedule divides the returned loss in place by the number of micro-batches.
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def _expert_main_grads(ddp):
+    return {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()
+            if not getattr(p, "allreduce", True)}
+
+
+def _train(ddp, optimizer, config, seed: int, capture_pre_reduction: bool):
+    """STEPS optimizer steps through get_forward_backward_func; per step the mean micro-batch loss
+    (last stage; None elsewhere), and the expert gradients as finalize_model_grads receives them."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_microep.glue.layer import set_training_step
+
+    finalize = config.finalize_model_grads_func
+    pre_reduction = []
+
+    def finalize_after_capture(model_chunks, *args, **kwargs):
+        if capture_pre_reduction:
+            pre_reduction.append(_expert_main_grads(ddp))
+        return finalize(model_chunks, *args, **kwargs)
+
+    config.finalize_model_grads_func = finalize_after_capture
+    forward_backward = get_forward_backward_func()
+    losses = []
+    for step in range(1, STEPS + 1):
+        set_training_step(step)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        results = forward_backward(
+            forward_step_func=_forward_step, data_iterator=iter(_micro_batches(seed, step)), model=[ddp],
+            num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH, forward_only=False,
+        )
+        update_successful, grad_norm, _ = optimizer.step()
+        assert update_successful
+        losses.append(sum(r["lm loss"].item() for r in results) / len(results) if results else None)
+    config.finalize_model_grads_func = finalize
+    return losses, pre_reduction
+
+
+@contextlib.contextmanager
+def _replica_gradients_dropped():
+    """The bug the parity checks must catch: replica gradients never reach their home expert."""
+    from megatron_microep.runtime.replicas import ReplicaExchange
+
+    original = ReplicaExchange.return_grads
+
+    def dropped(self, grad):
+        return [[None] * len(self.shapes) for _ in range(self.layout.experts_per_rank)]
+
+    ReplicaExchange.return_grads = dropped
+    try:
+        yield
+    finally:
+        ReplicaExchange.return_grads = original
+
+
+def _params(model):
+    model = getattr(model, "module", model)  # DDP wraps the model
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _replica_stats(ddp):
+    from megatron_microep.glue.layer import microep_layers
+
+    return [(s.replicas, s.replica_tokens) for layer in microep_layers(ddp.module) for s in layer.telemetry.drain()]
+
+
+def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica_grads=False):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    stock, stock_config = _build("alltoall", ep, pp, layers)
+    micro, micro_config = _build("microep", ep, pp, layers, state=stock.state_dict())
+    start = _params(stock)
+    stock_ddp, stock_opt = _wrap(stock, stock_config, overlap, distributed_optimizer)
+    stock_losses, stock_pre = _train(stock_ddp, stock_opt, stock_config, seed, capture_pre_reduction=not overlap)
+    micro_ddp, micro_opt = _wrap(micro, micro_config, overlap, distributed_optimizer)
+    guard = _replica_gradients_dropped() if drop_replica_grads else contextlib.nullcontext()
+    with guard:
+        micro_losses, micro_pre = _train(micro_ddp, micro_opt, micro_config, seed, capture_pre_reduction=not overlap)
+    stock_params, micro_params = _params(stock_ddp), _params(micro_ddp)
+    return {
+        "schedule": get_forward_backward_func().__name__,
+        "optimizers": sorted({type(o).__name__ for o in getattr(micro_opt, "chained_optimizers", [micro_opt])}),
+        "stock_losses": stock_losses, "micro_losses": micro_losses,
+        "param_rel": {n: _rel(micro_params[n], p) for n, p in stock_params.items()},
+        "same_names": sorted(stock_params) == sorted(micro_params),
+        "moved": max((p - start[n]).abs().max().item() for n, p in stock_params.items()),
+        "pre_reduction_rel": [{n: _rel(m[n], s[n]) for n in s} for s, m in zip(stock_pre, micro_pre)],
+        "replica_stats": _replica_stats(micro_ddp),
+    }
+
+
+CASES = {
+    # name: (DDP overlap, distributed optimizer, drop replica gradients)
+    "plain": (False, False, False),
+    "distopt": (False, True, False),
+    "overlap_distopt": (True, True, False),
+    "no_replica_grads": (False, False, True),
+}
+
+
+def _ep2_edp2_rank(rank, world_size, seed):
+    init_megatron_parallel(expert_model_parallel_size=2, seed=seed)
+    return {name: _run_pair(seed, 2, 1, 2, *flags) for name, flags in CASES.items()}
+
+
+def _pp2_ep2_rank(rank, world_size, seed):
+    from megatron.core import parallel_state
+
+    init_megatron_parallel(pipeline_model_parallel_size=2, expert_model_parallel_size=2, seed=seed)
+    result = _run_pair(seed, 2, 2, 4, overlap=False, distributed_optimizer=False)
+    result["stage"] = parallel_state.get_pipeline_model_parallel_rank()
+    return result
+
+
+@pytest.fixture(scope="module")
+def ep2_edp2_run():
+    return spawn_gloo(_ep2_edp2_rank, WORLD, _seed(), timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def pp2_ep2_run():
+    return spawn_gloo(_pp2_ep2_rank, WORLD, _seed(), timeout_s=600)
+
+
+def _assert_parity(rank, res, label):
+    assert res["same_names"]
+    assert len(res["stock_losses"]) == STEPS
+    if res["stock_losses"][0] is not None:
+        diffs = [abs(a - b) for a, b in zip(res["micro_losses"], res["stock_losses"])]
+        assert max(diffs) <= LOSS_TOL, f"{label} rank {rank}: loss diffs {diffs}"
+    worst = max(res["param_rel"].items(), key=lambda kv: kv[1])
+    print(f"{label} rank {rank}: losses stock {res['stock_losses']} microep {res['micro_losses']}; worst "
+          f"parameter {worst[0]} {worst[1]:.1e}; moved {res['moved']:.2e}; replica tokens "
+          f"{[tokens for _, tokens in res['replica_stats']]}")
+    assert worst[1] <= PARAM_REL_TOL, f"{label} rank {rank}: parameter {worst[0]} differs by {worst[1]:.2e}"
+    assert res["moved"] > 1e-3, f"{label} rank {rank}: training did not change the weights"
+    stats = res["replica_stats"]
+    assert stats and all(replicas > 0 and tokens > 0 for replicas, tokens in stats), (
+        f"{label} rank {rank}: replicas idle in some micro-batch: {stats}"
+    )
+
+
+@pytest.mark.parametrize("case", ["plain", "distopt", "overlap_distopt"])
+def test_microep_matches_stock_through_ddp_optimizer_and_schedule(ep2_edp2_run, case):
+    expected_optimizer = "DistributedOptimizer" if CASES[case][1] else "FP32Optimizer"
+    for rank, res in enumerate(ep2_edp2_run):
+        assert res[case]["schedule"] == "forward_backward_no_pipelining"
+        assert res[case]["optimizers"] == [expected_optimizer]
+        _assert_parity(rank, res[case], case)
+
+
+@pytest.mark.parametrize("case", ["plain", "distopt"])
+def test_expert_dp_reduction_starts_from_folded_replica_gradients(ep2_edp2_run, case):
+    for rank, res in enumerate(ep2_edp2_run):
+        per_step = res[case]["pre_reduction_rel"]
+        assert len(per_step) == STEPS and all(per_step)
+        worst = max(rel for step in per_step for rel in step.values())
+        print(f"rank {rank}: pre-reduction expert gradients, worst relative difference {worst:.1e}")
+        assert worst <= PARAM_REL_TOL, f"rank {rank}: pre-reduction expert gradients differ by {worst:.2e}"
+
+
+def test_parity_breaks_without_replica_gradient_return(ep2_edp2_run):
+    for rank, res in enumerate(ep2_edp2_run):
+        control = res["no_replica_grads"]
+        assert all(tokens > 0 for _, tokens in control["replica_stats"])
+        worst = max(rel for step in control["pre_reduction_rel"] for rel in step.values())
+        print(f"rank {rank}: replica gradients dropped: expert gradient {worst:.1e}, parameters "
+              f"{max(control['param_rel'].values()):.1e}")
+        assert worst > 1e-2, f"rank {rank}: dropping replica gradients went unnoticed ({worst:.2e})"
+        assert max(control["param_rel"].values()) > 10 * PARAM_REL_TOL
+
+
+def test_pipeline_1f1b_matches_stock(pp2_ep2_run):
+    assert sorted(res["stage"] for res in pp2_ep2_run) == [0, 0, 1, 1]
+    for rank, res in enumerate(pp2_ep2_run):
+        assert res["schedule"] == "forward_backward_pipelining_without_interleaving"
+        _assert_parity(rank, res, "pp2_ep2")
+        if res["stage"] == 1:
+            assert all(loss is not None for loss in res["stock_losses"])
