@@ -6,8 +6,8 @@ Prints figures for docs/benchmarks.md ("## Simulator"):
    against the time of only reading the same trace from disk (the baseline measured in this run).
 2. scale: a 1024-GPU x 256-expert x 8-layer x 100-micro-batch trace written to a .mept file, then
    streamed through every policy; wall time and peak resident memory against the size the whole
-   trace would take in memory. microep runs with ``planner=eplb`` there: the OR-Tools planner
-   takes at most one GPU per expert (G <= E).
+   trace would take in memory. With 4 GPUs per expert, a quarter of the GPUs hold a home expert; the
+   others serve replicas only.
 3. tables: every policy on several skewed and drifting workloads (and two controls) with 2 redundant
    slots per GPU, 8 GPUs per node; markdown tables with the summary columns.
 
@@ -84,8 +84,7 @@ def scale(out: Path, quick: bool) -> None:
     base = read_only(trace)
     full_gb = count * 1024 * 256 * 8 / 1e9
     started = time.perf_counter()
-    result = simulate(str(trace), list(POLICIES), 2, 8, out / "scale_report", CostModel(),
-                      policy_params={"microep": {"planner": "eplb"}})
+    result = simulate(str(trace), list(POLICIES), 2, 8, out / "scale_report", CostModel())
     seconds = time.perf_counter() - started
     print(f"## scale: 1024 GPUs x 256 experts x {layers} layers x {micro_batches} micro-batches, all policies")
     print(f"records {count}; trace file {trace.stat().st_size / 1e6:.0f} MB (whole trace as int64 arrays: "

@@ -1,7 +1,8 @@
 """Replica placement planner: which experts get extra copies, and on which GPUs.
 
 Problem. History ``loads`` int [S, E] (tokens per expert in S sampled micro-batches), G GPUs, home
-of expert e on GPU e*G//E (Megatron's contiguous EP), R redundant slots per GPU, optionally replicas
+of expert e on GPU e*G//E (Megatron's contiguous EP; with G > E some GPUs hold no home expert and
+serve replicas only), R redundant slots per GPU, optionally replicas
 confined to the home node (``gpus_per_node``). Choose extra copies (never two of one expert on a GPU,
 at most R per GPU) to minimise
 
@@ -123,8 +124,6 @@ def validate_history(history, num_gpus: int, redundant_slots: int, gpus_per_node
     num_experts = loads.shape[1]
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
-    if num_gpus > num_experts:
-        raise ValueError(f"num_gpus={num_gpus} exceeds the number of experts ({num_experts}): some GPU would hold no home expert")
     if gpus_per_node is not None and (gpus_per_node < 1 or num_gpus % gpus_per_node):
         raise ValueError(f"gpus_per_node={gpus_per_node} must be >= 1 and divide num_gpus={num_gpus}")
     if redundant_slots < 0:

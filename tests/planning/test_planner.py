@@ -62,6 +62,7 @@ def _brute_force(history, num_gpus, redundant_slots, gpus_per_node=None, current
 
 @pytest.mark.parametrize("num_experts,num_gpus,redundant_slots,gpus_per_node", [
     (6, 3, 1, None), (6, 3, 2, None), (8, 4, 1, None), (8, 4, 1, 2), (5, 2, 2, None),
+    (2, 4, 1, None), (3, 4, 1, 2),  # more GPUs than experts: some GPUs hold replicas only
 ])
 def test_matches_brute_force_optimum_on_small_instances(num_experts, num_gpus, redundant_slots, gpus_per_node):
     rng = np.random.default_rng(_seed())
@@ -118,6 +119,21 @@ def test_invariants_exact_objective_and_never_worse_than_greedy(gpus_per_node):
     assert result.gap == pytest.approx((result.objective - result.bound) / result.objective)
 
 
+def test_more_gpus_than_experts_fills_the_homeless_gpus_and_beats_greedy():
+    seed = _seed()
+    num_experts, num_gpus, redundant_slots = 16, 64, 2
+    history = workloads.expert_loads(workloads.generate("lognormal_drift", 8, num_gpus, num_experts, 256, 2, seed))
+    result = plan_placement(history, num_gpus, redundant_slots, time_limit_s=3.0)
+    _check_invariants(result.placement, num_experts, num_gpus, redundant_slots)
+    homes = {home_gpu(e, num_experts, num_gpus) for e in range(num_experts)}
+    used = {g for copies in result.placement.to_lists() for g in copies}
+    assert used - homes, "no replica landed on a GPU without a home expert"
+    greedy = _expected_max(history, eplb_placement(history, num_gpus, redundant_slots))
+    assert result.expected_max == pytest.approx(_expected_max(history, result.placement))
+    assert result.expected_max <= greedy
+    assert result.bound <= result.objective
+
+
 def test_time_limit_is_honoured_at_full_scale():
     seed = _seed()
     history = workloads.expert_loads(workloads.generate("bursty", 16, 64, 256, 4096, 8, seed))
@@ -162,7 +178,6 @@ def test_current_placement_with_zero_penalty_is_a_start_and_is_validated():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(history=[[1, -2, 3, 4]], num_gpus=2, redundant_slots=1), "negative load"),
-    (dict(history=[[1, 2]], num_gpus=3, redundant_slots=1), "exceeds the number of experts"),
     (dict(history=[[1, 2, 3, 4]], num_gpus=2, redundant_slots=3), "redundant_slots=3 exceeds"),
     (dict(history=[[1, 2, 3, 4]], num_gpus=2, redundant_slots=1, gpus_per_node=3), "divide"),
     (dict(history=[[1.5, 2, 3, 4]], num_gpus=2, redundant_slots=1), "integer"),
@@ -233,7 +248,6 @@ def test_cli_plans_and_writes_the_documented_format(tmp_path, capsys):
     ({"num_gpus": 2, "loads": [[1, 2, -3, 4]]}, [], "field 'loads[0][2]' must be non-negative, got -3"),
     ({"num_gpus": 2, "loads": [[1, 2.5, 3, 4]]}, [], "field 'loads[0][1]' must be an integer, got 2.5"),
     ({"num_gpus": 2, "loads": [[1, True, 3, 4]]}, [], "field 'loads[0][1]' must be an integer, got True"),
-    ({"num_gpus": 8, "loads": [[1, 2, 3, 4]]}, [], "num_gpus=8 exceeds the number of experts"),
     ({"num_gpus": 2, "loads": [[1, 2, 3, 4]]}, ["--redundant-slots", "5"], "redundant_slots=5 exceeds"),
     ({"num_gpus": 4, "loads": [[1, 2, 3, 4]]}, ["--gpus-per-node", "3"], "must be >= 1 and divide num_gpus=4"),
     ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "current": [[0], [0], [1]]}, [], "current placement has 3 experts"),

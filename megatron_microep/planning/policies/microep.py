@@ -6,8 +6,8 @@ micro-batches (starting from the current placement, ``move_penalty`` tokens per 
 within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
 tokens over its copies with the exact min-max solve, local copies first.
 
-``planner="eplb"`` places replicas with the EPLB-style greedy instead (same scheduler), for layouts
-the OR-Tools planner does not take (more GPUs than experts); reports label it.
+``planner="eplb"`` places replicas with the EPLB-style greedy instead (same scheduler), a cheaper
+planner for very large layouts; reports label it.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class MicroEpPolicy(Policy):
                                   time_limit_s=p.time_limit_s, current=current, move_penalty=p.move_penalty,
                                   use_solver=p.use_solver).placement
         except ValueError as err:
-            raise PolicyError(f"microep planner: {err} (microep.planner=eplb places replicas without it)") from None
+            raise PolicyError(f"microep planner: {err}") from None
 
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
         result = schedule(tokens, placement)
