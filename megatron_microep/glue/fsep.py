@@ -19,7 +19,12 @@ Checkpoints. ``sharded_state_dict`` writes every shard piece as a block of the s
 tensors (``{prefix}experts.linear_fc1.weight`` [E, F1, H], ...), the layout of Megatron's
 ``SequentialMLP`` and ``TEGroupedMLP``: a checkpoint saved with FSEP loads into stock EP, into FSEP
 with another EP size, and back. Optimizer state built with Megatron's
-``optim_state_to_sharding_state`` follows the same factory.
+``optim_state_to_sharding_state`` follows the same factory. The layer also saves its layout state
+(``{prefix}fsep_layout_state``, one object per layer: the layout, the planner's routing history, a
+plan awaiting adoption), so that a resumed run uses the layout and history of the run that saved it.
+A checkpoint loaded at another EP size or slot count keeps the history and starts from the initial
+layout, re-planned at its first step (logged); a checkpoint without layout state (stock EP) starts
+from the initial layout (logged); a malformed or foreign layout state is an ``FSEPLayoutStateError``.
 
 Prefetch. Layers built from one TransformerConfig form a chain by layer number; during the forward
 a layer starts the next layer's gather before running its own experts, and under the ``regather``
@@ -29,12 +34,16 @@ prefetch never outlives an optimizer step.
 """
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.module import MegatronModule
@@ -43,7 +52,7 @@ from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 from megatron_microep.glue import compat
 from megatron_microep.glue.config import MicroEPConfig, MicroEPConfigError
 from megatron_microep.glue.layer import MicroEPMoELayer
-from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.placement import Placement, PlacementError
 from megatron_microep.runtime.experts import choose_backend, run_experts
 from megatron_microep.runtime.fsep import (
     GatheredMemory,
@@ -57,9 +66,13 @@ from megatron_microep.runtime.fsep import (
     shards_from_experts,
 )
 from megatron_microep.runtime.layout import PhysicalLayout
-from megatron_microep.runtime.replan import PlacementController
+from megatron_microep.runtime.replan import PlacementController, _Pending
+
+logger = logging.getLogger(__name__)
 
 _STOCK_EXTRA_STATE = "stock_linear_extra_state"
+LAYOUT_STATE_KEY = "fsep_layout_state"
+LAYOUT_STATE_FORMAT = 1
 TENSOR_NAMES = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
 # Bytes of gathered experts alive in this process over all FSEP layers (a measurement).
 GATHERED_MEMORY = GatheredMemory()
@@ -206,6 +219,49 @@ class FSEPMoELayer(MicroEPMoELayer):
         next forward on; call with the same placement on every rank."""
         self.placement_controller.set_layout(fsep_layout(placement, self.slots_per_rank))
 
+    def layout_state(self) -> dict:
+        """This layer's layout, routing history and pending plan (``FSEPPlacementController.state``)."""
+        return self.placement_controller.state()
+
+    def load_layout_state(self, state) -> None:
+        """Continue from a saved ``layout_state`` (call with the same state on every rank). Raises
+        FSEPLayoutStateError for a malformed state or one of another model; a state saved at another
+        EP size or slot count gives its history to the planner, which re-plans at the first step."""
+        where = f"FSEP layer {self.layer_number}"
+        applied = self.placement_controller.load_state(state, where)
+        if self.microep_groups.ep_rank != 0 or self._expt_dp_rank != 0:
+            return
+        steps = len(state["history"])
+        if applied:
+            logger.info("%s: layout and %d steps of routing history restored from the checkpoint", where, steps)
+        else:
+            then = f"re-planned at the first step from the {steps} restored steps of routing history"
+            if self.placement_controller.replan_interval == 0:
+                then = "kept: re-planning is off (--microep-replan-interval 0)"
+            logger.warning(
+                "%s: the checkpoint's layout is for EP=%d with %d slots per rank, this run has EP=%d with %d; "
+                "starting from the initial layout, %s", where, state["num_ranks"], state["slots_per_rank"],
+                self.microep_groups.ep_size, self.slots_per_rank, then,
+            )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        # Equal on every rank of the layer's expert domain; the planner rank's copy (which knows a
+        # pending plan's outcome) is the one written.
+        replica_id = (0, dist.get_rank(self.placement_controller.group), self._expt_dp_rank)
+        key = f"{prefix}{LAYOUT_STATE_KEY}"
+        out[key] = make_sharded_object_for_checkpoint(self.layout_state(), key, sharded_offsets, replica_id)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = f"{prefix}{LAYOUT_STATE_KEY}"
+        if key in state_dict:
+            self.load_layout_state(state_dict.pop(key))
+        elif self.microep_groups.ep_rank == 0 and self._expt_dp_rank == 0:
+            logger.warning("FSEP layer %s: the state dict has no FSEP layout state (stock EP, replica mode, or "
+                           "a plain state_dict); keeping the current layout and routing history", self.layer_number)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def exchange_for(self, layout: PhysicalLayout) -> ShardExchange:
         if self._shard_exchange is None or self._shard_exchange.layout is not layout:
             self._shard_exchange = ShardExchange(layout, self.microep_groups.ep_rank, self.microep_groups.ep,
@@ -279,11 +335,139 @@ class FSEPMoELayer(MicroEPMoELayer):
         return self.token_dispatcher.combine_preprocess(output), None
 
 
+class FSEPLayoutStateError(ValueError):
+    """A checkpoint's FSEP layout state that is malformed or belongs to another model (named in the message)."""
+
+
+_LAYOUT_STATE_FIELDS = {"format", "num_experts", "num_ranks", "slots_per_rank", "placement", "history",
+                        "current_rows", "step", "pending"}
+
+
+def _checked_loads(rows, num_experts: int, what: str) -> np.ndarray:
+    loads = np.asarray(rows)
+    if loads.ndim != 2 or loads.shape[1] != num_experts or not np.issubdtype(loads.dtype, np.integer) \
+            or (loads < 0).any():
+        raise FSEPLayoutStateError(f"{what}: expected non-negative integer expert loads [micro-batches, "
+                                   f"{num_experts}], got {loads.dtype} {list(loads.shape)}")
+    return loads.astype(np.int64)
+
+
+def _checked_placement(lists, num_ranks: int, slots: int, what: str) -> Placement:
+    try:
+        placement = Placement.from_lists(lists, num_ranks)
+        fsep_layout(placement, slots)
+    except (PlacementError, TypeError, ValueError) as err:
+        raise FSEPLayoutStateError(f"{what}: not an FSEP layout for {num_ranks} ranks x {slots} slots: {err}") from None
+    return placement
+
+
+def check_layout_state(state, num_experts: int, where: str) -> dict:
+    """Validate a saved FSEP layout state (``FSEPPlacementController.state``) for a layer with
+    ``num_experts`` experts; returns it with loads as int64 arrays and placements as ``Placement``.
+    Raises FSEPLayoutStateError naming ``where`` and the problem."""
+    if not isinstance(state, dict) or set(state) != _LAYOUT_STATE_FIELDS:
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise FSEPLayoutStateError(f"{where}: malformed FSEP layout state: expected fields "
+                                   f"{sorted(_LAYOUT_STATE_FIELDS)}, got {got}")
+    if state["format"] != LAYOUT_STATE_FORMAT:
+        raise FSEPLayoutStateError(f"{where}: FSEP layout state format {state['format']!r}, this version reads "
+                                   f"{LAYOUT_STATE_FORMAT}")
+    if state["num_experts"] != num_experts:
+        raise FSEPLayoutStateError(f"{where}: the checkpoint's layout state is for {state['num_experts']!r} experts, "
+                                   f"this layer has {num_experts}")
+    G, C = state["num_ranks"], state["slots_per_rank"]
+    if not all(isinstance(v, int) and v >= 1 for v in (G, C)):
+        raise FSEPLayoutStateError(f"{where}: malformed FSEP layout state: num_ranks={G!r}, slots_per_rank={C!r}")
+    out = dict(state)
+    out["placement"] = _checked_placement(state["placement"], G, C, f"{where}: saved layout")
+    if not isinstance(state["history"], (list, tuple)):
+        raise FSEPLayoutStateError(f"{where}: saved routing history must be a list of steps")
+    out["history"] = [_checked_loads(block, num_experts, f"{where}: saved routing history, step {i}")
+                      for i, block in enumerate(state["history"])]
+    out["current_rows"] = _checked_loads(state["current_rows"], num_experts, f"{where}: saved current-step loads")
+    if state["step"] is not None and not isinstance(state["step"], int):
+        raise FSEPLayoutStateError(f"{where}: saved step must be an integer or None, got {state['step']!r}")
+    pending = state["pending"]
+    if pending is not None:
+        if not isinstance(pending, dict) or set(pending) != {"adopt_step", "placement"} \
+                or not isinstance(pending["adopt_step"], int):
+            raise FSEPLayoutStateError(f"{where}: malformed pending plan {pending!r}")
+        plan = pending["placement"]
+        out["pending"] = {"adopt_step": pending["adopt_step"], "placement": None if plan is None else
+                          _checked_placement(plan, G, C, f"{where}: saved pending plan")}
+    return out
+
+
 class FSEPPlacementController(PlacementController):
-    """The placement controller with FSEP layout rules: adopted placements need no home copy."""
+    """The placement controller with FSEP layout rules (adopted placements need no home copy), and a
+    checkpointable state: layout, routing history, current step and a plan awaiting adoption."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._replan_first_step = False  # set when a loaded layout could not apply
 
     def build_layout(self, placement: Placement) -> PhysicalLayout:
         return fsep_layout(placement, self.layout.local_slots)
+
+    def on_step(self, step: int) -> Optional[PhysicalLayout]:
+        first = self._replan_first_step and step != self._step
+        adopted = super().on_step(step)
+        if first:
+            self._replan_first_step = False
+            if self.replan_interval > 0 and self._pending is None and len(self._steps) > 0:
+                self._start(step)
+        return adopted
+
+    def state(self) -> dict:
+        """Everything a resumed run needs to continue with the same layouts (plain Python and numpy).
+
+        A plan still being computed is waited for on the planner rank (at most the planner's time
+        limit): its outcome (a placement, or None if it failed) is saved with its adoption step.
+        """
+        E = self.layout.placement.num_experts
+        pending = None
+        if self._pending is not None:
+            outcome = None
+            if self.is_planner:
+                self._pending.thread.join()
+                result = self._pending.result[0]
+                outcome = result.to_lists() if isinstance(result, Placement) else None
+            pending = {"adopt_step": self._pending.adopt_step, "placement": outcome}
+        current = np.stack(self._current_rows) if self._current_rows else np.zeros((0, E), dtype=np.int64)
+        return {
+            "format": LAYOUT_STATE_FORMAT, "num_experts": E, "num_ranks": self.layout.num_ranks,
+            "slots_per_rank": self.layout.local_slots, "placement": self.layout.placement.to_lists(),
+            "history": [block.copy() for block in self._steps], "current_rows": current,
+            "step": self._step, "pending": pending,
+        }
+
+    def load_state(self, state, where: str) -> bool:
+        """Continue from ``state`` (same call on every rank). Returns False when its layout is for
+        another EP size or slot count: the history is kept and the first step re-plans (the current
+        layout stays until then). Raises FSEPLayoutStateError (see ``check_layout_state``)."""
+        state = check_layout_state(state, self.layout.placement.num_experts, where)
+        self._steps.clear()
+        self._steps.extend(state["history"][-self.history_window:])
+        self._current_rows = list(state["current_rows"])
+        self._step = state["step"]
+        self._pending = None
+        if (state["num_ranks"], state["slots_per_rank"]) != (self.layout.num_ranks, self.layout.local_slots):
+            self._replan_first_step = True
+            return False
+        self.set_layout(self.build_layout(state["placement"]))
+        pending = state["pending"]
+        if pending is not None:
+            result: List[object] = []
+            thread = None
+            if self.is_planner:
+                # A planner that answers at once with the saved outcome; no outcome: a failed plan.
+                outcome = pending["placement"] if pending["placement"] is not None else \
+                    RuntimeError("the plan pending at the checkpoint had failed")
+                thread = threading.Thread(target=result.append, args=(outcome,), daemon=True)
+                thread.start()
+            self._pending = _Pending(adopt_step=pending["adopt_step"], thread=thread, result=result,
+                                     started=time.monotonic())
+        return True
 
 
 def ortools_fsep_planner(time_limit_s: float, slots_per_rank: int):

@@ -20,8 +20,16 @@ trains until rank 3 dies (``os._exit``) in step 17.
 Launch 2 resumes FSEP EP = 4 from the last checkpoint (step 16) and trains to step 20; loads the
 step-14 checkpoint into FSEP at EP = 2 and into stock EP at EP = 2 and trains both to step 20; and
 loads a stock EP = 2 checkpoint back into FSEP. All loss curves must continue the launch-1 curve.
+
+Layout state. The checkpoints carry each FSEP layer's layout, routing history and pending plan: the
+run resumed from step 14 must use launch 1's step-15 layout (the plan pending at the save) with
+launch 1's history. At EP = 2 the saved layout cannot apply: the history is kept and the first step
+re-plans, which is logged; stock EP loads the checkpoint with exactly the layout objects left over,
+and FSEP loads a stock checkpoint with exactly those absent (logged). Malformed or foreign layout
+states are rejected with a message naming the problem.
 """
 import contextlib
+import logging
 import multiprocessing
 import os
 import pickle
@@ -193,13 +201,39 @@ def _save(ddp, optimizer, directory):
         process._config["daemon"] = daemon
 
 
-def _load(ddp, optimizer, directory):
+def _load(ddp, optimizer, directory, other_mode=False):
+    """Load strictly; across modes (FSEP <-> stock) return the keys only one side has, as
+    megatron's (missing: in the checkpoint only, unexpected: in the model only)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    loaded = dist_checkpointing.load(_sharded(ddp, optimizer), directory, strict=StrictHandling.RAISE_ALL)
+    strict = StrictHandling.RETURN_ALL if other_mode else StrictHandling.RAISE_ALL
+    loaded = dist_checkpointing.load(_sharded(ddp, optimizer), directory, strict=strict)
+    mismatch = None
+    if other_mode:
+        loaded, missing, unexpected = loaded
+        mismatch = (sorted(missing), sorted(unexpected))
     ddp.module.load_state_dict(loaded["model"], strict=True)
     optimizer.load(loaded["optimizer"])
+    return mismatch
+
+
+class _LogRecords(logging.Handler):
+    """Messages of megatron_microep.glue.fsep's logger in this process."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+        fsep_logger = logging.getLogger("megatron_microep.glue.fsep")
+        fsep_logger.setLevel(logging.INFO)
+        fsep_logger.addHandler(self)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _histories(layers):
+    return [layer.placement_controller.history().tolist() for layer in layers]
 
 
 def _expert_grads_as_shards(stock_ddp, fsep_layers):
@@ -352,6 +386,7 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         result["adopt_bytes"].append(counter.sent)
         result["adopt_calls"].append(sorted(set(counter.calls)))
         result["placements"].append(_placements(layers))
+        result.setdefault("histories", []).append(_histories(layers))
         before = [layer.fsep_traffic.snapshot() for layer in layers]
         result["fsep"].append(_step(fsep_ddp, fsep_opt, seed, step, fsep=True))
         after = [layer.fsep_traffic.snapshot() for layer in layers]
@@ -394,6 +429,7 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
     ddp, opt = _wrap(model, config)
     _load(ddp, opt, os.path.join(tmp_dir, f"fsep_ep4_step{CKPT_STEPS[0]}"))
     resumed = []
+    resumed_layers = fsep_layers(model)
     for step in range(CKPT_STEPS[0] + 1, STEPS + 1):
         if step == KILL_STEP and rank == KILLED_RANK:
             with open(os.path.join(tmp_dir, f"victim_rank{rank}.pkl"), "wb") as f:
@@ -402,6 +438,9 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         loss = _step(ddp, opt, seed, step, fsep=True)
         opt.step()
         resumed.append(loss)
+        if step == CKPT_STEPS[0] + 1:
+            with open(os.path.join(tmp_dir, f"resumed_layout_rank{rank}.pkl"), "wb") as f:
+                pickle.dump((_placements(resumed_layers), _histories(resumed_layers)), f)
         with open(os.path.join(tmp_dir, f"victim_rank{rank}.pkl"), "wb") as f:
             pickle.dump(resumed, f)
         dist.barrier()  # every rank's record is on disk before the victim dies
@@ -410,10 +449,14 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
     return "not killed"
 
 
-def _train_from(config, seed, directory, first_step, last_step):
+def _train_from(config, seed, directory, first_step, last_step, other_mode=False, out=None, name=None):
     model = _build(config, seed + 7)
     ddp, opt = _wrap(model, config)
-    _load(ddp, opt, directory)
+    mismatch = _load(ddp, opt, directory, other_mode)
+    if out is not None:
+        out[f"{name}_mismatch"] = mismatch
+        out[f"{name}_history_steps"] = [len(layer.placement_controller.history()) // MICRO_BATCHES
+                                        for layer in _fsep_layers(model)]
     losses = []
     for step in range(first_step, last_step + 1):
         losses.append(_step(ddp, opt, seed, step, fsep=config.moe_token_dispatcher_type == "microep"))
@@ -421,20 +464,58 @@ def _train_from(config, seed, directory, first_step, last_step):
     return ddp, opt, losses
 
 
+def _fsep_layers(model):
+    from megatron_microep.glue.fsep import fsep_layers
+
+    return fsep_layers(model)
+
+
+def _bad_layout_states(layer):
+    """Error messages of load_layout_state for malformed or foreign states built from the layer's own."""
+    from megatron_microep.glue.fsep import FSEPLayoutStateError
+
+    good = layer.layout_state()
+    E = good["num_experts"]
+    bad = {
+        "not a dict": [1, 2],
+        "field missing": {k: v for k, v in good.items() if k != "history"},
+        "other model": {**good, "num_experts": E * 2},
+        "expert without copy": {**good, "placement": [[]] + good["placement"][1:]},
+        "too many copies on a rank": {**good, "placement": [[0]] * E},
+        "history shape": {**good, "history": [np.zeros((2, E + 1), dtype=np.int64)]},
+        "negative loads": {**good, "current_rows": -np.ones((1, E), dtype=np.int64)},
+        "format": {**good, "format": 99},
+    }
+    messages = {}
+    for name, state in bad.items():
+        try:
+            layer.load_layout_state(state)
+            messages[name] = None
+        except FSEPLayoutStateError as err:
+            messages[name] = str(err)
+    return messages
+
+
 def _restart_rank(rank, world_size, seed, tmp_dir):
     import torch.distributed as dist
 
-    from megatron_microep.glue.fsep import fsep_layers, full_experts
+    from megatron_microep.glue.fsep import LAYOUT_STATE_KEY, fsep_layers, full_experts
 
-    out = {}
+    logs = _LogRecords()
+    out = {"layout_key": LAYOUT_STATE_KEY}
     init_megatron_parallel(expert_model_parallel_size=4, seed=seed)
     resumed, _, out["resumed_ep4"] = _train_from(_config("microep", 4, "regather"), seed,
                                                  os.path.join(tmp_dir, "victim_last"), CKPT_STEPS[1] + 1, STEPS)
     out["regather_prefetch_hits"] = [layer.prefetch_hits for layer in fsep_layers(resumed.module)]
     init_megatron_parallel(expert_model_parallel_size=2, seed=seed)
     first = os.path.join(tmp_dir, f"fsep_ep4_step{CKPT_STEPS[0]}")
-    _, _, out["fsep_ep2"] = _train_from(_config("microep", 2), seed, first, CKPT_STEPS[0] + 1, STEPS)
-    stock_ddp, stock_opt, out["stock_ep2"] = _train_from(_config("alltoall", 2), seed, first, CKPT_STEPS[0] + 1, STEPS)
+    logs.messages.clear()
+    fsep_ep2, _, out["fsep_ep2"] = _train_from(_config("microep", 2), seed, first, CKPT_STEPS[0] + 1, STEPS,
+                                                out=out, name="fsep_ep2")
+    out["fsep_ep2_logs"] = list(logs.messages)
+    out["bad_states"] = _bad_layout_states(fsep_layers(fsep_ep2.module)[0])
+    stock_ddp, stock_opt, out["stock_ep2"] = _train_from(_config("alltoall", 2), seed, first, CKPT_STEPS[0] + 1,
+                                                         STEPS, other_mode=True, out=out, name="stock_ep2")
     # And back: the trained stock EP=2 checkpoint into FSEP EP=2, parameters equal.
     back_dir = os.path.join(tmp_dir, "stock_ep2_end")
     _save(stock_ddp, stock_opt, back_dir)
@@ -442,7 +523,9 @@ def _restart_rank(rank, world_size, seed, tmp_dir):
     config = _config("microep", 2)
     fsep = _build(config, seed + 11)
     ddp, opt = _wrap(fsep, config)
-    _load(ddp, opt, back_dir)
+    logs.messages.clear()
+    out["back_mismatch"] = _load(ddp, opt, back_dir, other_mode=True)
+    out["back_logs"] = list(logs.messages)
     from megatron_microep.glue import compat
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
@@ -476,6 +559,8 @@ def runs(tmp_path_factory):
             launch1.append(pickle.load(f))
         with open(os.path.join(tmp_dir, f"victim_rank{rank}.pkl"), "rb") as f:
             launch1[rank]["victim"] = pickle.load(f)
+        with open(os.path.join(tmp_dir, f"resumed_layout_rank{rank}.pkl"), "rb") as f:
+            launch1[rank]["resumed_layout"] = pickle.load(f)
     launch2 = spawn_gloo(_restart_rank, 4, seed, tmp_dir, timeout_s=400)
     return launch1, launch2
 
@@ -550,3 +635,53 @@ def test_killed_rank_restart_continues_the_curve(runs):
         resumed = launch2[rank]["resumed_ep4"]
         diffs = [abs(a - b) for a, b in zip(resumed, reference[CKPT_STEPS[1]:])]
         assert len(resumed) == STEPS - CKPT_STEPS[1] and max(diffs) <= LOSS_TOL, f"rank {rank}: {diffs}"
+
+
+def _layout_keys(mismatch_keys, layout_key):
+    # Megatron stacks the layers' objects along a layer axis: one key for both MoE layers.
+    return mismatch_keys == [f"decoder.layers.mlp.{layout_key}"]
+
+
+def test_resumed_run_uses_the_saved_layout_and_history(runs):
+    launch1, _ = runs
+    first = CKPT_STEPS[0] + 1
+    for rank, res in enumerate(launch1):
+        placements, histories = res["resumed_layout"]
+        # The plan pending at the step-14 save is the step-15 layout of the run that saved it.
+        assert placements == res["placements"][first - 1], f"rank {rank}: resumed with another layout"
+        assert placements != res["placements"][first - 2]
+        assert histories == res["histories"][first - 1], f"rank {rank}: resumed with another routing history"
+        assert len(histories[0]) > 0
+
+
+def test_layout_state_across_ep_sizes_and_modes(runs):
+    _, launch2 = runs
+    for rank, res in enumerate(launch2):
+        key = res["layout_key"]
+        # EP = 4 layout at EP = 2: history kept (4-step window), re-planned at the first step, logged
+        # once per layer (EP rank 0 of expert-data-parallel replica 0: global rank 0).
+        assert res["fsep_ep2_history_steps"] == [4, 4]
+        replanned = [m for m in res["fsep_ep2_logs"] if "layout is for EP=4" in m and "re-planned at the first step" in m]
+        assert len(replanned) == (2 if rank == 0 else 0), res["fsep_ep2_logs"]
+        # Stock EP leaves exactly the layers' layout objects of the FSEP checkpoint unread ...
+        missing, unexpected = res["stock_ep2_mismatch"]
+        assert _layout_keys(missing, key) and unexpected == [], res["stock_ep2_mismatch"]
+        # ... and FSEP finds exactly those absent from a stock checkpoint, and says so.
+        missing, unexpected = res["back_mismatch"]
+        assert missing == [] and _layout_keys(unexpected, key), res["back_mismatch"]
+        absent = [m for m in res["back_logs"] if "no FSEP layout state" in m]
+        assert len(absent) == (2 if rank == 0 else 0), res["back_logs"]
+
+
+def test_malformed_layout_state_is_rejected(runs):
+    _, launch2 = runs
+    expected = {
+        "not a dict": "malformed FSEP layout state", "field missing": "malformed FSEP layout state",
+        "other model": "is for 16 experts, this layer has 8", "expert without copy": "not an FSEP layout",
+        "too many copies on a rank": "not an FSEP layout", "history shape": "saved routing history, step 0",
+        "negative loads": "saved current-step loads", "format": "format 99",
+    }
+    for res in launch2:
+        for name, fragment in expected.items():
+            message = res["bad_states"][name]
+            assert message is not None and fragment in message and "FSEP layer" in message, (name, message)
