@@ -47,7 +47,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def _config(dispatcher: str, ep: int, pp: int, layers: int):
+def _config(dispatcher: str, ep: int, pp: int, layers: int, dtype=torch.float32):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
@@ -59,14 +59,14 @@ def _config(dispatcher: str, ep: int, pp: int, layers: int):
         add_bias_linear=False, use_cpu_initialization=False, transformer_impl="local", hidden_dropout=0.0,
         attention_dropout=0.0, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
         moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
-        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
     )
     if dispatcher == "microep":
         attach_microep_config(config, MicroEPConfig(redundant_slots=1))
     return config
 
 
-def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None):
+def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None, dtype=torch.float32):
     """A GPTModel for this pipeline stage; stock weights skewed towards expert 0, or ``state``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -76,7 +76,7 @@ def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None):
     from megatron_microep.glue.spec import microep_layer_spec
     from megatron_microep.planning.placement import Placement
 
-    config = _config(dispatcher, ep, pp, layers)
+    config = _config(dispatcher, ep, pp, layers, dtype)
     spec = (microep_layer_spec if dispatcher == "microep"
             else get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm"))
     stage, stages = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()
@@ -96,10 +96,15 @@ def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None):
 
 
 def _wrap(model, config, overlap: bool, distributed_optimizer: bool):
-    """Megatron's DDP and optimizer, wired into the config as Megatron-LM's training loop does."""
+    """Megatron's DDP and optimizer, wired into the config as Megatron-LM's training loop does
+    (bf16 models inside Megatron's Float16Module, fp32 main parameters in the optimizer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    if config.bf16:
+        model = Float16Module(config, model)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed_optimizer,
@@ -107,8 +112,8 @@ def _wrap(model, config, overlap: bool, distributed_optimizer: bool):
     )
     ddp = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=False, fp16=False,
-                        params_dtype=torch.float32, use_distributed_optimizer=distributed_optimizer),
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=config.bf16, fp16=False,
+                        params_dtype=config.params_dtype, use_distributed_optimizer=distributed_optimizer),
         [ddp],
     )
     config.no_sync_func = ddp.no_sync
@@ -202,21 +207,27 @@ def _replica_gradients_dropped():
 
 
 def _params(model):
-    model = getattr(model, "module", model)  # DDP wraps the model
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    while hasattr(model, "module"):  # DDP (and Float16Module) wrap the GPTModel
+        model = model.module
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def _state(model):
+    """A copy: optimizers write updated weights into the parameters the state dict aliases."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
 
 
 def _replica_stats(ddp):
     from megatron_microep.glue.layer import microep_layers
 
-    return [(s.replicas, s.replica_tokens) for layer in microep_layers(ddp.module) for s in layer.telemetry.drain()]
+    return [(s.replicas, s.replica_tokens) for layer in microep_layers(ddp) for s in layer.telemetry.drain()]
 
 
 def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica_grads=False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     stock, stock_config = _build("alltoall", ep, pp, layers)
-    micro, micro_config = _build("microep", ep, pp, layers, state=stock.state_dict())
+    micro, micro_config = _build("microep", ep, pp, layers, state=_state(stock))
     start = _params(stock)
     stock_ddp, stock_opt = _wrap(stock, stock_config, overlap, distributed_optimizer)
     stock_losses, stock_pre = _train(stock_ddp, stock_opt, stock_config, seed, capture_pre_reduction=not overlap)
@@ -246,9 +257,39 @@ CASES = {
 }
 
 
+def _run_bf16(seed, distributed_optimizer):
+    """bf16 weights (fp32 main weights and gradient reduction), MicroEP and stock alltoall, each
+    measured against the same model trained in fp32: MicroEP sums a replicated expert's gradient in
+    parts, so it rounds differently from stock; it must not round worse."""
+    runs = {}
+    for name, dispatcher, dtype in (("stock", "alltoall", torch.bfloat16), ("microep", "microep", torch.bfloat16),
+                                    ("fp32", "alltoall", torch.float32)):
+        state = runs["stock"][0] if runs else None
+        model, config = _build(dispatcher, 2, 1, 2, state=state, dtype=dtype)
+        initial = _state(model)
+        ddp, optimizer = _wrap(model, config, False, distributed_optimizer)
+        losses, _ = _train(ddp, optimizer, config, seed, capture_pre_reduction=False)
+        optimizers = sorted({type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])})
+        runs[name] = (initial, losses, _params(ddp), _replica_stats(ddp), optimizers)
+    reference = runs["fp32"][2]
+
+    def error(params):  # relative to the fp32 run, over all parameters of this rank
+        diff = sum((params[n] - p).norm() ** 2 for n, p in reference.items()) ** 0.5
+        return (diff / sum(p.norm() ** 2 for p in reference.values()) ** 0.5).item()
+
+    return {
+        "losses": {name: run[1] for name, run in runs.items()},
+        "error": {name: error(runs[name][2]) for name in ("stock", "microep")},
+        "replica_stats": runs["microep"][3], "optimizers": runs["microep"][4],
+    }
+
+
 def _ep2_edp2_rank(rank, world_size, seed):
     init_megatron_parallel(expert_model_parallel_size=2, seed=seed)
-    return {name: _run_pair(seed, 2, 1, 2, *flags) for name, flags in CASES.items()}
+    results = {name: _run_pair(seed, 2, 1, 2, *flags) for name, flags in CASES.items()}
+    for distributed_optimizer in (False, True):
+        results[f"bf16_distopt={distributed_optimizer}"] = _run_bf16(seed, distributed_optimizer)
+    return results
 
 
 def _pp2_ep2_rank(rank, world_size, seed):
@@ -316,6 +357,21 @@ def test_parity_breaks_without_replica_gradient_return(ep2_edp2_run):
               f"{max(control['param_rel'].values()):.1e}")
         assert worst > 1e-2, f"rank {rank}: dropping replica gradients went unnoticed ({worst:.2e})"
         assert max(control["param_rel"].values()) > 10 * PARAM_REL_TOL
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+def test_bf16_microep_as_close_to_fp32_as_stock(ep2_edp2_run, distributed_optimizer):
+    expected_optimizer = "DistributedOptimizer" if distributed_optimizer else "Float16OptimizerWithFloat16Params"
+    for rank, res in enumerate(ep2_edp2_run):
+        res = res[f"bf16_distopt={distributed_optimizer}"]
+        print(f"bf16 rank {rank}: losses {res['losses']}; parameters vs fp32 run: {res['error']}")
+        assert res["optimizers"] == [expected_optimizer]
+        assert res["replica_stats"] and all(tokens > 0 for _, tokens in res["replica_stats"])
+        losses = res["losses"]
+        assert losses["microep"][0] == pytest.approx(losses["stock"][0], abs=LOSS_TOL)  # same weights, same data
+        assert losses["microep"][-1] < losses["microep"][0]
+        assert 0 < res["error"]["stock"] < 0.05  # bf16 rounding really shows, and stays small
+        assert res["error"]["microep"] <= 1.5 * res["error"]["stock"], f"rank {rank}: {res['error']}"
 
 
 def test_pipeline_1f1b_matches_stock(pp2_ep2_run):
