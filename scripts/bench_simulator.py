@@ -39,6 +39,7 @@ def peak_rss_mb() -> float:
 
 def write_trace(spec: str, path: Path) -> tuple[int, float]:
     info, records = open_trace(spec)
+    path.unlink(missing_ok=True)  # the native format appends: a trace left by an earlier run would be extended
     started = time.perf_counter()
     count = 0
     with NativeTraceWriter(path, info.num_gpus, info.num_experts, meta=info.meta) as writer:

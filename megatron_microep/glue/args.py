@@ -57,6 +57,11 @@ def add_microep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        "(the planner rank waits for the plan if it is late)")
     group.add_argument("--microep-move-penalty", type=float, default=_DEFAULTS.move_penalty,
                        help="planner: tokens of expected max load one moved replica is worth")
+    group.add_argument("--microep-forecast-samples", type=int, default=_DEFAULTS.forecast_samples,
+                       help="planner: score plans on the history plus this many forecast samples (latest level, "
+                       "the window's per-expert noise drawn independently; 0: the history alone)")
+    group.add_argument("--microep-forecast-recent", type=int, default=_DEFAULTS.forecast_recent,
+                       help="planner: the forecast's level is the mean of this many latest micro-batches")
     group.add_argument("--microep-gpus-per-node", type=int, default=_DEFAULTS.gpus_per_node,
                        help="planner: keep replicas inside their home expert's node of this many EP ranks")
     group.add_argument("--microep-expert-backend", choices=EXPERT_BACKENDS, default=_DEFAULTS.expert_backend,

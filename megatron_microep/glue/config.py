@@ -12,11 +12,12 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from megatron_microep.runtime.experts import EXPERT_BACKENDS as _RUNTIME_EXPERT_BACKENDS
 from megatron_microep.runtime.fsep import MEMORY_POLICIES as FSEP_MEMORY_POLICIES
 
 DISPATCHER_TYPE = "microep"
 PLANNERS = ("ortools", "greedy")
-EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+EXPERT_BACKENDS = ("auto", *_RUNTIME_EXPERT_BACKENDS)
 EXPERT_SHARDINGS = ("none", "fsep")  # none: Megatron's experts; fsep: fully sharded (docs/fsep.md)
 
 
@@ -35,6 +36,8 @@ class MicroEPConfig:
     planner_time_limit_s: float = 10.0
     replan_lag: int = 1  # a plan started at step s takes effect at step s + lag on all ranks
     move_penalty: float = 0.0  # planner cost per replica moved relative to the current placement
+    forecast_samples: int = 32  # planner: forecast samples scored with the history (0: the history alone)
+    forecast_recent: int = 4  # planner: latest micro-batches whose mean is the forecast's level
     gpus_per_node: Optional[int] = None  # planner: prefer replicas inside the node (None: flat)
     expert_backend: str = "auto"
     trace_dir: Optional[str] = None
@@ -59,6 +62,10 @@ class MicroEPConfig:
             raise MicroEPConfigError(f"--microep-replan-lag must be >= 1, got {self.replan_lag}")
         if self.move_penalty < 0:
             raise MicroEPConfigError(f"--microep-move-penalty must be >= 0, got {self.move_penalty}")
+        if self.forecast_samples < 0:
+            raise MicroEPConfigError(f"--microep-forecast-samples must be >= 0, got {self.forecast_samples}")
+        if self.forecast_recent < 1:
+            raise MicroEPConfigError(f"--microep-forecast-recent must be >= 1, got {self.forecast_recent}")
         if self.gpus_per_node is not None and self.gpus_per_node < 1:
             raise MicroEPConfigError(f"--microep-gpus-per-node must be >= 1, got {self.gpus_per_node}")
         if self.expert_backend not in EXPERT_BACKENDS:

@@ -717,6 +717,8 @@ def replayed_microep_params(config: LaunchConfig) -> Dict[str, dict]:
         "history_micro_batches": settings.history_window * micro_batches,
         "time_limit_s": settings.planner_time_limit_s,
         "move_penalty": settings.move_penalty,
+        "forecast_samples": settings.forecast_samples,
+        "forecast_recent": settings.forecast_recent,
         "planner": {"ortools": "ortools", "greedy": "eplb"}[settings.planner],
     }}
 

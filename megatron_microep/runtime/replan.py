@@ -23,32 +23,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_microep.planning.forecast import planner_input
 from megatron_microep.planning.placement import Placement
 from megatron_microep.runtime.layout import PhysicalLayout
 
 logger = logging.getLogger(__name__)
 
-# history int64 [S, E], num_gpus, redundant_slots, current Placement -> new Placement
+# history int64 [S, E], num_gpus, redundant_slots, current Placement -> new Placement. Both planners
+# score the history plus ``forecast_samples`` forecast samples (planning.forecast).
 PlannerFn = Callable[[np.ndarray, int, int, Placement], Placement]
 
 
-def ortools_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int]) -> PlannerFn:
+def ortools_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int],
+                    forecast_samples: int = 0, forecast_recent: int = 1) -> PlannerFn:
     def plan(history, num_gpus, redundant_slots, current):
         from megatron_microep.planning.planner import plan_placement
 
         return plan_placement(
-            history, num_gpus, redundant_slots, gpus_per_node=gpus_per_node, time_limit_s=time_limit_s,
+            planner_input(history, forecast_samples, forecast_recent), num_gpus, redundant_slots, gpus_per_node=gpus_per_node, time_limit_s=time_limit_s,
             current=current, move_penalty=move_penalty,
         ).placement
 
     return plan
 
 
-def greedy_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int]) -> PlannerFn:
+def greedy_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int],
+                   forecast_samples: int = 0, forecast_recent: int = 1) -> PlannerFn:
     def plan(history, num_gpus, redundant_slots, current):
         from megatron_microep.planning.eplb import eplb_placement
 
-        return eplb_placement(history, num_gpus, redundant_slots, gpus_per_node)
+        return eplb_placement(planner_input(history, forecast_samples, forecast_recent), num_gpus,
+                              redundant_slots, gpus_per_node)
 
     return plan
 

@@ -2,8 +2,10 @@
 
 Every ``replan_interval`` steps ``planning.planner.plan_placement`` chooses the replicas that
 minimise the scheduler's expected optimal max load over the last ``history_micro_batches``
-micro-batches (starting from the current placement, ``move_penalty`` tokens per moved copy),
-within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
+micro-batches plus ``forecast_samples`` samples drawn from them by
+``planning.forecast.forecast_samples`` (level of the last ``forecast_recent``, noise of the whole
+window), starting from the
+current placement, ``move_penalty`` tokens per moved copy, within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
 tokens over its copies with the exact min-max solve, local copies first.
 
 ``planner="eplb"`` places replicas with the EPLB-style greedy instead (same scheduler), a cheaper
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_microep.planning.eplb import eplb_placement
+from megatron_microep.planning.forecast import planner_input
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.planner import plan_placement
 from megatron_microep.planning.policies.base import Assignment, History, Policy, PolicyError, param
@@ -26,6 +29,8 @@ from megatron_microep.planning.scheduler import schedule
 class MicroEpParams:
     replan_interval: int = param(1, "steps between re-plans")
     history_micro_batches: int = param(16, "micro-batches of expert loads the planner scores plans on")
+    forecast_samples: int = param(32, "forecast samples scored with the history (0: the history alone)")
+    forecast_recent: int = param(4, "latest micro-batches whose mean is the forecast's level")
     time_limit_s: float = param(0.5, "planner wall-time limit per layer and re-plan")
     use_solver: bool = param(True, "run CP-SAT after the greedy starts and local search")
     move_penalty: float = param(0.0, "tokens of expected max load one moved replica is worth")
@@ -37,6 +42,10 @@ class MicroEpParams:
             raise PolicyError(f"microep: planner must be 'ortools' or 'eplb', got {self.planner!r}")
         if self.replan_interval < 1:
             raise PolicyError(f"microep: replan_interval must be >= 1, got {self.replan_interval}")
+        if self.forecast_samples < 0:
+            raise PolicyError(f"microep: forecast_samples must be >= 0, got {self.forecast_samples}")
+        if self.forecast_recent < 1:
+            raise PolicyError(f"microep: forecast_recent must be >= 1, got {self.forecast_recent}")
         if self.history_micro_batches < 1:
             raise PolicyError(f"microep: history_micro_batches must be >= 1, got {self.history_micro_batches}")
         if self.time_limit_s <= 0:
@@ -61,6 +70,7 @@ class MicroEpPolicy(Policy):
             return current
         lay = self.layout
         p = self.params
+        loads = planner_input(loads, p.forecast_samples, p.forecast_recent)
         node_size = lay.gpus_per_node if p.node_confined else None
         if p.planner == "eplb":
             return eplb_placement(loads, lay.num_gpus, lay.redundant_slots, node_size)

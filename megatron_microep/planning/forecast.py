@@ -1,0 +1,56 @@
+"""Forecast samples: what the next micro-batches' expert loads may look like, for the planner to score on.
+
+A placement is used for the micro-batches after the history it was planned on. Scoring plans on the raw
+history window has two faults on drifting routing: the window's loads trail the current ones (a
+16-micro-batch window is centred about 8 micro-batches in the past), and a plan that balances the
+window's few realisations of per-micro-batch noise need not balance the next one. Forecast samples fix
+both (the planner scores them together with the window): their level is the mean of the most recent micro-batches, and their noise is each expert's
+relative deviation from its local mean in some history micro-batch, drawn independently per expert, so
+the planner sees combinations of fluctuations the window never had. The effect on the simulator's
+workloads is measured in docs/benchmarks.md ("Planner input").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# Half-width of the centred window whose mean is a micro-batch's local level (noise = load / level).
+LOCAL_HALF_WIDTH = 2
+
+
+def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` samples of the next micro-batch's expert loads.
+
+    history int [S, E] (S >= 1, oldest first, non-negative) -> int64 [count, E].
+    Sample k, expert e: ``level[e] * noise[s_ke, e]`` rounded, where ``level`` is the mean of the last
+    ``min(recent, S)`` rows, ``noise[s, e] = (history[s, e] + 1) / (local[s, e] + 1)`` with ``local`` the
+    mean over rows ``s - 2 .. s + 2`` (clipped to the history), and ``s_ke`` uniform over the S rows,
+    independent per (k, e). Deterministic for a given ``seed``, so every rank computes the same samples.
+    """
+    loads = np.asarray(history)
+    if loads.ndim != 2 or loads.shape[0] < 1 or loads.shape[1] < 1:
+        raise ValueError(f"history must be a non-empty [samples, experts] matrix, got shape {list(loads.shape)}")
+    if loads.dtype.kind not in "iu" or loads.min() < 0:
+        raise ValueError("history must hold non-negative integer token counts")
+    if recent < 1:
+        raise ValueError(f"recent must be >= 1, got {recent}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    loads = loads.astype(np.float64)
+    num_samples, num_experts = loads.shape
+    level = loads[-recent:].mean(axis=0)
+    csum = np.vstack([np.zeros((1, num_experts)), np.cumsum(loads, axis=0)])
+    lo = np.maximum(np.arange(num_samples) - LOCAL_HALF_WIDTH, 0)
+    hi = np.minimum(np.arange(num_samples) + LOCAL_HALF_WIDTH + 1, num_samples)
+    local = (csum[hi] - csum[lo]) / (hi - lo)[:, None]
+    noise = (loads + 1.0) / (local + 1.0)
+    rows = np.random.default_rng(seed).integers(0, num_samples, size=(count, num_experts))
+    return np.rint(level * noise[rows, np.arange(num_experts)]).astype(np.int64)
+
+
+def planner_input(history: np.ndarray, samples: int, recent: int) -> np.ndarray:
+    """What the placement planners score plans on: ``history`` int [S, E] followed by ``samples``
+    forecast samples (none when ``samples`` is 0) -> int64 [S + samples, E]."""
+    history = np.asarray(history)
+    if samples == 0:
+        return history
+    return np.concatenate([history.astype(np.int64), forecast_samples(history, recent, samples)])

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from megatron_microep.planning.forecast import forecast_samples, planner_input
+
+
+def _seed():
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"seed={seed}")
+    return seed
+
+
+def _reference(history, recent, count, seed):
+    """Slow loop version of the documented formula."""
+    h = np.asarray(history, dtype=np.float64)
+    num_samples, num_experts = h.shape
+    level = h[-recent:].mean(axis=0)
+    rows = np.random.default_rng(seed).integers(0, num_samples, size=(count, num_experts))
+    out = np.empty((count, num_experts), dtype=np.int64)
+    for k in range(count):
+        for e in range(num_experts):
+            s = rows[k, e]
+            local = h[max(0, s - 2):min(num_samples, s + 3), e].mean()
+            out[k, e] = round(level[e] * (h[s, e] + 1) / (local + 1))
+    return out
+
+
+@pytest.mark.parametrize("num_samples,recent", [(1, 4), (3, 2), (16, 4), (16, 16)])
+def test_matches_the_documented_formula(num_samples, recent):
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    history = rng.poisson(rng.lognormal(3.0, 1.0, 12), size=(num_samples, 12)).astype(np.int64)
+    got = forecast_samples(history, recent, 20, seed)
+    assert got.dtype == np.int64 and got.shape == (20, 12)
+    np.testing.assert_array_equal(got, _reference(history, recent, 20, seed))
+    np.testing.assert_array_equal(got, forecast_samples(history, recent, 20, seed))  # same on every rank
+
+
+def test_level_follows_the_latest_micro_batches_and_noise_comes_from_the_window():
+    # Expert 0 ramps up, expert 1 ramps down, expert 2 is flat: the forecast's level is the recent one.
+    steps = np.arange(16)
+    history = np.stack([100 + 20 * steps, 500 - 20 * steps, np.full(16, 300)], axis=1).astype(np.int64)
+    samples = forecast_samples(history, 4, 64)
+    recent = history[-4:].mean(axis=0)
+    window = history.mean(axis=0)
+    assert np.all(np.abs(samples.mean(axis=0) - recent) < np.abs(samples.mean(axis=0) - window)[:2].min())
+    np.testing.assert_array_equal(samples[:, 2], 300)  # no noise in the history, none in the forecast
+
+
+def test_samples_combine_fluctuations_the_window_never_had():
+    # Two experts that always fluctuate in opposite directions; independent draws also pair their highs.
+    history = np.array([[100, 300], [300, 100]] * 8, dtype=np.int64)
+    samples = forecast_samples(history, 16, 200)
+    totals = samples.sum(axis=1)
+    assert totals.max() > history.sum(axis=1).max()
+
+
+@pytest.mark.parametrize("history,recent,count,message", [
+    (np.zeros((0, 3), dtype=np.int64), 1, 1, "non-empty"),
+    (np.array([[1, -1]]), 1, 1, "non-negative integer"),
+    (np.array([[1.5, 2.0]]), 1, 1, "non-negative integer"),
+    (np.array([[1, 2]]), 0, 1, "recent must be >= 1"),
+    (np.array([[1, 2]]), 1, 0, "count must be >= 1"),
+])
+def test_bad_inputs_are_named(history, recent, count, message):
+    with pytest.raises(ValueError, match=message):
+        forecast_samples(history, recent, count)
+
+
+def test_planner_input_is_the_history_then_the_forecast():
+    seed = _seed()
+    history = np.random.default_rng(seed).integers(0, 50, size=(6, 5))
+    np.testing.assert_array_equal(planner_input(history, 0, 4), history)
+    both = planner_input(history, 7, 2)
+    np.testing.assert_array_equal(both[:6], history)
+    np.testing.assert_array_equal(both[6:], forecast_samples(history, 2, 7))
