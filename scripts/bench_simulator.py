@@ -10,6 +10,8 @@ Prints figures for docs/benchmarks.md ("## Simulator"):
    others serve replicas only.
 3. tables: every policy on several skewed and drifting workloads (and two controls) with 2 redundant
    slots per GPU, 8 GPUs per node; markdown tables with the summary columns.
+4. forecast: microep's planner scoring the history plus forecast samples (the default) against the
+   history alone (``forecast_samples=0``, the baseline), max/mean over three seeds per workload.
 
 Usage: python scripts/bench_simulator.py [--parts replay,scale,tables] [--out DIR] [--quick]
 """
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_microep.planning.policies import POLICIES
+from megatron_microep.planning.policies import POLICIES, Layout, make_policy
 from megatron_microep.simulator import simulate
 from megatron_microep.simulator.cost import CostModel
+from megatron_microep.simulator.engine import Simulation
 from megatron_microep.simulator.report import markdown_table
 from megatron_microep.simulator.traces import NativeTraceWriter, open_trace
 
@@ -112,16 +115,37 @@ def tables(out: Path, quick: bool) -> None:
         print()
 
 
+def forecast(out: Path, quick: bool) -> None:
+    seeds = (0,) if quick else (0, 1, 2)
+    shape = "gpus=64,experts=256,layers=4,micro_batches=48,tokens=4096,topk=8"
+    if quick:
+        shape = "gpus=64,experts=256,layers=1,micro_batches=16,tokens=4096,topk=8"
+    print(f"## forecast: microep planner input, {shape}, seeds {list(seeds)}")
+    print("| workload | planner input | max/mean mean | p95 | p99 | max |")
+    print("|---|---|---:|---:|---:|---:|")
+    for workload in TABLE_WORKLOADS[:5]:
+        for label, samples in (("history + 32 forecast samples", 32), ("history only", 0)):
+            ratios = []
+            for seed in seeds:
+                info, records = open_trace(f"gen:{workload}:{shape},seed={seed}")
+                layout = Layout(info.num_gpus, info.num_experts, 2, 8)
+                policy = make_policy("microep", layout, forecast_samples=samples)
+                ratios += Simulation(layout, [policy], CostModel()).run(records)[0].ratios
+            print(f"| {workload} | {label} | {np.mean(ratios):.4f} | {np.percentile(ratios, 95):.4f} | "
+                  f"{np.percentile(ratios, 99):.4f} | {np.max(ratios):.4f} |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="replay,scale,tables")
+    parser.add_argument("--parts", default="replay,scale,tables,forecast")
     parser.add_argument("--out", default="runs/bench_simulator")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"# bench_simulator ({time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}, numpy {np.__version__})\n")
-    parts = {"replay": replay, "scale": scale, "tables": tables}
+    parts = {"replay": replay, "scale": scale, "tables": tables, "forecast": forecast}
     for name in args.parts.split(","):
         if name not in parts:
             parser.error(f"unknown part {name!r}; choose from {', '.join(parts)}")
