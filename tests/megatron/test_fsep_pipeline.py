@@ -1,0 +1,222 @@
+"""FSEP under pipeline parallelism: 4 CPU ranks (gloo), PP = 2 stages x EP = 2, vs stock EP.
+
+A 4-layer GPT with MoE and dense layers mixed (``moe_layer_freq`` [1, 1, 0, 1]: two FSEP layers on
+stage 0, a dense and an FSEP layer on stage 1) is built per stage three times from the same seed:
+stock EP (alltoall dispatcher) and FSEP under each memory policy (``keep``, ``regather``), each in
+Megatron's DDP (fp32 main gradients). Every step runs the micro-batches through a 1F1B schedule
+written here (megatron-core's schedules allocate on CUDA): stage 0 sends activations forward and
+receives their gradients back (point-to-point over gloo), so stage 0 has a second micro-batch's
+forward between a micro-batch's forward and its backward; then ``finalize_model_grads`` (DP and
+shared-embedding reductions) and Adam on the main gradients. The FSEP layers get a new layout every
+step. Checked every step: the last stage's micro-batch losses (1e-4) and every main gradient
+(1e-5 relative; experts as shards against the same slices of stock's expert gradients).
+"""
+import os
+import random
+
+import numpy as np
+import pytest
+
+pytest.importorskip("megatron.core")
+
+import torch  # noqa: E402
+
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from test_fsep_bf16 import _random_layout  # noqa: E402
+from test_fsep_gpt import _ShardedAdam, _expert_grads_as_shards, _rel  # noqa: E402
+
+PP, EP = 2, 2
+NUM_EXPERTS = 4  # 2 per rank + 1 redundant slot: C = 3 (as test_fsep_bf16's layouts)
+VOCAB, SEQ_LEN, MICRO_BATCH, HIDDEN = 64, 16, 2, 32
+PATTERN = [1, 1, 0, 1]
+MICRO_BATCHES, STEPS = 3, 3
+LOSS_TOL, GRAD_TOL = 1e-4, 1e-5
+MODELS = ("stock", "keep", "regather")
+
+
+def _config(model: str):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
+
+    config = TransformerConfig(
+        num_layers=len(PATTERN), hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64,
+        moe_ffn_hidden_size=32, num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_layer_freq=PATTERN,
+        moe_token_dispatcher_type="alltoall" if model == "stock" else "microep", expert_model_parallel_size=EP,
+        pipeline_model_parallel_size=PP, add_bias_linear=False, use_cpu_initialization=False,
+        transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0, moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
+        gated_linear_unit=True, pipeline_dtype=torch.float32,
+    )
+    if model != "stock":
+        attach_microep_config(config, MicroEPConfig(redundant_slots=1, expert_sharding="fsep",
+                                                    fsep_memory_policy=model))
+    return config
+
+
+def _build(model: str, seed: int, first: bool, last: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_microep.glue import compat
+    from megatron_microep.glue.spec import microep_decoder_block_spec
+
+    config = _config(model)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    spec = (compat.stock_decoder_block_spec(config, False) if model == "stock"
+            else microep_decoder_block_spec(config, use_transformer_engine=False))
+    gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
+                   pre_process=first, post_process=last, position_embedding_type="rope")
+    with torch.no_grad():
+        for name, buffer in gpt.named_buffers():
+            if name.endswith("router.expert_bias"):
+                buffer.zero_()
+                buffer[0] = 0.6  # expert 0 (home: EP rank 0) is hot
+    return DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt)
+
+
+def _batches(seed: int, step: int, dp_rank: int):
+    gen = torch.Generator().manual_seed(seed + 1000 * step + dp_rank)
+    mask = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)[None, None]
+    positions = torch.arange(SEQ_LEN)[None].expand(MICRO_BATCH, SEQ_LEN)
+    out = []
+    for _ in range(MICRO_BATCHES):
+        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
+        tokens = (start + torch.arange(SEQ_LEN + 1)) % VOCAB
+        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
+    return out
+
+
+def _one_f_one_b(ddp, batches):
+    """One step's forwards and backwards in 1F1B order; returns the last stage's micro-batch losses."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    first, last = stage == 0, stage == PP - 1
+    prev = None if first else parallel_state.get_pipeline_model_parallel_prev_rank()
+    nxt = None if last else parallel_state.get_pipeline_model_parallel_next_rank()
+    sends, in_flight, losses = [], [], []
+    warmup = min(PP - stage - 1, len(batches))
+
+    def forward(i):
+        tokens, labels, positions, mask = batches[i]
+        x = None
+        if not first:
+            x = torch.empty(SEQ_LEN, MICRO_BATCH, HIDDEN)
+            dist.recv(x, prev)
+            x.requires_grad_(True)
+            ddp.module.set_input_tensor(x)
+        out = ddp(tokens if first else None, positions, mask, labels=labels if last else None)
+        if last:
+            loss = out.float().mean()
+            losses.append(loss.item())
+            out = loss / len(batches)
+        else:
+            sends.append(dist.isend(out.detach().contiguous(), nxt))
+        in_flight.append((x, out))
+
+    def backward():
+        x, out = in_flight.pop(0)
+        if last:
+            out.backward()
+        else:
+            grad = torch.empty_like(out)
+            dist.recv(grad, nxt)
+            out.backward(grad)
+        if not first:
+            sends.append(dist.isend(x.grad.contiguous(), prev))
+
+    ddp.zero_grad_buffer()
+    for i in range(warmup):
+        forward(i)
+    for i in range(warmup, len(batches)):
+        forward(i)
+        backward()
+    for _ in range(warmup):
+        backward()
+    for work in sends:
+        work.wait()
+    finalize_model_grads([ddp])
+    return losses
+
+
+def _pipeline_rank(rank, world_size, seed):
+    from megatron.core import parallel_state
+
+    from megatron_microep.glue.fsep import fsep_layers
+    from megatron_microep.glue.layer import set_training_step
+
+    init_megatron_parallel(pipeline_model_parallel_size=PP, expert_model_parallel_size=EP, seed=seed)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    models = {name: _build(name, seed, stage == 0, stage == PP - 1) for name in MODELS}
+    optimizers = {name: _ShardedAdam(ddp, ep_group) for name, ddp in models.items()}
+    layers = {name: fsep_layers(models[name]) for name in MODELS[1:]}
+    rng = np.random.default_rng(seed + 17 * stage)  # the same on both EP ranks of a stage
+    out = {"stage": stage, "fsep_layers": [layer.layer_number for layer in layers["keep"]], "losses": {},
+           "loss_err": [], "grad_err": [], "placements": []}
+    placement = None
+    for step in range(1, STEPS + 1):
+        placement = _random_layout(rng, placement.to_lists() if placement is not None else None)
+        out["placements"].append(placement.to_lists())
+        for name in MODELS[1:]:
+            for layer in layers[name]:
+                layer.set_placement(placement)
+        set_training_step(step)
+        batches = _batches(seed, step, dp_rank)
+        losses = {name: _one_f_one_b(ddp, batches) for name, ddp in models.items()}
+        stock = models["stock"]
+        stock_grads = dict(stock.named_parameters())
+        for name in MODELS[1:]:
+            out["losses"].setdefault(name, []).append(losses[name])
+            out["loss_err"].append(max([abs(a - b) for a, b in zip(losses[name], losses["stock"])], default=0.0))
+            errors = [_rel(p.main_grad, stock_grads[n].main_grad) for n, p in models[name].named_parameters()
+                      if getattr(p, "allreduce", True)]
+            errors += [_rel(layer.experts.shards.main_grad.view_as(ref), ref)
+                       for layer, ref in zip(layers[name], _expert_grads_as_shards(stock, layers[name]))]
+            out["grad_err"].append(max(errors))
+        out["losses"].setdefault("stock", []).append(losses["stock"])
+        for opt in optimizers.values():
+            opt.step()
+    out["copy_tokens"] = sum(s.replica_tokens for layer in layers["keep"] for s in layer.telemetry.drain())
+    out["prefetch_hits"] = {name: [layer.prefetch_hits for layer in layers[name]] for name in MODELS[1:]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_run():
+    seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
+    print(f"FSEP pipeline test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
+    return spawn_gloo(_pipeline_rank, PP * EP, seed, timeout_s=300)
+
+
+def test_each_stage_holds_its_fsep_layers(pipeline_run):
+    for res in pipeline_run:
+        assert res["fsep_layers"] == {0: [1, 2], 1: [4]}[res["stage"]]
+        placements = res["placements"]
+        assert all(a != b for a, b in zip(placements, placements[1:])), "the layout did not change every step"
+        assert res["copy_tokens"] > 0, "no expert's tokens were split over copies"
+
+
+def test_fsep_pipeline_matches_stock_ep(pipeline_run):
+    for rank, res in enumerate(pipeline_run):
+        if res["stage"] == PP - 1:
+            assert all(len(step) == MICRO_BATCHES for step in res["losses"]["stock"])
+            assert max(res["loss_err"]) <= LOSS_TOL, f"rank {rank}: loss errors {res['loss_err']}"
+        assert max(res["grad_err"]) <= GRAD_TOL, f"rank {rank}: gradient rel errors {res['grad_err']}"
+    losses = [res["losses"]["stock"] for res in pipeline_run if res["stage"] == PP - 1][0]
+    assert np.mean(losses[-1]) < np.mean(losses[0]), f"training did not learn: {losses}"
+
+
+def test_prefetch_under_the_pipeline_schedule(pipeline_run):
+    passes = STEPS * MICRO_BATCHES
+    for res in pipeline_run:
+        if res["stage"] == 0:
+            # Layer 2's forward gather is started by layer 1 in every micro-batch, also with another
+            # micro-batch's backward in between; under regather layer 1's backward gather by layer 2's.
+            assert res["prefetch_hits"] == {"keep": [0, passes], "regather": [passes, passes]}
