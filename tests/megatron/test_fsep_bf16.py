@@ -1,25 +1,26 @@
 """FSEP in mixed precision: a bf16 GPTModel trained with fully sharded experts vs stock EP, same recipe.
 
-Megatron's bf16 recipe, on 2 CPU ranks (gloo, EP = 2): the model's parameters are bf16
-(``Float16Module``, as Megatron-LM's ``get_model`` wraps it), DDP reduces gradients into fp32
-``main_grad`` buffers, and the optimizer keeps an fp32 main copy of every parameter, steps Adam on
-the main copies with the fp32 main gradients, then re-casts the bf16 parameters from them (what
-megatron-core's ``Float16OptimizerWithFloat16Params`` does; megatron-core's optimizers reject CPU
-tensors, so ``_MainParamAdam`` below is that recipe written out). Stock EP (alltoall dispatcher) and
-FSEP (a new random layout every step, ``keep`` policy) start from the same bf16 weights and train
-``STEPS`` optimizer steps of ``MICRO_BATCHES`` micro-batches. A third model, stock EP in fp32, is the
-yardstick: the error that bf16 itself makes.
+Megatron's bf16 recipe end to end, on 2 CPU ranks (gloo, EP = 2): the model's parameters are bf16
+(``Float16Module``, as Megatron-LM's ``get_model`` wraps it), Megatron's DDP reduces gradients into
+fp32 ``main_grad`` buffers, and megatron-core's optimizer from ``get_megatron_optimizer`` keeps fp32
+main parameters, steps Adam on them with the fp32 main gradients (clipping included) and copies them
+back into the bf16 parameters: ``Float16OptimizerWithFloat16Params`` and the ``DistributedOptimizer``
+(the CPU harness runs both). For each optimizer, stock EP (alltoall dispatcher) and FSEP (a new
+layout every step, ``keep`` policy) start from the same bf16 weights and train ``STEPS`` steps of
+``MICRO_BATCHES`` micro-batches; a third model, stock EP in fp32 with the same optimizer, is the
+yardstick: the error bf16 itself makes. The FSEP shards' fp32 main parameter is located inside the
+optimizer and checked: Adam's first step moved it by lr * g / |g| of the shards' fp32 main gradient,
+and after every step the bf16 shards equal it re-cast, bit for bit, while it keeps what bf16 drops.
 
-Tolerances, from bf16 rounding (unit roundoff u = 2^-9). FSEP computes exactly stock's arithmetic
-except where the bf16 roundings fall: each copy's weight gradient is rounded to bf16 before the
-fp32 sum over copies (stock rounds one gradient per expert), and a copy's GEMM covers a different
-set of tokens (another blocking of the same dot products). At step 1 (identical weights), every
-gradient element therefore differs by at most a few roundings of its magnitude: max-normalised
-relative error <= 8u. Over the run, Adam turns such differences into parameter differences of up to
-2 lr where a gradient element is close to zero (step 1 of Adam moves every element by about lr times
-its sign), and bf16 forward passes re-round them; the losses must stay within 2^-7 (4u) relative
-of stock's and FSEP's deviation from stock must be several times smaller than bf16's own deviation
-from fp32 (at most half of it).
+Tolerances, from bf16 rounding (unit roundoff u = 2^-9). FSEP computes stock's arithmetic except
+where the bf16 roundings fall: each copy's weight gradient is rounded to bf16 before the fp32 sum
+over copies (stock rounds one gradient per expert), and a copy's GEMM covers another set of tokens
+(another blocking of the same dot products). At step 1 (identical weights), every gradient element
+therefore differs by at most a few roundings of the largest: max-normalised relative error <= 8u.
+Over the run, Adam turns such differences into parameter differences of up to 2 lr where a gradient
+element is close to zero (Adam's first step moves every element by about lr times its sign), and
+bf16 forward passes re-round them: the losses must stay within 4u relative of stock's, and FSEP's
+distance from stock must be at most half of bf16's own distance from fp32.
 """
 import contextlib
 import os
@@ -40,6 +41,7 @@ NUM_EXPERTS = 4
 SLOTS = 3  # 2 home experts per rank + 1 redundant slot
 VOCAB, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES, STEPS = 64, 16, 2, 2, 6
 LR = 3e-3
+OPTIMIZERS = {"Float16OptimizerWithFloat16Params": False, "DistributedOptimizer": True}  # name: distributed
 U = 2.0 ** -9  # bf16 unit roundoff
 STEP1_GRAD_TOL = 8 * U
 LOSS_REL_TOL = 4 * U
@@ -66,10 +68,13 @@ def _config(dispatcher: str, dtype: torch.dtype):
     return config
 
 
-def _build(config, seed: int):
-    """GPTModel (bf16 models wrapped in Float16Module, as Megatron-LM does) in Megatron's DDP."""
+def _build(config, seed: int, distributed_optimizer: bool):
+    """GPTModel (bf16 models wrapped in Float16Module, as Megatron-LM does) in Megatron's DDP, and
+    Megatron's optimizer over it (Adam, clipping, no weight decay: Adam's first step is then exact)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
 
@@ -91,29 +96,31 @@ def _build(config, seed: int):
                 buffer[0] = 0.6  # expert 0 (home: EP rank 0) is hot
     if config.bf16:
         model = Float16Module(config, model)
-    return DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=LR, weight_decay=0.0, clip_grad=1.0, bf16=config.bf16, fp16=False,
+                        params_dtype=config.params_dtype, use_distributed_optimizer=distributed_optimizer),
+        [ddp],
+    )
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp, optimizer
 
 
-class _MainParamAdam:
-    """Megatron's mixed-precision optimizer step, written out: fp32 main copies of the model's
-    parameters, Adam on them with DDP's fp32 ``main_grad``, model parameters re-cast from them."""
-
-    def __init__(self, ddp):
-        self.params = [p for p in ddp.parameters() if p.requires_grad]
-        self.main = [p.detach().float().clone() for p in self.params]
-        self.adam = torch.optim.Adam(self.main, lr=LR)
-
-    def main_of(self, param):
-        return self.main[next(i for i, p in enumerate(self.params) if p is param)]
-
-    def step(self):
-        for p, m in zip(self.params, self.main):
-            m.grad = p.main_grad
-        self.adam.step()
-        with torch.no_grad():
-            for p, m in zip(self.params, self.main):
-                p.copy_(m)  # round to nearest even into the parameter's dtype
-                m.grad = None
+def _main_param(optimizer, param):
+    """The fp32 main parameter Megatron's optimizer keeps for the bf16 ``param`` (flat [numel]) and the
+    optimizer's class name: ``fp32_from_float16_groups`` of the Float16 optimizer, or the distributed
+    optimizer's shard of it (the whole parameter here: expert-data-parallel size 1)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        model_groups = getattr(opt, "float16_groups", None) or getattr(opt, "model_float16_groups", None)
+        main_groups = getattr(opt, "fp32_from_float16_groups", None) or getattr(opt, "shard_fp32_from_float16_groups")
+        for model_group, main_group in zip(model_groups, main_groups):
+            for model_param, main in zip(model_group, main_group):
+                if model_param is param:
+                    assert main.numel() == param.numel()
+                    return main.view(-1), type(opt).__name__
+    raise AssertionError("the optimizer holds no fp32 main parameter for the FSEP shards")
 
 
 def _batches(seed: int, step: int):
@@ -130,10 +137,13 @@ def _batches(seed: int, step: int):
     return out
 
 
-def _step(ddp, seed: int, step: int) -> float:
+def _forward_backward(ddp, optimizer, seed: int, step: int) -> float:
+    """One step's micro-batches (deferred gradient sync) and gradient finalisation, as Megatron's
+    no-pipelining schedule does; the optimizer step is the caller's."""
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     ddp.zero_grad_buffer()
+    optimizer.zero_grad()
     losses = []
     batches = _batches(seed, step)
     for i, (tokens, labels, positions, mask) in enumerate(batches):
@@ -157,21 +167,23 @@ def _random_layout(rng, previous):
             return Placement.from_lists(copies, EP)
 
 
-def _bf16_rank(rank, world_size, seed):
+def _train(seed: int, distributed_optimizer: bool) -> dict:
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_microep.glue.fsep import fsep_layers
     from megatron_microep.glue.layer import set_training_step
 
-    init_megatron_parallel(expert_model_parallel_size=EP, seed=seed)
-    stock, fsep = _build(_config("alltoall", torch.bfloat16), seed), _build(_config("microep", torch.bfloat16), seed)
-    fp32 = _build(_config("alltoall", torch.float32), seed)
+    models = {name: _build(_config(dispatcher, dtype), seed, distributed_optimizer) for name, dispatcher, dtype in
+              (("stock", "alltoall", torch.bfloat16), ("fsep", "microep", torch.bfloat16),
+               ("fp32", "alltoall", torch.float32))}
+    stock, fsep = models["stock"][0], models["fsep"][0]
     layers = fsep_layers(fsep)
-    stock_opt, fsep_opt, fp32_opt = _MainParamAdam(stock), _MainParamAdam(fsep), _MainParamAdam(fp32)
+    mains = [_main_param(models["fsep"][1], layer.experts.shards) for layer in layers]
     rng = np.random.default_rng(seed)
     out = {"dtypes": sorted({str(p.dtype) for p in fsep.parameters()}),
            "shard_dtypes": [(str(layer.experts.shards.dtype), str(layer.experts.shards.main_grad.dtype),
-                             str(fsep_opt.main_of(layer.experts.shards).dtype)) for layer in layers],
+                             str(main.dtype)) for layer, (main, _) in zip(layers, mains)],
+           "optimizers": sorted({name for _, name in mains}),
            "stock_experts_bf16": all(p.dtype == torch.bfloat16 for m in stock.modules() if isinstance(m, MoELayer)
                                      for p in m.experts.parameters()),
            "stock": [], "fsep": [], "fp32": [], "grad_err": [], "placements": [], "recast_exact": [],
@@ -183,9 +195,8 @@ def _bf16_rank(rank, world_size, seed):
             layer.set_placement(placement)
         out["placements"].append(placement.to_lists())
         set_training_step(step)
-        out["stock"].append(_step(stock, seed, step))
-        out["fsep"].append(_step(fsep, seed, step))
-        out["fp32"].append(_step(fp32, seed, step))
+        for name, (ddp, optimizer) in models.items():
+            out[name].append(_forward_backward(ddp, optimizer, seed, step))
         out["copy_tokens"].append(sum(s.replica_tokens for layer in layers for s in layer.telemetry.drain()))
         stock_grads = dict(stock.named_parameters())
         errors = [_rel(p.main_grad, stock_grads[n].main_grad) for n, p in fsep.named_parameters()
@@ -193,25 +204,30 @@ def _bf16_rank(rank, world_size, seed):
         errors += [_rel(layer.experts.shards.main_grad.view_as(ref), ref)
                    for layer, ref in zip(layers, _expert_grads_as_shards(stock, layers))]
         out["grad_err"].append(max(errors))
-        before = [fsep_opt.main_of(layer.experts.shards).clone() for layer in layers]
-        grads = [layer.experts.shards.main_grad.clone() for layer in layers]
-        stock_opt.step()
-        fsep_opt.step()
-        fp32_opt.step()
-        mains = [fsep_opt.main_of(layer.experts.shards) for layer in layers]
+        before = [main.clone() for main, _ in mains]
+        grads = [layer.experts.shards.main_grad.view(-1).clone() for layer in layers]
+        stepped = {name: optimizer.step() for name, (_, optimizer) in models.items()}
+        assert all(ok for ok, _, _ in stepped.values()), "optimizer step failed"
         # The bf16 shards are the fp32 main shards re-cast, bit for bit; the main shards keep what bf16 drops.
-        out["recast_exact"].append(all(torch.equal(layer.experts.shards.detach(), m.to(torch.bfloat16))
-                                       for layer, m in zip(layers, mains)))
-        out["sub_bf16_fraction"].append(min(float((m != m.to(torch.bfloat16).float()).float().mean()) for m in mains))
+        out["recast_exact"].append(all(torch.equal(layer.experts.shards.detach().view(-1), main.to(torch.bfloat16))
+                                       for layer, (main, _) in zip(layers, mains)))
+        out["sub_bf16_fraction"].append(min(float((main != main.to(torch.bfloat16).float()).float().mean())
+                                            for main, _ in mains))
         if step == 1:
-            # Adam's first step moves every main element by lr * g / (|g| + eps): it stepped on these gradients.
+            # Adam's first step moves every main element by lr * c g / (c |g| + eps), c the clipping
+            # factor of the returned gradient norm: it stepped on the shards' fp32 main gradients.
+            clip = min(1.0, 1.0 / (stepped["fsep"][1] + 1e-6))
             err = 0.0
-            for b, m, g in zip(before, mains, grads):
-                big = g.abs() > 1e-5
-                expected = -LR * g / (g.abs() + 1e-8)
-                err = max(err, ((m - b - expected)[big]).abs().max().item() / LR)
+            for b, (main, _), g in zip(before, mains, grads):
+                expected = -LR * clip * g / (clip * g.abs() + 1e-8)
+                err = max(err, (main - b - expected).abs().max().item() / LR)
             out["step1_update_err"] = err
     return out
+
+
+def _bf16_rank(rank, world_size, seed):
+    init_megatron_parallel(expert_model_parallel_size=EP, seed=seed)
+    return {name: _train(seed, distributed) for name, distributed in OPTIMIZERS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +237,11 @@ def bf16_run():
     return spawn_gloo(_bf16_rank, EP, seed, timeout_s=300)
 
 
-def test_parameters_are_bf16_with_fp32_main_params_and_grads(bf16_run):
-    for res in bf16_run:
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_parameters_are_bf16_with_fp32_main_params_and_grads(bf16_run, optimizer):
+    for rank_result in bf16_run:
+        res = rank_result[optimizer]
+        assert res["optimizers"] == [optimizer]
         assert res["dtypes"] == ["torch.bfloat16"] and res["stock_experts_bf16"]
         assert res["shard_dtypes"] == [("torch.bfloat16", "torch.float32", "torch.float32")] * 2
         # The optimizer stepped on the fp32 main shards with the fp32 main gradients ...
@@ -232,8 +251,10 @@ def test_parameters_are_bf16_with_fp32_main_params_and_grads(bf16_run):
         assert min(res["sub_bf16_fraction"]) > 0.5, res["sub_bf16_fraction"]
 
 
-def test_bf16_fsep_trains_like_bf16_stock_ep(bf16_run):
-    for rank, res in enumerate(bf16_run):
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_bf16_fsep_trains_like_bf16_stock_ep(bf16_run, optimizer):
+    for rank, rank_result in enumerate(bf16_run):
+        res = rank_result[optimizer]
         placements = res["placements"]
         assert all(a != b for a, b in zip(placements, placements[1:])), "the layout did not change every step"
         assert min(res["copy_tokens"]) > 0, f"no expert's tokens were split over copies: {res['copy_tokens']}"
@@ -243,7 +264,7 @@ def test_bf16_fsep_trains_like_bf16_stock_ep(bf16_run):
         fsep_gap = max(abs(a - b) for a, b in zip(res["fsep"], res["stock"]))
         bf16_gap = max(abs(a - b) for a, b in zip(res["fp32"], res["stock"]))
         assert fsep_gap <= FP32_GAP_RATIO * bf16_gap, f"rank {rank}: FSEP-stock {fsep_gap}, bf16-fp32 {bf16_gap}"
-        print(f"rank {rank}: grad errors {res['grad_err']}, loss rel diffs {rel}, "
+        print(f"{optimizer} rank {rank}: grad errors {res['grad_err']}, loss rel diffs {rel}, "
               f"FSEP-stock {fsep_gap:.2e} vs bf16-fp32 {bf16_gap:.2e}")
-    losses = bf16_run[0]["stock"]
-    assert losses[-1] < losses[0] - 0.05, f"training did not learn: {losses}"
+        losses = res["stock"]
+        assert losses[-1] < losses[0] - 0.05, f"training did not learn: {losses}"
