@@ -7,7 +7,9 @@ Prints figures for docs/benchmarks.md ("## Simulator"):
 2. scale: a 1024-GPU x 256-expert x 8-layer x 100-micro-batch trace written to a .mept file, then
    streamed through every policy; wall time and peak resident memory against the size the whole
    trace would take in memory. With 4 GPUs per expert, a quarter of the GPUs hold a home expert; the
-   others serve replicas only.
+   others serve replicas only. microep places replicas with ``planner=eplb`` here: at 1024 GPUs one
+   exact evaluation of one sample costs about 25 ms, so the OR-Tools planner cannot search within its
+   0.5 s limit (it overruns to about 2 s per layer and re-plan and triples the replay time).
 3. tables: every policy on several skewed and drifting workloads (and two controls) with 2 redundant
    slots per GPU, 8 GPUs per node; markdown tables with the summary columns.
 4. forecast: microep's planner scoring the history plus forecast samples (the default) against the
@@ -88,7 +90,8 @@ def scale(out: Path, quick: bool) -> None:
     base = read_only(trace)
     full_gb = count * 1024 * 256 * 8 / 1e9
     started = time.perf_counter()
-    result = simulate(str(trace), list(POLICIES), 2, 8, out / "scale_report", CostModel())
+    result = simulate(str(trace), list(POLICIES), 2, 8, out / "scale_report", CostModel(),
+                      policy_params={"microep": {"planner": "eplb"}})
     seconds = time.perf_counter() - started
     print(f"## scale: 1024 GPUs x 256 experts x {layers} layers x {micro_batches} micro-batches, all policies")
     print(f"records {count}; trace file {trace.stat().st_size / 1e6:.0f} MB (whole trace as int64 arrays: "
