@@ -3,12 +3,17 @@
 megatron-core assumes a CUDA device even where the math is device-agnostic: it allocates on
 ``torch.cuda.current_device()``, creates side streams, keeps its RNG states on the CUDA generator,
 and hands the all-to-all dispatcher's split sizes over as numpy arrays only when they start on the
-GPU. ``enable_cpu_megatron()`` neutralises exactly those uses so that the stock ``MoELayer`` (local
-spec, ``SequentialMLP``) and our dispatcher run forward and backward on CPU processes joined by gloo.
+GPU; its optimizers, gradient clipping and schedules allocate with a literal ``device="cuda"`` and
+check parameter types against CUDA type names. ``enable_cpu_megatron()`` neutralises exactly those
+uses so that the stock ``MoELayer`` (local spec, ``SequentialMLP``) and our dispatcher run forward
+and backward on CPU processes joined by gloo, and train through Megatron's
+``DistributedDataParallel``, ``get_megatron_optimizer`` and ``get_forward_backward_func``.
 Checked against megatron-core 0.16.1 and 0.19.2; see docs/cpu-harness.md.
 
-The shim is only for processes without CUDA: every ``torch.cuda`` function it replaces raises there,
-so replacing it cannot change behaviour that worked. With CUDA present it refuses to run. Megatron
+The shim is only for processes without CUDA: every ``torch.cuda`` function it replaces, and every
+``device="cuda"`` allocation it redirects, raises there, so replacing it cannot change behaviour
+that worked; the CUDA type names are reported only while the three megatron calls that compare
+them run. With CUDA present it refuses to run. Megatron
 functions are replaced where megatron looks them up (module globals), and only after checking that
 the target exists, so a megatron-core release that moved one fails loudly instead of running
 unpatched.
@@ -329,7 +334,9 @@ def _patch_type_checks() -> None:
     for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
         if not getattr(cls.__init__, "_cpu_harness_wrapped", False):
             cls.__init__ = _with_cuda_type_names(cls.__init__)
-    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip = clip_grads.clip_grad_by_total_norm_fp32
+    if not getattr(clip, "_cpu_harness_wrapped", False):
+        clip = _with_cuda_type_names(clip)
     # optimizer.py imported the function by name: patch both names.
     clip_grads.clip_grad_by_total_norm_fp32 = clip
     optimizer.clip_grad_by_total_norm_fp32 = clip
