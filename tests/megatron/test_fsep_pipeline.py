@@ -14,6 +14,9 @@ lr-sized parameter difference between the runs; SGD keeps their parameters as cl
 gradients, so gradients can be compared tightly at every step, not only the first. The FSEP layers
 get a new layout every step. Checked every step: the last stage's micro-batch losses (1e-4) and every
 main gradient (1e-5 relative; experts as shards against the same slices of stock's expert gradients).
+At the end the ``keep`` model is saved with Megatron's distributed checkpoint (each stage's layers
+under their global numbers) and loaded strictly into a fresh FSEP model, which must hold the same
+layouts and routing histories.
 """
 import os
 import random
@@ -231,22 +234,47 @@ def _train(loop: str, seed: int) -> dict:
             opt.step()
     out["copy_tokens"] = sum(s.replica_tokens for layer in layers["keep"] for s in layer.telemetry.drain())
     out["prefetch_hits"] = {name: [layer.prefetch_hits for layer in layers[name]] for name in MODELS[1:]}
+    if loop == "megatron":
+        out["keep_model"] = models["keep"]
     return out
 
 
-def _pipeline_rank(rank, world_size, seed):
+def _layout_round_trip(model, seed: int, directory: str) -> dict:
+    """Save ``model`` (an FSEP ``keep`` model) and load it into a fresh one; layouts and histories."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from megatron_microep.glue.fsep import fsep_layers
+
+    dist_checkpointing.save(model.module.sharded_state_dict(), directory)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    fresh = _build("keep", seed + 1, stage == 0, stage == PP - 1)
+    loaded = dist_checkpointing.load(fresh.module.sharded_state_dict(), directory, strict=StrictHandling.RAISE_ALL)
+    fresh.module.load_state_dict(loaded, strict=True)
+
+    def layouts(ddp):
+        return [(layer.layout.placement.to_lists(), layer.placement_controller.history().tolist())
+                for layer in fsep_layers(ddp)]
+
+    return {"saved": layouts(model), "loaded": layouts(fresh)}
+
+
+def _pipeline_rank(rank, world_size, seed, directory):
     from megatron.core import parallel_state
 
     init_megatron_parallel(pipeline_model_parallel_size=PP, expert_model_parallel_size=EP, seed=seed)
-    return {"stage": parallel_state.get_pipeline_model_parallel_rank(),
-            **{loop: _train(loop, seed) for loop in LOOPS}}
+    out = {"stage": parallel_state.get_pipeline_model_parallel_rank()}
+    for loop in LOOPS:
+        out[loop] = _train(loop, seed)
+    out["round_trip"] = _layout_round_trip(out["megatron"].pop("keep_model"), seed, directory)
+    return out
 
 
 @pytest.fixture(scope="module")
-def pipeline_run():
+def pipeline_run(tmp_path_factory):
     seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
     print(f"FSEP pipeline test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
-    return spawn_gloo(_pipeline_rank, PP * EP, seed, timeout_s=300)
+    return spawn_gloo(_pipeline_rank, PP * EP, seed, str(tmp_path_factory.mktemp("fsep_pp")), timeout_s=300)
 
 
 @pytest.mark.parametrize("loop", list(LOOPS))
@@ -281,3 +309,11 @@ def test_prefetch_under_the_pipeline_schedule(pipeline_run, loop):
             # Layer 2's forward gather is started by layer 1 in every micro-batch, also with another
             # micro-batch's backward in between; under regather layer 1's backward gather by layer 2's.
             assert res[loop]["prefetch_hits"] == {"keep": [0, passes], "regather": [passes, passes]}
+
+
+def test_layout_state_round_trip_per_stage(pipeline_run):
+    for res in pipeline_run:
+        saved, loaded = res["round_trip"]["saved"], res["round_trip"]["loaded"]
+        assert len(saved) == {0: 2, 1: 1}[res["stage"]]
+        assert all(history for _, history in saved), "no routing history was recorded"
+        assert loaded == saved
