@@ -198,6 +198,22 @@ def _train(ddp, optimizer, config, seed: int, capture_pre_reduction: bool):
     return losses, pre_reduction
 
 
+def _evaluate(ddp, seed: int):
+    """Megatron-LM's evaluation after a training step: eval mode, forward only, and the step number
+    (``args.curr_iteration``) still that of the step just taken. Mean loss per micro-batch (last
+    stage; empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ddp.eval()
+    with torch.no_grad():
+        results = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(_micro_batches(seed + 1, STEPS + 1)), model=[ddp],
+            num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH, forward_only=True,
+        )
+    ddp.train()
+    return [r["lm loss"].item() for r in results]
+
+
 @contextlib.contextmanager
 def _replica_gradients_dropped():
     """The bug the parity checks must catch: replica gradients never reach their home expert."""
@@ -240,10 +256,12 @@ def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica
     start = _params(stock)
     stock_ddp, stock_opt = _wrap(stock, stock_config, overlap, distributed_optimizer)
     stock_losses, stock_pre = _train(stock_ddp, stock_opt, stock_config, seed, capture_pre_reduction=not overlap)
+    stock_eval = _evaluate(stock_ddp, seed)
     micro_ddp, micro_opt = _wrap(micro, micro_config, overlap, distributed_optimizer)
     guard = _replica_gradients_dropped() if drop_replica_grads else contextlib.nullcontext()
     with guard:
         micro_losses, micro_pre = _train(micro_ddp, micro_opt, micro_config, seed, capture_pre_reduction=not overlap)
+        micro_eval = _evaluate(micro_ddp, seed)
     stock_params, micro_params = _params(stock_ddp), _params(micro_ddp)
     return {
         "schedule": get_forward_backward_func().__name__,
@@ -255,6 +273,7 @@ def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica
         "moved": max((p - start[n]).abs().max().item() for n, p in stock_params.items()),
         "pre_reduction_rel": [{n: _rel(m[n], s[n]) for n in s} for s, m in zip(stock_pre, micro_pre)],
         "replica_stats": _replica_stats(micro_ddp),
+        "eval": (stock_eval, micro_eval),
     }
 
 
@@ -383,6 +402,19 @@ def test_bf16_microep_as_close_to_fp32_as_stock(ep2_edp2_run, distributed_optimi
         assert losses["microep"][-1] < losses["microep"][0]
         assert 0 < res["error"]["stock"] < 0.05  # bf16 rounding really shows, and stays small
         assert res["error"]["microep"] <= 1.5 * res["error"]["stock"], f"rank {rank}: {res['error']}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "glue/layer.py reuses the replica weights fetched for a step while the step number is unchanged; "
+    "Megatron-LM evaluates after the optimizer step with args.curr_iteration unchanged, so replicas "
+    "run with pre-update weights (fix: no reuse key when the layer is not in training mode)"))
+def test_evaluation_after_a_step_matches_stock(ep2_edp2_run):
+    for rank, res in enumerate(ep2_edp2_run):
+        stock_eval, micro_eval = res["plain"]["eval"]
+        assert len(stock_eval) == MICRO_BATCHES
+        diffs = [abs(a - b) for a, b in zip(micro_eval, stock_eval)]
+        print(f"evaluation rank {rank}: loss differences {diffs}")
+        assert max(diffs) <= LOSS_TOL, f"rank {rank}: evaluation loss diffs {diffs}"
 
 
 def test_pipeline_1f1b_matches_stock(pp2_ep2_run):
