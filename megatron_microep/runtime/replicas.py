@@ -59,7 +59,9 @@ class ReplicaExchange:
         """Flat buffer [received * numel] of replica weights; reused while ``key`` is unchanged.
 
         ``key`` must be equal on every rank of the group (all ranks fetch, or none does); None
-        disables reuse.
+        disables reuse. The caller must change it whenever the home weights may have changed: a
+        key that outlives an optimizer step (e.g. the step number during the evaluation that
+        Megatron-LM runs after the step) serves the pre-update weights.
         """
         if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
