@@ -7,7 +7,8 @@ micro-batch by the exact scheduler, and one grouped GEMM runs every local slot, 
 weights fetched from their home ranks (``runtime.replicas``).
 
 Steps. Replica weights are reused within an optimizer step and re-fetched in the first forward of
-the next one; re-planned placements take effect at a step boundary. The step number comes from
+the next one (and in every evaluation forward, which may follow an optimizer step under the same
+step number); re-planned placements take effect at a step boundary. The step number comes from
 Megatron-LM's training loop (``args.curr_iteration``) when it runs, otherwise from
 ``set_training_step`` (call it on every rank before each step); with neither, replica weights are
 fetched in every forward, history is not recorded and re-planning is off (logged once).
@@ -309,7 +310,10 @@ class MicroEPMoELayer(MoELayer):
         counts = per_slot.tolist()
         rows = counts[: self.num_local_experts]
         if layout.has_replicas:
-            key = None if self._step is None else (self.placement_controller.version, self._step)
+            # Reuse only within a training step: Megatron-LM evaluates after the optimizer step under the
+            # same step number, when the home weights have changed (eval mode is equal on every rank).
+            reuse = self.training and self._step is not None
+            key = (self.placement_controller.version, self._step) if reuse else None
             tokens, replicas = replicate(tokens, self._replica_exchange(layout, home), home, key)
             for slot, tensors in enumerate(replicas):
                 if tensors is not None:
