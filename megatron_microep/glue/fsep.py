@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 _STOCK_EXTRA_STATE = "stock_linear_extra_state"
 LAYOUT_STATE_KEY = "fsep_layout_state"
 LAYOUT_STATE_FORMAT = 1
+# Content-metadata flag of a checkpoint that holds FSEP layout states.
+LAYOUT_STATE_MARKER = "microep_fsep_layout_state"
 TENSOR_NAMES = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias")
 # Bytes of gathered experts alive in this process over all FSEP layers (a measurement).
 GATHERED_MEMORY = GatheredMemory()
@@ -246,6 +248,15 @@ class FSEPMoELayer(MicroEPMoELayer):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        # A requested key that the checkpoint lacks fails Megatron-LM's default load
+        # (assume_ok_unexpected), and a module cannot tell a save from a load. So the layout object is
+        # in the dict only when this layer has a state (it has trained, or restored one), or when the
+        # checkpoint's content metadata, which Megatron-LM passes back on load, says it holds one.
+        # Saving records that in the same dict, which Megatron-LM writes as the content metadata.
+        if not (self.placement_controller.has_state() or (metadata or {}).get(LAYOUT_STATE_MARKER)):
+            return out
+        if metadata is not None:
+            metadata[LAYOUT_STATE_MARKER] = True
         # Equal on every rank of the layer's expert domain; the planner rank's copy (which knows a
         # pending plan's outcome) is the one written.
         replica_id = (0, dist.get_rank(self.placement_controller.group), self._expt_dp_rank)
@@ -258,8 +269,9 @@ class FSEPMoELayer(MicroEPMoELayer):
         if key in state_dict:
             self.load_layout_state(state_dict.pop(key))
         elif self.microep_groups.ep_rank == 0 and self._expt_dp_rank == 0:
-            logger.warning("FSEP layer %s: the state dict has no FSEP layout state (stock EP, replica mode, or "
-                           "a plain state_dict); keeping the current layout and routing history", self.layer_number)
+            logger.warning("FSEP layer %s: the state dict has no FSEP layout state (stock EP, replica mode, a "
+                           "checkpoint saved before any step, or a plain state_dict); keeping the current layout "
+                           "and routing history", self.layer_number)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def exchange_for(self, layout: PhysicalLayout) -> ShardExchange:
@@ -408,6 +420,10 @@ class FSEPPlacementController(PlacementController):
 
     def build_layout(self, placement: Placement) -> PhysicalLayout:
         return fsep_layout(placement, self.layout.local_slots)
+
+    def has_state(self) -> bool:
+        """Whether there is a state worth saving: a step has begun or a saved state was restored."""
+        return self._step is not None or len(self._steps) > 0 or len(self._current_rows) > 0
 
     def on_step(self, step: int) -> Optional[PhysicalLayout]:
         first = self._replan_first_step and step != self._step
