@@ -25,6 +25,9 @@ plan awaiting adoption), so that a resumed run uses the layout and history of th
 A checkpoint loaded at another EP size or slot count keeps the history and starts from the initial
 layout, re-planned at its first step (logged); a checkpoint without layout state (stock EP) starts
 from the initial layout (logged); a malformed or foreign layout state is an ``FSEPLayoutStateError``.
+The object is in the state dict only when the layer has a state or the checkpoint's content
+metadata flags one (``LAYOUT_STATE_MARKER``; see ``FSEPMoELayer.sharded_state_dict``), so that a
+stock checkpoint loads under Megatron-LM's default strictness; docs/fsep.md has the details.
 
 Prefetch. Layers built from one TransformerConfig form a chain by layer number; during the forward
 a layer starts the next layer's gather before running its own experts, and under the ``regather``
