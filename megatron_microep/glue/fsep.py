@@ -38,8 +38,6 @@ prefetch never outlives an optimizer step.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -69,7 +67,7 @@ from megatron_microep.runtime.fsep import (
     shards_from_experts,
 )
 from megatron_microep.runtime.layout import PhysicalLayout
-from megatron_microep.runtime.replan import PlacementController, _Pending
+from megatron_microep.runtime.replan import PlacementController
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +231,7 @@ class FSEPMoELayer(MicroEPMoELayer):
         FSEPLayoutStateError for a malformed state or one of another model; a state saved at another
         EP size or slot count gives its history to the planner, which re-plans at the first step."""
         where = f"FSEP layer {self.layer_number}"
-        applied = self.placement_controller.load_state(state, where)
+        applied = self.placement_controller.restore(state, where)
         if self.microep_groups.ep_rank != 0 or self._expt_dp_rank != 0:
             return
         steps = len(state["history"])
@@ -417,76 +415,23 @@ class FSEPPlacementController(PlacementController):
     """The placement controller with FSEP layout rules (adopted placements need no home copy), and a
     checkpointable state: layout, routing history, current step and a plan awaiting adoption."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._replan_first_step = False  # set when a loaded layout could not apply
-
     def build_layout(self, placement: Placement) -> PhysicalLayout:
         return fsep_layout(placement, self.layout.local_slots)
 
-    def has_state(self) -> bool:
-        """Whether there is a state worth saving: a step has begun or a saved state was restored."""
-        return self._step is not None or len(self._steps) > 0 or len(self._current_rows) > 0
-
-    def on_step(self, step: int) -> Optional[PhysicalLayout]:
-        first = self._replan_first_step and step != self._step
-        adopted = super().on_step(step)
-        if first:
-            self._replan_first_step = False
-            if self.replan_interval > 0 and self._pending is None and len(self._steps) > 0:
-                self._start(step)
-        return adopted
-
     def state(self) -> dict:
-        """Everything a resumed run needs to continue with the same layouts (plain Python and numpy).
+        """``PlacementController.state`` with the format and the layout's shape, which a load checks."""
+        return {"format": LAYOUT_STATE_FORMAT, "num_experts": self.layout.placement.num_experts,
+                "num_ranks": self.layout.num_ranks, "slots_per_rank": self.layout.local_slots, **super().state()}
 
-        A plan still being computed is waited for on the planner rank (at most the planner's time
-        limit): its outcome (a placement, or None if it failed) is saved with its adoption step.
-        """
-        E = self.layout.placement.num_experts
-        pending = None
-        if self._pending is not None:
-            outcome = None
-            if self.is_planner:
-                self._pending.thread.join()
-                result = self._pending.result[0]
-                outcome = result.to_lists() if isinstance(result, Placement) else None
-            pending = {"adopt_step": self._pending.adopt_step, "placement": outcome}
-        current = np.stack(self._current_rows) if self._current_rows else np.zeros((0, E), dtype=np.int64)
-        return {
-            "format": LAYOUT_STATE_FORMAT, "num_experts": E, "num_ranks": self.layout.num_ranks,
-            "slots_per_rank": self.layout.local_slots, "placement": self.layout.placement.to_lists(),
-            "history": [block.copy() for block in self._steps], "current_rows": current,
-            "step": self._step, "pending": pending,
-        }
-
-    def load_state(self, state, where: str) -> bool:
-        """Continue from ``state`` (same call on every rank). Returns False when its layout is for
-        another EP size or slot count: the history is kept and the first step re-plans (the current
-        layout stays until then). Raises FSEPLayoutStateError (see ``check_layout_state``)."""
+    def restore(self, state, where: str) -> bool:
+        """Validate a saved ``state`` and continue from it (same call on every rank). Returns False
+        when its layout is for another EP size or slot count: the history is kept and the first
+        step re-plans (the current layout stays until then). Raises FSEPLayoutStateError (see
+        ``check_layout_state``)."""
         state = check_layout_state(state, self.layout.placement.num_experts, where)
-        self._steps.clear()
-        self._steps.extend(state["history"][-self.history_window:])
-        self._current_rows = list(state["current_rows"])
-        self._step = state["step"]
-        self._pending = None
-        if (state["num_ranks"], state["slots_per_rank"]) != (self.layout.num_ranks, self.layout.local_slots):
-            self._replan_first_step = True
-            return False
-        self.set_layout(self.build_layout(state["placement"]))
-        pending = state["pending"]
-        if pending is not None:
-            result: List[object] = []
-            thread = None
-            if self.is_planner:
-                # A planner that answers at once with the saved outcome; no outcome: a failed plan.
-                outcome = pending["placement"] if pending["placement"] is not None else \
-                    RuntimeError("the plan pending at the checkpoint had failed")
-                thread = threading.Thread(target=result.append, args=(outcome,), daemon=True)
-                thread.start()
-            self._pending = _Pending(adopt_step=pending["adopt_step"], thread=thread, result=result,
-                                     started=time.monotonic())
-        return True
+        applies = (state["num_ranks"], state["slots_per_rank"]) == (self.layout.num_ranks, self.layout.local_slots)
+        self.load_state(state, self.build_layout(state["placement"]) if applies else None)
+        return applies
 
 
 def ortools_fsep_planner(time_limit_s: float, slots_per_rank: int):

@@ -9,6 +9,8 @@ that step, by every rank at once: the planner rank waits for its thread if it is
 (logged), then broadcasts the placement. A planner that fails or returns an invalid placement is
 logged with its traceback and every rank keeps the current placement. Step numbers come from the
 caller and are equal on every rank, so all ranks take the same branch at the same collective.
+``state``/``load_state`` carry placement, history, step and a pending plan's outcome across a
+restart (FSEP layers save them in Megatron checkpoints).
 """
 from __future__ import annotations
 
@@ -104,6 +106,7 @@ class PlacementController:
         self._current_rows: List[np.ndarray] = []
         self._step: Optional[int] = None
         self._pending: Optional[_Pending] = None
+        self._replan_next_step = False  # set when a restored state's placement could not apply
 
     def record(self, expert_load: np.ndarray) -> None:
         """Expert loads int64 [E] of one training micro-batch (summed over the group's sources)."""
@@ -127,14 +130,72 @@ class PlacementController:
         adopted = None
         if self._pending is not None and step >= self._pending.adopt_step:
             adopted = self._adopt()
+        replan_now, self._replan_next_step = self._replan_next_step, False
         if (
             self.replan_interval > 0
             and self._pending is None
-            and step % self.replan_interval == 0
+            and (step % self.replan_interval == 0 or replan_now)
             and len(self._steps) > 0
         ):
             self._start(step)
         return adopted
+
+    def has_state(self) -> bool:
+        """Whether there is a state worth saving: a step has begun or a saved state was restored."""
+        return self._step is not None or len(self._steps) > 0 or len(self._current_rows) > 0
+
+    def state(self) -> dict:
+        """The state a resumed run needs to take the same decisions, as plain Python and numpy:
+        ``placement`` (GPU ids per expert), ``history`` (int64 [micro-batches, E] per completed step
+        in the window), ``current_rows`` int64 [n, E] (this step's micro-batches so far), ``step``
+        (None before the first) and ``pending`` (None, or the plan awaiting adoption:
+        ``{"adopt_step", "placement"}``, its outcome as GPU ids per expert, None for a failed plan).
+        Only the planner rank knows a pending plan's outcome (None on the others); a plan still
+        being computed is waited for there (at most the planner's time limit).
+        """
+        E = self.layout.placement.num_experts
+        pending = None
+        if self._pending is not None:
+            outcome = None
+            if self.is_planner:
+                self._pending.thread.join()
+                result = self._pending.result[0]
+                outcome = result.to_lists() if isinstance(result, Placement) else None
+            pending = {"adopt_step": self._pending.adopt_step, "placement": outcome}
+        current = np.stack(self._current_rows) if self._current_rows else np.zeros((0, E), dtype=np.int64)
+        return {
+            "placement": self.layout.placement.to_lists(), "history": [block.copy() for block in self._steps],
+            "current_rows": current, "step": self._step, "pending": pending,
+        }
+
+    def load_state(self, state: dict, layout: Optional[PhysicalLayout]) -> None:
+        """Continue from a ``state`` of the same model (same call on every rank; the caller has
+        validated it, with the pending plan's placement as a ``Placement`` or None). ``layout`` is
+        the saved placement's layout for this controller, None when it cannot apply (another EP
+        size or slot count): then the history is kept, the current layout stays, the pending plan is
+        dropped and the next step re-plans."""
+        self._steps.clear()
+        self._steps.extend(np.asarray(block, dtype=np.int64) for block in state["history"][-self.history_window:])
+        self._current_rows = [np.asarray(row, dtype=np.int64) for row in state["current_rows"]]
+        self._step = state["step"]
+        self._pending = None
+        if layout is None:
+            self._replan_next_step = True
+            return
+        self.set_layout(layout)
+        pending = state["pending"]
+        if pending is None:
+            return
+        result: List[object] = []
+        thread = None
+        if self.is_planner:
+            # A planner that answers at once with the saved outcome; no outcome: a failed plan.
+            outcome = pending["placement"] if pending["placement"] is not None else \
+                RuntimeError("the plan pending at the checkpoint had failed")
+            thread = threading.Thread(target=result.append, args=(outcome,), daemon=True)
+            thread.start()
+        self._pending = _Pending(adopt_step=pending["adopt_step"], thread=thread, result=result,
+                                 started=time.monotonic())
 
     def _start(self, step: int) -> None:
         result: List[object] = []
