@@ -242,14 +242,22 @@ def _train(loop: str, seed: int) -> dict:
 def _layout_round_trip(model, seed: int, directory: str) -> dict:
     """Save ``model`` (an FSEP ``keep`` model) and load it into a fresh one; layouts and histories."""
     from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.utils import _clean_metadata_for_serialization
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_microep.glue.fsep import fsep_layers
 
-    dist_checkpointing.save(model.module.sharded_state_dict(), directory)
+    # As Megatron-LM saves and loads: the metadata dict the model fills is the checkpoint's content
+    # metadata, handed back to the fresh model on load (it says the layout objects are there).
+    metadata = {}
+    sharded = model.module.sharded_state_dict(metadata=metadata)
+    dist_checkpointing.save(sharded, directory, content_metadata=_clean_metadata_for_serialization(metadata))
     stage = parallel_state.get_pipeline_model_parallel_rank()
     fresh = _build("keep", seed + 1, stage == 0, stage == PP - 1)
-    loaded = dist_checkpointing.load(fresh.module.sharded_state_dict(), directory, strict=StrictHandling.RAISE_ALL)
+    metadata = dist_checkpointing.load_content_metadata(directory)
+    loaded = dist_checkpointing.load(fresh.module.sharded_state_dict(metadata=metadata), directory,
+                                     strict=StrictHandling.RAISE_ALL)
+    loaded.pop("content_metadata")  # saved at the top level, next to the model's keys
     fresh.module.load_state_dict(loaded, strict=True)
 
     def layouts(ddp):
