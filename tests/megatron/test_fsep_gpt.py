@@ -42,6 +42,7 @@ pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
 
+from _gpt_case import gpt_model, synthetic_batches  # noqa: E402
 from megatron_microep.glue.distributed import RankFailedError, init_megatron_parallel, spawn_gloo  # noqa: E402
 
 NUM_EXPERTS = 8
@@ -85,26 +86,7 @@ def _config(dispatcher: str, ep: int, policy: str = "keep"):
 def _build(config, seed: int):
     """GPTModel with the stock or the FSEP MoE layers (MicroEP's block spec: the layer class follows
     --microep-expert-sharding); the same seed gives the same weights."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_microep.glue import compat
-    from megatron_microep.glue.spec import microep_decoder_block_spec
-
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-    if config.moe_token_dispatcher_type == "microep":
-        spec = microep_decoder_block_spec(config, use_transformer_engine=False)
-    else:
-        spec = compat.stock_decoder_block_spec(config, False)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
-                     position_embedding_type="rope")
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("router.expert_bias"):
-                buffer.zero_()
-                buffer[list(HOT_EXPERTS)] = 0.6
-    return model
+    return gpt_model(config, seed, VOCAB, SEQ_LEN, HOT_EXPERTS)
 
 
 class _ShardedAdam:
@@ -173,15 +155,7 @@ def _wrap(model, config):
 def _batches(seed: int, step: int):
     import torch.distributed as dist
 
-    gen = torch.Generator().manual_seed(seed + 1000 * step + dist.get_rank())
-    mask = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)[None, None]
-    positions = torch.arange(SEQ_LEN)[None].expand(MICRO_BATCH, SEQ_LEN)
-    out = []
-    for _ in range(MICRO_BATCHES):
-        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
-        tokens = (start + torch.arange(SEQ_LEN + 1)) % VOCAB
-        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
-    return out
+    return synthetic_batches(seed + 1000 * step + dist.get_rank(), VOCAB, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES)
 
 
 def _sharded(ddp, optimizer, metadata):

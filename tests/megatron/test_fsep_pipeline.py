@@ -28,6 +28,7 @@ pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
 
+from _gpt_case import forward_step, gpt_model, synthetic_batches  # noqa: E402
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 from test_fsep_bf16 import _random_layout  # noqa: E402
 from test_fsep_gpt import _expert_grads_as_shards, _rel  # noqa: E402
@@ -65,24 +66,9 @@ def _config(model: str):
 def _build(model: str, seed: int, first: bool, last: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_microep.glue import compat
-    from megatron_microep.glue.spec import microep_decoder_block_spec
-
     config = _config(model)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-    spec = (compat.stock_decoder_block_spec(config, False) if model == "stock"
-            else microep_decoder_block_spec(config, use_transformer_engine=False))
-    gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
-                   pre_process=first, post_process=last, position_embedding_type="rope")
-    with torch.no_grad():
-        for name, buffer in gpt.named_buffers():
-            if name.endswith("router.expert_bias"):
-                buffer.zero_()
-                buffer[0] = 0.6  # expert 0 (home: EP rank 0) is hot
+    # Expert 0 (home: EP rank 0) is hot.
+    gpt = gpt_model(config, seed, VOCAB, SEQ_LEN, [0], pre_process=first, post_process=last)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
@@ -102,15 +88,7 @@ class _SGD:
 
 
 def _batches(seed: int, step: int, dp_rank: int):
-    gen = torch.Generator().manual_seed(seed + 1000 * step + dp_rank)
-    mask = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)[None, None]
-    positions = torch.arange(SEQ_LEN)[None].expand(MICRO_BATCH, SEQ_LEN)
-    out = []
-    for _ in range(MICRO_BATCHES):
-        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
-        tokens = (start + torch.arange(SEQ_LEN + 1)) % VOCAB
-        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
-    return out
+    return synthetic_batches(seed + 1000 * step + dp_rank, VOCAB, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES)
 
 
 def _own_1f1b(ddp, batches):
@@ -168,17 +146,6 @@ def _own_1f1b(ddp, batches):
     return losses
 
 
-def _forward_step(data_iterator, model):
-    tokens, labels, positions, mask = next(data_iterator)
-    output = model(tokens, positions, mask, labels=labels)
-
-    def loss_func(output_tensor):
-        loss = output_tensor.float().mean()
-        return loss, {"loss": loss.detach().clone()}  # a copy: the schedule scales the returned loss in place
-
-    return output, loss_func
-
-
 def _megatron_1f1b(ddp, batches):
     """The same step through megatron-core's pipeline schedule; the last stage's micro-batch losses."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -186,10 +153,10 @@ def _megatron_1f1b(ddp, batches):
     forward_backward = get_forward_backward_func()
     assert forward_backward.__name__ == "forward_backward_pipelining_without_interleaving"
     ddp.zero_grad_buffer()
-    results = forward_backward(forward_step_func=_forward_step, data_iterator=iter(batches), model=[ddp],
+    results = forward_backward(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
                                num_microbatches=len(batches), seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH,
                                forward_only=False)
-    return [r["loss"].item() for r in results]
+    return [r["lm loss"].item() for r in results]
 
 
 LOOPS = {"own": _own_1f1b, "megatron": _megatron_1f1b}

@@ -27,6 +27,7 @@ pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
 
+from _gpt_case import forward_step, skew_router, synthetic_batches  # noqa: E402
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
 WORLD = 4
@@ -85,11 +86,7 @@ def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None, dtype=tor
     model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN, pre_process=stage == 0,
                      post_process=stage == stages - 1, position_embedding_type="rope")
     if state is None:
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name.endswith("router.expert_bias"):
-                    buffer.zero_()
-                    buffer[0] = 0.6
+        skew_router(model, [0])
     else:
         model.load_state_dict(state, strict=True)
     for layer in microep_layers(model):
@@ -137,27 +134,7 @@ def _micro_batches(seed: int, step: int):
 
     # Same data on the pipeline stages of one data-parallel rank, different across them.
     dp_rank = parallel_state.get_data_parallel_rank()
-    gen = torch.Generator().manual_seed(seed + 1000 * step + dp_rank)
-    mask = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)[None, None]
-    positions = torch.arange(SEQ_LEN)[None].expand(MICRO_BATCH, SEQ_LEN)
-    out = []
-    for _ in range(MICRO_BATCHES):
-        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
-        tokens = (start + torch.arange(SEQ_LEN + 1)) % VOCAB  # next token = token + 1: learnable
-        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
-    return out
-
-
-def _forward_step(data_iterator, model):
-    tokens, labels, positions, mask = next(data_iterator)
-    output = model(tokens, positions, mask, labels=labels)
-
-    def loss_func(output_tensor):
-        loss = output_tensor.float().mean()
-        # A copy: the schedule divides the returned loss in place by the number of micro-batches.
-        return loss, {"lm loss": loss.detach().clone()}
-
-    return output, loss_func
+    return synthetic_batches(seed + 1000 * step + dp_rank, VOCAB, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES)
 
 
 def _expert_main_grads(ddp):
@@ -188,7 +165,7 @@ def _train(ddp, optimizer, config, seed: int, capture_pre_reduction: bool):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         results = forward_backward(
-            forward_step_func=_forward_step, data_iterator=iter(_micro_batches(seed, step)), model=[ddp],
+            forward_step_func=forward_step, data_iterator=iter(_micro_batches(seed, step)), model=[ddp],
             num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH, forward_only=False,
         )
         update_successful, grad_norm, _ = optimizer.step()
@@ -207,7 +184,7 @@ def _evaluate(ddp, seed: int):
     ddp.eval()
     with torch.no_grad():
         results = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter(_micro_batches(seed + 1, STEPS + 1)), model=[ddp],
+            forward_step_func=forward_step, data_iterator=iter(_micro_batches(seed + 1, STEPS + 1)), model=[ddp],
             num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH, forward_only=True,
         )
     ddp.train()

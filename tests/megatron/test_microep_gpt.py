@@ -22,6 +22,7 @@ pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
 
+from _gpt_case import skew_router, synthetic_batches  # noqa: E402
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
 WORLD = 4
@@ -68,15 +69,6 @@ def _stock_spec(config):
     return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
 
 
-def _skew(model):
-    """Route most tokens to the hot experts: a fixed expert bias (update rate 0 keeps it)."""
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("router.expert_bias"):
-                buffer.zero_()
-                buffer[list(HOT_EXPERTS)] = 0.6
-
-
 class _MainGradAdam:
     """torch Adam on the gradients Megatron's DDP reduced into its buffers (``param.main_grad``).
 
@@ -111,16 +103,7 @@ def _wrap(model, config):
 def _batches(seed: int, step: int):
     import torch.distributed as dist
 
-    gen = torch.Generator().manual_seed(seed + 1000 * step + dist.get_rank())
-    mask = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)[None, None]
-    positions = torch.arange(SEQ_LEN)[None].expand(MICRO_BATCH, SEQ_LEN)
-    out = []
-    for _ in range(MICRO_BATCHES):
-        # A learnable pattern (next token = token + 1 mod V) so the loss moves.
-        start = torch.randint(0, VOCAB, (MICRO_BATCH, 1), generator=gen)
-        tokens = (start + torch.arange(SEQ_LEN + 1)) % VOCAB
-        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
-    return out
+    return synthetic_batches(seed + 1000 * step + dist.get_rank(), VOCAB, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES)
 
 
 def _train(ddp, optimizer, seed, micro: bool):
@@ -176,7 +159,7 @@ def _gpt_rank(rank: int, world_size: int, ep: int, seed: int, tmp_dir: str):
     stock_config, micro_config = _config("alltoall", ep), _config("microep", ep)
     stock = _model(stock_config, _stock_spec(stock_config))
     micro = _model(micro_config, microep_layer_spec)
-    _skew(stock)
+    skew_router(stock, HOT_EXPERTS)
     micro.load_state_dict(stock.state_dict(), strict=True)
     initial = _params(stock)
 

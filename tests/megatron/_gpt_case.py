@@ -1,0 +1,70 @@
+"""What the GPT tests share: routing skewed to chosen experts, a GPTModel with stock or MicroEP MoE layers,
+synthetic batches and the forward step Megatron's schedules call.
+
+Imported by module name (pytest puts this folder on sys.path); tests/megatron has no __init__.py, which
+would shadow the ``megatron`` package.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+HOT_BIAS = 0.6  # router expert bias of a hot expert: most tokens pick it
+
+
+def skew_router(model, hot_experts: Iterable[int]) -> None:
+    """Route most tokens to ``hot_experts``: a fixed router expert bias (bias update rate 0 keeps it)."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("router.expert_bias"):
+                buffer.zero_()
+                buffer[list(hot_experts)] = HOT_BIAS
+
+
+def gpt_model(config, seed: int, vocab: int, seq_len: int, hot_experts: Iterable[int], **gpt_kwargs):
+    """GPTModel with MicroEP's block spec when the config's dispatcher is microep (the layer class follows
+    --microep-expert-sharding), else the stock local spec; the same seed gives the same weights."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_microep.glue import compat
+    from megatron_microep.glue.spec import microep_decoder_block_spec
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    if config.moe_token_dispatcher_type == "microep":
+        spec = microep_decoder_block_spec(config, use_transformer_engine=False)
+    else:
+        spec = compat.stock_decoder_block_spec(config, False)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq_len,
+                     position_embedding_type="rope", **gpt_kwargs)
+    skew_router(model, hot_experts)
+    return model
+
+
+def synthetic_batches(seed: int, vocab: int, seq_len: int, micro_batch: int, micro_batches: int):
+    """``micro_batches`` tuples (tokens, labels, positions, causal mask) of [micro_batch, seq_len];
+    the next token is the token + 1 (mod vocab), a pattern the model can learn so the loss moves."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)[None, None]
+    positions = torch.arange(seq_len)[None].expand(micro_batch, seq_len)
+    out = []
+    for _ in range(micro_batches):
+        start = torch.randint(0, vocab, (micro_batch, 1), generator=gen)
+        tokens = (start + torch.arange(seq_len + 1)) % vocab
+        out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
+    return out
+
+
+def forward_step(data_iterator, model):
+    """Megatron's ``forward_step_func``: the next batch through ``model``; the loss reported as "lm loss"."""
+    tokens, labels, positions, mask = next(data_iterator)
+    output = model(tokens, positions, mask, labels=labels)
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        # A copy: the schedule divides the returned loss in place by the number of micro-batches.
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
