@@ -279,6 +279,7 @@ _CPU_FACTORY_TORCH = _TorchWithCpuFactories()
 _CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.optimizer",  # found_inf, overflow buffer, loss scale of every optimizer
     "megatron.core.optimizer.clip_grads",  # gradient norm, clipping, zero counting
+    "megatron.core.optimizer.grad_scaler",  # fp16 loss scale and its bounds
     "megatron.core.utils",  # local_multi_tensor_l2_norm, the norm without apex/TE
     "megatron.core.pipeline_parallel.schedules",  # total_num_tokens of every schedule
 )

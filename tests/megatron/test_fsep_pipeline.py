@@ -30,11 +30,11 @@ import torch  # noqa: E402
 
 from _gpt_case import forward_step, gpt_model, synthetic_batches  # noqa: E402
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
-from test_fsep_bf16 import _random_layout  # noqa: E402
+from test_fsep_mixed_precision import _random_layout  # noqa: E402
 from test_fsep_gpt import _expert_grads_as_shards, _rel  # noqa: E402
 
 PP, EP = 2, 2
-NUM_EXPERTS = 4  # 2 per rank + 1 redundant slot: C = 3 (as test_fsep_bf16's layouts)
+NUM_EXPERTS = 4  # 2 per rank + 1 redundant slot: C = 3 (as test_fsep_mixed_precision's layouts)
 VOCAB, SEQ_LEN, MICRO_BATCH, HIDDEN = 64, 16, 2, 32
 PATTERN = [1, 1, 0, 1]
 MICRO_BATCHES, STEPS = 3, 3
