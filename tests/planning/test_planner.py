@@ -200,8 +200,9 @@ def test_eplb_invariants_and_even_split():
         _check_invariants(placement, num_experts, num_gpus, slots, gpus_per_node)
         used = placement.num_slots - num_experts
         assert used == num_gpus * slots, f"{used} of {num_gpus * slots} slots used"
-        hottest = int(history.mean(axis=0).argmax())
-        assert placement.replica_counts()[hottest] == placement.replica_counts().max()
+        if gpus_per_node is None:  # confined, the hottest expert's node may run out of slots first
+            hottest = int(history.mean(axis=0).argmax())
+            assert placement.replica_counts()[hottest] == placement.replica_counts().max()
         split = even_split_gpu_loads(history[0], placement)
         assert split.sum() == pytest.approx(history[0].sum())
         assert split.max() >= optimal_max_load(history[0], placement) - 1  # the exact split is never worse
