@@ -9,7 +9,8 @@ setting) is given 16 micro-batches drawn from different log-weights:
   window t-16..t-1   the history the simulator gives it (drift included)
   at t-8             one lagged level (the middle of that window)
   window t-4..t-1    the latest four levels, four draws each
-  window + forecast  the history window plus 32 forecast samples (planning.forecast, the default)
+  window + forecast  the history window plus 32 forecast samples (planning.forecast), no bursts
+  window + forecast + bursts   the same with every expert once at 3x its level (the default)
 
 Figures are the exact scheduler's max GPU load / mean over the fresh micro-batches, 4 drift seeds.
 Usage: python scripts/bench_planner_tail.py [--seeds N] [--time-limit S]
@@ -55,6 +56,7 @@ def main() -> None:
             "at t-8": draw(rng, np.repeat(drift[STEP - 8:STEP - 7], 16, axis=0)),
             "window t-4..t-1": draw(rng, np.repeat(drift[STEP - 4:STEP], 4, axis=0)),
             "window + forecast": planner_input(window, 32, 4),
+            "window + forecast + bursts": planner_input(window, 32, 4, burst=3.0),
         }
         for name, history in inputs.items():
             placement = plan_placement(history, GPUS, SLOTS, time_limit_s=args.time_limit).placement

@@ -12,8 +12,9 @@ Prints figures for docs/benchmarks.md ("## Simulator"):
    0.5 s limit (it overruns to about 2 s per layer and re-plan and triples the replay time).
 3. tables: every policy on several skewed and drifting workloads (and two controls) with 2 redundant
    slots per GPU, 8 GPUs per node; markdown tables with the summary columns.
-4. forecast: microep's planner scoring the history plus forecast samples (the default) against the
-   history alone (``forecast_samples=0``, the baseline), max/mean over three seeds per workload.
+4. forecast: microep's planner scoring the history plus forecast samples with bursts (the default)
+   against forecast samples without bursts (``forecast_burst=0``) and the history alone
+   (``forecast_samples=0``, the baseline), max/mean over three seeds per workload.
 
 Usage: python scripts/bench_simulator.py [--parts replay,scale,tables] [--out DIR] [--quick]
 """
@@ -127,12 +128,14 @@ def forecast(out: Path, quick: bool) -> None:
     print("| workload | planner input | max/mean mean | p95 | p99 | max |")
     print("|---|---|---:|---:|---:|---:|")
     for workload in TABLE_WORKLOADS[:5]:
-        for label, samples in (("history + 32 forecast samples", 32), ("history only", 0)):
+        for label, params in (("history + 32 forecast samples with bursts (default)", {}),
+                              ("history + 32 forecast samples, no bursts", {"forecast_burst": 0.0}),
+                              ("history only", {"forecast_samples": 0})):
             ratios = []
             for seed in seeds:
                 info, records = open_trace(f"gen:{workload}:{shape},seed={seed}")
                 layout = Layout(info.num_gpus, info.num_experts, 2, 8)
-                policy = make_policy("microep", layout, forecast_samples=samples)
+                policy = make_policy("microep", layout, **params)
                 ratios += Simulation(layout, [policy], CostModel()).run(records)[0].ratios
             print(f"| {workload} | {label} | {np.mean(ratios):.4f} | {np.percentile(ratios, 95):.4f} | "
                   f"{np.percentile(ratios, 99):.4f} | {np.max(ratios):.4f} |")

@@ -38,6 +38,7 @@ class MicroEPConfig:
     move_penalty: float = 0.0  # planner cost per replica moved relative to the current placement
     forecast_samples: int = 32  # planner: forecast samples scored with the history (0: the history alone)
     forecast_recent: int = 4  # planner: latest micro-batches whose mean is the forecast's level
+    forecast_burst: float = 3.0  # planner: each expert once at this multiple of its level in the forecast (0: off)
     gpus_per_node: Optional[int] = None  # planner: prefer replicas inside the node (None: flat)
     expert_backend: str = "auto"
     trace_dir: Optional[str] = None
@@ -66,6 +67,8 @@ class MicroEPConfig:
             raise MicroEPConfigError(f"--microep-forecast-samples must be >= 0, got {self.forecast_samples}")
         if self.forecast_recent < 1:
             raise MicroEPConfigError(f"--microep-forecast-recent must be >= 1, got {self.forecast_recent}")
+        if self.forecast_burst != 0 and not self.forecast_burst >= 1:
+            raise MicroEPConfigError(f"--microep-forecast-burst must be 0 (off) or >= 1, got {self.forecast_burst}")
         if self.gpus_per_node is not None and self.gpus_per_node < 1:
             raise MicroEPConfigError(f"--microep-gpus-per-node must be >= 1, got {self.gpus_per_node}")
         if self.expert_backend not in EXPERT_BACKENDS:

@@ -209,7 +209,8 @@ class MicroEPMoELayer(MoELayer):
         self._expt_dp_rank = dist.get_rank(pg_collection.expt_dp) if pg_collection.expt_dp is not None else 0
         layout = PhysicalLayout.stock(self.microep_groups.ep_size, self.num_local_experts, settings.redundant_slots)
         planner = PLANNERS[settings.planner](settings.planner_time_limit_s, settings.move_penalty, settings.gpus_per_node,
-                                             settings.forecast_samples, settings.forecast_recent)
+                                             settings.forecast_samples, settings.forecast_recent,
+                                             settings.forecast_burst)
         self.placement_controller = PlacementController(
             layout, planner, settings.replan_interval, settings.history_window, settings.replan_lag,
             group=pg_collection.tp_ep, device=home[0][0].device, name=f" layer {layer_number}",

@@ -719,6 +719,7 @@ def replayed_microep_params(config: LaunchConfig) -> Dict[str, dict]:
         "move_penalty": settings.move_penalty,
         "forecast_samples": settings.forecast_samples,
         "forecast_recent": settings.forecast_recent,
+        "forecast_burst": settings.forecast_burst,
         "planner": {"ortools": "ortools", "greedy": "eplb"}[settings.planner],
     }}
 

@@ -6,8 +6,14 @@ history window has two faults on drifting routing: the window's loads trail the 
 window's few realisations of per-micro-batch noise need not balance the next one. Forecast samples fix
 both (the planner scores them together with the window): their level is the mean of the most recent micro-batches, and their noise is each expert's
 relative deviation from its local mean in some history micro-batch, drawn independently per expert, so
-the planner sees combinations of fluctuations the window never had. The effect on the simulator's
-workloads is measured in docs/benchmarks.md ("Planner input").
+the planner sees combinations of fluctuations the window never had.
+
+Bursts. A 16-micro-batch window rarely shows an expert's rare spikes, and a placement that balances
+every sample perfectly gives the planner nothing to choose between: the tail of max/mean then comes
+from single experts that spike to 2-3 times their level in a micro-batch the window did not foresee.
+With ``burst`` > 1 every expert also appears at ``burst`` times its level in one of the samples (the
+experts are dealt over the samples), so the planner must leave every expert a way out of its GPUs.
+The effect on the simulator's workloads is measured in docs/benchmarks.md ("Planner input").
 """
 from __future__ import annotations
 
@@ -17,14 +23,16 @@ import numpy as np
 LOCAL_HALF_WIDTH = 2
 
 
-def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0) -> np.ndarray:
+def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0, burst: float = 0.0) -> np.ndarray:
     """``count`` samples of the next micro-batch's expert loads.
 
     history int [S, E] (S >= 1, oldest first, non-negative) -> int64 [count, E].
     Sample k, expert e: ``level[e] * noise[s_ke, e]`` rounded, where ``level`` is the mean of the last
     ``min(recent, S)`` rows, ``noise[s, e] = (history[s, e] + 1) / (local[s, e] + 1)`` with ``local`` the
     mean over rows ``s - 2 .. s + 2`` (clipped to the history), and ``s_ke`` uniform over the S rows,
-    independent per (k, e). Deterministic for a given ``seed``, so every rank computes the same samples.
+    independent per (k, e). With ``burst`` > 1, expert e's noise in sample ``k_e`` is at least ``burst``,
+    where ``k_e = position of e in a seeded permutation mod count`` (every expert bursts once when
+    count <= E). Deterministic for a given ``seed``, so every rank computes the same samples.
     """
     loads = np.asarray(history)
     if loads.ndim != 2 or loads.shape[0] < 1 or loads.shape[1] < 1:
@@ -35,6 +43,8 @@ def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0
         raise ValueError(f"recent must be >= 1, got {recent}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    if burst != 0 and not burst >= 1:
+        raise ValueError(f"burst must be 0 (off) or >= 1, got {burst}")
     loads = loads.astype(np.float64)
     num_samples, num_experts = loads.shape
     level = loads[-recent:].mean(axis=0)
@@ -43,14 +53,20 @@ def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0
     hi = np.minimum(np.arange(num_samples) + LOCAL_HALF_WIDTH + 1, num_samples)
     local = (csum[hi] - csum[lo]) / (hi - lo)[:, None]
     noise = (loads + 1.0) / (local + 1.0)
-    rows = np.random.default_rng(seed).integers(0, num_samples, size=(count, num_experts))
-    return np.rint(level * noise[rows, np.arange(num_experts)]).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, num_samples, size=(count, num_experts))
+    drawn = noise[rows, np.arange(num_experts)]
+    if burst > 1:
+        bursting = rng.permutation(num_experts)
+        sample_of = np.arange(num_experts) % count
+        drawn[sample_of, bursting] = np.maximum(drawn[sample_of, bursting], burst)
+    return np.rint(level * drawn).astype(np.int64)
 
 
-def planner_input(history: np.ndarray, samples: int, recent: int) -> np.ndarray:
+def planner_input(history: np.ndarray, samples: int, recent: int, burst: float = 0.0) -> np.ndarray:
     """What the placement planners score plans on: ``history`` int [S, E] followed by ``samples``
     forecast samples (none when ``samples`` is 0) -> int64 [S + samples, E]."""
     history = np.asarray(history)
     if samples == 0:
         return history
-    return np.concatenate([history.astype(np.int64), forecast_samples(history, recent, samples)])
+    return np.concatenate([history.astype(np.int64), forecast_samples(history, recent, samples, burst=burst)])

@@ -32,29 +32,29 @@ from megatron_microep.runtime.layout import PhysicalLayout
 logger = logging.getLogger(__name__)
 
 # history int64 [S, E], num_gpus, redundant_slots, current Placement -> new Placement. Both planners
-# score the history plus ``forecast_samples`` forecast samples (planning.forecast).
+# score the history plus ``forecast_samples`` forecast samples (planning.forecast.planner_input).
 PlannerFn = Callable[[np.ndarray, int, int, Placement], Placement]
 
 
 def ortools_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int],
-                    forecast_samples: int = 0, forecast_recent: int = 1) -> PlannerFn:
+                    forecast_samples: int = 0, forecast_recent: int = 1, forecast_burst: float = 0.0) -> PlannerFn:
     def plan(history, num_gpus, redundant_slots, current):
         from megatron_microep.planning.planner import plan_placement
 
         return plan_placement(
-            planner_input(history, forecast_samples, forecast_recent), num_gpus, redundant_slots, gpus_per_node=gpus_per_node, time_limit_s=time_limit_s,
-            current=current, move_penalty=move_penalty,
+            planner_input(history, forecast_samples, forecast_recent, forecast_burst), num_gpus, redundant_slots,
+            gpus_per_node=gpus_per_node, time_limit_s=time_limit_s, current=current, move_penalty=move_penalty,
         ).placement
 
     return plan
 
 
 def greedy_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int],
-                   forecast_samples: int = 0, forecast_recent: int = 1) -> PlannerFn:
+                   forecast_samples: int = 0, forecast_recent: int = 1, forecast_burst: float = 0.0) -> PlannerFn:
     def plan(history, num_gpus, redundant_slots, current):
         from megatron_microep.planning.eplb import eplb_placement
 
-        return eplb_placement(planner_input(history, forecast_samples, forecast_recent), num_gpus,
+        return eplb_placement(planner_input(history, forecast_samples, forecast_recent, forecast_burst), num_gpus,
                               redundant_slots, gpus_per_node)
 
     return plan

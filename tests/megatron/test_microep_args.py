@@ -34,10 +34,10 @@ BASE = ("--moe-token-dispatcher-type", "microep", "--num-experts", "8", "--exper
 def test_flags_parse_into_settings():
     args = _parse(*BASE, "--microep-redundant-slots", "1", "--microep-replan-interval", "50",
                   "--microep-planner", "greedy", "--microep-history-window", "20", "--microep-trace-dir", "/tmp/t",
-                  "--microep-expert-backend", "loop", "--microep-gpus-per-node", "8")
+                  "--microep-expert-backend", "loop", "--microep-gpus-per-node", "8", "--microep-forecast-burst", "2.5")
     settings = validate_microep_args(args)
     assert settings == MicroEPConfig(redundant_slots=1, replan_interval=50, planner="greedy", history_window=20,
-                                     trace_dir="/tmp/t", expert_backend="loop", gpus_per_node=8)
+                                     trace_dir="/tmp/t", expert_backend="loop", gpus_per_node=8, forecast_burst=2.5)
 
 
 def test_other_dispatchers_are_untouched():
@@ -57,6 +57,7 @@ def test_unknown_planner_is_rejected_by_argparse():
     (("--microep-replan-interval", "10"), "--microep-replan-interval > 0 needs --microep-redundant-slots"),
     (("--microep-history-window", "0"), "--microep-history-window must be >= 1"),
     (("--microep-replan-lag", "0"), "--microep-replan-lag must be >= 1"),
+    (("--microep-forecast-burst", "0.5"), "--microep-forecast-burst must be 0 \\(off\\) or >= 1"),
     (("--moe-expert-capacity-factor", "1.5"), "--moe-expert-capacity-factor cannot be used"),
     (("--mtp-num-layers", "1"), "--mtp-num-layers cannot be used"),
 ])

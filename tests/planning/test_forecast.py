@@ -10,18 +10,24 @@ def _seed():
     return seed
 
 
-def _reference(history, recent, count, seed):
+def _reference(history, recent, count, seed, burst=0.0):
     """Slow loop version of the documented formula, before rounding: float [count, E]."""
     h = np.asarray(history, dtype=np.float64)
     num_samples, num_experts = h.shape
     level = h[-recent:].mean(axis=0)
-    rows = np.random.default_rng(seed).integers(0, num_samples, size=(count, num_experts))
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, num_samples, size=(count, num_experts))
+    permutation = rng.permutation(num_experts) if burst > 1 else []
+    burst_sample = {int(e): position % count for position, e in enumerate(permutation)}
     out = np.empty((count, num_experts))
     for k in range(count):
         for e in range(num_experts):
             s = rows[k, e]
             local = h[max(0, s - 2):min(num_samples, s + 3), e].mean()
-            out[k, e] = level[e] * (h[s, e] + 1) / (local + 1)
+            noise = (h[s, e] + 1) / (local + 1)
+            if burst_sample.get(e) == k:
+                noise = max(noise, burst)
+            out[k, e] = level[e] * noise
     return out
 
 
@@ -32,15 +38,27 @@ def _assert_rounded(got, exact):
     assert np.all(np.abs(got[tie] - exact[tie]) <= 0.5 + 1e-9)
 
 
-@pytest.mark.parametrize("num_samples,recent", [(1, 4), (3, 2), (16, 4), (16, 16)])
-def test_matches_the_documented_formula(num_samples, recent):
+@pytest.mark.parametrize("num_samples,recent,count,burst", [
+    (1, 4, 20, 0.0), (3, 2, 20, 0.0), (16, 4, 20, 0.0), (16, 16, 20, 0.0), (16, 4, 5, 3.0), (16, 4, 20, 2.0), (3, 2, 1, 1.5),
+])
+def test_matches_the_documented_formula(num_samples, recent, count, burst):
     seed = _seed()
     rng = np.random.default_rng(seed)
     history = rng.poisson(rng.lognormal(3.0, 1.0, 12), size=(num_samples, 12)).astype(np.int64)
-    got = forecast_samples(history, recent, 20, seed)
-    assert got.dtype == np.int64 and got.shape == (20, 12)
-    _assert_rounded(got, _reference(history, recent, 20, seed))
-    np.testing.assert_array_equal(got, forecast_samples(history, recent, 20, seed))  # same on every rank
+    got = forecast_samples(history, recent, count, seed, burst)
+    assert got.dtype == np.int64 and got.shape == (count, 12)
+    _assert_rounded(got, _reference(history, recent, count, seed, burst))
+    np.testing.assert_array_equal(got, forecast_samples(history, recent, count, seed, burst))  # same on every rank
+
+
+def test_every_expert_bursts_once_and_only_bursts_change():
+    seed = _seed()
+    history = np.full((16, 40), 100, dtype=np.int64)  # flat: no noise, so only bursts leave the level
+    samples = forecast_samples(history, 4, 8, seed, burst=3.0)
+    np.testing.assert_array_equal((samples == 300).sum(axis=0), np.ones(40))
+    assert set(np.unique(samples)) == {100, 300}
+    np.testing.assert_array_equal((samples == 300).sum(axis=1), np.full(8, 5))  # dealt evenly over samples
+    np.testing.assert_array_equal(forecast_samples(history, 4, 8, seed, burst=0.0), np.full((8, 40), 100))
 
 
 def test_level_follows_the_latest_micro_batches_and_noise_comes_from_the_window():
@@ -74,10 +92,16 @@ def test_bad_inputs_are_named(history, recent, count, message):
         forecast_samples(history, recent, count)
 
 
+@pytest.mark.parametrize("burst", [0.5, -1.0, float("nan")])
+def test_bad_burst_is_named(burst):
+    with pytest.raises(ValueError, match="burst must be 0 \\(off\\) or >= 1"):
+        forecast_samples(np.array([[1, 2]]), 1, 1, burst=burst)
+
+
 def test_planner_input_is_the_history_then_the_forecast():
     seed = _seed()
     history = np.random.default_rng(seed).integers(0, 50, size=(6, 5))
     np.testing.assert_array_equal(planner_input(history, 0, 4), history)
-    both = planner_input(history, 7, 2)
+    both = planner_input(history, 7, 2, 3.0)
     np.testing.assert_array_equal(both[:6], history)
-    np.testing.assert_array_equal(both[6:], forecast_samples(history, 2, 7))
+    np.testing.assert_array_equal(both[6:], forecast_samples(history, 2, 7, burst=3.0))

@@ -363,6 +363,8 @@ def test_bad_parameters_are_named():
         make_policy("llep", layout, lamda=1.2)
     with pytest.raises(PolicyError, match="imbalance_threshold must be >= 1"):
         make_policy("llep", layout, imbalance_threshold=0.5)
+    with pytest.raises(PolicyError, match="forecast_burst must be 0"):
+        make_policy("microep", layout, forecast_burst=0.9)
     with pytest.raises(PolicyError, match="replan_interval must be int"):
         make_policy("eplb", layout, replan_interval="soon")
     with pytest.raises(PolicyError, match="unknown policy 'fastest'"):

@@ -4,7 +4,7 @@ Every ``replan_interval`` steps ``planning.planner.plan_placement`` chooses the 
 minimise the scheduler's expected optimal max load over the last ``history_micro_batches``
 micro-batches plus ``forecast_samples`` samples drawn from them by
 ``planning.forecast.forecast_samples`` (level of the last ``forecast_recent``, noise of the whole
-window), starting from the
+window, every expert once at ``forecast_burst`` times its level), starting from the
 current placement, ``move_penalty`` tokens per moved copy, within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
 tokens over its copies with the exact min-max solve, local copies first.
 
@@ -31,6 +31,7 @@ class MicroEpParams:
     history_micro_batches: int = param(16, "micro-batches of expert loads the planner scores plans on")
     forecast_samples: int = param(32, "forecast samples scored with the history (0: the history alone)")
     forecast_recent: int = param(4, "latest micro-batches whose mean is the forecast's level")
+    forecast_burst: float = param(3.0, "each expert once at this multiple of its level in the forecast (0: off)")
     time_limit_s: float = param(0.5, "planner wall-time limit per layer and re-plan")
     use_solver: bool = param(True, "run CP-SAT after the greedy starts and local search")
     move_penalty: float = param(0.0, "tokens of expected max load one moved replica is worth")
@@ -46,6 +47,8 @@ class MicroEpParams:
             raise PolicyError(f"microep: forecast_samples must be >= 0, got {self.forecast_samples}")
         if self.forecast_recent < 1:
             raise PolicyError(f"microep: forecast_recent must be >= 1, got {self.forecast_recent}")
+        if self.forecast_burst != 0 and not self.forecast_burst >= 1:
+            raise PolicyError(f"microep: forecast_burst must be 0 (off) or >= 1, got {self.forecast_burst}")
         if self.history_micro_batches < 1:
             raise PolicyError(f"microep: history_micro_batches must be >= 1, got {self.history_micro_batches}")
         if self.time_limit_s <= 0:
@@ -70,7 +73,7 @@ class MicroEpPolicy(Policy):
             return current
         lay = self.layout
         p = self.params
-        loads = planner_input(loads, p.forecast_samples, p.forecast_recent)
+        loads = planner_input(loads, p.forecast_samples, p.forecast_recent, p.forecast_burst)
         node_size = lay.gpus_per_node if p.node_confined else None
         if p.planner == "eplb":
             return eplb_placement(loads, lay.num_gpus, lay.redundant_slots, node_size)
