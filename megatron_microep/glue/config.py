@@ -38,7 +38,7 @@ class MicroEPConfig:
     move_penalty: float = 0.0  # planner cost per replica moved relative to the current placement
     forecast_samples: int = 32  # planner: forecast samples scored with the history (0: the history alone)
     forecast_recent: int = 4  # planner: latest micro-batches whose mean is the forecast's level
-    forecast_burst: float = 3.0  # planner: each expert once at this multiple of its level in the forecast (0: off)
+    forecast_burst: float = 3.0  # planner: cap on each expert's forecast burst, a multiple of its level (0: off)
     gpus_per_node: Optional[int] = None  # planner: prefer replicas inside the node (None: flat)
     expert_backend: str = "auto"
     trace_dir: Optional[str] = None

@@ -11,8 +11,10 @@ the planner sees combinations of fluctuations the window never had.
 Bursts. A 16-micro-batch window rarely shows an expert's rare spikes, and a placement that balances
 every sample perfectly gives the planner nothing to choose between: the tail of max/mean then comes
 from single experts that spike to 2-3 times their level in a micro-batch the window did not foresee.
-With ``burst`` > 1 every expert also appears at ``burst`` times its level in one of the samples (the
-experts are dealt over the samples), so the planner must leave every expert a way out of its GPUs.
+With ``burst`` > 1 every expert also appears in one of the samples (the experts are dealt over the
+samples) at its level times the largest relative fluctuation the window shows, capped at ``burst``, so
+the planner must leave every expert a way out of its GPUs; routing that does not fluctuate gets no
+replicas for spikes it never has.
 The effect on the simulator's workloads is measured in docs/benchmarks.md ("Planner input").
 """
 from __future__ import annotations
@@ -30,9 +32,9 @@ def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0
     Sample k, expert e: ``level[e] * noise[s_ke, e]`` rounded, where ``level`` is the mean of the last
     ``min(recent, S)`` rows, ``noise[s, e] = (history[s, e] + 1) / (local[s, e] + 1)`` with ``local`` the
     mean over rows ``s - 2 .. s + 2`` (clipped to the history), and ``s_ke`` uniform over the S rows,
-    independent per (k, e). With ``burst`` > 1, expert e's noise in sample ``k_e`` is at least ``burst``,
-    where ``k_e = position of e in a seeded permutation mod count`` (every expert bursts once when
-    count <= E). Deterministic for a given ``seed``, so every rank computes the same samples.
+    independent per (k, e). With ``burst`` > 1, expert e's noise in sample ``k_e`` is at least
+    ``min(burst, noise.max())``, where ``k_e = position of e in a seeded permutation mod count`` (every
+    expert bursts once when count <= E). Deterministic for a given ``seed``, so every rank computes the same samples.
     """
     loads = np.asarray(history)
     if loads.ndim != 2 or loads.shape[0] < 1 or loads.shape[1] < 1:
@@ -59,7 +61,7 @@ def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0
     if burst > 1:
         bursting = rng.permutation(num_experts)
         sample_of = np.arange(num_experts) % count
-        drawn[sample_of, bursting] = np.maximum(drawn[sample_of, bursting], burst)
+        drawn[sample_of, bursting] = np.maximum(drawn[sample_of, bursting], min(burst, noise.max()))
     return np.rint(level * drawn).astype(np.int64)
 
 

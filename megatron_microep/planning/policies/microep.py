@@ -4,7 +4,8 @@ Every ``replan_interval`` steps ``planning.planner.plan_placement`` chooses the 
 minimise the scheduler's expected optimal max load over the last ``history_micro_batches``
 micro-batches plus ``forecast_samples`` samples drawn from them by
 ``planning.forecast.forecast_samples`` (level of the last ``forecast_recent``, noise of the whole
-window, every expert once at ``forecast_burst`` times its level), starting from the
+window, every expert once at its level times the window's largest fluctuation, at most
+``forecast_burst``), starting from the
 current placement, ``move_penalty`` tokens per moved copy, within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
 tokens over its copies with the exact min-max solve, local copies first.
 
@@ -31,7 +32,8 @@ class MicroEpParams:
     history_micro_batches: int = param(16, "micro-batches of expert loads the planner scores plans on")
     forecast_samples: int = param(32, "forecast samples scored with the history (0: the history alone)")
     forecast_recent: int = param(4, "latest micro-batches whose mean is the forecast's level")
-    forecast_burst: float = param(3.0, "each expert once at this multiple of its level in the forecast (0: off)")
+    forecast_burst: float = param(3.0, "cap on the burst each expert gets once in the forecast, a multiple of its "
+                                        "level (0: off)")
     time_limit_s: float = param(0.5, "planner wall-time limit per layer and re-plan")
     use_solver: bool = param(True, "run CP-SAT after the greedy starts and local search")
     move_penalty: float = param(0.0, "tokens of expected max load one moved replica is worth")
