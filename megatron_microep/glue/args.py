@@ -63,9 +63,9 @@ def add_microep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument("--microep-forecast-recent", type=int, default=_DEFAULTS.forecast_recent,
                        help="planner: the forecast's level is the mean of this many latest micro-batches")
     group.add_argument("--microep-forecast-burst", type=float, default=_DEFAULTS.forecast_burst,
-                       help="planner: each expert appears once in the forecast at its level times the window's "
-                       "largest fluctuation, at most this multiple, so the placement leaves every expert room for "
-                       "a spike (0: off)")
+                       help="planner: each expert appears once in the forecast at its level times the largest "
+                       "error of the forecast level in the window, at most this multiple, so the placement leaves "
+                       "every expert room for a spike (0: off)")
     group.add_argument("--microep-gpus-per-node", type=int, default=_DEFAULTS.gpus_per_node,
                        help="planner: keep replicas inside their home expert's node of this many EP ranks")
     group.add_argument("--microep-expert-backend", choices=EXPERT_BACKENDS, default=_DEFAULTS.expert_backend,

@@ -12,9 +12,10 @@ Bursts. A 16-micro-batch window rarely shows an expert's rare spikes, and a plac
 every sample perfectly gives the planner nothing to choose between: the tail of max/mean then comes
 from single experts that spike to 2-3 times their level in a micro-batch the window did not foresee.
 With ``burst`` > 1 every expert also appears in one of the samples (the experts are dealt over the
-samples) at its level times the largest relative fluctuation the window shows, capped at ``burst``, so
-the planner must leave every expert a way out of its GPUs; routing that does not fluctuate gets no
-replicas for spikes it never has.
+samples) at its level times the largest error the level rule made in the window (a micro-batch's load
+over the mean of the ``recent`` before it, any expert), capped at ``burst``, so the planner must leave
+every expert a way out of its GPUs; routing the level rule predicts well gets no replicas for spikes it
+never has.
 The effect on the simulator's workloads is measured in docs/benchmarks.md ("Planner input").
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0
     ``min(recent, S)`` rows, ``noise[s, e] = (history[s, e] + 1) / (local[s, e] + 1)`` with ``local`` the
     mean over rows ``s - 2 .. s + 2`` (clipped to the history), and ``s_ke`` uniform over the S rows,
     independent per (k, e). With ``burst`` > 1, expert e's noise in sample ``k_e`` is at least
-    ``min(burst, noise.max())``, where ``k_e = position of e in a seeded permutation mod count`` (every
+    ``min(burst, error)``, ``error`` the largest ``(history[s, e] + 1) / (before[s, e] + 1)`` over
+    s >= 1 and all e, ``before`` the mean of rows ``max(0, s - recent) .. s - 1`` (1 when S = 1), where ``k_e = position of e in a seeded permutation mod count`` (every
     expert bursts once when count <= E). Deterministic for a given ``seed``, so every rank computes the same samples.
     """
     loads = np.asarray(history)
@@ -61,8 +63,18 @@ def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0
     if burst > 1:
         bursting = rng.permutation(num_experts)
         sample_of = np.arange(num_experts) % count
-        drawn[sample_of, bursting] = np.maximum(drawn[sample_of, bursting], min(burst, noise.max()))
+        drawn[sample_of, bursting] = np.maximum(drawn[sample_of, bursting], min(burst, _forecast_error(loads, csum, recent)))
     return np.rint(level * drawn).astype(np.int64)
+
+
+def _forecast_error(loads, csum, recent):
+    """Largest (load + 1) / (level + 1) in the window, level = mean of the up to ``recent`` rows before."""
+    if len(loads) < 2:
+        return 1.0
+    rows = np.arange(1, len(loads))
+    start = np.maximum(rows - recent, 0)
+    before = (csum[rows] - csum[start]) / (rows - start)[:, None]
+    return float(((loads[1:] + 1.0) / (before + 1.0)).max())
 
 
 def planner_input(history: np.ndarray, samples: int, recent: int, burst: float = 0.0) -> np.ndarray:

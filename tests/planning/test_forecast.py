@@ -19,8 +19,8 @@ def _reference(history, recent, count, seed, burst=0.0):
     rows = rng.integers(0, num_samples, size=(count, num_experts))
     permutation = rng.permutation(num_experts) if burst > 1 else []
     burst_sample = {int(e): position % count for position, e in enumerate(permutation)}
-    largest = max((h[s, e] + 1) / (h[max(0, s - 2):min(num_samples, s + 3), e].mean() + 1)
-                  for s in range(num_samples) for e in range(num_experts))
+    largest = max([(h[s, e] + 1) / (h[max(0, s - recent):s, e].mean() + 1)
+                   for s in range(1, num_samples) for e in range(num_experts)], default=1.0)
     out = np.empty((count, num_experts))
     for k in range(count):
         for e in range(num_experts):
@@ -53,19 +53,19 @@ def test_matches_the_documented_formula(num_samples, recent, count, burst):
     np.testing.assert_array_equal(got, forecast_samples(history, recent, count, seed, burst))  # same on every rank
 
 
-def test_every_expert_bursts_once_by_the_largest_fluctuation_capped():
+def test_every_expert_bursts_once_by_the_level_rules_largest_error_capped():
     seed = _seed()
-    history = np.full((16, 40), 100, dtype=np.int64)  # flat but for one spike: noise (100+1)/(local+1) elsewhere
+    history = np.full((16, 40), 100, dtype=np.int64)  # flat: the level rule never errs, so no bursts
     np.testing.assert_array_equal(forecast_samples(history, 4, 8, seed, burst=3.0), np.full((8, 40), 100))
-    history[7, 5] = 1100  # local mean 300 -> the largest fluctuation is 1101/301 = 3.66
-    samples = forecast_samples(history, 16, 8, seed, burst=3.0)
-    level = history.mean(axis=0)
+    history[7, 5] = 1100  # the level rule (mean of the 4 before) predicted 100: error 1101/101 = 10.9
+    samples = forecast_samples(history, 4, 8, seed, burst=3.0)
+    level = history[-4:].mean(axis=0)
     flat = np.arange(40) != 5  # expert 5's own draws may hit its spike; the others only burst
     bursts = samples[:, flat] >= np.rint(level[flat] * 3.0)
     np.testing.assert_array_equal(bursts.sum(axis=0), np.ones(39))  # each expert once, at the cap 3
     assert set(bursts.sum(axis=1)) <= {4, 5}  # dealt evenly over the samples (40 experts, 8 samples)
-    uncapped = forecast_samples(history, 16, 8, seed, burst=10.0)[:, flat]
-    np.testing.assert_array_equal(uncapped[bursts], np.rint(level[flat] * 1101 / 301)[np.nonzero(bursts)[1]])
+    uncapped = forecast_samples(history, 4, 8, seed, burst=20.0)[:, flat]
+    np.testing.assert_array_equal(uncapped[bursts], np.rint(level[flat] * 1101 / 101)[np.nonzero(bursts)[1]])
 
 
 def test_level_follows_the_latest_micro_batches_and_noise_comes_from_the_window():

@@ -4,7 +4,7 @@ Every ``replan_interval`` steps ``planning.planner.plan_placement`` chooses the 
 minimise the scheduler's expected optimal max load over the last ``history_micro_batches``
 micro-batches plus ``forecast_samples`` samples drawn from them by
 ``planning.forecast.forecast_samples`` (level of the last ``forecast_recent``, noise of the whole
-window, every expert once at its level times the window's largest fluctuation, at most
+window, every expert once at its level times the level rule's largest error in the window, at most
 ``forecast_burst``), starting from the
 current placement, ``move_penalty`` tokens per moved copy, within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
 tokens over its copies with the exact min-max solve, local copies first.
