@@ -35,6 +35,7 @@ and, with node confinement, the per-node bound (a node's total load cannot leave
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -165,13 +166,14 @@ class _Evaluator:
 
     def placement(self, extra: list[list[int]]) -> Placement:
         """Home copy first, then the extra copies in the given order (invariants kept by the callers)."""
-        counts = np.fromiter((1 + len(x) for x in extra), dtype=np.int64, count=len(extra))
+        counts = np.fromiter(map(len, extra), dtype=np.int64, count=len(extra)) + 1
         ptr = np.zeros(len(extra) + 1, dtype=np.int64)
         np.cumsum(counts, out=ptr[1:])
+        is_extra = np.ones(ptr[-1], dtype=bool)
+        is_extra[ptr[:-1]] = False
         gpus = np.empty(ptr[-1], dtype=np.int64)
         gpus[ptr[:-1]] = self.problem.home
-        for e, x in enumerate(extra):
-            gpus[ptr[e] + 1 : ptr[e + 1]] = x
+        gpus[is_extra] = np.fromiter(itertools.chain.from_iterable(extra), dtype=np.int64, count=ptr[-1] - len(extra))
         return Placement(num_gpus=self.problem.num_gpus, ptr=ptr, gpus=gpus)
 
     def per_sample(self, extra) -> np.ndarray:
@@ -539,7 +541,11 @@ def plan_placement(history, num_gpus: int, redundant_slots: int, gpus_per_node: 
     # one rarely beats the local search at scale, which then keeps most of it.
     complete_fits = int(allowed.sum()) * loads.shape[0] <= MAX_FLOW_VARIABLES
     search_share = (0.3 if complete_fits else 0.75) if use_solver else 1.0
-    search_deadline = min(deadline, started + search_share * time_limit_s)
+    search_deadline = started + search_share * time_limit_s
+    if search_deadline >= deadline:
+        # CP-SAT would get no time after the search's share (no solver, or a short limit): the reserve
+        # kept for its shutdown is not needed, so the search keeps the whole limit.
+        search_deadline = started + time_limit_s
     searched, searched_cost = _LocalSearch(problem, evaluator, search_deadline).run(extra, cost)
     if searched_cost < cost:
         extra, cost, source = searched, searched_cost, "local_search"

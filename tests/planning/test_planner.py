@@ -270,3 +270,21 @@ def test_cli_missing_history_file(tmp_path, capsys):
 
     code = main(["plan", str(tmp_path / "absent.json"), "--redundant-slots", "1", "-o", str(tmp_path / "p.json")])
     assert code == 2 and "No such file" in capsys.readouterr().err
+
+
+def test_evaluator_placement_matches_from_lists():
+    from megatron_microep.planning.planner import _Evaluator, _Problem
+
+    rng = np.random.default_rng(_seed())
+    num_experts, num_gpus, redundant_slots = 37, 6, 3
+    home = np.array([home_gpu(e, num_experts, num_gpus) for e in range(num_experts)])
+    problem = _Problem(loads=np.ones((1, num_experts), dtype=np.int64), num_gpus=num_gpus,
+                       redundant_slots=redundant_slots, gpus_per_node=None, home=home,
+                       allowed=allowed_replica_gpus(num_experts, num_gpus, None), current_pairs=frozenset(),
+                       move_penalty=0.0)
+    for _ in range(20):
+        extra = [[int(g) for g in rng.permutation(np.delete(np.arange(num_gpus), home[e]))[:rng.integers(0, 3)]]
+                 for e in range(num_experts)]
+        fast = _Evaluator(problem).placement(extra)
+        slow = Placement.from_lists([[int(home[e])] + extra[e] for e in range(num_experts)], num_gpus)
+        assert np.array_equal(fast.ptr, slow.ptr) and np.array_equal(fast.gpus, slow.gpus)
