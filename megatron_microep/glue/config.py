@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from megatron_microep.planning.forecast import check_settings
 from megatron_microep.runtime.experts import EXPERT_BACKENDS as _RUNTIME_EXPERT_BACKENDS
 from megatron_microep.runtime.fsep import MEMORY_POLICIES as FSEP_MEMORY_POLICIES
 
@@ -63,12 +64,11 @@ class MicroEPConfig:
             raise MicroEPConfigError(f"--microep-replan-lag must be >= 1, got {self.replan_lag}")
         if self.move_penalty < 0:
             raise MicroEPConfigError(f"--microep-move-penalty must be >= 0, got {self.move_penalty}")
-        if self.forecast_samples < 0:
-            raise MicroEPConfigError(f"--microep-forecast-samples must be >= 0, got {self.forecast_samples}")
-        if self.forecast_recent < 1:
-            raise MicroEPConfigError(f"--microep-forecast-recent must be >= 1, got {self.forecast_recent}")
-        if self.forecast_burst != 0 and not self.forecast_burst >= 1:
-            raise MicroEPConfigError(f"--microep-forecast-burst must be 0 (off) or >= 1, got {self.forecast_burst}")
+        try:
+            check_settings(self.forecast_samples, self.forecast_recent, self.forecast_burst,
+                           ("--microep-forecast-samples", "--microep-forecast-recent", "--microep-forecast-burst"))
+        except ValueError as err:
+            raise MicroEPConfigError(str(err)) from None
         if self.gpus_per_node is not None and self.gpus_per_node < 1:
             raise MicroEPConfigError(f"--microep-gpus-per-node must be >= 1, got {self.gpus_per_node}")
         if self.expert_backend not in EXPERT_BACKENDS:

@@ -26,6 +26,17 @@ import numpy as np
 LOCAL_HALF_WIDTH = 2
 
 
+def check_settings(samples: int, recent: int, burst: float, names=("samples", "recent", "burst")) -> None:
+    """Raise ValueError naming the first bad forecast setting; ``names`` are how the caller spells them
+    (policy parameters, command-line flags). ``samples`` 0 means the history alone."""
+    if samples < 0:
+        raise ValueError(f"{names[0]} must be >= 0, got {samples}")
+    if recent < 1:
+        raise ValueError(f"{names[1]} must be >= 1, got {recent}")
+    if burst != 0 and not burst >= 1:
+        raise ValueError(f"{names[2]} must be 0 (off) or >= 1, got {burst}")
+
+
 def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0, burst: float = 0.0) -> np.ndarray:
     """``count`` samples of the next micro-batch's expert loads.
 
@@ -43,12 +54,9 @@ def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0
         raise ValueError(f"history must be a non-empty [samples, experts] matrix, got shape {list(loads.shape)}")
     if loads.dtype.kind not in "iu" or loads.min() < 0:
         raise ValueError("history must hold non-negative integer token counts")
-    if recent < 1:
-        raise ValueError(f"recent must be >= 1, got {recent}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    if burst != 0 and not burst >= 1:
-        raise ValueError(f"burst must be 0 (off) or >= 1, got {burst}")
+    check_settings(count, recent, burst, ("count", "recent", "burst"))
     loads = loads.astype(np.float64)
     num_samples, num_experts = loads.shape
     level = loads[-recent:].mean(axis=0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_microep.planning.eplb import eplb_placement
-from megatron_microep.planning.forecast import planner_input
+from megatron_microep.planning.forecast import check_settings, planner_input
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.planner import plan_placement
 from megatron_microep.planning.policies.base import Assignment, History, Policy, PolicyError, param
@@ -45,12 +45,11 @@ class MicroEpParams:
             raise PolicyError(f"microep: planner must be 'ortools' or 'eplb', got {self.planner!r}")
         if self.replan_interval < 1:
             raise PolicyError(f"microep: replan_interval must be >= 1, got {self.replan_interval}")
-        if self.forecast_samples < 0:
-            raise PolicyError(f"microep: forecast_samples must be >= 0, got {self.forecast_samples}")
-        if self.forecast_recent < 1:
-            raise PolicyError(f"microep: forecast_recent must be >= 1, got {self.forecast_recent}")
-        if self.forecast_burst != 0 and not self.forecast_burst >= 1:
-            raise PolicyError(f"microep: forecast_burst must be 0 (off) or >= 1, got {self.forecast_burst}")
+        try:
+            check_settings(self.forecast_samples, self.forecast_recent, self.forecast_burst,
+                           ("forecast_samples", "forecast_recent", "forecast_burst"))
+        except ValueError as err:
+            raise PolicyError(f"microep: {err}") from None
         if self.history_micro_batches < 1:
             raise PolicyError(f"microep: history_micro_batches must be >= 1, got {self.history_micro_batches}")
         if self.time_limit_s <= 0:
