@@ -20,7 +20,8 @@ Method, within a hard time limit:
    GPU of the worst sample by copying one of its experts to a GPU that is cool in that sample, freeing
    the least-used replica slot there when none is free (one such step per busiest GPU at once when
    several tie); accept strict improvements only. It gets 30% of the time when the complete CP-SAT
-   model fits, else 75% (at E=256, G=64 CP-SAT rarely improves on it).
+   model fits, else 75% (at E=256, G=64 CP-SAT rarely improves on it), and the whole limit when
+   CP-SAT would get no time after that share and its shutdown reserve (no solver, or a short limit).
 3. CP-SAT on the aggregated flow model, hinted with the incumbent (variables and flows):
    y[e,g] in {0,1} an extra copy of e on g; x[s,e,g] >= 0 tokens of e moved from its home to g in
    sample s (x <= load*y, sum_g x <= load); per sample, GPU load = home load - moved out + moved in
