@@ -42,6 +42,13 @@ TABLE_WORKLOADS = ("lognormal_drift", "zipf_drift", "dsv3_derived", "rotating_ho
                    "balanced")
 
 
+def table_shape(quick: bool) -> str:
+    """The 64-GPU trace shape of the replay, table, tail and forecast parts (smaller with --quick)."""
+    if quick:
+        return "gpus=64,experts=256,layers=1,micro_batches=16,tokens=4096,topk=8"
+    return "gpus=64,experts=256,layers=4,micro_batches=48,tokens=4096,topk=8"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -67,9 +74,7 @@ def read_only(path: Path) -> float:
 
 
 def replay(out: Path, quick: bool) -> None:
-    shape = "gpus=64,experts=256,layers=4,micro_batches=48,tokens=4096,topk=8"
-    if quick:
-        shape = "gpus=64,experts=256,layers=1,micro_batches=16,tokens=4096,topk=8"
+    shape = table_shape(quick)
     trace = out / "replay.mept"
     count, gen_s = write_trace(f"gen:lognormal_drift:{shape}", trace)
     base = read_only(trace)
@@ -107,9 +112,7 @@ def scale(out: Path, quick: bool) -> None:
 
 
 def tables(out: Path, quick: bool) -> None:
-    shape = "gpus=64,experts=256,layers=4,micro_batches=48,tokens=4096,topk=8"
-    if quick:
-        shape = "gpus=64,experts=256,layers=1,micro_batches=16,tokens=4096,topk=8"
+    shape = table_shape(quick)
     for workload in TABLE_WORKLOADS:
         started = time.perf_counter()
         result = simulate(f"gen:{workload}:{shape}", list(POLICIES), 2, 8, out / f"table_{workload}", CostModel(),
@@ -124,9 +127,7 @@ def tables(out: Path, quick: bool) -> None:
 
 def tail(out: Path, quick: bool) -> None:
     seeds = (0,) if quick else tuple(range(6))
-    shape = "gpus=64,experts=256,layers=4,micro_batches=48,tokens=4096,topk=8"
-    if quick:
-        shape = "gpus=64,experts=256,layers=1,micro_batches=16,tokens=4096,topk=8"
+    shape = table_shape(quick)
     print(f"## tail: microep max/mean, {shape}, R=2, seeds {list(seeds)}")
     print("| workload | " + " | ".join(f"p99 seed {s}" for s in seeds) + " | pooled mean | pooled p95 | pooled p99 | max |")
     print("|---|" + "---:|" * (len(seeds) + 4))
@@ -145,9 +146,7 @@ def tail(out: Path, quick: bool) -> None:
 
 def forecast(out: Path, quick: bool) -> None:
     seeds = (0,) if quick else (0, 1, 2)
-    shape = "gpus=64,experts=256,layers=4,micro_batches=48,tokens=4096,topk=8"
-    if quick:
-        shape = "gpus=64,experts=256,layers=1,micro_batches=16,tokens=4096,topk=8"
+    shape = table_shape(quick)
     print(f"## forecast: microep planner input, {shape}, seeds {list(seeds)}")
     print("| workload | planner input | max/mean mean | p95 | p99 | max |")
     print("|---|---|---:|---:|---:|---:|")
