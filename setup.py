@@ -1,4 +1,5 @@
 """megatron-microep: per-micro-batch optimal expert load balancing for Megatron MoE training."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -31,7 +32,7 @@ setup(
     extras_require={
         # TransformerEngine and NVIDIA apex need CUDA; apex is NOT the PyPI package named "apex".
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "ruff==0.17.6"],  # ruff pinned: its formatting changes between releases
     },
     entry_points={"console_scripts": ["microep=megatron_microep.cli:main"]},
 )

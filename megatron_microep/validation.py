@@ -3,6 +3,7 @@
 Errors are ValueError whose message names the field and the first bad entry; callers prefix where
 the value came from (a file, a record) and re-raise as their own error type.
 """
+
 from __future__ import annotations
 
 import numpy as np

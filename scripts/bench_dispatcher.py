@@ -14,6 +14,7 @@ time, GPU max/mean load before (stock placement) and after (MicroEP schedule), r
 replica tokens. On an oversubscribed CPU the ranks share cores, so layer times measure total work,
 not the slowest GPU: the balance figures are the ones to read for speed-ups.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,22 +60,41 @@ def _layers(args, pg):
 
     def config(dispatcher):
         return TransformerConfig(
-            num_layers=1, hidden_size=args.hidden, num_attention_heads=4, ffn_hidden_size=args.ffn,
-            moe_ffn_hidden_size=args.ffn, num_moe_experts=args.experts, moe_router_topk=args.topk,
-            moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=args.ep, add_bias_linear=False,
-            use_cpu_initialization=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-            moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
+            num_layers=1,
+            hidden_size=args.hidden,
+            num_attention_heads=4,
+            ffn_hidden_size=args.ffn,
+            moe_ffn_hidden_size=args.ffn,
+            num_moe_experts=args.experts,
+            moe_router_topk=args.topk,
+            moe_token_dispatcher_type=dispatcher,
+            expert_model_parallel_size=args.ep,
+            add_bias_linear=False,
+            use_cpu_initialization=True,
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=0.0,
+            moe_router_load_balancing_type="none",
         )
 
     spec = get_moe_module_spec(use_te=False, num_experts=args.experts, moe_grouped_gemm=False)
     micro_config = config("microep")
-    attach_microep_config(micro_config, MicroEPConfig(
-        redundant_slots=args.redundant_slots, replan_interval=args.warmup_steps, replan_lag=1,
-        planner=args.planner, planner_time_limit_s=args.planner_time_limit_s, history_window=args.warmup_steps,
-    ))
+    attach_microep_config(
+        micro_config,
+        MicroEPConfig(
+            redundant_slots=args.redundant_slots,
+            replan_interval=args.warmup_steps,
+            replan_lag=1,
+            planner=args.planner,
+            planner_time_limit_s=args.planner_time_limit_s,
+            history_window=args.warmup_steps,
+        ),
+    )
 
     def build(s, c):
-        return build_module(s, config=c, pg_collection=pg) if isinstance(s, ModuleSpec) else s(config=c, pg_collection=pg)
+        return (
+            build_module(s, config=c, pg_collection=pg) if isinstance(s, ModuleSpec) else s(config=c, pg_collection=pg)
+        )
 
     stock = build(spec, config("alltoall"))
     micro = build(swap_moe_mlp(spec, MicroEPMoELayer), micro_config)
@@ -113,8 +133,10 @@ def _rank(rank, world_size, args):
     gen = torch.Generator().manual_seed(args.seed + rank)
 
     def batch():
-        return (torch.randn(args.tokens, 1, args.hidden, generator=gen),
-                torch.randn(args.tokens, 1, args.hidden, generator=gen))
+        return (
+            torch.randn(args.tokens, 1, args.hidden, generator=gen),
+            torch.randn(args.tokens, 1, args.hidden, generator=gen),
+        )
 
     # Warm-up: history for the planner (also compiles the scheduler), then planning and adoption.
     for step in range(1, args.warmup_steps + 1):
@@ -135,9 +157,23 @@ def _rank(rank, world_size, args):
         t_stock = _timed(stock, x, upstream)
         t_micro = _timed(micro, x, upstream)
         (s,) = micro.telemetry.drain()
-        rows.append([t_stock, t_micro, s.scheduling_ms / 1e3, s.gather_ms / 1e3, s.solve_ms / 1e3, s.split_ms / 1e3,
-                     s.max_before, s.mean_before, s.max_after, s.mean_after, s.remote_before, s.remote_after,
-                     s.replica_tokens])
+        rows.append(
+            [
+                t_stock,
+                t_micro,
+                s.scheduling_ms / 1e3,
+                s.gather_ms / 1e3,
+                s.solve_ms / 1e3,
+                s.split_ms / 1e3,
+                s.max_before,
+                s.mean_before,
+                s.max_after,
+                s.mean_after,
+                s.remote_before,
+                s.remote_after,
+                s.replica_tokens,
+            ]
+        )
     local = torch.tensor(rows, dtype=torch.float64)
     worst = local.clone()
     dist.all_reduce(worst[:, :6], op=dist.ReduceOp.MAX)  # the slowest rank sets a collective's pace
@@ -155,23 +191,46 @@ def _rank(rank, world_size, args):
         alone.append(time.perf_counter() - start)
     alone = torch.tensor([statistics.median(alone)], dtype=torch.float64)
     dist.all_reduce(alone, op=dist.ReduceOp.MAX)
-    return {"rows": worst.tolist(), "replicas": replicas, "placement": micro.layout.placement.to_lists(),
-            "gather_alone_s": float(alone[0])}
+    return {
+        "rows": worst.tolist(),
+        "replicas": replicas,
+        "placement": micro.layout.placement.to_lists(),
+        "gather_alone_s": float(alone[0]),
+    }
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.redundant_slots >= args.experts // args.ep:
-        print(f"bench_dispatcher: --redundant-slots must be < experts per rank ({args.experts // args.ep})",
-              file=sys.stderr)
+        print(
+            f"bench_dispatcher: --redundant-slots must be < experts per rank ({args.experts // args.ep})",
+            file=sys.stderr,
+        )
         return 2
     from megatron_microep.glue.distributed import spawn_gloo
 
     result = spawn_gloo(_rank, args.ep, args, timeout_s=1800)[0]
     rows = np.array(result["rows"])
-    med = {name: float(np.median(rows[:, i])) for i, name in enumerate(
-        ["stock_s", "microep_s", "sched_s", "gather_s", "solve_s", "split_s", "max_before", "mean_before",
-         "max_after", "mean_after", "remote_before", "remote_after", "replica_tokens"])}
+    med = {
+        name: float(np.median(rows[:, i]))
+        for i, name in enumerate(
+            [
+                "stock_s",
+                "microep_s",
+                "sched_s",
+                "gather_s",
+                "solve_s",
+                "split_s",
+                "max_before",
+                "mean_before",
+                "max_after",
+                "mean_after",
+                "remote_before",
+                "remote_after",
+                "replica_tokens",
+            ]
+        )
+    }
     share = rows[:, 2] / rows[:, 1]
     figures = {
         "config": vars(args),
@@ -194,18 +253,26 @@ def main(argv=None) -> int:
         "remote_tokens_after": med["remote_after"],
         "replica_tokens": med["replica_tokens"],
     }
-    print(f"MicroEP dispatcher, EP={args.ep}, {args.experts} experts, top-{args.topk}, {args.tokens} tokens/rank, "
-          f"H={args.hidden}, F={args.ffn}, R={args.redundant_slots} ({figures['replicas']} replicas placed by "
-          f"{args.planner}), skew {args.skew}; medians of {args.iters} micro-batches (slowest rank)")
-    print(f"  layer fwd+bwd: stock alltoall {figures['stock_layer_ms']:.1f} ms, MicroEP {figures['microep_layer_ms']:.1f} ms "
-          f"(ratio {figures['microep_over_stock']:.2f})")
-    print(f"  scheduling: {figures['scheduling_ms']:.2f} ms = count gather {figures['count_gather_ms']:.2f} + solve "
-          f"{figures['solve_ms']:.2f} + split {figures['split_ms']:.2f}; {100 * figures['scheduling_share_of_layer']:.1f}% "
-          f"of the MicroEP layer time (the count gather alone, after a barrier: "
-          f"{figures['count_gather_alone_ms']:.2f} ms)")
-    print(f"  GPU load max/mean: before {figures['imbalance_before']:.3f}, after {figures['imbalance_after']:.3f}; "
-          f"remote tokens {figures['remote_tokens_before']:.0f} -> {figures['remote_tokens_after']:.0f}; "
-          f"replicas carried {figures['replica_tokens']:.0f} tokens")
+    print(
+        f"MicroEP dispatcher, EP={args.ep}, {args.experts} experts, top-{args.topk}, {args.tokens} tokens/rank, "
+        f"H={args.hidden}, F={args.ffn}, R={args.redundant_slots} ({figures['replicas']} replicas placed by "
+        f"{args.planner}), skew {args.skew}; medians of {args.iters} micro-batches (slowest rank)"
+    )
+    print(
+        f"  layer fwd+bwd: stock alltoall {figures['stock_layer_ms']:.1f} ms, MicroEP {figures['microep_layer_ms']:.1f} ms "
+        f"(ratio {figures['microep_over_stock']:.2f})"
+    )
+    print(
+        f"  scheduling: {figures['scheduling_ms']:.2f} ms = count gather {figures['count_gather_ms']:.2f} + solve "
+        f"{figures['solve_ms']:.2f} + split {figures['split_ms']:.2f}; {100 * figures['scheduling_share_of_layer']:.1f}% "
+        f"of the MicroEP layer time (the count gather alone, after a barrier: "
+        f"{figures['count_gather_alone_ms']:.2f} ms)"
+    )
+    print(
+        f"  GPU load max/mean: before {figures['imbalance_before']:.3f}, after {figures['imbalance_after']:.3f}; "
+        f"remote tokens {figures['remote_tokens_before']:.0f} -> {figures['remote_tokens_after']:.0f}; "
+        f"replicas carried {figures['replica_tokens']:.0f} tokens"
+    )
     print(f"  machine: {figures['machine']}; 1-minute load average at the end {figures['load_average_1min']:.1f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

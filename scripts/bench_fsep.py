@@ -21,6 +21,7 @@ and backward under each policy; memory is summed from tensor sizes and the gathe
 measured by ``runtime.fsep.GatheredMemory``; bytes sent are counted at ``all_to_all_single`` and by the
 runtime's own counters. Each measured figure is printed with the formula's value for the same shape.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,56 @@ class Shape:
 
 
 FULL = (
-    Shape("Mixtral-8x7B-like", hidden=4096, ffn=14336, experts=8, topk=2, ep=8, redundant=1, tokens=4096,
-          micro_batches=8, layers=8),
-    Shape("DeepSeek-V3-like", hidden=7168, ffn=2048, experts=256, topk=8, ep=64, redundant=1, tokens=4096,
-          micro_batches=8, layers=8),
+    Shape(
+        "Mixtral-8x7B-like",
+        hidden=4096,
+        ffn=14336,
+        experts=8,
+        topk=2,
+        ep=8,
+        redundant=1,
+        tokens=4096,
+        micro_batches=8,
+        layers=8,
+    ),
+    Shape(
+        "DeepSeek-V3-like",
+        hidden=7168,
+        ffn=2048,
+        experts=256,
+        topk=8,
+        ep=64,
+        redundant=1,
+        tokens=4096,
+        micro_batches=8,
+        layers=8,
+    ),
 )
 SMALL = (
-    Shape("Mixtral-8x7B-like, small", hidden=64, ffn=224, experts=8, topk=2, ep=4, redundant=1, tokens=64,
-          micro_batches=2, layers=3),
-    Shape("DeepSeek-V3-like, small", hidden=112, ffn=32, experts=32, topk=8, ep=4, redundant=1, tokens=64,
-          micro_batches=2, layers=3),
+    Shape(
+        "Mixtral-8x7B-like, small",
+        hidden=64,
+        ffn=224,
+        experts=8,
+        topk=2,
+        ep=4,
+        redundant=1,
+        tokens=64,
+        micro_batches=2,
+        layers=3,
+    ),
+    Shape(
+        "DeepSeek-V3-like, small",
+        hidden=112,
+        ffn=32,
+        experts=32,
+        topk=8,
+        ep=4,
+        redundant=1,
+        tokens=64,
+        micro_batches=2,
+        layers=3,
+    ),
 )
 
 
@@ -117,6 +158,7 @@ def communication(s: Shape) -> dict:
 
 # --- measured (CPU ranks) -------------------------------------------------------------------------
 
+
 def _measure_rank(rank: int, world: int, shape: Shape, seed: int):
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -125,7 +167,12 @@ def _measure_rank(rank: int, world: int, shape: Shape, seed: int):
     from megatron_microep.planning.placement import Placement
     from megatron_microep.runtime.experts import ExpertMath, ExpertWeights, loop_experts
     from megatron_microep.runtime.fsep import (
-        GatheredMemory, ShardExchange, ShardSpec, TrafficCounter, fsep_layout, run_sharded_experts,
+        GatheredMemory,
+        ShardExchange,
+        ShardSpec,
+        TrafficCounter,
+        fsep_layout,
+        run_sharded_experts,
         shards_from_experts,
     )
     from megatron_microep.runtime.layout import PhysicalLayout
@@ -146,8 +193,11 @@ def _measure_rank(rank: int, world: int, shape: Shape, seed: int):
         adam.step()
         main_grads = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
         state = sum(t.nbytes for st in adam.state.values() for t in st.values() if torch.is_tensor(t) and t.dim())
-        return (sum(p.nbytes for p in params), sum(g.nbytes for g in main_grads),
-                sum(m.nbytes for m in masters) + state)
+        return (
+            sum(p.nbytes for p in params),
+            sum(g.nbytes for g in main_grads),
+            sum(m.nbytes for m in masters) + state,
+        )
 
     out = {"stock": persistent([t for expert in home for t in expert])}
 
@@ -201,15 +251,18 @@ def _measure_rank(rank: int, world: int, shape: Shape, seed: int):
                         own = backward.pop(index, None) or exchanges[index].start_gather(params[index])
                         start(backward, index - 1)
                         return own
+
                     return callback
 
                 x = torch.randn(sum(rows), H, dtype=dtype, requires_grad=True)
                 probs = torch.rand(sum(rows), dtype=dtype)
                 y = x
                 for index, (param, ex) in enumerate(zip(params, exchanges)):
+
                     def run(a, p, tensors, ex=ex):
                         weights = [ExpertWeights(tensors[0][j], tensors[1][j]) for j in range(ex.num_local)]
                         return loop_experts(a, rows, p, weights, math)
+
                     pending = forward.pop(index, None) or ex.start_gather(param)
                     start(forward, index + 1)
                     y = run_sharded_experts(policy, y, probs, param, ex, run, pending, regather(index))
@@ -244,32 +297,44 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write every figure to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                         f"Python {sys.version.split()[0]}, torch {torch.__version__}", "computed": {}, "measured": {}}
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {sys.version.split()[0]}, torch {torch.__version__}",
+        "computed": {},
+        "measured": {},
+    }
 
     print("## Computed, per EP rank, full-size layers (bf16 params, fp32 main grads, fp32 master + Adam)\n")
-    print("| layer | E | EP | slots C = n + R | stock EP (GiB) | replica mode: persistent + step + backward (GiB) |"
-          " FSEP: persistent + keep peak / regather peak + backward (GiB) |")
+    print(
+        "| layer | E | EP | slots C = n + R | stock EP (GiB) | replica mode: persistent + step + backward (GiB) |"
+        " FSEP: persistent + keep peak / regather peak + backward (GiB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for s in FULL:
         m = memory(s)
         report["computed"][s.name] = {"shape": asdict(s), "memory": m, "communication": communication(s)}
-        print(f"| {s.name} ({s.layers} MoE layers per stage) | {s.experts} | {s.ep} | {s.per_rank} + {s.redundant} |"
-              f" {_gib(s.layers * m['stock_persistent'])} |"
-              f" {_gib(s.layers * m['replica_persistent'])} + {_gib(m['replica_step'])} + {_gib(m['replica_backward'])} |"
-              f" {_gib(s.layers * m['fsep_persistent'])} + {_gib(m['fsep_keep_peak'])} / {_gib(m['fsep_regather_peak'])}"
-              f" + {_gib(m['fsep_backward'])} |")
+        print(
+            f"| {s.name} ({s.layers} MoE layers per stage) | {s.experts} | {s.ep} | {s.per_rank} + {s.redundant} |"
+            f" {_gib(s.layers * m['stock_persistent'])} |"
+            f" {_gib(s.layers * m['replica_persistent'])} + {_gib(m['replica_step'])} + {_gib(m['replica_backward'])} |"
+            f" {_gib(s.layers * m['fsep_persistent'])} + {_gib(m['fsep_keep_peak'])} / {_gib(m['fsep_regather_peak'])}"
+            f" + {_gib(m['fsep_backward'])} |"
+        )
     print("\n## Computed, bytes sent per step per rank (all MoE layers of the stage), LAER's accounting\n")
-    print("| layer | micro-batches x MoE layers | tokens a2a (GiB) | FSEP keep: gathers + grad return (GiB) |"
-          " FSEP regather = LAER: gathers + grad return (GiB) | replica mode: refresh + grad return (GiB) |"
-          " routed tokens per copy per micro-batch |")
+    print(
+        "| layer | micro-batches x MoE layers | tokens a2a (GiB) | FSEP keep: gathers + grad return (GiB) |"
+        " FSEP regather = LAER: gathers + grad return (GiB) | replica mode: refresh + grad return (GiB) |"
+        " routed tokens per copy per micro-batch |"
+    )
     print("|---|---|---|---|---|---|---|")
     for s in FULL:
         c = communication(s)
-        print(f"| {s.name} | {s.micro_batches} x {s.layers} | {_gib(c['tokens'])} |"
-              f" {_gib(c['fsep_keep_gathers'])} + {_gib(c['fsep_grad_return'])} |"
-              f" {_gib(c['fsep_regather_gathers'])} + {_gib(c['fsep_grad_return'])} |"
-              f" {_gib(c['replica_refresh'])} + {_gib(c['replica_grad_return'])} | {s.tokens * s.topk // s.slots} |")
+        print(
+            f"| {s.name} | {s.micro_batches} x {s.layers} | {_gib(c['tokens'])} |"
+            f" {_gib(c['fsep_keep_gathers'])} + {_gib(c['fsep_grad_return'])} |"
+            f" {_gib(c['fsep_regather_gathers'])} + {_gib(c['fsep_grad_return'])} |"
+            f" {_gib(c['replica_refresh'])} + {_gib(c['replica_grad_return'])} | {s.tokens * s.topk // s.slots} |"
+        )
 
     print(f"\n## Measured on CPU (seed {args.seed}), 4 gloo ranks, small shapes; measured / formula\n")
     print("| layer | per rank | measured (KiB) | formula (KiB) | ratio |")
@@ -287,8 +352,9 @@ def main(argv=None) -> int:
             copies = max(r[f"{policy}_copies"] for r in ranks)
             peak = max(r[f"{policy}_peak"] for r in ranks)
             formula = ((s.layers + 1) if policy == "keep" else 3) * copies * P * PARAM_BYTES
-            rows.append((f"FSEP {policy}: peak of gathered copies and received shards, {s.layers} layers", peak,
-                         formula))
+            rows.append(
+                (f"FSEP {policy}: peak of gathered copies and received shards, {s.layers} layers", peak, formula)
+            )
         for label, measured, formula in rows:
             print(f"| {s.name} | {label} | {_kib(measured)} | {_kib(formula)} | {measured / formula:.3f} |")
         for policy in ("keep", "regather"):
@@ -299,16 +365,24 @@ def main(argv=None) -> int:
                 expected_gather = gathers * (r["slots_total"] - own) * P // s.ep * PARAM_BYTES
                 expected_return = s.micro_batches * s.layers * own * (s.ep - 1) * P // s.ep * PARAM_BYTES
                 if (t["gather_sent"], t["grad_sent"]) != (expected_gather, expected_return):
-                    raise SystemExit(f"{s.name} {policy} rank {rank}: counted {t}, expected gather {expected_gather} "
-                                     f"return {expected_return}")
+                    raise SystemExit(
+                        f"{s.name} {policy} rank {rank}: counted {t}, expected gather {expected_gather} "
+                        f"return {expected_return}"
+                    )
                 if r[f"{policy}_a2a_sent"] != t["gather_sent"] + t["grad_sent"]:
-                    raise SystemExit(f"{s.name} {policy} rank {rank}: all_to_all_single sent {r[f'{policy}_a2a_sent']}"
-                                     f" bytes, the runtime counted {t['gather_sent'] + t['grad_sent']}")
+                    raise SystemExit(
+                        f"{s.name} {policy} rank {rank}: all_to_all_single sent {r[f'{policy}_a2a_sent']}"
+                        f" bytes, the runtime counted {t['gather_sent'] + t['grad_sent']}"
+                    )
             sent = [r[f"{policy}_a2a_sent"] for r in ranks]
-            print(f"| {s.name} | FSEP {policy}: bytes sent per step (gathers + grad return), min..max over ranks "
-                  f"| {_kib(min(sent))}..{_kib(max(sent))} | = layout formula on every rank | 1.000 |")
-    print("\nPeaks: a gather's receive buffer lives from its start to its end; an asynchronous backend may free a "
-          "finished one a little later than the wait, which can add one layer's copies to a measured peak.")
+            print(
+                f"| {s.name} | FSEP {policy}: bytes sent per step (gathers + grad return), min..max over ranks "
+                f"| {_kib(min(sent))}..{_kib(max(sent))} | = layout formula on every rank | 1.000 |"
+            )
+    print(
+        "\nPeaks: a gather's receive buffer lives from its start to its end; an asynchronous backend may free a "
+        "finished one a little later than the wait, which can add one layer's copies to a measured peak."
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=float)

@@ -21,6 +21,7 @@ scheduler; ratio = plan / eplb (below 1 is better).
 
 Run: python scripts/bench_planner.py [--time-limit S] [--seed N] [--workloads a,b]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,9 +90,16 @@ def run_case(label: str, seed: int, time_limit: float) -> dict:
     plan_seconds = time.perf_counter() - started
     static = Placement.contiguous(NUM_EXPERTS, NUM_GPUS)
 
-    row = {"label": label, "params": params, "plan_seconds": plan_seconds, "eplb_seconds": eplb_seconds,
-           "source": plan.source, "solver": plan.solver_status, "gap": plan.gap,
-           "bound": plan.bound / plan.expected_mean}
+    row = {
+        "label": label,
+        "params": params,
+        "plan_seconds": plan_seconds,
+        "eplb_seconds": eplb_seconds,
+        "source": plan.source,
+        "solver": plan.solver_status,
+        "gap": plan.gap,
+        "bound": plan.bound / plan.expected_mean,
+    }
     for split, part in (("hist", history), ("held", held_out)):
         row[f"static_{split}"] = max_over_mean(part, static)
         row[f"even_{split}"] = even_split_max_over_mean(part, eplb)
@@ -105,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time-limit", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}"
+    )
     args = parser.parse_args()
     labels = args.workloads.split(",")
     unknown = [label for label in labels if label not in WORKLOADS]
@@ -113,12 +123,14 @@ def main() -> None:
         parser.error(f"unknown workload {unknown[0]!r}")
 
     plan_placement(np.ones((2, 8), dtype=np.int64), 4, 1, time_limit_s=0.5)  # compile the scheduler once
-    print(f"# placement planner, E={NUM_EXPERTS} G={NUM_GPUS} R={REDUNDANT_SLOTS} top-{TOPK} "
-          f"{TOKENS_PER_GPU} tokens/GPU, {HISTORY} history + {HELD_OUT} held-out micro-batches, "
-          f"time limit {args.time_limit:g} s, seed {args.seed}; {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}")
+    print(
+        f"# placement planner, E={NUM_EXPERTS} G={NUM_GPUS} R={REDUNDANT_SLOTS} top-{TOPK} "
+        f"{TOKENS_PER_GPU} tokens/GPU, {HISTORY} history + {HELD_OUT} held-out micro-batches, "
+        f"time limit {args.time_limit:g} s, seed {args.seed}; {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}"
+    )
     print("max/mean = exact scheduler's max GPU load / mean, averaged over micro-batches; ratio = plan / eplb")
-    header = ("| workload | split | static | eplb-even | eplb | plan | ratio |")
+    header = "| workload | split | static | eplb-even | eplb | plan | ratio |"
     rows = []
     for label in labels:
         rows.append(run_case(label, args.seed, args.time_limit))
@@ -127,19 +139,25 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         for split, name in (("hist", "history"), ("held", "held-out")):
-            print(f"| {r['label']} | {name} | {r[f'static_{split}']:.3f} | {r[f'even_{split}']:.3f} | "
-                  f"{r[f'eplb_{split}']:.3f} | {r[f'plan_{split}']:.3f} | {r[f'plan_{split}'] / r[f'eplb_{split}']:.3f} |")
+            print(
+                f"| {r['label']} | {name} | {r[f'static_{split}']:.3f} | {r[f'even_{split}']:.3f} | "
+                f"{r[f'eplb_{split}']:.3f} | {r[f'plan_{split}']:.3f} | {r[f'plan_{split}'] / r[f'eplb_{split}']:.3f} |"
+            )
     print()
     print("| workload | plan seconds | eplb seconds | plan from | CP-SAT | proven bound (x mean) | gap |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['label']} | {r['plan_seconds']:.2f} | {r['eplb_seconds']:.3f} | {r['source']} | {r['solver']} | "
-              f"{r['bound']:.3f} | {r['gap']:.2%} |")
+        print(
+            f"| {r['label']} | {r['plan_seconds']:.2f} | {r['eplb_seconds']:.3f} | {r['source']} | {r['solver']} | "
+            f"{r['bound']:.3f} | {r['gap']:.2%} |"
+        )
     for r in rows:
         if r["params"]:
             print(f"# {r['label']}: {r['params']}")
     worst = max(r["plan_seconds"] for r in rows)
-    print(f"\nslowest plan {worst:.2f} s (target <= {args.time_limit:g} s): {'OK' if worst <= args.time_limit else 'OVER'}")
+    print(
+        f"\nslowest plan {worst:.2f} s (target <= {args.time_limit:g} s): {'OK' if worst <= args.time_limit else 'OVER'}"
+    )
 
 
 if __name__ == "__main__":

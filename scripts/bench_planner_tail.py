@@ -15,6 +15,7 @@ setting) is given 16 micro-batches drawn from different log-weights:
 Figures are the exact scheduler's max GPU load / mean over the fresh micro-batches, 4 drift seeds.
 Usage: python scripts/bench_planner_tail.py [--seeds N] [--time-limit S]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,23 +48,25 @@ def main() -> None:
     for seed in range(args.seeds):
         rng = np.random.default_rng(seed)
         drift = workloads._ar1(rng, STEP + 4, EXPERTS, SIGMA, CORRELATION)
-        fresh = draw(rng, np.repeat(drift[STEP:STEP + 4], 50, axis=0))
+        fresh = draw(rng, np.repeat(drift[STEP : STEP + 4], 50, axis=0))
         mean = fresh.sum(axis=1) / GPUS
-        window = draw(rng, drift[STEP - 16:STEP])
+        window = draw(rng, drift[STEP - 16 : STEP])
         inputs = {
-            "at t": draw(rng, np.repeat(drift[STEP:STEP + 1], 16, axis=0)),
+            "at t": draw(rng, np.repeat(drift[STEP : STEP + 1], 16, axis=0)),
             "window t-16..t-1": window,
-            "at t-8": draw(rng, np.repeat(drift[STEP - 8:STEP - 7], 16, axis=0)),
-            "window t-4..t-1": draw(rng, np.repeat(drift[STEP - 4:STEP], 4, axis=0)),
+            "at t-8": draw(rng, np.repeat(drift[STEP - 8 : STEP - 7], 16, axis=0)),
+            "window t-4..t-1": draw(rng, np.repeat(drift[STEP - 4 : STEP], 4, axis=0)),
             "window + forecast": planner_input(window, 32, 4),
             "window + forecast + bursts": planner_input(window, 32, 4, burst=3.0),
         }
         for name, history in inputs.items():
             placement = plan_placement(history, GPUS, SLOTS, time_limit_s=args.time_limit).placement
             ratios.setdefault(name, []).extend(optimal_max_load(row, placement) / m for row, m in zip(fresh, mean))
-    print(f"# planner input vs the loads met: lognormal_drift, G={GPUS} E={EXPERTS} R={SLOTS} top-{TOPK}, "
-          f"{args.seeds} seeds x 200 fresh micro-batches, time limit {args.time_limit:g} s; "
-          f"{platform.machine()}, Python {platform.python_version()}")
+    print(
+        f"# planner input vs the loads met: lognormal_drift, G={GPUS} E={EXPERTS} R={SLOTS} top-{TOPK}, "
+        f"{args.seeds} seeds x 200 fresh micro-batches, time limit {args.time_limit:g} s; "
+        f"{platform.machine()}, Python {platform.python_version()}"
+    )
     print("| planner input (16 micro-batches) | mean | p95 | p99 | max |")
     print("|---|---:|---:|---:|---:|")
     for name, values in ratios.items():

@@ -6,13 +6,13 @@ instances = the next micro-batches of the same drifting workload. Then a scaling
 
 Run: python scripts/bench_scheduler.py [--instances N] [--repeat N] [--max-gpus G]
 """
+
 from __future__ import annotations
 
 import argparse
 import platform
 import statistics
 import time
-
 
 from megatron_microep.planning.eplb import eplb_placement
 from megatron_microep.planning.placement import Placement
@@ -47,18 +47,23 @@ def run_case(num_gpus, num_experts, workload, instances, repeat, seed, locality)
         if result.max_load != lp.optimum:
             raise SystemExit(f"MISMATCH: fast {result.max_load} vs LP {lp.optimum} at G={num_gpus}")
         mean = tokens.sum() / num_gpus
-        extra_remote = (result.remote_tokens - lp_min_remote_tokens(tokens, placement, result.max_load)
-                        if locality else float("nan"))
-        rows.append({
-            "fast": median_seconds(lambda: schedule(tokens, placement), repeat),
-            # The aggregated routing alone answers what the LP answers (per-copy quotas, no per-source split).
-            "route": median_seconds(lambda: route_loads(tokens.sum(axis=0), placement), repeat),
-            "lp_total": lp.build_seconds + lp.solve_seconds,
-            "lp_solve": lp.solve_seconds,
-            "before": schedule(tokens, static).max_load / mean,
-            "after": result.max_load / mean,
-            "extra_remote": extra_remote / tokens.sum(),
-        })
+        extra_remote = (
+            result.remote_tokens - lp_min_remote_tokens(tokens, placement, result.max_load)
+            if locality
+            else float("nan")
+        )
+        rows.append(
+            {
+                "fast": median_seconds(lambda: schedule(tokens, placement), repeat),
+                # The aggregated routing alone answers what the LP answers (per-copy quotas, no per-source split).
+                "route": median_seconds(lambda: route_loads(tokens.sum(axis=0), placement), repeat),
+                "lp_total": lp.build_seconds + lp.solve_seconds,
+                "lp_solve": lp.solve_seconds,
+                "before": schedule(tokens, static).max_load / mean,
+                "after": result.max_load / mean,
+                "extra_remote": extra_remote / tokens.sum(),
+            }
+        )
     return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
 
 
@@ -71,27 +76,37 @@ def main():
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}")
 
-    print(f"\nTarget case: G=64, E=256, top-{TOPK}, {TOKENS_PER_GPU} tokens/GPU, R={REDUNDANT_SLOTS}, "
-          f"EPLB-style placement from {HISTORY} micro-batches; median over {args.instances} instances")
-    print(f"{'workload':<18}{'fast us':>9}{'LP ms':>8}{'GLOP ms':>9}{'x LP':>7}{'x GLOP':>8}"
-          f"{'max/mean static':>17}{'after':>7}{'extra remote':>14}")
+    print(
+        f"\nTarget case: G=64, E=256, top-{TOPK}, {TOKENS_PER_GPU} tokens/GPU, R={REDUNDANT_SLOTS}, "
+        f"EPLB-style placement from {HISTORY} micro-batches; median over {args.instances} instances"
+    )
+    print(
+        f"{'workload':<18}{'fast us':>9}{'LP ms':>8}{'GLOP ms':>9}{'x LP':>7}{'x GLOP':>8}"
+        f"{'max/mean static':>17}{'after':>7}{'extra remote':>14}"
+    )
     for workload in ("lognormal_drift", "zipf_drift", "rotating_hotspot", "bursty", "dsv3_derived"):
         r = run_case(64, 256, workload, args.instances, args.repeat, args.seed, locality=True)
-        print(f"{workload:<18}{r['fast'] * 1e6:>9.1f}{r['lp_total'] * 1e3:>8.2f}{r['lp_solve'] * 1e3:>9.2f}"
-              f"{r['lp_total'] / r['fast']:>7.0f}{r['lp_solve'] / r['fast']:>8.0f}"
-              f"{r['before']:>17.3f}{r['after']:>7.3f}{r['extra_remote']:>13.3%}")
+        print(
+            f"{workload:<18}{r['fast'] * 1e6:>9.1f}{r['lp_total'] * 1e3:>8.2f}{r['lp_solve'] * 1e3:>9.2f}"
+            f"{r['lp_total'] / r['fast']:>7.0f}{r['lp_solve'] / r['fast']:>8.0f}"
+            f"{r['before']:>17.3f}{r['after']:>7.3f}{r['extra_remote']:>13.3%}"
+        )
 
     print(f"\nScaling (lognormal_drift, E = max(256, G), R={REDUNDANT_SLOTS}; median over {args.instances} instances)")
-    print(f"{'G':>6}{'E':>6}{'fast us':>11}{'route us':>10}{'LP ms':>9}{'GLOP ms':>9}{'x LP':>7}{'x GLOP':>8}"
-          f"{'route x GLOP':>14}{'static':>8}{'after':>7}")
+    print(
+        f"{'G':>6}{'E':>6}{'fast us':>11}{'route us':>10}{'LP ms':>9}{'GLOP ms':>9}{'x LP':>7}{'x GLOP':>8}"
+        f"{'route x GLOP':>14}{'static':>8}{'after':>7}"
+    )
     num_gpus = 8
     while num_gpus <= args.max_gpus:
         num_experts = max(256, num_gpus)
         repeat = max(5, args.repeat * 64 // num_gpus)
         r = run_case(num_gpus, num_experts, "lognormal_drift", args.instances, repeat, args.seed, locality=False)
-        print(f"{num_gpus:>6}{num_experts:>6}{r['fast'] * 1e6:>11.1f}{r['route'] * 1e6:>10.1f}{r['lp_total'] * 1e3:>9.2f}"
-              f"{r['lp_solve'] * 1e3:>9.2f}{r['lp_total'] / r['fast']:>7.0f}{r['lp_solve'] / r['fast']:>8.0f}"
-              f"{r['lp_solve'] / r['route']:>14.0f}{r['before']:>8.3f}{r['after']:>7.3f}")
+        print(
+            f"{num_gpus:>6}{num_experts:>6}{r['fast'] * 1e6:>11.1f}{r['route'] * 1e6:>10.1f}{r['lp_total'] * 1e3:>9.2f}"
+            f"{r['lp_solve'] * 1e3:>9.2f}{r['lp_total'] / r['fast']:>7.0f}{r['lp_solve'] / r['fast']:>8.0f}"
+            f"{r['lp_solve'] / r['route']:>14.0f}{r['before']:>8.3f}{r['after']:>7.3f}"
+        )
         num_gpus *= 2
 
 

@@ -21,6 +21,7 @@ Prints figures for docs/benchmarks.md ("## Simulator"):
 
 Usage: python scripts/bench_simulator.py [--parts replay,scale,tables,tail,forecast] [--out DIR] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,15 @@ from megatron_microep.simulator.engine import Simulation
 from megatron_microep.simulator.report import markdown_table
 from megatron_microep.simulator.traces import NativeTraceWriter, open_trace
 
-TABLE_WORKLOADS = ("lognormal_drift", "zipf_drift", "dsv3_derived", "rotating_hotspot", "bursty", "megatron_w6",
-                   "balanced")
+TABLE_WORKLOADS = (
+    "lognormal_drift",
+    "zipf_drift",
+    "dsv3_derived",
+    "rotating_hotspot",
+    "bursty",
+    "megatron_w6",
+    "balanced",
+)
 
 
 def table_shape(quick: bool) -> str:
@@ -82,16 +90,17 @@ def replay(out: Path, quick: bool) -> None:
     result = simulate(str(trace), list(POLICIES), 2, 8, out / "replay_report", CostModel())
     seconds = time.perf_counter() - started
     print(f"## replay: {shape}, all {len(POLICIES)} policies")
-    print(f"records {count}; generate+write {gen_s:.1f} s; read-only pass {base:.2f} s; "
-          f"replay with report {seconds:.1f} s ({seconds / base:.0f}x the read-only pass; target < 180 s)")
+    print(
+        f"records {count}; generate+write {gen_s:.1f} s; read-only pass {base:.2f} s; "
+        f"replay with report {seconds:.1f} s ({seconds / base:.0f}x the read-only pass; target < 180 s)"
+    )
     print(markdown_table(result.rows))
     print()
 
 
 def scale(out: Path, quick: bool) -> None:
     micro_batches, layers = (100, 8) if not quick else (8, 1)
-    spec = (f"gen:lognormal_drift:gpus=1024,experts=256,layers={layers},micro_batches={micro_batches},"
-            "tokens=4096,topk=8")
+    spec = f"gen:lognormal_drift:gpus=1024,experts=256,layers={layers},micro_batches={micro_batches},tokens=4096,topk=8"
     trace = out / "scale.mept"
     rss_before = peak_rss_mb()
     count, gen_s = write_trace(spec, trace)
@@ -99,14 +108,25 @@ def scale(out: Path, quick: bool) -> None:
     base = read_only(trace)
     full_gb = count * 1024 * 256 * 8 / 1e9
     started = time.perf_counter()
-    result = simulate(str(trace), list(POLICIES), 2, 8, out / "scale_report", CostModel(),
-                      policy_params={"microep": {"planner": "eplb"}})
+    result = simulate(
+        str(trace),
+        list(POLICIES),
+        2,
+        8,
+        out / "scale_report",
+        CostModel(),
+        policy_params={"microep": {"planner": "eplb"}},
+    )
     seconds = time.perf_counter() - started
     print(f"## scale: 1024 GPUs x 256 experts x {layers} layers x {micro_batches} micro-batches, all policies")
-    print(f"records {count}; trace file {trace.stat().st_size / 1e6:.0f} MB (whole trace as int64 arrays: "
-          f"{full_gb:.2f} GB); generate+write {gen_s:.1f} s (peak RSS {rss_gen:.0f} MB, {rss_before:.0f} MB before)")
-    print(f"read-only pass {base:.1f} s; replay with report {seconds:.1f} s ({seconds / base:.0f}x the read-only "
-          f"pass); peak RSS after replay {peak_rss_mb():.0f} MB")
+    print(
+        f"records {count}; trace file {trace.stat().st_size / 1e6:.0f} MB (whole trace as int64 arrays: "
+        f"{full_gb:.2f} GB); generate+write {gen_s:.1f} s (peak RSS {rss_gen:.0f} MB, {rss_before:.0f} MB before)"
+    )
+    print(
+        f"read-only pass {base:.1f} s; replay with report {seconds:.1f} s ({seconds / base:.0f}x the read-only "
+        f"pass); peak RSS after replay {peak_rss_mb():.0f} MB"
+    )
     print(markdown_table(result.rows))
     print()
 
@@ -115,8 +135,9 @@ def tables(out: Path, quick: bool) -> None:
     shape = table_shape(quick)
     for workload in TABLE_WORKLOADS:
         started = time.perf_counter()
-        result = simulate(f"gen:{workload}:{shape}", list(POLICIES), 2, 8, out / f"table_{workload}", CostModel(),
-                          plots=False)
+        result = simulate(
+            f"gen:{workload}:{shape}", list(POLICIES), 2, 8, out / f"table_{workload}", CostModel(), plots=False
+        )
         print(f"### {workload} ({shape}; {time.perf_counter() - started:.0f} s)")
         print(markdown_table(result.rows))
         notes = (out / f"table_{workload}" / "report.md").read_text().split("## Where another policy wins")
@@ -129,7 +150,11 @@ def tail(out: Path, quick: bool) -> None:
     seeds = (0,) if quick else tuple(range(6))
     shape = table_shape(quick)
     print(f"## tail: microep max/mean, {shape}, R=2, seeds {list(seeds)}")
-    print("| workload | " + " | ".join(f"p99 seed {s}" for s in seeds) + " | pooled mean | pooled p95 | pooled p99 | max |")
+    print(
+        "| workload | "
+        + " | ".join(f"p99 seed {s}" for s in seeds)
+        + " | pooled mean | pooled p95 | pooled p99 | max |"
+    )
     print("|---|" + "---:|" * (len(seeds) + 4))
     for workload in TABLE_WORKLOADS[:3]:
         pooled, per_seed = [], []
@@ -139,8 +164,10 @@ def tail(out: Path, quick: bool) -> None:
             ratios = Simulation(layout, [make_policy("microep", layout)], CostModel()).run(records)[0].ratios
             per_seed.append(np.percentile(ratios, 99))
             pooled += ratios
-        print(f"| {workload} | " + " | ".join(f"{p:.3f}" for p in per_seed) + f" | {np.mean(pooled):.4f} | "
-              f"{np.percentile(pooled, 95):.4f} | {np.percentile(pooled, 99):.4f} | {np.max(pooled):.4f} |")
+        print(
+            f"| {workload} | " + " | ".join(f"{p:.3f}" for p in per_seed) + f" | {np.mean(pooled):.4f} | "
+            f"{np.percentile(pooled, 95):.4f} | {np.percentile(pooled, 99):.4f} | {np.max(pooled):.4f} |"
+        )
     print()
 
 
@@ -151,17 +178,21 @@ def forecast(out: Path, quick: bool) -> None:
     print("| workload | planner input | max/mean mean | p95 | p99 | max |")
     print("|---|---|---:|---:|---:|---:|")
     for workload in TABLE_WORKLOADS[:5]:
-        for label, params in (("history + 32 forecast samples with bursts (default)", {}),
-                              ("history + 32 forecast samples, no bursts", {"forecast_burst": 0.0}),
-                              ("history only", {"forecast_samples": 0})):
+        for label, params in (
+            ("history + 32 forecast samples with bursts (default)", {}),
+            ("history + 32 forecast samples, no bursts", {"forecast_burst": 0.0}),
+            ("history only", {"forecast_samples": 0}),
+        ):
             ratios = []
             for seed in seeds:
                 info, records = open_trace(f"gen:{workload}:{shape},seed={seed}")
                 layout = Layout(info.num_gpus, info.num_experts, 2, 8)
                 policy = make_policy("microep", layout, **params)
                 ratios += Simulation(layout, [policy], CostModel()).run(records)[0].ratios
-            print(f"| {workload} | {label} | {np.mean(ratios):.4f} | {np.percentile(ratios, 95):.4f} | "
-                  f"{np.percentile(ratios, 99):.4f} | {np.max(ratios):.4f} |")
+            print(
+                f"| {workload} | {label} | {np.mean(ratios):.4f} | {np.percentile(ratios, 95):.4f} | "
+                f"{np.percentile(ratios, 99):.4f} | {np.max(ratios):.4f} |"
+            )
     print()
 
 

@@ -9,6 +9,7 @@ bandwidth. Efficiency = useful FLOPs / (peak x time). Replace the table with a m
 
 Usage: python scripts/gemm_roofline_table.py [--hidden 7168 --ffn 2048 --out PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=7168, help="hidden size (default: DeepSeek-V3's 7168)")
     parser.add_argument("--ffn", type=int, default=2048, help="expert FFN size (default: DeepSeek-V3's 2048)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "megatron_microep/data/gemm_efficiency_h100.csv"))
+    parser.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[1] / "megatron_microep/data/gemm_efficiency_h100.csv")
+    )
     args = parser.parse_args()
     sizes = sorted({int(round(2 ** (i / 2))) for i in range(0, 33)})  # 1 .. 65536, half-octave steps
     lines = [

@@ -21,6 +21,7 @@ parser (``WORLD_SIZE`` sets the world size it assumes); ``model`` also builds th
 checkout's model provider on CPU ranks (gloo; start them with torchrun) and runs one forward and
 backward pass. docs/launch.md lists the Megatron-LM versions this was run against.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,9 @@ SUPPORTED = ((0, 16), (0, 19))
 CHECK_FLAG = "--microep-check"
 CHECK_LEVELS = ("args", "model")
 # What ``--microep-check args`` tells Megatron's argument validation about the GPU when there is none.
-ASSUMED_GPU = types.SimpleNamespace(name="an H100 (compute capability 9.0, 80 GB)", major=9, minor=0,
-                                    total_memory=80 * 2**30, multi_processor_count=132)
+ASSUMED_GPU = types.SimpleNamespace(
+    name="an H100 (compute capability 9.0, 80 GB)", major=9, minor=0, total_memory=80 * 2**30, multi_processor_count=132
+)
 
 
 def fail(message: str) -> None:
@@ -99,9 +101,11 @@ def with_microep_spec(argv):
     if "--spec" not in argv:
         return [*argv, "--spec", *SPEC]
     at = argv.index("--spec")
-    if tuple(argv[at + 1: at + 3]) != SPEC:
-        fail(f"--moe-token-dispatcher-type microep needs --spec {' '.join(SPEC)}, got --spec "
-             f"{' '.join(argv[at + 1: at + 3])}")
+    if tuple(argv[at + 1 : at + 3]) != SPEC:
+        fail(
+            f"--moe-token-dispatcher-type microep needs --spec {' '.join(SPEC)}, got --spec "
+            f"{' '.join(argv[at + 1 : at + 3])}"
+        )
     return argv
 
 
@@ -146,15 +150,19 @@ def import_megatron_lm():
         pretrain_gpt = importlib.import_module("pretrain_gpt")
     except ModuleNotFoundError as err:
         if err.name in ("pretrain_gpt", "gpt_builders", "model_provider", "megatron.training", "megatron"):
-            fail(f"cannot import {err.name}: put a Megatron-LM checkout (core_r0.16 to core_r0.19) on PYTHONPATH "
-                 "or set MEGATRON_LM_PATH")
+            fail(
+                f"cannot import {err.name}: put a Megatron-LM checkout (core_r0.16 to core_r0.19) on PYTHONPATH "
+                "or set MEGATRON_LM_PATH"
+            )
         raise
     from megatron.core import package_info
 
     version = tuple(int(x) for x in package_info.__version__.split(".")[:2])
     if not SUPPORTED[0] <= version <= SUPPORTED[1]:
-        fail(f"Megatron-LM with megatron-core {package_info.__version__} is not supported "
-             f"(core_r{SUPPORTED[0][0]}.{SUPPORTED[0][1]} to core_r{SUPPORTED[1][0]}.{SUPPORTED[1][1]})")
+        fail(
+            f"Megatron-LM with megatron-core {package_info.__version__} is not supported "
+            f"(core_r{SUPPORTED[0][0]}.{SUPPORTED[0][1]} to core_r{SUPPORTED[1][0]}.{SUPPORTED[1][1]})"
+        )
     return pretrain_gpt, version
 
 
@@ -175,8 +183,8 @@ def extra_args_provider(pretrain_gpt):
 
 
 def validate_microep(args) -> None:
-    from megatron_microep.glue.config import MicroEPConfigError
     from megatron_microep.glue.args import validate_microep_args
+    from megatron_microep.glue.config import MicroEPConfigError
 
     try:
         validate_microep_args(args)
@@ -226,8 +234,15 @@ def pretrain(pretrain_gpt) -> None:
         # pretrain() parses the command line itself; parse it once before, so that bad MicroEP
         # flags fail here with a clear message rather than when the first layer is built.
         validate_microep(arguments.parse_args(extra_args_provider=provider))
-        run(datasets, model_provider, ModelType.encoder_or_decoder, pretrain_gpt.forward_step,
-            args_defaults=ARGS_DEFAULTS, extra_args_provider=provider, **common)
+        run(
+            datasets,
+            model_provider,
+            ModelType.encoder_or_decoder,
+            pretrain_gpt.forward_step,
+            args_defaults=ARGS_DEFAULTS,
+            extra_args_provider=provider,
+            **common,
+        )
         return
     from megatron.training import argument_utils
 
@@ -251,8 +266,13 @@ def check(pretrain_gpt, version, level: str) -> None:
         import torch.distributed as dist
 
         if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
+            os.environ.update(
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=os.environ.get("MASTER_PORT", "29571"),
+            )
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
     import torch
 
@@ -268,10 +288,12 @@ def check(pretrain_gpt, version, level: str) -> None:
     from megatron.core import package_info
 
     if rank == 0:
-        print(f"check: Megatron-LM {os.path.dirname(os.path.abspath(pretrain_gpt.__file__))} (megatron-core "
-              f"{package_info.__version__}): arguments parsed and validated; world size {args.world_size}, "
-              f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
-              f"EP {args.expert_model_parallel_size}, dispatcher {args.moe_token_dispatcher_type}, spec {args.spec}")
+        print(
+            f"check: Megatron-LM {os.path.dirname(os.path.abspath(pretrain_gpt.__file__))} (megatron-core "
+            f"{package_info.__version__}): arguments parsed and validated; world size {args.world_size}, "
+            f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
+            f"EP {args.expert_model_parallel_size}, dispatcher {args.moe_token_dispatcher_type}, spec {args.spec}"
+        )
     if level == "args":
         return
     check_model(pretrain_gpt, version, args, rank)
@@ -279,9 +301,15 @@ def check(pretrain_gpt, version, level: str) -> None:
 
 # Megatron-LM argument -> its value without the fused kernel (flags named no_* store the negation).
 CPU_UNAVAILABLE_FUSIONS = {
-    "apply_rope_fusion": False, "masked_softmax_fusion": False, "bias_swiglu_fusion": False,
-    "bias_gelu_fusion": False, "bias_dropout_fusion": False, "gradient_accumulation_fusion": False,
-    "no_persist_layer_norm": True, "cross_entropy_loss_fusion": False, "moe_permute_fusion": False,
+    "apply_rope_fusion": False,
+    "masked_softmax_fusion": False,
+    "bias_swiglu_fusion": False,
+    "bias_gelu_fusion": False,
+    "bias_dropout_fusion": False,
+    "gradient_accumulation_fusion": False,
+    "no_persist_layer_norm": True,
+    "cross_entropy_loss_fusion": False,
+    "moe_permute_fusion": False,
 }
 
 
@@ -304,8 +332,9 @@ def check_model(pretrain_gpt, version, args, rank: int) -> None:
     args.use_cpu_initialization = True
     # Fused kernels that exist only with TransformerEngine / CUDA: off for the CPU check (they do not
     # touch what MicroEP changes). Megatron-LM turns several of them on by default.
-    switched = [name for name, value in CPU_UNAVAILABLE_FUSIONS.items()
-                if hasattr(args, name) and getattr(args, name) != value]
+    switched = [
+        name for name, value in CPU_UNAVAILABLE_FUSIONS.items() if hasattr(args, name) and getattr(args, name) != value
+    ]
     for name in switched:
         setattr(args, name, CPU_UNAVAILABLE_FUSIONS[name])
     if switched and rank == 0:
@@ -316,8 +345,9 @@ def check_model(pretrain_gpt, version, args, rank: int) -> None:
         config = argument_utils.gpt_config_from_args(args)
         config.transformer.use_cpu_initialization = True
         module, _, name = config.builder.rpartition(".")
-        model = getattr(importlib.import_module(module), name)(config).build_model(pg, pre_process=True,
-                                                                                    post_process=True)
+        model = getattr(importlib.import_module(module), name)(config).build_model(
+            pg, pre_process=True, post_process=True
+        )
     else:
         model = pretrain_gpt.model_provider(pretrain_gpt.gpt_builder, pre_process=True, post_process=True)
     layers = microep_layers(model)
@@ -333,18 +363,26 @@ def check_model(pretrain_gpt, version, args, rank: int) -> None:
     model.train()
     loss = model(tokens[:, :-1], positions, mask, labels=tokens[:, 1:]).float().mean()
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
-               and getattr(p, "main_grad", None) is None]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is None and getattr(p, "main_grad", None) is None
+    ]
     if missing:
         fail(f"parameters without gradient after backward: {missing[:5]}")
     total = torch.tensor([float(loss)])
     dist.all_reduce(total)
     params = sum(p.numel() for p in model.parameters())
-    print(f"check: rank {rank}: {type(model).__name__} with {len(layers)} MicroEP / {len(moe)} MoE layers, "
-          f"{params / 1e6:.2f} M parameters; forward and backward on CPU, loss {float(loss):.4f}", flush=True)
+    print(
+        f"check: rank {rank}: {type(model).__name__} with {len(layers)} MicroEP / {len(moe)} MoE layers, "
+        f"{params / 1e6:.2f} M parameters; forward and backward on CPU, loss {float(loss):.4f}",
+        flush=True,
+    )
     dist.barrier()
     if rank == 0:
-        print(f"check: model OK on {dist.get_world_size()} CPU ranks (mean loss {float(total) / dist.get_world_size():.4f})")
+        print(
+            f"check: model OK on {dist.get_world_size()} CPU ranks (mean loss {float(total) / dist.get_world_size():.4f})"
+        )
     dist.destroy_process_group()
 
 

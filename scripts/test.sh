@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: the whole suite on megatron-core 0.16.1, then the megatron tests on 0.19.2.
+# The test command: ruff, the whole suite on megatron-core 0.16.1, then the megatron tests on 0.19.2.
 #
 #   bash scripts/test.sh
 #
@@ -26,6 +26,8 @@ run_pytest() {  # VENV LABEL PYTEST_ARGS...
 failed=()
 start=$SECONDS
 bash scripts/setup_env.sh .venv 0.16.1
+echo "=== ruff: format check and lint (ruff.toml)"
+.venv/bin/ruff format --check --quiet . && .venv/bin/ruff check --quiet . || failed+=("ruff format/lint")
 run_pytest .venv "suite" tests || failed+=("whole suite on megatron-core 0.16.1")
 
 bash scripts/setup_env.sh .venv-mcore019 0.19.2

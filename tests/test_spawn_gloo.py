@@ -1,4 +1,5 @@
 """spawn_gloo: results in rank order, and failures that name the rank instead of hanging."""
+
 import os
 import time
 

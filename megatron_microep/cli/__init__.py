@@ -4,12 +4,13 @@ A subcommand module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``
 it parses and validates its inputs and calls into planning/runtime/glue, holding no logic of its own.
 Bad input raises ``UsageError``, which ``main`` turns into a one-line message and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 SUBCOMMAND_MODULES = ("train", "schedule", "plan", "simulate", "launch_args")
 
@@ -24,7 +25,8 @@ def _load_subcommands():
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="microep", description="MicroEP for Megatron MoE: train, schedule, plan, simulate, launch-args.")
+        prog="microep", description="MicroEP for Megatron MoE: train, schedule, plan, simulate, launch-args."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _load_subcommands():
         sub_parser = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)

@@ -1,4 +1,5 @@
 """Validation of JSON inputs for the CLI: each failure is a UsageError naming the field."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """``microep schedule``: one exact min-max token assignment for a recorded micro-batch."""
+
 from __future__ import annotations
 
 import statistics
@@ -6,7 +7,12 @@ import time
 
 from megatron_microep.cli import UsageError
 from megatron_microep.cli.inputs import (
-    load_json_object, nonnegative_int_matrix, only_fields, positive_int, require, write_json,
+    load_json_object,
+    nonnegative_int_matrix,
+    only_fields,
+    positive_int,
+    require,
+    write_json,
 )
 from megatron_microep.planning.placement import Placement, PlacementError
 from megatron_microep.planning.scheduler import schedule
@@ -18,8 +24,9 @@ HELP = "Assign one micro-batch's tokens to expert replicas with the minimum poss
 def add_arguments(parser) -> None:
     parser.add_argument("instance", help='JSON: {"num_gpus": G, "tokens": [[int]*E]*G, "replicas": [[gpu,...]]*E}')
     parser.add_argument("-o", "--output", required=True, help="where to write the schedule JSON")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="solve N times in-process and report the median solve time (default 1)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="solve N times in-process and report the median solve time (default 1)"
+    )
 
 
 def read_instance(path: str) -> tuple:
@@ -50,12 +57,15 @@ def run(args) -> int:
         start = time.perf_counter()
         result = schedule(tokens, placement)
         times.append(time.perf_counter() - start)
-    write_json(args.output, {
-        "max_load": result.max_load,
-        "gpu_load": result.gpu_load.tolist(),
-        "lower_bound": result.lower_bound,
-        "remote_tokens": result.remote_tokens,
-        "assignment": result.assignment(tokens, placement),
-        "solve_seconds": statistics.median(times),
-    })
+    write_json(
+        args.output,
+        {
+            "max_load": result.max_load,
+            "gpu_load": result.gpu_load.tolist(),
+            "lower_bound": result.lower_bound,
+            "remote_tokens": result.remote_tokens,
+            "assignment": result.assignment(tokens, placement),
+            "solve_seconds": statistics.median(times),
+        },
+    )
     return 0

@@ -1,4 +1,5 @@
 """``microep simulate``: replay a routing trace through every balancing policy and write a report."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,23 +17,50 @@ HELP = "Replay a routing trace through balancing policies; write summary.csv, re
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("trace", help="a .mept or .jsonl trace, a Megatron --moe-routing-trace-path or "
-                                      "--save-tokens-per-expert-interval folder, or gen:WORKLOAD[:key=value,...]")
-    parser.add_argument("--policies", default=",".join(POLICIES),
-                        help=f"comma-separated, from {', '.join(POLICIES)} (default: all; ideal is always added)")
+    parser.add_argument(
+        "trace",
+        help="a .mept or .jsonl trace, a Megatron --moe-routing-trace-path or "
+        "--save-tokens-per-expert-interval folder, or gen:WORKLOAD[:key=value,...]",
+    )
+    parser.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help=f"comma-separated, from {', '.join(POLICIES)} (default: all; ideal is always added)",
+    )
     parser.add_argument("--redundant-slots", type=int, default=2, help="extra expert copies per GPU (default 2)")
-    parser.add_argument("--gpus-per-node", type=int, default=None,
-                        help="GPUs per NVLink domain (default: 8 when it divides the GPU count, else one node)")
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per NVLink domain (default: 8 when it divides the GPU count, else one node)",
+    )
     parser.add_argument("--report", required=True, help="output folder")
-    parser.add_argument("--warmup-steps", type=int, default=1,
-                        help="steps per layer left out of the metrics while no history exists (default 1)")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=1,
+        help="steps per layer left out of the metrics while no history exists (default 1)",
+    )
     parser.add_argument("--num-experts", type=int, default=None, help="experts (needed for Megatron routing traces)")
-    parser.add_argument("--megatron-ranks", default=None,
-                        help="comma-separated rank files forming the EP group, in EP order (default: all found)")
-    parser.add_argument("--policy-param", action="append", default=[], metavar="POLICY.KEY=VALUE",
-                        help="a policy parameter, e.g. microep.time_limit_s=0.5 (repeatable)")
-    parser.add_argument("--cost", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"a cost-model parameter (repeatable): {', '.join(cost_model_fields())}")
+    parser.add_argument(
+        "--megatron-ranks",
+        default=None,
+        help="comma-separated rank files forming the EP group, in EP order (default: all found)",
+    )
+    parser.add_argument(
+        "--policy-param",
+        action="append",
+        default=[],
+        metavar="POLICY.KEY=VALUE",
+        help="a policy parameter, e.g. microep.time_limit_s=0.5 (repeatable)",
+    )
+    parser.add_argument(
+        "--cost",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"a cost-model parameter (repeatable): {', '.join(cost_model_fields())}",
+    )
     parser.add_argument("--gemm-table", default=None, help="CSV 'tokens,efficiency' replacing the default H100 table")
     parser.add_argument("--save-trace", default=None, help="also write the replayed records (.mept or .jsonl)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -123,18 +151,32 @@ def run(args) -> int:
         raise UsageError(f"--num-experts must be >= 1, got {args.num_experts}")
     cost = _cost_model(args.cost, args.gemm_table)
     try:
-        out = simulate(args.trace, names, args.redundant_slots, args.gpus_per_node, Path(args.report), cost,
-                       policy_params=_policy_params(args.policy_param, names), warmup_steps=args.warmup_steps,
-                       num_experts=args.num_experts, ranks=_ranks(args.megatron_ranks),
-                       save_trace=Path(args.save_trace) if args.save_trace else None, plots=not args.no_plots,
-                       progress=_progress_bar(args.no_progress))
+        out = simulate(
+            args.trace,
+            names,
+            args.redundant_slots,
+            args.gpus_per_node,
+            Path(args.report),
+            cost,
+            policy_params=_policy_params(args.policy_param, names),
+            warmup_steps=args.warmup_steps,
+            num_experts=args.num_experts,
+            ranks=_ranks(args.megatron_ranks),
+            save_trace=Path(args.save_trace) if args.save_trace else None,
+            plots=not args.no_plots,
+            progress=_progress_bar(args.no_progress),
+        )
     except (TraceError, PolicyError, CostModelError) as err:
         raise UsageError(str(err)) from None
     except OSError as err:
         raise UsageError(f"{err.filename or args.trace}: {err.strerror}") from None
     for row in out.rows:
-        print(f"{row.policy:>10}  max/mean {row.max_over_mean_mean:.3f} (p99 {row.max_over_mean_p99:.3f})  "
-              f"step {1e3 * row.modeled_step_time:8.2f} ms  share of ideal {row.share_of_ideal:6.1%}")
-    print(f"{out.records} records ({out.info.num_gpus} GPUs x {out.info.num_experts} experts) in {out.seconds:.1f} s; "
-          f"report in {args.report}/report.md")
+        print(
+            f"{row.policy:>10}  max/mean {row.max_over_mean_mean:.3f} (p99 {row.max_over_mean_p99:.3f})  "
+            f"step {1e3 * row.modeled_step_time:8.2f} ms  share of ideal {row.share_of_ideal:6.1%}"
+        )
+    print(
+        f"{out.records} records ({out.info.num_gpus} GPUs x {out.info.num_experts} experts) in {out.seconds:.1f} s; "
+        f"report in {args.report}/report.md"
+    )
     return 0

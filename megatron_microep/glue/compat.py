@@ -11,15 +11,14 @@
 - Expert weights are read from the stock experts module (``SequentialMLP``: one MLP per expert;
   ``TEGroupedMLP``: ``weight{i}`` / ``bias{i}`` of two GroupedLinear), never copied.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-from typing import List, Optional
 
 import torch
-
 from megatron.core import package_info
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -99,12 +98,13 @@ def bind_mlp_process_groups(submodules, pg_collection):
         return submodules
     if mlp.module is MoELayer or not _is_moe_layer_class(mlp.module):
         return submodules
-    bound = GroupBoundSpec(module=mlp.module, params={**mlp.params, "pg_collection": pg_collection},
-                           submodules=mlp.submodules)
+    bound = GroupBoundSpec(
+        module=mlp.module, params={**mlp.params, "pg_collection": pg_collection}, submodules=mlp.submodules
+    )
     return dataclasses.replace(submodules, mlp=bound)
 
 
-def expert_tensors(experts: torch.nn.Module) -> List[List[torch.Tensor]]:
+def expert_tensors(experts: torch.nn.Module) -> list[list[torch.Tensor]]:
     """Per local expert: [fc1 weight, fc2 weight] + [fc1 bias, fc2 bias] when the model has biases.
 
     Shapes: fc1 [F1/ETP, H], fc2 [H, F/ETP], biases [F1/ETP] and [H]. Raises TypeError for expert
@@ -133,7 +133,7 @@ def expert_tensors(experts: torch.nn.Module) -> List[List[torch.Tensor]]:
     )
 
 
-def expert_weights(tensors: List[torch.Tensor]) -> ExpertWeights:
+def expert_weights(tensors: list[torch.Tensor]) -> ExpertWeights:
     """``ExpertWeights`` from the tensor list of ``expert_tensors`` (or a replica copy of it)."""
     if len(tensors) == 4:
         return ExpertWeights(fc1=tensors[0], fc2=tensors[1], fc1_bias=tensors[2], fc2_bias=tensors[3])
@@ -170,7 +170,7 @@ def sync_expert_params(experts: torch.nn.Module) -> None:
                 )
 
 
-def layer_offset(config, vp_stage: Optional[int], pp_rank: int) -> int:
+def layer_offset(config, vp_stage: int | None, pp_rank: int) -> int:
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     return get_transformer_layer_offset(config, vp_stage, pp_rank)
@@ -185,7 +185,7 @@ def stock_decoder_layer_specs(config, use_transformer_engine: bool) -> list:
     )
 
 
-def stock_decoder_block_spec(config, use_transformer_engine: bool, vp_stage: Optional[int] = None):
+def stock_decoder_block_spec(config, use_transformer_engine: bool, vp_stage: int | None = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     return get_gpt_decoder_block_spec(

@@ -6,11 +6,11 @@ of its spec (``swap_moe_layers(..., microep=...)``); ``config.microep`` (set by
 Megatron-LM job (``megatron.training`` global args). Validation runs when settings are built from
 flags and again when a layer is built, and names the offending flag.
 """
+
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, fields
-from typing import Optional
 
 from megatron_microep.planning.forecast import check_settings
 from megatron_microep.runtime.experts import EXPERT_BACKENDS as _RUNTIME_EXPERT_BACKENDS
@@ -40,13 +40,13 @@ class MicroEPConfig:
     forecast_samples: int = 32  # planner: forecast samples scored with the history (0: the history alone)
     forecast_recent: int = 4  # planner: latest micro-batches whose mean is the forecast's level
     forecast_burst: float = 3.0  # planner: cap on each expert's forecast burst, a multiple of its level (0: off)
-    gpus_per_node: Optional[int] = None  # planner: prefer replicas inside the node (None: flat)
+    gpus_per_node: int | None = None  # planner: prefer replicas inside the node (None: flat)
     expert_backend: str = "auto"
-    trace_dir: Optional[str] = None
+    trace_dir: str | None = None
     expert_sharding: str = "none"
     fsep_memory_policy: str = "keep"
 
-    def validate(self) -> "MicroEPConfig":
+    def validate(self) -> MicroEPConfig:
         """Checks that need no Megatron settings; returns self."""
         if self.redundant_slots < 0:
             raise MicroEPConfigError(f"--microep-redundant-slots must be >= 0, got {self.redundant_slots}")
@@ -57,16 +57,18 @@ class MicroEPConfig:
         if self.history_window < 1:
             raise MicroEPConfigError(f"--microep-history-window must be >= 1, got {self.history_window}")
         if self.planner_time_limit_s <= 0:
-            raise MicroEPConfigError(
-                f"--microep-planner-time-limit-s must be > 0, got {self.planner_time_limit_s}"
-            )
+            raise MicroEPConfigError(f"--microep-planner-time-limit-s must be > 0, got {self.planner_time_limit_s}")
         if self.replan_lag < 1:
             raise MicroEPConfigError(f"--microep-replan-lag must be >= 1, got {self.replan_lag}")
         if self.move_penalty < 0:
             raise MicroEPConfigError(f"--microep-move-penalty must be >= 0, got {self.move_penalty}")
         try:
-            check_settings(self.forecast_samples, self.forecast_recent, self.forecast_burst,
-                           ("--microep-forecast-samples", "--microep-forecast-recent", "--microep-forecast-burst"))
+            check_settings(
+                self.forecast_samples,
+                self.forecast_recent,
+                self.forecast_burst,
+                ("--microep-forecast-samples", "--microep-forecast-recent", "--microep-forecast-burst"),
+            )
         except ValueError as err:
             raise MicroEPConfigError(str(err)) from None
         if self.gpus_per_node is not None and self.gpus_per_node < 1:
@@ -92,7 +94,7 @@ class MicroEPConfig:
         return self
 
     @classmethod
-    def from_args(cls, args) -> "MicroEPConfig":
+    def from_args(cls, args) -> MicroEPConfig:
         """From an argparse namespace carrying the ``microep_*`` attributes of ``add_microep_args``."""
         missing = [f.name for f in fields(cls) if not hasattr(args, f"microep_{f.name}")]
         if missing:
@@ -120,9 +122,7 @@ def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
     if not num_experts:
         raise MicroEPConfigError("--moe-token-dispatcher-type microep needs an MoE model (--num-experts)")
     if num_experts % ep:
-        raise MicroEPConfigError(
-            f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}"
-        )
+        raise MicroEPConfigError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}")
     per_rank = num_experts // ep
     if settings.redundant_slots > 0 and ep == 1:
         raise MicroEPConfigError(
@@ -144,9 +144,7 @@ def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
         )
     ffn = getattr(config, "moe_ffn_hidden_size", None)
     if ffn is not None and ffn % etp:
-        raise MicroEPConfigError(
-            f"--expert-tensor-parallel-size {etp} must divide --moe-ffn-hidden-size {ffn}"
-        )
+        raise MicroEPConfigError(f"--expert-tensor-parallel-size {etp} must divide --moe-ffn-hidden-size {ffn}")
     unsupported = {
         "moe_expert_capacity_factor": "MicroEP is dropless",
         "moe_pad_expert_input_to_capacity": "MicroEP is dropless",
@@ -183,7 +181,7 @@ def _megatron_training_args():
     return getattr(global_vars, "_GLOBAL_ARGS", None) if global_vars is not None else None
 
 
-def resolve_microep_config(config, explicit: Optional[MicroEPConfig] = None) -> MicroEPConfig:
+def resolve_microep_config(config, explicit: MicroEPConfig | None = None) -> MicroEPConfig:
     """The settings a layer built from ``config`` uses (see the module docstring), validated."""
     if explicit is not None:
         settings = explicit.validate()

@@ -12,15 +12,17 @@ The flags were checked against the argument parsers of Megatron-LM core_v0.16.1,
 core_v0.18.2 and core_r0.19.0 (docs/launch.md). Errors name the file, the ``section.key`` and the
 problem; unknown keys are errors (with the closest known key), never ignored.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import yaml
 
@@ -42,10 +44,10 @@ class Option:
     key: str
     kind: str  # a key of KINDS
     help: str
-    embedded: Optional[str] = MEGATRON_LM_ONLY
-    choices: Tuple[str, ...] = ()
-    minimum: Optional[float] = None
-    flag: Optional[str] = None  # default: --key-with-dashes
+    embedded: str | None = MEGATRON_LM_ONLY
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    flag: str | None = None  # default: --key-with-dashes
     required: bool = False
 
     @property
@@ -54,6 +56,7 @@ class Option:
 
 
 # --- value kinds: parse (YAML value -> checked value) and render (value -> flag arguments) --------
+
 
 def _int(value, option):
     if isinstance(value, bool) or not isinstance(value, int):
@@ -104,7 +107,7 @@ def _render_layer_freq(value) -> str:
     """``[0, 0, 1, 1, 1]`` -> ``([0]*2+[1]*3)``, the pattern syntax Megatron's --moe-layer-freq evaluates."""
     if not isinstance(value, list):
         return str(value)
-    runs: List[List[int]] = []
+    runs: list[list[int]] = []
     for v in value:
         if runs and runs[-1][0] == v:
             runs[-1][1] += 1
@@ -120,11 +123,11 @@ def _number(value) -> str:
 @dataclass(frozen=True)
 class Kind:
     parse: Callable[[Any, Option], Any]
-    render: Callable[[Option, Any], List[str]]
+    render: Callable[[Option, Any], list[str]]
     numeric: bool = False
 
 
-KINDS: Dict[str, Kind] = {
+KINDS: dict[str, Kind] = {
     "int": Kind(_int, lambda o, v: [o.cli_flag, str(v)], numeric=True),
     "float": Kind(_float, lambda o, v: [o.cli_flag, _number(v)], numeric=True),
     "str": Kind(_str, lambda o, v: [o.cli_flag, v]),
@@ -177,8 +180,13 @@ MOE = (
     _o("moe_router_topk", "int", "experts per token", TRANSFORMER, minimum=1),
     _o("moe_layer_freq", "layer_freq", "1:N MoE/dense ratio, or a 0/1 per layer", TRANSFORMER),
     _o("moe_shared_expert_intermediate_size", "int", "shared-expert width", TRANSFORMER, minimum=1),
-    _o("moe_router_load_balancing_type", "choice", "auxiliary balancing loss", TRANSFORMER,
-       choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")),
+    _o(
+        "moe_router_load_balancing_type",
+        "choice",
+        "auxiliary balancing loss",
+        TRANSFORMER,
+        choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"),
+    ),
     _o("moe_aux_loss_coeff", "float", "auxiliary loss weight", TRANSFORMER, minimum=0.0),
     _o("moe_z_loss_coeff", "float", "router z-loss weight", TRANSFORMER, minimum=0.0),
     _o("moe_router_score_function", "choice", "router scores", TRANSFORMER, choices=("softmax", "sigmoid")),
@@ -189,8 +197,14 @@ MOE = (
     _o("moe_router_num_groups", "int", "node-limited routing: expert groups", TRANSFORMER, minimum=1),
     _o("moe_router_group_topk", "int", "node-limited routing: groups per token", TRANSFORMER, minimum=1),
     _o("moe_router_dtype", "choice", "router precision", TRANSFORMER, choices=("fp32", "fp64")),
-    _o("moe_token_dispatcher_type", "choice", "token dispatcher (microep: this plugin)", TRANSFORMER,
-       choices=("allgather", "alltoall", "flex", DISPATCHER_TYPE), required=True),
+    _o(
+        "moe_token_dispatcher_type",
+        "choice",
+        "token dispatcher (microep: this plugin)",
+        TRANSFORMER,
+        choices=("allgather", "alltoall", "flex", DISPATCHER_TYPE),
+        required=True,
+    ),
     _o("moe_grouped_gemm", "switch", "grouped-GEMM experts (TransformerEngine)", TRANSFORMER),
     _o("moe_permute_fusion", "switch", "fused permutation kernels (TransformerEngine)"),
 )
@@ -264,23 +278,39 @@ LAUNCH = (
 )
 
 
-def _microep_options() -> Tuple[Option, ...]:
+def _microep_options() -> tuple[Option, ...]:
     """One option per ``MicroEPConfig`` field, flag ``--microep-<field>`` (glue/args.py registers them)."""
-    kinds = {"int": "int", "float": "float", "str": "str", "bool": "switch",
-             "Optional[int]": "int", "Optional[float]": "float", "Optional[str]": "str"}
+    kinds = {
+        "int": "int",
+        "float": "float",
+        "str": "str",
+        "bool": "switch",
+        "int | None": "int",
+        "float | None": "float",
+        "str | None": "str",
+    }
     options = []
     for f in dataclasses.fields(MicroEPConfig):
         kind = kinds.get(str(f.type))
         if kind is None:
             raise TypeError(f"MicroEPConfig.{f.name}: no config kind for type {f.type}")
-        options.append(Option(f.name, kind, f"--microep-{f.name.replace('_', '-')}", RUN,
-                              flag=f"--microep-{f.name.replace('_', '-')}"))
+        options.append(
+            Option(
+                f.name, kind, f"--microep-{f.name.replace('_', '-')}", RUN, flag=f"--microep-{f.name.replace('_', '-')}"
+            )
+        )
     return tuple(options)
 
 
-SECTIONS: Dict[str, Tuple[Option, ...]] = {
-    "model": MODEL, "moe": MOE, "parallel": PARALLEL, "training": TRAINING, "data": DATA,
-    "microep": _microep_options(), "embedded": EMBEDDED, "launch": LAUNCH,
+SECTIONS: dict[str, tuple[Option, ...]] = {
+    "model": MODEL,
+    "moe": MOE,
+    "parallel": PARALLEL,
+    "training": TRAINING,
+    "data": DATA,
+    "microep": _microep_options(),
+    "embedded": EMBEDDED,
+    "launch": LAUNCH,
 }
 FLAG_SECTIONS = ("model", "moe", "parallel", "training", "data", "microep")
 TOP_LEVEL = {"name", "description"}
@@ -293,7 +323,7 @@ class LaunchConfig:
     name: str
     description: str
     source: str
-    sections: Dict[str, Dict[str, Any]]
+    sections: dict[str, dict[str, Any]]
 
     def get(self, section: str, key: str, default: Any = None) -> Any:
         return self.sections.get(section, {}).get(key, default)
@@ -302,14 +332,14 @@ class LaunchConfig:
     def dispatcher(self) -> str:
         return self.sections["moe"]["moe_token_dispatcher_type"]
 
-    def microep_settings(self) -> Optional[MicroEPConfig]:
+    def microep_settings(self) -> MicroEPConfig | None:
         if self.dispatcher != DISPATCHER_TYPE:
             return None
         return MicroEPConfig(**self.sections.get("microep", {}))
 
-    def megatron_flags(self) -> List[str]:
+    def megatron_flags(self) -> list[str]:
         """Megatron-LM command-line arguments for this config (``microep`` flags only with its dispatcher)."""
-        out: List[str] = []
+        out: list[str] = []
         for section in FLAG_SECTIONS:
             if section == "microep" and self.dispatcher != DISPATCHER_TYPE:
                 continue
@@ -333,7 +363,7 @@ def _closest(key: str, known: Sequence[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _parse_override(text: str) -> Tuple[str, str, Any]:
+def _parse_override(text: str) -> tuple[str, str, Any]:
     path, sep, raw = text.partition("=")
     section, dot, key = path.partition(".")
     if not sep or not dot or not key:
@@ -359,15 +389,17 @@ def parse_config(raw: Any, source: str, overrides: Sequence[str] = ()) -> Launch
             target.pop(key, None)  # "KEY=" removes a key (back to Megatron's default)
         else:
             target[key] = value
-    sections: Dict[str, Dict[str, Any]] = {}
+    sections: dict[str, dict[str, Any]] = {}
     for name, body in raw.items():
         if name in TOP_LEVEL:
             if not isinstance(body, str):
                 raise ConfigError(f"{source}: '{name}' must be a string")
             continue
         if name not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section '{name}'{_closest(name, list(SECTIONS) + sorted(TOP_LEVEL))}"
-                              f"; sections are {', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"{source}: unknown section '{name}'{_closest(name, list(SECTIONS) + sorted(TOP_LEVEL))}"
+                f"; sections are {', '.join(SECTIONS)}"
+            )
         if body is None:
             body = {}
         if not isinstance(body, dict):
@@ -419,6 +451,7 @@ def preset_path(name_or_path: str) -> Path:
 
 # --- cross-field checks (each raises ConfigError naming the keys involved) ------------------------
 
+
 def _fail(config: LaunchConfig, message: str):
     raise ConfigError(f"{config.source}: {message}")
 
@@ -427,8 +460,11 @@ def _check_model_shape(config: LaunchConfig) -> None:
     heads = config.get("model", "num_attention_heads")
     hidden = config.get("model", "hidden_size")
     if config.get("model", "kv_channels") is None and hidden % heads:
-        _fail(config, f"model.hidden_size {hidden} is not divisible by model.num_attention_heads {heads} "
-                      "(set model.kv_channels for another head size)")
+        _fail(
+            config,
+            f"model.hidden_size {hidden} is not divisible by model.num_attention_heads {heads} "
+            "(set model.kv_channels for another head size)",
+        )
     groups = config.get("model", "num_query_groups")
     if groups is not None:
         if not config.get("model", "group_query_attention", False):
@@ -456,14 +492,17 @@ def _check_moe(config: LaunchConfig) -> None:
     if (groups is None) != (group_topk is None):
         _fail(config, "moe.moe_router_num_groups and moe.moe_router_group_topk go together")
     if groups is not None and (experts % groups or group_topk > groups):
-        _fail(config, f"moe.moe_router_num_groups {groups} must divide moe.num_experts {experts} "
-                      f"and be >= moe.moe_router_group_topk {group_topk}")
+        _fail(
+            config,
+            f"moe.moe_router_num_groups {groups} must divide moe.num_experts {experts} "
+            f"and be >= moe.moe_router_group_topk {group_topk}",
+        )
     ep = config.get("parallel", "expert_model_parallel_size")
     if experts % ep:
         _fail(config, f"moe.num_experts {experts} is not divisible by parallel.expert_model_parallel_size {ep}")
 
 
-def _world_size(config: LaunchConfig) -> Optional[Tuple[int, str]]:
+def _world_size(config: LaunchConfig) -> tuple[int, str] | None:
     if "embedded" in config.sections and "processes" in config.sections["embedded"]:
         return config.get("embedded", "processes"), "embedded.processes"
     nodes, per_node = config.get("launch", "nodes"), config.get("launch", "gpus_per_node")
@@ -489,8 +528,11 @@ def _check_parallel(config: LaunchConfig) -> None:
     dp = size // (tp * pp * cp)
     micro, global_ = config.get("training", "micro_batch_size"), config.get("training", "global_batch_size")
     if global_ % (micro * dp):
-        _fail(config, f"training.global_batch_size {global_} is not divisible by training.micro_batch_size "
-                      f"{micro} x data-parallel size {dp} ({what} {size} / (TP {tp} x PP {pp} x CP {cp}))")
+        _fail(
+            config,
+            f"training.global_batch_size {global_} is not divisible by training.micro_batch_size "
+            f"{micro} x data-parallel size {dp} ({what} {size} / (TP {tp} x PP {pp} x CP {cp}))",
+        )
 
 
 def _check_schedule(config: LaunchConfig) -> None:
@@ -518,12 +560,17 @@ def _check_data(config: LaunchConfig) -> None:
         _fail(config, "data.data_path and data.mock_data exclude each other")
 
 
-CHECKS: Tuple[Callable[[LaunchConfig], None], ...] = (
-    _check_model_shape, _check_moe, _check_parallel, _check_schedule, _check_microep, _check_data,
+CHECKS: tuple[Callable[[LaunchConfig], None], ...] = (
+    _check_model_shape,
+    _check_moe,
+    _check_parallel,
+    _check_schedule,
+    _check_microep,
+    _check_data,
 )
 
 
-def embedded_unsupported(config: LaunchConfig) -> List[str]:
+def embedded_unsupported(config: LaunchConfig) -> list[str]:
     """``section.key`` of every set value the embedded CPU run cannot honour (Megatron-LM-only keys;
     a switch set to false counts as unset)."""
     out = []

@@ -18,19 +18,20 @@ functions are replaced where megatron looks them up (module globals), and only a
 the target exists, so a megatron-core release that moved one fails loudly instead of running
 unpatched.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
 
 import torch
 
 # Names of the applied patches once enable_cpu_megatron() has completed.
-_ENABLED: Optional[List[str]] = None
+_ENABLED: list[str] | None = None
 
 
 class _CpuEvent:
@@ -139,9 +140,7 @@ def _patch_rng_tracker() -> None:
                 yield
             finally:
                 if self._current_state_name != name:
-                    raise RuntimeError(
-                        f"rng state {self._current_state_name} is current, expected {name}"
-                    )
+                    raise RuntimeError(f"rng state {self._current_state_name} is current, expected {name}")
                 self.states_[name] = torch.get_rng_state()
                 if outer_name != "default-rng":
                     outer_state = self.states_[outer_name]
@@ -307,7 +306,7 @@ def _cuda_type_names():
         if dtype is not None:
             return original(self, dtype, non_blocking, **kwargs)
         name = original(self)
-        return "torch.cuda." + name[len("torch."):] if self.device.type == "cpu" else name
+        return "torch.cuda." + name[len("torch.") :] if self.device.type == "cpu" else name
 
     torch.Tensor.type = cuda_type
     try:
@@ -349,7 +348,7 @@ class _Patch:
     apply: Callable[[], None]
 
 
-_PATCHES: Tuple[_Patch, ...] = (
+_PATCHES: tuple[_Patch, ...] = (
     _Patch("torch.cuda current_device/Stream/current_stream/synchronize", _patch_torch_cuda),
     _Patch("megatron RNG tracker on the CPU generator", _patch_rng_tracker),
     _Patch("moe_utils: te_general_gemm, CPU split sizes", _patch_moe_utils),
@@ -360,7 +359,7 @@ _PATCHES: Tuple[_Patch, ...] = (
 )
 
 
-def enable_cpu_megatron() -> List[str]:
+def enable_cpu_megatron() -> list[str]:
     """Make megatron-core's MoE path run on CPU; idempotent. Returns the names of the patches applied.
 
     Call in each CPU process before building megatron modules (``init_megatron_parallel`` does).

@@ -4,6 +4,7 @@
 ``init_megatron_parallel`` is what each rank calls first when it needs megatron-core's process
 groups and RNG trackers on CPU.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,7 +15,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,7 +74,7 @@ def spawn_gloo(
     *args: Any,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads_per_rank: int = 1,
-) -> List[Any]:
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh CPU processes joined by gloo.
 
     ``fn`` and ``args`` must be picklable (``fn`` a module-level function), and so must its return
@@ -130,9 +132,9 @@ _EXIT_GRACE_S = 30.0
 _FAILURE_GRACE_S = 3.0
 
 
-def _collect(procs, results, world_size: int, timeout_s: float) -> List[Any]:
+def _collect(procs, results, world_size: int, timeout_s: float) -> list[Any]:
     deadline = time.monotonic() + timeout_s
-    values: List[Optional[Any]] = [None] * world_size
+    values: list[Any | None] = [None] * world_size
     pending = set(range(world_size))
     failures = {}  # rank -> description
     while pending:
@@ -160,13 +162,10 @@ def _collect(procs, results, world_size: int, timeout_s: float) -> List[Any]:
             failures[rank] = f"rank {rank} of {world_size} failed:\n{payload}"
             deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
     if failures:
-        raise RankFailedError(
-            "spawn_gloo: " + "\n".join(failures[r] for r in sorted(failures))
-        )
+        raise RankFailedError("spawn_gloo: " + "\n".join(failures[r] for r in sorted(failures)))
     if pending:
         raise RankFailedError(
-            f"spawn_gloo: timed out after {timeout_s:.0f} s; ranks {sorted(pending)} of "
-            f"{world_size} did not finish"
+            f"spawn_gloo: timed out after {timeout_s:.0f} s; ranks {sorted(pending)} of {world_size} did not finish"
         )
     return values
 

@@ -35,17 +35,16 @@ policy its backward starts the previous layer's gather. A prefetched gather is u
 very next FSEP expert pass of this process (otherwise it is waited for and dropped), so a
 prefetch never outlives an optimizer step.
 """
+
 from __future__ import annotations
 
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
@@ -81,7 +80,7 @@ TENSOR_NAMES = ("linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "li
 GATHERED_MEMORY = GatheredMemory()
 
 
-def shard_spec_for(tensors: List[torch.Tensor], gated: bool, num_ranks: int) -> ShardSpec:
+def shard_spec_for(tensors: list[torch.Tensor], gated: bool, num_ranks: int) -> ShardSpec:
     """The cut of one expert given as ``compat.expert_tensors`` lists it (fc1, fc2, biases)."""
     names = TENSOR_NAMES[: len(tensors)]
     parts = [2 if gated and name.startswith("linear_fc1") else 1 for name in names]
@@ -104,11 +103,11 @@ class FSEPExperts(MegatronModule):
     def num_experts(self) -> int:
         return self.shards.shape[0]
 
-    def expert_tensors(self, shards: torch.Tensor) -> Dict[tuple, torch.Tensor]:
+    def expert_tensors(self, shards: torch.Tensor) -> dict[tuple, torch.Tensor]:
         """{(expert, tensor index, half): view [b, *rest]} of a buffer laid out like ``shards``."""
         return {(e, i, p): view for e in range(shards.shape[0]) for i, p, view in self.spec.pieces(shards[e])}
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         if (metadata or {}).get("singleton_local_shards", False):
             raise NotImplementedError("FSEP experts do not support singleton_local_shards checkpoints")
         spec, G, r = self.spec, self.spec.num_ranks, self.ep_rank
@@ -122,8 +121,13 @@ class FSEPExperts(MegatronModule):
             for (e, i, p), view in self.expert_tensors(data).items():
                 rows_axis = prepend  # the tensor's first dimension, after the prepended axes
                 out[f"{e}.{spec.names[i]}.{p}"] = ShardedTensor.from_rank_offsets(
-                    f"{key}.{spec.names[i]}", view, *sharded_offsets, (len(sharded_offsets), e, num_experts),
-                    (rows_axis, p * G + r, spec.parts[i] * G), replica_id=replica, prepend_axis_num=prepend,
+                    f"{key}.{spec.names[i]}",
+                    view,
+                    *sharded_offsets,
+                    (len(sharded_offsets), e, num_experts),
+                    (rows_axis, p * G + r, spec.parts[i] * G),
+                    replica_id=replica,
+                    prepend_axis_num=prepend,
                 )
             return out
 
@@ -140,8 +144,10 @@ class FSEPExperts(MegatronModule):
         for e in range(r * per_rank, (r + 1) * per_rank):
             for linear in ("linear_fc1", "linear_fc2"):
                 out[f"{prefix}{_STOCK_EXTRA_STATE}.{e}.{linear}"] = make_sharded_object_for_checkpoint(
-                    None, f"{prefix}experts.{linear}._extra_state",
-                    (*sharded_offsets, (len(sharded_offsets), e, num_experts)), replica_id,
+                    None,
+                    f"{prefix}experts.{linear}._extra_state",
+                    (*sharded_offsets, (len(sharded_offsets), e, num_experts)),
+                    replica_id,
                 )
         return out
 
@@ -152,7 +158,7 @@ class FSEPExperts(MegatronModule):
 
 
 # Layers of one model (one TransformerConfig, by identity): the prefetch chain, ordered by layer number.
-_CHAINS: Dict[int, List["weakref.ref"]] = {}
+_CHAINS: dict[int, list[weakref.ref]] = {}
 
 
 def _join_chain(config, layer) -> None:
@@ -188,10 +194,23 @@ class FSEPMoELayer(MicroEPMoELayer):
     arguments are ``MicroEPMoELayer``'s.
     """
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
-                 microep: Optional[MicroEPConfig] = None, **kwargs):
-        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
-                         microep=microep, **kwargs)
+    def __init__(
+        self,
+        config,
+        submodules=None,
+        layer_number=None,
+        pg_collection=None,
+        microep: MicroEPConfig | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            config,
+            submodules=submodules,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+            microep=microep,
+            **kwargs,
+        )
         if self.microep_settings.expert_sharding != "fsep":
             raise MicroEPConfigError("FSEPMoELayer needs --microep-expert-sharding fsep")
         groups = self.microep_groups
@@ -203,17 +222,24 @@ class FSEPMoELayer(MicroEPMoELayer):
         settings = self.microep_settings
         self.slots_per_rank = self.num_local_experts + settings.redundant_slots
         num_experts = self.num_local_experts * groups.ep_size
-        layout = fsep_layout(initial_fsep_placement(num_experts, groups.ep_size, self.slots_per_rank),
-                             self.slots_per_rank)
+        layout = fsep_layout(
+            initial_fsep_placement(num_experts, groups.ep_size, self.slots_per_rank), self.slots_per_rank
+        )
         planner = FSEP_PLANNERS[settings.planner](settings.planner_time_limit_s, self.slots_per_rank)
         self.placement_controller = FSEPPlacementController(
-            layout, planner, settings.replan_interval, settings.history_window, settings.replan_lag,
-            group=self.placement_controller.group, device=shards.device, name=f" layer {layer_number}",
+            layout,
+            planner,
+            settings.replan_interval,
+            settings.history_window,
+            settings.replan_lag,
+            group=self.placement_controller.group,
+            device=shards.device,
+            name=f" layer {layer_number}",
         )
         self.fsep_traffic = TrafficCounter()
         self.prefetch_hits = 0  # gathers that had been started by a neighbouring layer
-        self._shard_exchange: Optional[ShardExchange] = None
-        self._prefetched: Dict[str, _Prefetched] = {}
+        self._shard_exchange: ShardExchange | None = None
+        self._prefetched: dict[str, _Prefetched] = {}
         _join_chain(config, self)
 
     # --- layout ---------------------------------------------------------------------------------
@@ -243,11 +269,16 @@ class FSEPMoELayer(MicroEPMoELayer):
                 then = "kept: re-planning is off (--microep-replan-interval 0)"
             logger.warning(
                 "%s: the checkpoint's layout is for EP=%d with %d slots per rank, this run has EP=%d with %d; "
-                "starting from the initial layout, %s", where, state["num_ranks"], state["slots_per_rank"],
-                self.microep_groups.ep_size, self.slots_per_rank, then,
+                "starting from the initial layout, %s",
+                where,
+                state["num_ranks"],
+                state["slots_per_rank"],
+                self.microep_groups.ep_size,
+                self.slots_per_rank,
+                then,
             )
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         # A requested key that the checkpoint lacks fails Megatron-LM's default load
         # (assume_ok_unexpected), and a module cannot tell a save from a load. So the layout object is
@@ -270,19 +301,28 @@ class FSEPMoELayer(MicroEPMoELayer):
         if key in state_dict:
             self.load_layout_state(state_dict.pop(key))
         elif self.microep_groups.ep_rank == 0 and self._expt_dp_rank == 0:
-            logger.warning("FSEP layer %s: the state dict has no FSEP layout state (stock EP, replica mode, a "
-                           "checkpoint saved before any step, or a plain state_dict); keeping the current layout "
-                           "and routing history", self.layer_number)
+            logger.warning(
+                "FSEP layer %s: the state dict has no FSEP layout state (stock EP, replica mode, a "
+                "checkpoint saved before any step, or a plain state_dict); keeping the current layout "
+                "and routing history",
+                self.layer_number,
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def exchange_for(self, layout: PhysicalLayout) -> ShardExchange:
         if self._shard_exchange is None or self._shard_exchange.layout is not layout:
-            self._shard_exchange = ShardExchange(layout, self.microep_groups.ep_rank, self.microep_groups.ep,
-                                                 self.fsep_spec, self.fsep_traffic, GATHERED_MEMORY)
+            self._shard_exchange = ShardExchange(
+                layout,
+                self.microep_groups.ep_rank,
+                self.microep_groups.ep,
+                self.fsep_spec,
+                self.fsep_traffic,
+                GATHERED_MEMORY,
+            )
         return self._shard_exchange
 
     # --- prefetch -------------------------------------------------------------------------------
-    def _neighbour(self, offset: int) -> Optional["FSEPMoELayer"]:
+    def _neighbour(self, offset: int) -> FSEPMoELayer | None:
         chain = [ref() for ref in _CHAINS.get(id(self.config), [])]
         chain = sorted((m for m in chain if m is not None and m.layer_number is not None), key=lambda m: m.layer_number)
         if self not in chain:
@@ -290,7 +330,7 @@ class FSEPMoELayer(MicroEPMoELayer):
         index = chain.index(self) + offset
         return chain[index] if 0 <= index < len(chain) else None
 
-    def _take(self, direction: str, pass_index: int, exchange: ShardExchange) -> Optional[PendingGather]:
+    def _take(self, direction: str, pass_index: int, exchange: ShardExchange) -> PendingGather | None:
         """This layer's prefetched gather if it was started for this very pass and layout."""
         found = self._prefetched.pop(direction, None)
         if found is None:
@@ -301,7 +341,7 @@ class FSEPMoELayer(MicroEPMoELayer):
         found.pending.wait()  # a collective every rank started; let it finish, drop its result
         return None
 
-    def _prefetch_into(self, target: Optional["FSEPMoELayer"], direction: str, pass_index: int) -> None:
+    def _prefetch_into(self, target: FSEPMoELayer | None, direction: str, pass_index: int) -> None:
         if target is None or self._step is None:
             return
         if direction == "forward" and target._step != self._step:
@@ -320,12 +360,16 @@ class FSEPMoELayer(MicroEPMoELayer):
         exchange = self.exchange_for(layout)
         counts = per_slot.tolist()
         rows = counts[: exchange.num_local]
-        if any(counts[exchange.num_local:]):
+        if any(counts[exchange.num_local :]):
             raise RuntimeError(f"empty FSEP slots were sent tokens: {counts}")
         if self._backend is None:
             fc1, fc2 = self.fsep_spec.shapes[0], self.fsep_spec.shapes[1]
-            self._backend = choose_backend(self.microep_settings.expert_backend, self.experts.shards.device,
-                                           self.experts.shards.dtype, [fc1[1], fc1[0], fc2[1]])
+            self._backend = choose_backend(
+                self.microep_settings.expert_backend,
+                self.experts.shards.device,
+                self.experts.shards.dtype,
+                [fc1[1], fc1[0], fc2[1]],
+            )
         _PASSES.forward += 1
         pass_index = _PASSES.forward
         pending = self._take("forward", pass_index, exchange) or exchange.start_gather(self.experts.shards)
@@ -343,8 +387,16 @@ class FSEPMoELayer(MicroEPMoELayer):
             self._prefetch_into(self._neighbour(-1), "backward", index + 1)
             return own
 
-        output = run_sharded_experts(self.microep_settings.fsep_memory_policy, tokens, probs, self.experts.shards,
-                                     exchange, run, pending, regather)
+        output = run_sharded_experts(
+            self.microep_settings.fsep_memory_policy,
+            tokens,
+            probs,
+            self.experts.shards,
+            exchange,
+            run,
+            pending,
+            regather,
+        )
         return self.token_dispatcher.combine_preprocess(output), None
 
 
@@ -352,16 +404,31 @@ class FSEPLayoutStateError(ValueError):
     """A checkpoint's FSEP layout state that is malformed or belongs to another model (named in the message)."""
 
 
-_LAYOUT_STATE_FIELDS = {"format", "num_experts", "num_ranks", "slots_per_rank", "placement", "history",
-                        "current_rows", "step", "pending"}
+_LAYOUT_STATE_FIELDS = {
+    "format",
+    "num_experts",
+    "num_ranks",
+    "slots_per_rank",
+    "placement",
+    "history",
+    "current_rows",
+    "step",
+    "pending",
+}
 
 
 def _checked_loads(rows, num_experts: int, what: str) -> np.ndarray:
     loads = np.asarray(rows)
-    if loads.ndim != 2 or loads.shape[1] != num_experts or not np.issubdtype(loads.dtype, np.integer) \
-            or (loads < 0).any():
-        raise FSEPLayoutStateError(f"{what}: expected non-negative integer expert loads [micro-batches, "
-                                   f"{num_experts}], got {loads.dtype} {list(loads.shape)}")
+    if (
+        loads.ndim != 2
+        or loads.shape[1] != num_experts
+        or not np.issubdtype(loads.dtype, np.integer)
+        or (loads < 0).any()
+    ):
+        raise FSEPLayoutStateError(
+            f"{what}: expected non-negative integer expert loads [micro-batches, "
+            f"{num_experts}], got {loads.dtype} {list(loads.shape)}"
+        )
     return loads.astype(np.int64)
 
 
@@ -380,14 +447,18 @@ def check_layout_state(state, num_experts: int, where: str) -> dict:
     Raises FSEPLayoutStateError naming ``where`` and the problem."""
     if not isinstance(state, dict) or set(state) != _LAYOUT_STATE_FIELDS:
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise FSEPLayoutStateError(f"{where}: malformed FSEP layout state: expected fields "
-                                   f"{sorted(_LAYOUT_STATE_FIELDS)}, got {got}")
+        raise FSEPLayoutStateError(
+            f"{where}: malformed FSEP layout state: expected fields {sorted(_LAYOUT_STATE_FIELDS)}, got {got}"
+        )
     if state["format"] != LAYOUT_STATE_FORMAT:
-        raise FSEPLayoutStateError(f"{where}: FSEP layout state format {state['format']!r}, this version reads "
-                                   f"{LAYOUT_STATE_FORMAT}")
+        raise FSEPLayoutStateError(
+            f"{where}: FSEP layout state format {state['format']!r}, this version reads {LAYOUT_STATE_FORMAT}"
+        )
     if state["num_experts"] != num_experts:
-        raise FSEPLayoutStateError(f"{where}: the checkpoint's layout state is for {state['num_experts']!r} experts, "
-                                   f"this layer has {num_experts}")
+        raise FSEPLayoutStateError(
+            f"{where}: the checkpoint's layout state is for {state['num_experts']!r} experts, "
+            f"this layer has {num_experts}"
+        )
     G, C = state["num_ranks"], state["slots_per_rank"]
     if not all(isinstance(v, int) and v >= 1 for v in (G, C)):
         raise FSEPLayoutStateError(f"{where}: malformed FSEP layout state: num_ranks={G!r}, slots_per_rank={C!r}")
@@ -395,19 +466,26 @@ def check_layout_state(state, num_experts: int, where: str) -> dict:
     out["placement"] = _checked_placement(state["placement"], G, C, f"{where}: saved layout")
     if not isinstance(state["history"], (list, tuple)):
         raise FSEPLayoutStateError(f"{where}: saved routing history must be a list of steps")
-    out["history"] = [_checked_loads(block, num_experts, f"{where}: saved routing history, step {i}")
-                      for i, block in enumerate(state["history"])]
+    out["history"] = [
+        _checked_loads(block, num_experts, f"{where}: saved routing history, step {i}")
+        for i, block in enumerate(state["history"])
+    ]
     out["current_rows"] = _checked_loads(state["current_rows"], num_experts, f"{where}: saved current-step loads")
     if state["step"] is not None and not isinstance(state["step"], int):
         raise FSEPLayoutStateError(f"{where}: saved step must be an integer or None, got {state['step']!r}")
     pending = state["pending"]
     if pending is not None:
-        if not isinstance(pending, dict) or set(pending) != {"adopt_step", "placement"} \
-                or not isinstance(pending["adopt_step"], int):
+        if (
+            not isinstance(pending, dict)
+            or set(pending) != {"adopt_step", "placement"}
+            or not isinstance(pending["adopt_step"], int)
+        ):
             raise FSEPLayoutStateError(f"{where}: malformed pending plan {pending!r}")
         plan = pending["placement"]
-        out["pending"] = {"adopt_step": pending["adopt_step"], "placement": None if plan is None else
-                          _checked_placement(plan, G, C, f"{where}: saved pending plan")}
+        out["pending"] = {
+            "adopt_step": pending["adopt_step"],
+            "placement": None if plan is None else _checked_placement(plan, G, C, f"{where}: saved pending plan"),
+        }
     return out
 
 
@@ -420,8 +498,13 @@ class FSEPPlacementController(PlacementController):
 
     def state(self) -> dict:
         """``PlacementController.state`` with the format and the layout's shape, which a load checks."""
-        return {"format": LAYOUT_STATE_FORMAT, "num_experts": self.layout.placement.num_experts,
-                "num_ranks": self.layout.num_ranks, "slots_per_rank": self.layout.local_slots, **super().state()}
+        return {
+            "format": LAYOUT_STATE_FORMAT,
+            "num_experts": self.layout.placement.num_experts,
+            "num_ranks": self.layout.num_ranks,
+            "slots_per_rank": self.layout.local_slots,
+            **super().state(),
+        }
 
     def restore(self, state, where: str) -> bool:
         """Validate a saved ``state`` and continue from it (same call on every rank). Returns False
@@ -455,14 +538,13 @@ def greedy_fsep_planner(time_limit_s: float, slots_per_rank: int):
 FSEP_PLANNERS = {"ortools": ortools_fsep_planner, "greedy": greedy_fsep_planner}
 
 
-def fsep_layers(model) -> List[FSEPMoELayer]:
+def fsep_layers(model) -> list[FSEPMoELayer]:
     chunks = model if isinstance(model, (list, tuple)) else [model]
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, FSEPMoELayer)]
 
 
-def full_experts(layer: FSEPMoELayer) -> List[torch.Tensor]:
+def full_experts(layer: FSEPMoELayer) -> list[torch.Tensor]:
     """Every expert's full tensors [E, *shape_i] of an FSEP layer (all-gather over EP; inspection/tests)."""
     from megatron_microep.runtime.fsep import experts_from_shards
 
     return experts_from_shards(layer.experts.shards, layer.fsep_spec, layer.microep_groups.ep)
-

@@ -13,6 +13,7 @@ Megatron-LM's training loop (``args.curr_iteration``) when it runs, otherwise fr
 ``set_training_step`` (call it on every rank before each step); with neither, replica weights are
 fetched in every forward, history is not recorded and re-planning is off (logged once).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -20,12 +21,10 @@ import importlib
 import logging
 import os
 import sys
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
@@ -62,10 +61,10 @@ class _StepClock:
     """The optimizer step the next forwards belong to; equal on every rank."""
 
     def __init__(self) -> None:
-        self.manual: Optional[int] = None
+        self.manual: int | None = None
         self.warned = False
 
-    def current(self) -> Optional[int]:
+    def current(self) -> int | None:
         if self.manual is not None:
             return self.manual
         args = _megatron_training_args()
@@ -96,10 +95,12 @@ class _TraceSink:
         os.makedirs(directory, exist_ok=True)
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.writer = NativeTraceWriter(
-            os.path.join(directory, f"routing_rank{rank}.mept"), num_gpus, num_experts,
+            os.path.join(directory, f"routing_rank{rank}.mept"),
+            num_gpus,
+            num_experts,
             meta={"source": "megatron_microep", "global_rank": rank},
         )
-        self.micro_batch: Dict[tuple, int] = {}
+        self.micro_batch: dict[tuple, int] = {}
 
     def write(self, step: int, layer: int, tokens: np.ndarray) -> None:
         key = (step, layer)
@@ -109,7 +110,7 @@ class _TraceSink:
         self.writer.write(step, index, layer, tokens)
 
 
-_TRACE_SINKS: Dict[str, _TraceSink] = {}
+_TRACE_SINKS: dict[str, _TraceSink] = {}
 
 
 def close_traces() -> None:
@@ -126,13 +127,13 @@ class MicroEPTokenDispatcher(MoETokenDispatcher):
     (home experts, then replica slots); only ``MicroEPMoELayer`` consumes them.
     """
 
-    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, layer: "MicroEPMoELayer"):
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, layer: MicroEPMoELayer):
         super().__init__(config=config, pg_collection=pg_collection)
         self.num_local_experts = num_local_experts
         self.local_expert_indices = local_expert_indices
         self.layer = layer
         self.groups = layer.microep_groups
-        self.routing: Optional[MicroBatchRouting] = None
+        self.routing: MicroBatchRouting | None = None
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
@@ -186,8 +187,15 @@ class MicroEPMoELayer(MoELayer):
                 cls = getattr(importlib.import_module(module), name)
         return super().__new__(cls)
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
-                 microep: Optional[MicroEPConfig] = None, **kwargs):
+    def __init__(
+        self,
+        config,
+        submodules=None,
+        layer_number=None,
+        pg_collection=None,
+        microep: MicroEPConfig | None = None,
+        **kwargs,
+    ):
         settings = resolve_microep_config(config, microep)
         if config.moe_token_dispatcher_type != DISPATCHER_TYPE:
             raise MicroEPConfigError(
@@ -197,34 +205,53 @@ class MicroEPMoELayer(MoELayer):
         if pg_collection is None:
             pg_collection = compat.default_pg_collection()
         with compat.stock_dispatcher_during_init(config):
-            super().__init__(config=config, submodules=submodules, layer_number=layer_number,
-                             pg_collection=pg_collection, **kwargs)
+            super().__init__(
+                config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection, **kwargs
+            )
         self.microep_settings = settings
         home = compat.expert_tensors(self.experts)  # rejects expert classes MicroEP cannot read
         self.microep_groups = Groups(
-            ep=pg_collection.ep, etp=pg_collection.expt_tp, tp_ep=pg_collection.tp_ep,
-            ep_rank=dist.get_rank(pg_collection.ep), ep_size=dist.get_world_size(pg_collection.ep),
-            etp_rank=dist.get_rank(pg_collection.expt_tp), etp_size=dist.get_world_size(pg_collection.expt_tp),
+            ep=pg_collection.ep,
+            etp=pg_collection.expt_tp,
+            tp_ep=pg_collection.tp_ep,
+            ep_rank=dist.get_rank(pg_collection.ep),
+            ep_size=dist.get_world_size(pg_collection.ep),
+            etp_rank=dist.get_rank(pg_collection.expt_tp),
+            etp_size=dist.get_world_size(pg_collection.expt_tp),
         )
         self._expt_dp_rank = dist.get_rank(pg_collection.expt_dp) if pg_collection.expt_dp is not None else 0
         layout = PhysicalLayout.stock(self.microep_groups.ep_size, self.num_local_experts, settings.redundant_slots)
-        planner = PLANNERS[settings.planner](settings.planner_time_limit_s, settings.move_penalty, settings.gpus_per_node,
-                                             settings.forecast_samples, settings.forecast_recent,
-                                             settings.forecast_burst)
+        planner = PLANNERS[settings.planner](
+            settings.planner_time_limit_s,
+            settings.move_penalty,
+            settings.gpus_per_node,
+            settings.forecast_samples,
+            settings.forecast_recent,
+            settings.forecast_burst,
+        )
         self.placement_controller = PlacementController(
-            layout, planner, settings.replan_interval, settings.history_window, settings.replan_lag,
-            group=pg_collection.tp_ep, device=home[0][0].device, name=f" layer {layer_number}",
+            layout,
+            planner,
+            settings.replan_interval,
+            settings.history_window,
+            settings.replan_lag,
+            group=pg_collection.tp_ep,
+            device=home[0][0].device,
+            name=f" layer {layer_number}",
         )
         self.token_dispatcher = MicroEPTokenDispatcher(
-            self.num_local_experts, self.local_expert_indices, config=self.config,
-            pg_collection=pg_collection, layer=self,
+            self.num_local_experts,
+            self.local_expert_indices,
+            config=self.config,
+            pg_collection=pg_collection,
+            layer=self,
         )
         self.telemetry = TelemetryLog()
         self._math = compat.expert_math(self.config)
-        self._backend: Optional[str] = None
-        self._exchange: Optional[ReplicaExchange] = None
+        self._backend: str | None = None
+        self._exchange: ReplicaExchange | None = None
         self._exchange_version = -1
-        self._step: Optional[int] = None
+        self._step: int | None = None
 
     def set_layer_number(self, layer_number: int) -> None:
         # Megatron numbers a layer after constructing it; the planner's log lines name it.
@@ -255,10 +282,16 @@ class MicroEPMoELayer(MoELayer):
             tokens = routing.counts.sum(axis=0)
             self.placement_controller.record(tokens.sum(axis=0))
             layer = self.layer_number if self.layer_number is not None else -1
-            self.telemetry.add(micro_batch_stats(
-                -1 if step is None else step, layer, tokens, routing.schedule, routing.layout,
-                routing.phase_seconds,
-            ))
+            self.telemetry.add(
+                micro_batch_stats(
+                    -1 if step is None else step,
+                    layer,
+                    tokens,
+                    routing.schedule,
+                    routing.layout,
+                    routing.phase_seconds,
+                )
+            )
             if self.microep_settings.trace_dir and step is not None and dist.get_rank(self.microep_groups.tp_ep) == 0:
                 self._trace_sink(tokens.shape).write(step, layer, tokens)
         return routing
@@ -279,7 +312,7 @@ class MicroEPMoELayer(MoELayer):
         if previous is not None and interval and step % interval == 0:
             self.log_telemetry(step)
 
-    def log_telemetry(self, step: int) -> Dict[str, float]:
+    def log_telemetry(self, step: int) -> dict[str, float]:
         """Summarise (and clear) the stats since the last call; write them to Megatron's writers."""
         summary = summarize(self.telemetry.drain())
         if not summary or dist.get_rank(self.microep_groups.tp_ep) != 0 or self._expt_dp_rank != 0:
@@ -288,9 +321,15 @@ class MicroEPMoELayer(MoELayer):
         logger.info(
             "MicroEP layer %s step %d: max/mean before %.3f after %.3f, remote tokens %.0f -> %.0f, "
             "%d replicas carrying %.0f tokens, scheduling %.2f ms per micro-batch",
-            self.layer_number, step, summary["imbalance_before"], summary["imbalance_after"],
-            summary["remote_before"], summary["remote_after"], summary["replicas"],
-            summary["replica_tokens"], summary["scheduling_ms"],
+            self.layer_number,
+            step,
+            summary["imbalance_before"],
+            summary["imbalance_after"],
+            summary["remote_before"],
+            summary["remote_after"],
+            summary["replicas"],
+            summary["replica_tokens"],
+            summary["scheduling_ms"],
         )
         writers = _metrics_writers()
         if "tensorboard" in writers:
@@ -321,7 +360,9 @@ class MicroEPMoELayer(MoELayer):
                     weights.append(compat.expert_weights(tensors))
                     rows.append(counts[self.num_local_experts + slot])
                 elif counts[self.num_local_experts + slot]:
-                    raise RuntimeError(f"empty replica slot {slot} was sent {counts[self.num_local_experts + slot]} tokens")
+                    raise RuntimeError(
+                        f"empty replica slot {slot} was sent {counts[self.num_local_experts + slot]} tokens"
+                    )
         if self._backend is None:
             fc1, fc2 = home[0][0], home[0][1]
             self._backend = choose_backend(
@@ -333,13 +374,14 @@ class MicroEPMoELayer(MoELayer):
     def _replica_exchange(self, layout: PhysicalLayout, home) -> ReplicaExchange:
         version = self.placement_controller.version
         if self._exchange is None or self._exchange_version != version:
-            self._exchange = ReplicaExchange(layout, self.microep_groups.ep_rank, self.microep_groups.ep,
-                                             [t.shape for t in home[0]])
+            self._exchange = ReplicaExchange(
+                layout, self.microep_groups.ep_rank, self.microep_groups.ep, [t.shape for t in home[0]]
+            )
             self._exchange_version = version
         return self._exchange
 
 
-def _metrics_writers() -> Dict[str, object]:
+def _metrics_writers() -> dict[str, object]:
     """Megatron-LM's TensorBoard and W&B writers, where the running job created them."""
     global_vars = sys.modules.get("megatron.training.global_vars")
     if global_vars is None:
@@ -352,7 +394,7 @@ def _metrics_writers() -> Dict[str, object]:
     return writers
 
 
-def microep_layers(model) -> List[MicroEPMoELayer]:
+def microep_layers(model) -> list[MicroEPMoELayer]:
     """Every MicroEP layer in ``model`` (a module or a list of model chunks)."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MicroEPMoELayer)]

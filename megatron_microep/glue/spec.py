@@ -15,10 +15,10 @@ megatron-core before 0.18 it also builds the MoE layers as ``MicroEPDecoderLayer
 TransformerLayer that hands its process groups to the MicroEP mlp (those versions pass them only to
 an mlp that is exactly ``MoELayer``).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -37,7 +37,7 @@ def _is_subclass(obj, cls: type) -> bool:
     return isinstance(obj, type) and issubclass(obj, cls)
 
 
-def _swap_layer(layer_spec, microep: Optional[MicroEPConfig]):
+def _swap_layer(layer_spec, microep: MicroEPConfig | None):
     submodules = getattr(layer_spec, "submodules", None)
     if submodules is None or not compat.is_moe_mlp_spec(getattr(submodules, "mlp", None)):
         return layer_spec
@@ -55,7 +55,7 @@ def _swap_layer(layer_spec, microep: Optional[MicroEPConfig]):
     return dataclasses.replace(spec, module=MicroEPDecoderLayer)
 
 
-def swap_moe_layers(spec, microep: Optional[MicroEPConfig] = None):
+def swap_moe_layers(spec, microep: MicroEPConfig | None = None):
     """Copy of ``spec`` (layer ModuleSpec, list of them, or TransformerBlockSubmodules) with every
     MoE mlp built as ``MicroEPMoELayer`` (with ``microep`` settings if given). Dense layers stay."""
     if isinstance(spec, TransformerBlockSubmodules):
@@ -65,8 +65,12 @@ def swap_moe_layers(spec, microep: Optional[MicroEPConfig] = None):
     return _swap_layer(spec, microep)
 
 
-def microep_decoder_block_spec(config, vp_stage: Optional[int] = None, use_transformer_engine: Optional[bool] = None,
-                               microep: Optional[MicroEPConfig] = None) -> TransformerBlockSubmodules:
+def microep_decoder_block_spec(
+    config,
+    vp_stage: int | None = None,
+    use_transformer_engine: bool | None = None,
+    microep: MicroEPConfig | None = None,
+) -> TransformerBlockSubmodules:
     """Megatron's GPT decoder block spec for this pipeline stage with MicroEP MoE layers."""
     use_te = _uses_transformer_engine(config) if use_transformer_engine is None else use_transformer_engine
     return swap_moe_layers(compat.stock_decoder_block_spec(config, use_te, vp_stage=vp_stage), microep)
@@ -79,15 +83,20 @@ class MicroEPDecoderLayer(TransformerLayer):
     ``MoELayer`` (``compat.bind_mlp_process_groups``); ``_swap_layer`` uses this class there.
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
-                 **kwargs):
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None, **kwargs):
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         # The same default TransformerLayer would take, decided here so the mlp gets it too.
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        super().__init__(config, compat.bind_mlp_process_groups(submodules, pg_collection), layer_number,
-                         hidden_dropout, pg_collection=pg_collection, **kwargs)
+        super().__init__(
+            config,
+            compat.bind_mlp_process_groups(submodules, pg_collection),
+            layer_number,
+            hidden_dropout,
+            pg_collection=pg_collection,
+            **kwargs,
+        )
 
 
 class MicroEPTransformerLayer(MicroEPDecoderLayer):
@@ -97,8 +106,9 @@ class MicroEPTransformerLayer(MicroEPDecoderLayer):
     per layer so one ``--spec`` object serves dense and MoE layers alike.
     """
 
-    def __init__(self, config, submodules=None, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
-                 **kwargs):
+    def __init__(
+        self, config, submodules=None, layer_number: int = 1, hidden_dropout=None, pg_collection=None, **kwargs
+    ):
         from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.core.utils import get_pg_rank
 
@@ -120,8 +130,7 @@ class MicroEPTransformerLayer(MicroEPDecoderLayer):
                 f"Megatron's spec for layer {global_number} builds {spec.module.__name__}; "
                 "microep_layer_spec only wraps TransformerLayer (use microep_decoder_block_spec)"
             )
-        super().__init__(config, spec.submodules, layer_number, hidden_dropout, pg_collection=pg_collection,
-                         **kwargs)
+        super().__init__(config, spec.submodules, layer_number, hidden_dropout, pg_collection=pg_collection, **kwargs)
 
 
 microep_layer_spec = ModuleSpec(module=MicroEPTransformerLayer)

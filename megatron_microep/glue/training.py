@@ -25,6 +25,7 @@ same optimizer state, the same loss curve (up to floating-point summation order,
 change). A placement plan still being computed when the checkpoint is written is not saved; the
 next re-planning interval plans again from the restored history.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,9 @@ import shutil
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +47,11 @@ import torch.distributed as dist
 
 from megatron_microep.glue.config import DISPATCHER_TYPE, MicroEPConfig
 from megatron_microep.glue.config_schema import (
-    MEGATRON_DATA, TRANSFORMER, SECTIONS, LaunchConfig, embedded_unsupported,
+    MEGATRON_DATA,
+    SECTIONS,
+    TRANSFORMER,
+    LaunchConfig,
+    embedded_unsupported,
 )
 
 CHECKPOINT_FORMAT = 1
@@ -54,8 +59,15 @@ KEEP_CHECKPOINTS = 2  # older complete checkpoints are deleted after a save
 STOP_FILE = "STOP"
 # Megatron's flag names that differ from the TransformerConfig field they set.
 _TRANSFORMER_FIELD = {"num_experts": "num_moe_experts", "norm_epsilon": "layernorm_epsilon"}
-_EMBEDDED_DEFAULTS = {"processes": 4, "threads_per_rank": 1, "corpus_megabytes": 3.0, "tokenizer_vocab_size": 4096,
-                      "validation_fraction": 0.05, "report_policies": ["all"], "timeout_minutes": 60.0}
+_EMBEDDED_DEFAULTS = {
+    "processes": 4,
+    "threads_per_rank": 1,
+    "corpus_megabytes": 3.0,
+    "tokenizer_vocab_size": 4096,
+    "validation_fraction": 0.05,
+    "report_policies": ["all"],
+    "timeout_minutes": 60.0,
+}
 
 
 class TrainError(RuntimeError):
@@ -63,6 +75,7 @@ class TrainError(RuntimeError):
 
 
 # --- settings -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -78,34 +91,46 @@ class RunSpec:
         return self.config.get("embedded", key, _EMBEDDED_DEFAULTS[key])
 
 
-def check_embedded_support(config: LaunchConfig) -> List[str]:
+def check_embedded_support(config: LaunchConfig) -> list[str]:
     """Raise TrainError for settings this CPU run cannot honour; return notes on what it leaves out."""
     unsupported = embedded_unsupported(config)
     if unsupported:
-        raise TrainError(f"{config.source}: the embedded CPU run cannot honour {', '.join(unsupported)} "
-                         "(Megatron-LM only: use scripts/pretrain_gpt_microep.py, docs/launch.md)")
+        raise TrainError(
+            f"{config.source}: the embedded CPU run cannot honour {', '.join(unsupported)} "
+            "(Megatron-LM only: use scripts/pretrain_gpt_microep.py, docs/launch.md)"
+        )
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         if config.get("parallel", key, 1) != 1:
             raise TrainError(f"{config.source}: parallel.{key} must be 1 in the embedded CPU run")
     if config.get("parallel", "expert_tensor_parallel_size", 1) != 1:
         raise TrainError(f"{config.source}: parallel.expert_tensor_parallel_size must be 1 in the embedded CPU run")
     if config.get("model", "transformer_impl", "local") != "local":
-        raise TrainError(f"{config.source}: the embedded CPU run needs model.transformer_impl: local "
-                         "(TransformerEngine needs CUDA)")
+        raise TrainError(
+            f"{config.source}: the embedded CPU run needs model.transformer_impl: local (TransformerEngine needs CUDA)"
+        )
     if config.get("moe", "moe_grouped_gemm", False):
-        raise TrainError(f"{config.source}: moe.moe_grouped_gemm needs TransformerEngine (CUDA); "
-                         "set it to false for the embedded CPU run")
+        raise TrainError(
+            f"{config.source}: moe.moe_grouped_gemm needs TransformerEngine (CUDA); "
+            "set it to false for the embedded CPU run"
+        )
     if config.get("model", "group_query_attention", False) and config.get("model", "num_query_groups") is None:
         raise TrainError(f"{config.source}: model.group_query_attention needs model.num_query_groups")
     notes = []
-    data = [k for k, v in config.sections.get("data", {}).items()
-            if {o.key: o for o in SECTIONS["data"]}[k].embedded == MEGATRON_DATA and v is not False]
+    data = [
+        k
+        for k, v in config.sections.get("data", {}).items()
+        if {o.key: o for o in SECTIONS["data"]}[k].embedded == MEGATRON_DATA and v is not False
+    ]
     if data:
-        notes.append(f"data.{', data.'.join(data)}: Megatron-LM data settings, not used here (this run "
-                     "trains on the Python standard-library corpus)")
+        notes.append(
+            f"data.{', data.'.join(data)}: Megatron-LM data settings, not used here (this run "
+            "trains on the Python standard-library corpus)"
+        )
     if config.dispatcher != DISPATCHER_TYPE and config.sections.get("microep"):
-        notes.append(f"microep section not used: moe.moe_token_dispatcher_type is {config.dispatcher} "
-                     "(the balance report still uses microep.redundant_slots)")
+        notes.append(
+            f"microep section not used: moe.moe_token_dispatcher_type is {config.dispatcher} "
+            "(the balance report still uses microep.redundant_slots)"
+        )
     return notes
 
 
@@ -133,8 +158,14 @@ def transformer_config(config: LaunchConfig):
             kwargs[name] = value
     # Megatron's per-EP-rank expert initialisation (the CPU harness makes it work): with CPU
     # initialisation every EP rank would start from identical local experts.
-    kwargs.update(use_cpu_initialization=False, params_dtype=torch.float32, bf16=False, fp16=False,
-                  tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    kwargs.update(
+        use_cpu_initialization=False,
+        params_dtype=torch.float32,
+        bf16=False,
+        fp16=False,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+    )
     config_obj = TransformerConfig(**kwargs)
     settings = config.microep_settings()
     if settings is not None:
@@ -169,17 +200,23 @@ def build_model(config: LaunchConfig, tconfig, vocab_size: int):
     for key in ("rotary_base", "rotary_percent"):
         if config.get("model", key) is not None:
             gpt_kwargs[key] = config.get("model", key)
-    return GPTModel(config=tconfig, transformer_layer_spec=spec, vocab_size=padded_vocab_size(vocab_size, config),
-                    max_sequence_length=config.get("model", "max_position_embeddings", seq), **gpt_kwargs)
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(vocab_size, config),
+        max_sequence_length=config.get("model", "max_position_embeddings", seq),
+        **gpt_kwargs,
+    )
 
 
-def moe_layers(model) -> List[torch.nn.Module]:
+def moe_layers(model) -> list[torch.nn.Module]:
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 # --- routing: trace, balance figures and load history -------------------------------------------
+
 
 class RoutingRecorder:
     """Per training micro-batch and MoE layer, this rank's tokens per expert (a forward hook on each
@@ -189,23 +226,26 @@ class RoutingRecorder:
     the last ``history_steps`` steps of expert loads per layer (the checkpointed load history).
     """
 
-    def __init__(self, layers: List[torch.nn.Module], ep_group, num_experts: int, history_steps: int):
+    def __init__(self, layers: list[torch.nn.Module], ep_group, num_experts: int, history_steps: int):
         self.layers = layers
         self.layer_ids = [int(layer.layer_number) for layer in layers]
         self.ep_group, self.num_experts = ep_group, num_experts
         self.ep_size = dist.get_world_size(ep_group)
-        self.pending: List[Tuple[int, torch.Tensor]] = []  # (layer id, int64 [E]) in forward order
-        self.history: Dict[int, Deque[np.ndarray]] = {lid: deque(maxlen=history_steps) for lid in self.layer_ids}
-        self.handles = [layer.router.register_forward_hook(self._hook(lid)) for layer, lid in zip(layers, self.layer_ids)]
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (layer id, int64 [E]) in forward order
+        self.history: dict[int, deque[np.ndarray]] = {lid: deque(maxlen=history_steps) for lid in self.layer_ids}
+        self.handles = [
+            layer.router.register_forward_hook(self._hook(lid)) for layer, lid in zip(layers, self.layer_ids)
+        ]
 
     def _hook(self, layer_id: int):
         def hook(module, inputs, output):
             if module.training and torch.is_grad_enabled():
                 routing_map = output[1]
                 self.pending.append((layer_id, routing_map.sum(dim=0).to(torch.int64).cpu()))
+
         return hook
 
-    def end_step(self) -> List[Tuple[int, int, np.ndarray]]:
+    def end_step(self) -> list[tuple[int, int, np.ndarray]]:
         """Gather this step's counts; returns (micro-batch, layer id, tokens int64 [G, E]) per record."""
         if not self.pending:
             return []
@@ -214,7 +254,7 @@ class RoutingRecorder:
         dist.all_gather(gathered, local, group=self.ep_group)
         tokens = torch.stack(gathered, dim=1).numpy()  # [records, G, E]
         records, seen = [], {}
-        per_layer: Dict[int, List[np.ndarray]] = {lid: [] for lid in self.layer_ids}
+        per_layer: dict[int, list[np.ndarray]] = {lid: [] for lid in self.layer_ids}
         for (layer_id, _), block in zip(self.pending, tokens):
             micro = seen.get(layer_id, 0)
             seen[layer_id] = micro + 1
@@ -225,13 +265,14 @@ class RoutingRecorder:
         self.pending = []
         return records
 
-    def state(self) -> Dict[int, List[np.ndarray]]:
+    def state(self) -> dict[int, list[np.ndarray]]:
         return {lid: list(steps) for lid, steps in self.history.items()}
 
-    def load_state(self, state: Dict[int, List[np.ndarray]]) -> None:
+    def load_state(self, state: dict[int, list[np.ndarray]]) -> None:
         if sorted(state) != sorted(self.history):
-            raise TrainError(f"checkpoint load history covers MoE layers {sorted(state)}, the model has "
-                             f"{sorted(self.history)}")
+            raise TrainError(
+                f"checkpoint load history covers MoE layers {sorted(state)}, the model has {sorted(self.history)}"
+            )
         for layer_id, steps in state.items():
             self.history[layer_id].clear()
             self.history[layer_id].extend(steps)
@@ -250,11 +291,12 @@ def max_over_mean(loads: np.ndarray) -> float:
 
 # --- checkpoints ----------------------------------------------------------------------------------
 
+
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"step_{step:07d}"
 
 
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+def latest_checkpoint(output_dir: Path) -> Path | None:
     root = output_dir / "checkpoints"
     done = sorted(p for p in root.glob("step_*") if (p / "complete.json").exists()) if root.exists() else []
     return done[-1] if done else None
@@ -263,8 +305,11 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
 def _manifest(spec: RunSpec, corpus_key: str) -> dict:
     cfg = spec.config
     return {
-        "format": CHECKPOINT_FORMAT, "world_size": spec.world_size, "corpus": corpus_key,
-        "model": cfg.sections.get("model", {}), "moe": cfg.sections.get("moe", {}),
+        "format": CHECKPOINT_FORMAT,
+        "world_size": spec.world_size,
+        "corpus": corpus_key,
+        "model": cfg.sections.get("model", {}),
+        "moe": cfg.sections.get("moe", {}),
         "parallel": cfg.sections.get("parallel", {}),
         "batch": [cfg.get("training", "micro_batch_size"), cfg.get("training", "global_batch_size")],
         "seed": cfg.get("training", "seed", 1234),
@@ -285,11 +330,14 @@ def check_resumable(spec: RunSpec) -> None:
 def _check_manifest(saved: dict, current: dict, where: Path) -> None:
     for key in current:
         if saved.get(key) != current[key]:
-            raise TrainError(f"{where}: checkpoint was written with {key} = {saved.get(key)!r}, this run has "
-                             f"{current[key]!r}; resume with the same config (or start a new output directory)")
+            raise TrainError(
+                f"{where}: checkpoint was written with {key} = {saved.get(key)!r}, this run has "
+                f"{current[key]!r}; resume with the same config (or start a new output directory)"
+            )
 
 
 # --- the rank loop --------------------------------------------------------------------------------
+
 
 class _StopRequest:
     """Set by SIGINT/SIGTERM in this process or by ``STOP`` in the output directory; agreed on by all ranks."""
@@ -309,14 +357,17 @@ class _StopRequest:
 
 
 class _Log:
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: Optional[int]):
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None):
         self.enabled = enabled
         self.text = open(output_dir / "train.log", "a", encoding="utf-8") if enabled else None
         metrics = output_dir / "metrics.jsonl"
         if enabled and resume_step is not None and metrics.exists():
             # Steps after the checkpoint are trained again: drop their old lines.
-            kept = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            kept = [
+                ln
+                for ln in metrics.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= resume_step
+            ]
             metrics.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         self.metrics = open(metrics, "a", encoding="utf-8") if enabled else None
 
@@ -337,7 +388,7 @@ class _Log:
             self.metrics.close()
 
 
-def train_micro_batches(ddp, batches) -> List[torch.Tensor]:
+def train_micro_batches(ddp, batches) -> list[torch.Tensor]:
     """Forward and backward of one step's micro-batches, then Megatron's gradient finalisation.
 
     What megatron-core's no-pipelining schedule does (it allocates on CUDA, so it is not used here):
@@ -370,7 +421,7 @@ def _to_batches(pairs, seq_length: int):
     return out
 
 
-def _mean_over_dp(values: List[torch.Tensor], group) -> float:
+def _mean_over_dp(values: list[torch.Tensor], group) -> float:
     total = torch.stack(values).mean().reshape(1).to(torch.float64)
     dist.all_reduce(total, group=group)
     return float(total.item()) / dist.get_world_size(group)
@@ -393,8 +444,10 @@ def train_rank(spec: RunSpec) -> dict:
     cfg, out = spec.config, Path(spec.output_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != spec.world_size:
-        raise TrainError(f"{world} ranks were started, the config asks for embedded.processes = {spec.world_size} "
-                         f"(--set embedded.processes={world})")
+        raise TrainError(
+            f"{world} ranks were started, the config asks for embedded.processes = {spec.world_size} "
+            f"(--set embedded.processes={world})"
+        )
     torch.set_num_threads(spec.embedded("threads_per_rank"))
     seed = cfg.get("training", "seed", 1234)
     ep = cfg.get("parallel", "expert_model_parallel_size")
@@ -409,8 +462,11 @@ def train_rank(spec: RunSpec) -> dict:
     num_micro = gbs // (mbs * dp_size)
     sampler = Sampler(corpus.train, seq, mbs, gbs, dp_size, seed)
     eval_interval, eval_iters = cfg.get("training", "eval_interval"), cfg.get("training", "eval_iters", 4)
-    valid = (_to_batches(validation_batches(corpus.valid, seq, mbs, eval_iters, dp_rank, dp_size), seq)
-             if eval_interval else None)
+    valid = (
+        _to_batches(validation_batches(corpus.valid, seq, mbs, eval_iters, dp_rank, dp_size), seq)
+        if eval_interval
+        else None
+    )
 
     tconfig = transformer_config(cfg)
     model = build_model(cfg, tconfig, corpus.vocab_size)
@@ -420,16 +476,22 @@ def train_rank(spec: RunSpec) -> dict:
     weight_decay = cfg.get("training", "weight_decay", 0.01)
     optimizer = AdamOnMainGrads(model, cfg, ep_group)
     scheduler = OptimizerParamScheduler(
-        optimizer.torch_optimizer, init_lr=0.0, max_lr=lr, min_lr=min_lr,
+        optimizer.torch_optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=min_lr,
         lr_warmup_steps=cfg.get("training", "lr_warmup_iters", 0),
         lr_decay_steps=cfg.get("training", "lr_decay_iters", train_iters),
-        lr_decay_style=cfg.get("training", "lr_decay_style", "linear"), start_wd=weight_decay, end_wd=weight_decay,
-        wd_incr_steps=train_iters, wd_incr_style="constant",
+        lr_decay_style=cfg.get("training", "lr_decay_style", "linear"),
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
     )
 
     layers = moe_layers(model)
     micro_layers = microep_layers(model)
-    settings: Optional[MicroEPConfig] = cfg.microep_settings()
+    settings: MicroEPConfig | None = cfg.microep_settings()
     history_steps = settings.history_window if settings else cfg.get("microep", "history_window", 50)
     recorder = RoutingRecorder(layers, ep_group, tconfig.num_moe_experts, history_steps)
     writes_trace = rank == 0
@@ -460,18 +522,23 @@ def train_rank(spec: RunSpec) -> dict:
     log = _Log(out, rank == 0, resume_step)
     if rank == 0:
         trace_path.parent.mkdir(parents=True, exist_ok=True)
-    trace = NativeTraceWriter(trace_path, ep, tconfig.num_moe_experts,
-                              meta={"source": "microep train", "config": cfg.name}) if writes_trace else None
+    trace = (
+        NativeTraceWriter(trace_path, ep, tconfig.num_moe_experts, meta={"source": "microep train", "config": cfg.name})
+        if writes_trace
+        else None
+    )
     stop = _StopRequest(out / STOP_FILE)
     log_interval = cfg.get("training", "log_interval", 10)
     save_interval = cfg.get("training", "save_interval")
 
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        log.line(f"model: {cfg.get('model', 'num_layers')} layers, {len(layers)} MoE layers x "
-                 f"{tconfig.num_moe_experts} experts (top-{tconfig.moe_router_topk}), {n_params / 1e6:.2f} M "
-                 f"parameters on rank 0; dispatcher {cfg.dispatcher}; EP={ep}, DP={dp_size}, "
-                 f"{num_micro} micro-batches of {mbs} x {seq} tokens per rank and step")
+        log.line(
+            f"model: {cfg.get('model', 'num_layers')} layers, {len(layers)} MoE layers x "
+            f"{tconfig.num_moe_experts} experts (top-{tconfig.moe_router_topk}), {n_params / 1e6:.2f} M "
+            f"parameters on rank 0; dispatcher {cfg.dispatcher}; EP={ep}, DP={dp_size}, "
+            f"{num_micro} micro-batches of {mbs} x {seq} tokens per rank and step"
+        )
         if resume_step is not None:
             log.line(f"resumed from {checkpoint} at step {resume_step}")
 
@@ -484,7 +551,10 @@ def train_rank(spec: RunSpec) -> dict:
             trace = NativeTraceWriter(trace_path, ep, tconfig.num_moe_experts)
         dist.barrier()
         state = {
-            "step": step, "losses": losses, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step,
+            "losses": losses,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
             "load_history": recorder.state(),
@@ -505,7 +575,7 @@ def train_rank(spec: RunSpec) -> dict:
         return directory
 
     interval_start, interval_steps = time.perf_counter(), 0
-    interval_before: Dict[int, List[float]] = {lid: [] for lid in recorder.layer_ids}
+    interval_before: dict[int, list[float]] = {lid: [] for lid in recorder.layer_ids}
     status, step, last_saved = "completed", start_step, resume_step
     for step in range(start_step, train_iters):
         set_training_step(step)
@@ -526,19 +596,29 @@ def train_rank(spec: RunSpec) -> dict:
         done = step + 1
         if done % log_interval == 0 or done == train_iters:
             elapsed = time.perf_counter() - interval_start
-            row = {"step": done, "loss": float(np.mean(losses[-interval_steps:])),
-                   "lr": step_lr, "grad_norm": grad_norm,
-                   "tokens_per_s": interval_steps * gbs * seq / elapsed, "s_per_step": elapsed / interval_steps,
-                   "layers": {}}
+            row = {
+                "step": done,
+                "loss": float(np.mean(losses[-interval_steps:])),
+                "lr": step_lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": interval_steps * gbs * seq / elapsed,
+                "s_per_step": elapsed / interval_steps,
+                "layers": {},
+            }
             after = {int(layer.layer_number): summarize(layer.telemetry.drain()) for layer in micro_layers}
             for layer_id in recorder.layer_ids:
                 figures = {"before": float(np.mean(interval_before[layer_id]))}
                 if layer_id in after and after[layer_id]:
                     s = after[layer_id]
-                    figures.update(after=s["imbalance_after"], telemetry_before=s["imbalance_before"],
-                                   replicas=int(s["replicas"]), replica_tokens=s["replica_tokens"],
-                                   remote_before=s["remote_before"], remote_after=s["remote_after"],
-                                   scheduling_ms=s["scheduling_ms"])
+                    figures.update(
+                        after=s["imbalance_after"],
+                        telemetry_before=s["imbalance_before"],
+                        replicas=int(s["replicas"]),
+                        replica_tokens=s["replica_tokens"],
+                        remote_before=s["remote_before"],
+                        remote_after=s["remote_after"],
+                        scheduling_ms=s["scheduling_ms"],
+                    )
                 row["layers"][str(layer_id)] = figures
                 interval_before[layer_id] = []
             log.record(row)
@@ -582,7 +662,9 @@ class AdamOnMainGrads:
         betas = (cfg.get("training", "adam_beta1", 0.9), cfg.get("training", "adam_beta2", 0.999))
         self.torch_optimizer = torch.optim.AdamW(
             [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}],
-            lr=cfg.get("training", "lr"), betas=betas, eps=cfg.get("training", "adam_eps", 1e-8),
+            lr=cfg.get("training", "lr"),
+            betas=betas,
+            eps=cfg.get("training", "adam_eps", 1e-8),
             weight_decay=cfg.get("training", "weight_decay", 0.01),
         )
 
@@ -618,21 +700,23 @@ class AdamOnMainGrads:
         self.torch_optimizer.load_state_dict(state)
 
 
-def evaluate(ddp, batches) -> List[torch.Tensor]:
+def evaluate(ddp, batches) -> list[torch.Tensor]:
     ddp.eval()
     try:
         with torch.no_grad():
-            return [ddp(tokens, positions, mask, labels=labels).float().mean()
-                    for tokens, labels, positions, mask in batches]
+            return [
+                ddp(tokens, positions, mask, labels=labels).float().mean()
+                for tokens, labels, positions, mask in batches
+            ]
     finally:
         ddp.train()
 
 
-def _placement_lists(placement) -> List[List[int]]:
-    return [placement.gpus[placement.ptr[e]: placement.ptr[e + 1]].tolist() for e in range(placement.num_experts)]
+def _placement_lists(placement) -> list[list[int]]:
+    return [placement.gpus[placement.ptr[e] : placement.ptr[e + 1]].tolist() for e in range(placement.num_experts)]
 
 
-def _restore_planner_history(layer, steps: List[np.ndarray]) -> None:
+def _restore_planner_history(layer, steps: list[np.ndarray]) -> None:
     """Feed saved per-step expert loads to the layer's placement controller through its public
     ``record``/``on_step`` interface, with re-planning paused so that no plan starts during the replay.
     Replay steps are numbered below zero, so the first real step is always a new one."""
@@ -649,8 +733,13 @@ def _restore_planner_history(layer, steps: List[np.ndarray]) -> None:
 
 
 def _format_row(row: dict, total: int) -> str:
-    parts = [f"step {row['step']:>5}/{total}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
-             f"{row['tokens_per_s']:,.0f} tok/s", f"{row['s_per_step']:.2f} s/step"]
+    parts = [
+        f"step {row['step']:>5}/{total}",
+        f"loss {row['loss']:.4f}",
+        f"lr {row['lr']:.2e}",
+        f"{row['tokens_per_s']:,.0f} tok/s",
+        f"{row['s_per_step']:.2f} s/step",
+    ]
     layers = row["layers"]
     if any("after" in f for f in layers.values()):
         balance = " ".join(f"L{lid} {f['before']:.2f}->{f['after']:.2f}" for lid, f in layers.items())
@@ -664,6 +753,7 @@ def _format_row(row: dict, total: int) -> str:
 
 # --- launching ------------------------------------------------------------------------------------
 
+
 def _rank_entry(rank: int, world_size: int, spec: RunSpec) -> dict:
     return train_rank(spec)
 
@@ -672,7 +762,7 @@ def _under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def report_policies(config: LaunchConfig) -> List[str]:
+def report_policies(config: LaunchConfig) -> list[str]:
     from megatron_microep.planning.policies import POLICIES
 
     names = config.get("embedded", "report_policies", _EMBEDDED_DEFAULTS["report_policies"])
@@ -680,8 +770,10 @@ def report_policies(config: LaunchConfig) -> List[str]:
         return list(POLICIES)
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
-        raise TrainError(f"{config.source}: embedded.report_policies: unknown policy {unknown[0]!r} "
-                         f"(known: all, {', '.join(POLICIES)})")
+        raise TrainError(
+            f"{config.source}: embedded.report_policies: unknown policy {unknown[0]!r} "
+            f"(known: all, {', '.join(POLICIES)})"
+        )
     return names
 
 
@@ -697,12 +789,21 @@ def write_balance_report(output_dir: Path, config: LaunchConfig):
 
     cost = CostModel()
     redundant = config.get("microep", "redundant_slots", 1)
-    return simulate(str(output_dir / "routing" / "trace.mept"), report_policies(config), redundant, None,
-                    output_dir / "report", cost, policy_params=replayed_microep_params(config), warmup_steps=1,
-                    plots=True, progress=None)
+    return simulate(
+        str(output_dir / "routing" / "trace.mept"),
+        report_policies(config),
+        redundant,
+        None,
+        output_dir / "report",
+        cost,
+        policy_params=replayed_microep_params(config),
+        warmup_steps=1,
+        plots=True,
+        progress=None,
+    )
 
 
-def replayed_microep_params(config: LaunchConfig) -> Dict[str, dict]:
+def replayed_microep_params(config: LaunchConfig) -> dict[str, dict]:
     """The simulator's ``microep`` policy set up as the run's MicroEP layers were (re-plan interval,
     history window, planner and its limits), so the report's microep row replays what trained."""
     if config.dispatcher != DISPATCHER_TYPE:
@@ -711,21 +812,31 @@ def replayed_microep_params(config: LaunchConfig) -> Dict[str, dict]:
     if settings.replan_interval == 0:
         return {}  # never re-planned in the run: the simulator's defaults show what re-planning would do
     micro_batches = config.get("training", "global_batch_size") // (
-        config.get("training", "micro_batch_size") * config.get("embedded", "processes", _EMBEDDED_DEFAULTS["processes"]))
-    return {"microep": {
-        "replan_interval": settings.replan_interval,
-        "history_micro_batches": settings.history_window * micro_batches,
-        "time_limit_s": settings.planner_time_limit_s,
-        "move_penalty": settings.move_penalty,
-        "forecast_samples": settings.forecast_samples,
-        "forecast_recent": settings.forecast_recent,
-        "forecast_burst": settings.forecast_burst,
-        "planner": {"ortools": "ortools", "greedy": "eplb"}[settings.planner],
-    }}
+        config.get("training", "micro_batch_size")
+        * config.get("embedded", "processes", _EMBEDDED_DEFAULTS["processes"])
+    )
+    return {
+        "microep": {
+            "replan_interval": settings.replan_interval,
+            "history_micro_batches": settings.history_window * micro_batches,
+            "time_limit_s": settings.planner_time_limit_s,
+            "move_penalty": settings.move_penalty,
+            "forecast_samples": settings.forecast_samples,
+            "forecast_recent": settings.forecast_recent,
+            "forecast_burst": settings.forecast_burst,
+            "planner": {"ortools": "ortools", "greedy": "eplb"}[settings.planner],
+        }
+    }
 
 
-def run(config: LaunchConfig, output_dir: str | os.PathLike, resume: bool = False, cache_dir: Optional[str] = None,
-        report: bool = True, log: Callable[[str], None] = print) -> dict:
+def run(
+    config: LaunchConfig,
+    output_dir: str | os.PathLike,
+    resume: bool = False,
+    cache_dir: str | None = None,
+    report: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Prepare the corpus, train (spawned gloo ranks, or this process as one torchrun rank), write the report.
 
     Returns ``{"status", "step", "losses", "report"}`` (``report``: the simulator output or None).
@@ -751,8 +862,9 @@ def run(config: LaunchConfig, output_dir: str | os.PathLike, resume: bool = Fals
     get = lambda key: config.get("embedded", key, _EMBEDDED_DEFAULTS[key])  # noqa: E731
 
     def corpus():
-        return prepare_corpus(cache, get("corpus_megabytes"), get("tokenizer_vocab_size"),
-                              get("validation_fraction"), seed, log=log)
+        return prepare_corpus(
+            cache, get("corpus_megabytes"), get("tokenizer_vocab_size"), get("validation_fraction"), seed, log=log
+        )
 
     if _under_torchrun():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks: the CPU harness refuses to run beside CUDA
@@ -788,8 +900,13 @@ def run(config: LaunchConfig, output_dir: str | os.PathLike, resume: bool = Fals
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, request_stop)
         try:
-            results = spawn_gloo(_rank_entry, world, spec, timeout_s=60 * get("timeout_minutes"),
-                                 threads_per_rank=get("threads_per_rank"))
+            results = spawn_gloo(
+                _rank_entry,
+                world,
+                spec,
+                timeout_s=60 * get("timeout_minutes"),
+                threads_per_rank=get("threads_per_rank"),
+            )
         except RankFailedError as err:
             raise TrainError(str(err)) from None
         finally:

@@ -13,6 +13,7 @@ Written from the published description of DeepSeek's EPLB, adapted to our placem
 EPLB's own token split is even over copies (``even_split_gpu_loads``); the MicroEP scheduler instead
 solves the split exactly per micro-batch, so the same placement can be scored either way.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -33,8 +34,9 @@ def allowed_replica_gpus(num_experts: int, num_gpus: int, gpus_per_node: int | N
     return allowed
 
 
-def eplb_placement(history: np.ndarray, num_gpus: int, redundant_slots: int,
-                   gpus_per_node: int | None = None) -> Placement:
+def eplb_placement(
+    history: np.ndarray, num_gpus: int, redundant_slots: int, gpus_per_node: int | None = None
+) -> Placement:
     """EPLB-style placement from ``history`` int [S, E] (or [E]) tokens per expert.
 
     Returns a Placement with home copies first and at most ``redundant_slots`` extra copies per GPU.
@@ -64,8 +66,9 @@ def eplb_placement(history: np.ndarray, num_gpus: int, redundant_slots: int,
     share = load / copies
     gpu_load = np.bincount([r[0] for r in replicas], weights=share, minlength=num_gpus)
     free = np.full(num_gpus, redundant_slots, dtype=np.int64)
-    extra = sorted(((share[e], e) for e in range(num_experts) for _ in range(copies[e] - 1)),
-                   key=lambda item: (-item[0], item[1]))
+    extra = sorted(
+        ((share[e], e) for e in range(num_experts) for _ in range(copies[e] - 1)), key=lambda item: (-item[0], item[1])
+    )
     for copy_load, e in extra:
         ok = allowed[e] & (free > 0)
         ok[replicas[e]] = False

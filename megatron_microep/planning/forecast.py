@@ -18,6 +18,7 @@ every expert a way out of its GPUs; routing the level rule predicts well gets no
 never has.
 The effect on the simulator's workloads is measured in docs/benchmarks.md ("Planner input").
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -71,7 +72,9 @@ def forecast_samples(history: np.ndarray, recent: int, count: int, seed: int = 0
     if burst > 1:
         bursting = rng.permutation(num_experts)
         sample_of = np.arange(num_experts) % count
-        drawn[sample_of, bursting] = np.maximum(drawn[sample_of, bursting], min(burst, _forecast_error(loads, csum, recent)))
+        drawn[sample_of, bursting] = np.maximum(
+            drawn[sample_of, bursting], min(burst, _forecast_error(loads, csum, recent))
+        )
     return np.rint(level * drawn).astype(np.int64)
 
 

@@ -26,6 +26,7 @@ max GPU load (``scheduler.optimal_max_load``), the same objective as the replica
 ``bound`` is always proven: CP-SAT's bound when its model was complete and unscaled, else the mean
 over samples of ``max(ceil(total / G), max_e ceil(load_e / G))``.
 """
+
 from __future__ import annotations
 
 import time
@@ -255,8 +256,11 @@ def _cp_sat(p: _Problem, incumbent: np.ndarray, deadline: float):
         if time.monotonic() >= deadline:
             return not_run
         slot_tokens, gpu_load = route_loads(loads[s], placement)
-        hint = {(int(e), int(g)): int(slot_tokens[placement.ptr[e] + i])
-                for e in range(p.num_experts) for i, g in enumerate(placement.copies(e))}
+        hint = {
+            (int(e), int(g)): int(slot_tokens[placement.ptr[e] + i])
+            for e in range(p.num_experts)
+            for i, g in enumerate(placement.copies(e))
+        }
         on_gpu = [[] for _ in range(p.num_gpus)]
         by_expert: dict[int, list] = {}
         for e, g in pairs:
@@ -296,8 +300,14 @@ def _proven_bound(loads: np.ndarray, num_gpus: int) -> float:
     return float(per_sample.mean())
 
 
-def plan_fsep_layout(history, num_gpus: int, slots_per_gpu: int, time_limit_s: float = 2.0,
-                     current: Placement | None = None, use_solver: bool = True) -> FsepPlan:
+def plan_fsep_layout(
+    history,
+    num_gpus: int,
+    slots_per_gpu: int,
+    time_limit_s: float = 2.0,
+    current: Placement | None = None,
+    use_solver: bool = True,
+) -> FsepPlan:
     """Plan an FSEP layout from ``history`` int [S, E]; see the module doc.
 
     ``current``: the layout in use; kept when nothing better is found (a layout change is free under
@@ -312,8 +322,10 @@ def plan_fsep_layout(history, num_gpus: int, slots_per_gpu: int, time_limit_s: f
     starts = {"greedy": greedy_layout(loads, num_gpus, slots_per_gpu)}
     if current is not None:
         if current.num_experts != problem.num_experts or current.num_gpus != num_gpus:
-            raise ValueError(f"current layout has {current.num_experts} experts on {current.num_gpus} GPUs, "
-                             f"history has {problem.num_experts} experts and num_gpus={num_gpus}")
+            raise ValueError(
+                f"current layout has {current.num_experts} experts on {current.num_gpus} GPUs, "
+                f"history has {problem.num_experts} experts and num_gpus={num_gpus}"
+            )
         holds = np.zeros((problem.num_experts, num_gpus), dtype=bool)
         holds[np.repeat(np.arange(problem.num_experts), current.replica_counts()), current.gpus] = True
         if (holds.sum(axis=0) == slots_per_gpu).all():
@@ -324,7 +336,9 @@ def plan_fsep_layout(history, num_gpus: int, slots_per_gpu: int, time_limit_s: f
 
     complete_fits = problem.num_experts * num_gpus * problem.num_samples <= MAX_FLOW_VARIABLES
     search_share = (0.3 if complete_fits else 0.75) if use_solver else 1.0
-    searched, searched_cost = _LocalSearch(problem, min(deadline, started + search_share * time_limit_s)).run(holds, cost)
+    searched, searched_cost = _LocalSearch(problem, min(deadline, started + search_share * time_limit_s)).run(
+        holds, cost
+    )
     if searched_cost < cost:
         holds, cost, source = searched, searched_cost, "local_search"
 

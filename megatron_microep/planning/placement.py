@@ -4,10 +4,11 @@ A placement is stored in CSR form so compiled solvers can walk it without Python
 ``ptr`` [E+1] and ``gpus`` [nnz]; the copies of expert ``e`` are ``gpus[ptr[e]:ptr[e+1]]``,
 home copy first. Slot index ``r`` in ``range(nnz)`` names one physical copy (replica slot).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Placement:
         return [self.copies(e).tolist() for e in range(self.num_experts)]
 
     @classmethod
-    def from_lists(cls, replicas: Sequence[Sequence[int]], num_gpus: int) -> "Placement":
+    def from_lists(cls, replicas: Sequence[Sequence[int]], num_gpus: int) -> Placement:
         """Validate and pack ``replicas[e]`` (GPU ids, home first).
 
         Raises PlacementError when an expert has no copy, a GPU id is out of range, or
@@ -74,6 +75,6 @@ class Placement:
         return cls(num_gpus=num_gpus, ptr=ptr, gpus=np.asarray(flat, dtype=np.int64))
 
     @classmethod
-    def contiguous(cls, num_experts: int, num_gpus: int) -> "Placement":
+    def contiguous(cls, num_experts: int, num_gpus: int) -> Placement:
         """Stock Megatron EP: one copy per expert, contiguous blocks per GPU."""
         return cls.from_lists([[home_gpu(e, num_experts, num_gpus)] for e in range(num_experts)], num_gpus)

@@ -34,6 +34,7 @@ a proven lower bound: the solver's bound when the model was complete
 (all pairs) and unscaled, otherwise the larger of the perfect-balance bound, the largest-expert bound
 and, with node confinement, the per-node bound (a node's total load cannot leave it).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -154,7 +155,9 @@ def _current_pairs(current, num_experts, num_gpus, home, allowed, redundant_slot
     per_gpu = np.bincount([g for _, g in pairs], minlength=num_gpus)
     if per_gpu.max(initial=0) > redundant_slots:
         g = int(per_gpu.argmax())
-        raise ValueError(f"current placement: GPU {g} holds {per_gpu[g]} extra copies, more than redundant_slots={redundant_slots}")
+        raise ValueError(
+            f"current placement: GPU {g} holds {per_gpu[g]} extra copies, more than redundant_slots={redundant_slots}"
+        )
     return frozenset(pairs)
 
 
@@ -231,7 +234,9 @@ def _sample_greedy(problem: _Problem) -> list[list[int]]:
     np.add.at(gpu_load.T, problem.home, share.T)
     free = np.full(num_gpus, problem.redundant_slots, dtype=np.int64)
     extra: list[list[int]] = [[] for _ in range(num_experts)]
-    order = sorted((e for e in range(num_experts) for _ in range(copies[e] - 1)), key=lambda e: (-weight[e] / copies[e], e))
+    order = sorted(
+        (e for e in range(num_experts) for _ in range(copies[e] - 1)), key=lambda e: (-weight[e] / copies[e], e)
+    )
     for e in order:
         ok = problem.allowed[e] & (free > 0)
         ok[extra[e]] = False
@@ -496,9 +501,16 @@ def _proven_bound(problem: _Problem) -> float:
     return float(per_sample.mean())
 
 
-def plan_placement(history, num_gpus: int, redundant_slots: int, gpus_per_node: int | None = None,
-                   time_limit_s: float = 10.0, current=None, move_penalty: float = 0.0,
-                   use_solver: bool = True) -> PlanResult:
+def plan_placement(
+    history,
+    num_gpus: int,
+    redundant_slots: int,
+    gpus_per_node: int | None = None,
+    time_limit_s: float = 10.0,
+    current=None,
+    move_penalty: float = 0.0,
+    use_solver: bool = True,
+) -> PlanResult:
     """Plan replicas from ``history`` int [S, E] tokens per expert; see the module doc.
 
     ``current``: a Placement or replica lists (home first) to stay close to; ``move_penalty``: tokens of
@@ -514,10 +526,16 @@ def plan_placement(history, num_gpus: int, redundant_slots: int, gpus_per_node: 
     num_experts = loads.shape[1]
     home = np.array([home_gpu(e, num_experts, num_gpus) for e in range(num_experts)], dtype=np.int64)
     allowed = allowed_replica_gpus(num_experts, num_gpus, gpus_per_node)
-    problem = _Problem(loads=loads, num_gpus=num_gpus, redundant_slots=redundant_slots, gpus_per_node=gpus_per_node,
-                       home=home, allowed=allowed,
-                       current_pairs=_current_pairs(current, num_experts, num_gpus, home, allowed, redundant_slots),
-                       move_penalty=float(move_penalty))
+    problem = _Problem(
+        loads=loads,
+        num_gpus=num_gpus,
+        redundant_slots=redundant_slots,
+        gpus_per_node=gpus_per_node,
+        home=home,
+        allowed=allowed,
+        current_pairs=_current_pairs(current, num_experts, num_gpus, home, allowed, redundant_slots),
+        move_penalty=float(move_penalty),
+    )
     deadline = started + time_limit_s - _FINISH_RESERVE_S
     evaluator = _Evaluator(problem)
 

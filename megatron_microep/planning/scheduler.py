@@ -17,6 +17,7 @@ equals the last bound: optimal, with the certificate returned as ``lower_bound``
 Every rank that runs this on the same counts gets the same answer (integer arithmetic, fixed
 iteration order), so nothing needs to be broadcast.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,8 +77,22 @@ _ceil_div_jit = numba.njit(cache=True)(_ceil_div)
 
 
 @numba.njit(cache=True)
-def _find_path(excess, spare, slot_tokens, keep, ptr, gpus, slot_expert, gpu_ptr, gpu_slot,
-               seen_expert, seen_gpu, via_slot_gpu, via_slot_expert, queue):
+def _find_path(
+    excess,
+    spare,
+    slot_tokens,
+    keep,
+    ptr,
+    gpus,
+    slot_expert,
+    gpu_ptr,
+    gpu_slot,
+    seen_expert,
+    seen_gpu,
+    via_slot_gpu,
+    via_slot_expert,
+    queue,
+):
     """BFS from every expert with unplaced load to a GPU with spare capacity.
 
     Forward edges expert -> GPU are unbounded; backward edges GPU -> expert carry the flow of a
@@ -215,15 +230,39 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
         if not pending:
             break
         target = _find_path(
-            excess, spare, slot_tokens, protected, ptr, gpus, slot_expert, gpu_ptr, gpu_slot,
-            seen_expert, seen_gpu, via_slot_gpu, via_slot_expert, queue,
+            excess,
+            spare,
+            slot_tokens,
+            protected,
+            ptr,
+            gpus,
+            slot_expert,
+            gpu_ptr,
+            gpu_slot,
+            seen_expert,
+            seen_gpu,
+            via_slot_gpu,
+            via_slot_expert,
+            queue,
         )
         keep = protected
         if target < 0:
             keep = no_protection
             target = _find_path(
-                excess, spare, slot_tokens, keep, ptr, gpus, slot_expert, gpu_ptr, gpu_slot,
-                seen_expert, seen_gpu, via_slot_gpu, via_slot_expert, queue,
+                excess,
+                spare,
+                slot_tokens,
+                keep,
+                ptr,
+                gpus,
+                slot_expert,
+                gpu_ptr,
+                gpu_slot,
+                seen_expert,
+                seen_gpu,
+                via_slot_gpu,
+                via_slot_expert,
+                queue,
             )
         if target < 0:
             # Hall violator: experts S (seen) only reach GPUs U (seen), all full.

@@ -4,6 +4,7 @@ Variables ``x[r] >= 0`` (tokens processed by copy ``r``) and ``z``; minimise ``z
 ``sum_{r of e} x[r] = load[e]`` and ``sum_{r on g} x[r] <= z``. The integral optimum is
 ``ceil(z*)`` (a flow problem), which the fast solver must reach exactly.
 """
+
 from __future__ import annotations
 
 import math

@@ -14,19 +14,18 @@ Workloads with ``dsv3`` in the name are *derived* from recorded DeepSeek-V3 expe
 EP statistics, see shared/data/routing/README.md beside the checkout): the recorded per-layer load vectors set the
 probabilities, and everything sampled from them is synthetic.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 DSV3_FILE_NAME = "sglang_dsv3_logical_count.npz"
 # The recording is third-party data: it ships beside a checkout in ../shared, not in the package.
-DSV3_DEFAULT_DIRS = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routing",
-)
+DSV3_DEFAULT_DIRS = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routing",)
 
 
 def expert_loads(tokens: np.ndarray) -> np.ndarray:
@@ -87,8 +86,13 @@ def _sample_sequence(rng, weights_per_mb: np.ndarray, num_gpus, tokens_per_gpu, 
 
 
 def _check_shape(num_microbatches: int, num_gpus: int, num_experts: int, tokens_per_gpu: int, topk: int) -> None:
-    for name, value in (("num_microbatches", num_microbatches), ("num_gpus", num_gpus),
-                        ("num_experts", num_experts), ("tokens_per_gpu", tokens_per_gpu), ("topk", topk)):
+    for name, value in (
+        ("num_microbatches", num_microbatches),
+        ("num_gpus", num_gpus),
+        ("num_experts", num_experts),
+        ("tokens_per_gpu", tokens_per_gpu),
+        ("topk", topk),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if topk > num_experts:
@@ -105,8 +109,19 @@ def _ar1(rng: np.random.Generator, num_steps: int, size: int, sigma: float, corr
     return out
 
 
-def lognormal_drift(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
-                    sigma=0.8, correlation=0.995, noise_sigma=0.25, source_sigma=0.3) -> np.ndarray:
+def lognormal_drift(
+    num_microbatches,
+    num_gpus,
+    num_experts,
+    tokens_per_gpu,
+    topk,
+    seed,
+    *,
+    sigma=0.8,
+    correlation=0.995,
+    noise_sigma=0.25,
+    source_sigma=0.3,
+) -> np.ndarray:
     """Lognormal expert popularity: log-weights = slow AR(1) drift (spread ``sigma``, per-micro-batch
     coefficient ``correlation``) + i.i.d. per-micro-batch noise (``noise_sigma``, batch content).
     Returns int64 [M, G, E].
@@ -118,8 +133,18 @@ def lognormal_drift(num_microbatches, num_gpus, num_experts, tokens_per_gpu, top
     return _sample_sequence(rng, np.exp(logits), num_gpus, tokens_per_gpu, topk, source_sigma)
 
 
-def zipf_drift(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
-               exponent=1.0, swaps_per_microbatch=2, source_sigma=0.3) -> np.ndarray:
+def zipf_drift(
+    num_microbatches,
+    num_gpus,
+    num_experts,
+    tokens_per_gpu,
+    topk,
+    seed,
+    *,
+    exponent=1.0,
+    swaps_per_microbatch=2,
+    source_sigma=0.3,
+) -> np.ndarray:
     """Zipf popularity over a random expert ranking; each micro-batch swaps a few neighbouring ranks.
 
     Returns int64 [M, G, E].
@@ -137,8 +162,20 @@ def zipf_drift(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, se
     return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)
 
 
-def rotating_hotspot(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
-                     hot_width=None, hot_factor=6.0, period=4, background_sigma=0.3, source_sigma=0.3) -> np.ndarray:
+def rotating_hotspot(
+    num_microbatches,
+    num_gpus,
+    num_experts,
+    tokens_per_gpu,
+    topk,
+    seed,
+    *,
+    hot_width=None,
+    hot_factor=6.0,
+    period=4,
+    background_sigma=0.3,
+    source_sigma=0.3,
+) -> np.ndarray:
     """A block of ``hot_width`` experts (default max(topk, E//16)) is ``hot_factor`` times hotter; the block
     moves on by ``hot_width`` experts every ``period`` micro-batches. Returns int64 [M, G, E]."""
     _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
@@ -152,8 +189,20 @@ def rotating_hotspot(num_microbatches, num_gpus, num_experts, tokens_per_gpu, to
     return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)
 
 
-def bursty(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
-           sigma=0.5, burst_probability=0.3, burst_experts=None, burst_factor=10.0, source_sigma=0.3) -> np.ndarray:
+def bursty(
+    num_microbatches,
+    num_gpus,
+    num_experts,
+    tokens_per_gpu,
+    topk,
+    seed,
+    *,
+    sigma=0.5,
+    burst_probability=0.3,
+    burst_experts=None,
+    burst_factor=10.0,
+    source_sigma=0.3,
+) -> np.ndarray:
     """Static lognormal skew plus short bursts: in each micro-batch, with ``burst_probability``, a random
     set of ``burst_experts`` (default max(1, E//32)) is ``burst_factor`` times hotter. Returns int64 [M, G, E]."""
     _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
@@ -188,9 +237,15 @@ def load_dsv3_expert_loads(path: str | os.PathLike | None = None) -> tuple[np.nd
     Only the MoE layers (3..60) are returned; the dense layers 0-2 are all zero in the recording.
     ``path`` defaults to $MICROEP_DSV3_LOADS, then ``shared/data/routing`` beside the checkout.
     """
-    candidates = [Path(path)] if path else (
-        [Path(os.environ["MICROEP_DSV3_LOADS"])] if os.environ.get("MICROEP_DSV3_LOADS")
-        else [d / DSV3_FILE_NAME for d in DSV3_DEFAULT_DIRS])
+    candidates = (
+        [Path(path)]
+        if path
+        else (
+            [Path(os.environ["MICROEP_DSV3_LOADS"])]
+            if os.environ.get("MICROEP_DSV3_LOADS")
+            else [d / DSV3_FILE_NAME for d in DSV3_DEFAULT_DIRS]
+        )
+    )
     for candidate in candidates:
         if candidate.is_file():
             with np.load(candidate) as data:
@@ -205,9 +260,22 @@ def load_dsv3_expert_loads(path: str | os.PathLike | None = None) -> tuple[np.nd
     raise FileNotFoundError(f"DeepSeek-V3 expert loads not found (looked for {', '.join(map(str, candidates))})")
 
 
-def dsv3_derived(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, *,
-                 scenario=None, layer=None, drift_sigma=0.3, correlation=0.995, noise_sigma=0.25, source_sigma=0.3,
-                 path=None) -> np.ndarray:
+def dsv3_derived(
+    num_microbatches,
+    num_gpus,
+    num_experts,
+    tokens_per_gpu,
+    topk,
+    seed,
+    *,
+    scenario=None,
+    layer=None,
+    drift_sigma=0.3,
+    correlation=0.995,
+    noise_sigma=0.25,
+    source_sigma=0.3,
+    path=None,
+) -> np.ndarray:
     """Derived from recorded DeepSeek-V3 loads: one (scenario, MoE layer) load vector, seeded when not
     given, sets the expert probabilities, modulated by slow AR(1) lognormal drift of spread ``drift_sigma``
     plus i.i.d. per-micro-batch noise ``noise_sigma`` (the recording is one aggregate per layer, not a
@@ -218,8 +286,11 @@ def dsv3_derived(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, 
     if num_experts != loads.shape[2]:
         raise ValueError(f"dsv3_derived needs num_experts={loads.shape[2]} (the recording's), got {num_experts}")
     rng = np.random.default_rng(seed)
-    sc = names.index(scenario) if isinstance(scenario, str) else (
-        int(rng.integers(len(names))) if scenario is None else int(scenario))
+    sc = (
+        names.index(scenario)
+        if isinstance(scenario, str)
+        else (int(rng.integers(len(names))) if scenario is None else int(scenario))
+    )
     ly = int(rng.integers(loads.shape[1])) if layer is None else int(layer)
     base = loads[sc, ly] / loads[sc, ly].sum()
     logits = _ar1(rng, num_microbatches, num_experts, drift_sigma, correlation)
@@ -242,8 +313,16 @@ WORKLOADS: dict[str, WorkloadFn] = {
 }
 
 
-def generate(name: str, num_microbatches: int, num_gpus: int, num_experts: int, tokens_per_gpu: int,
-             topk: int, seed: int, **params) -> np.ndarray:
+def generate(
+    name: str,
+    num_microbatches: int,
+    num_gpus: int,
+    num_experts: int,
+    tokens_per_gpu: int,
+    topk: int,
+    seed: int,
+    **params,
+) -> np.ndarray:
     """Look up ``name`` in WORKLOADS and run it. Returns int64 [M, G, E]."""
     try:
         fn = WORKLOADS[name]
@@ -258,8 +337,10 @@ def generate(name: str, num_microbatches: int, num_gpus: int, num_experts: int, 
 # Each micro-batch m plays the benchmark's "step"; draws are seeded per (workload, seed, m) and every
 # source GPU routes the same tokens, as in the benchmark (W4: odd sources have one token fewer).
 
-def _megatron_draw(rng: np.random.Generator, pool: np.ndarray, num_tokens: int, topk: int,
-                   num_experts: int) -> np.ndarray:
+
+def _megatron_draw(
+    rng: np.random.Generator, pool: np.ndarray, num_tokens: int, topk: int, num_experts: int
+) -> np.ndarray:
     """``num_tokens`` tokens each take ``topk`` distinct experts uniformly from ``pool`` -> int64 [E]."""
     if topk > len(pool):
         raise ValueError(f"topk={topk} exceeds the candidate pool of {len(pool)} experts")
@@ -286,25 +367,28 @@ def _megatron_workload(index: int):
                 counts = np.bincount(ids.ravel(), minlength=num_experts)
             elif index in (1, 2, 6):  # 3/4 of tokens from a hot block, every 4th from all
                 block = hot if index != 6 else (((m // 3) * hot_width) + np.arange(hot_width)) % num_experts
-                counts = (_megatron_draw(rng, block, t - every_fourth, topk, num_experts)
-                          + _megatron_draw(rng, everyone, every_fourth, topk, num_experts))
+                counts = _megatron_draw(rng, block, t - every_fourth, topk, num_experts) + _megatron_draw(
+                    rng, everyone, every_fourth, topk, num_experts
+                )
             elif index == 3:  # the same heat spread over the even experts
                 spread = np.unique((2 * np.arange(max(topk, num_experts // 2))) % num_experts)
                 pool = spread if len(spread) >= topk else everyone
-                counts = (_megatron_draw(rng, pool, t - every_fourth, topk, num_experts)
-                          + _megatron_draw(rng, everyone, every_fourth, topk, num_experts))
+                counts = _megatron_draw(rng, pool, t - every_fourth, topk, num_experts) + _megatron_draw(
+                    rng, everyone, every_fourth, topk, num_experts
+                )
             elif index == 4:  # uniform; odd sources route one token fewer (ragged sources)
                 last = _megatron_draw(rng, everyone, 1, topk, num_experts)
                 counts = _megatron_draw(rng, everyone, t - 1, topk, num_experts) + last
                 ragged = counts - last
             elif index == 5:  # only the upper half of the experts is ever chosen
-                live = everyone[num_experts // 2:] if num_experts // 2 < num_experts else everyone
+                live = everyone[num_experts // 2 :] if num_experts // 2 < num_experts else everyone
                 counts = _megatron_draw(rng, live, t, topk, num_experts)
             else:  # 7: every 4th micro-batch is a burst: even tokens from the hot block
                 if m % 4 == 3:
                     half = -(-t // 2)
-                    counts = (_megatron_draw(rng, hot, half, topk, num_experts)
-                              + _megatron_draw(rng, everyone, t - half, topk, num_experts))
+                    counts = _megatron_draw(rng, hot, half, topk, num_experts) + _megatron_draw(
+                        rng, everyone, t - half, topk, num_experts
+                    )
                 else:
                     counts = _megatron_draw(rng, everyone, t, topk, num_experts)
             out[m] = counts
@@ -313,8 +397,7 @@ def _megatron_workload(index: int):
         return out
 
     generator.__name__ = f"megatron_w{index}"
-    generator.__doc__ = (f"Megatron token-imbalance workload W{index} (PR 7488), by definition. "
-                         "Returns int64 [M, G, E].")
+    generator.__doc__ = f"Megatron token-imbalance workload W{index} (PR 7488), by definition. Returns int64 [M, G, E]."
     return generator
 
 

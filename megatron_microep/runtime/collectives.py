@@ -5,9 +5,10 @@ collective is spent exchanging them. Uneven all-gather and reduce-scatter are do
 chunk to the largest one: gloo rejects uneven ``all_gather`` lists, and the padded form is the one
 implementation that runs, and is tested, everywhere.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -8,11 +8,12 @@ logical experts: permute by (destination rank, local slot), variable-size all-to
 all-gather over expert-TP, regroup by local slot; combine runs the same steps backwards and sums
 each token's expert outputs (unweighted: probabilities are applied inside the experts).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Tuple
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class MicroBatchRouting:
     to_slot_major: torch.Tensor  # int64 [rows]
     from_slot_major: torch.Tensor  # int64 [rows]: inverse of to_slot_major
     scheduling_seconds: float  # count gather + solve + split computation
-    phase_seconds: Tuple[float, float, float]  # (count gather, solve, split computation)
+    phase_seconds: tuple[float, float, float]  # (count gather, solve, split computation)
 
 
 Solver = Callable[[np.ndarray, object], Schedule]
@@ -77,7 +78,9 @@ def gather_counts(local_counts: torch.Tensor, groups: Groups) -> np.ndarray:
     return counts
 
 
-def route(routing_map: torch.Tensor, layout: PhysicalLayout, groups: Groups, solver: Solver = schedule) -> MicroBatchRouting:
+def route(
+    routing_map: torch.Tensor, layout: PhysicalLayout, groups: Groups, solver: Solver = schedule
+) -> MicroBatchRouting:
     """Agree on counts, solve, and build this rank's index maps. ``routing_map`` bool [tokens, E]."""
     start = time.perf_counter()
     counts = gather_counts(routing_map.sum(dim=0), groups)

@@ -15,13 +15,14 @@ logged once):
   device and dtype run it (CPU from torch 2.13, Hopper-class GPUs) and rows are 16-byte aligned.
 - ``loop``: one ``matmul`` pair per slot; runs everywhere and is the exact reference.
 """
+
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ class ExpertMath:
 
     activation: Callable[[torch.Tensor], torch.Tensor]
     gated: bool = False
-    clamp: Optional[float] = None
+    clamp: float | None = None
     glu_offset: float = 0.0
     probs_on_input: bool = False
 
@@ -46,11 +47,11 @@ class ExpertWeights:
 
     fc1: torch.Tensor
     fc2: torch.Tensor
-    fc1_bias: Optional[torch.Tensor] = None
-    fc2_bias: Optional[torch.Tensor] = None
+    fc1_bias: torch.Tensor | None = None
+    fc2_bias: torch.Tensor | None = None
 
 
-def _scale_input(x: torch.Tensor, probs: torch.Tensor, math: ExpertMath) -> Tuple[torch.Tensor, torch.Tensor]:
+def _scale_input(x: torch.Tensor, probs: torch.Tensor, math: ExpertMath) -> tuple[torch.Tensor, torch.Tensor]:
     if not math.probs_on_input:
         return x, probs
     return (probs.unsqueeze(-1) * x).to(x.dtype), torch.ones_like(probs)
@@ -69,7 +70,11 @@ def _activate(h: torch.Tensor, probs: torch.Tensor, math: ExpertMath) -> torch.T
 
 
 def loop_experts(
-    x: torch.Tensor, tokens_per_slot: Sequence[int], probs: torch.Tensor, weights: Sequence[ExpertWeights], math: ExpertMath
+    x: torch.Tensor,
+    tokens_per_slot: Sequence[int],
+    probs: torch.Tensor,
+    weights: Sequence[ExpertWeights],
+    math: ExpertMath,
 ) -> torch.Tensor:
     """x [N, H], probs [N] -> [N, H]; rows of slot i are the i-th chunk of ``tokens_per_slot``.
 
@@ -90,8 +95,12 @@ def loop_experts(
 
 
 def _two_gemm_experts(
-    x: torch.Tensor, tokens_per_slot: Sequence[int], probs: torch.Tensor, weights: Sequence[ExpertWeights],
-    math: ExpertMath, linear: "GroupedLinearFn",
+    x: torch.Tensor,
+    tokens_per_slot: Sequence[int],
+    probs: torch.Tensor,
+    weights: Sequence[ExpertWeights],
+    math: ExpertMath,
+    linear: GroupedLinearFn,
 ) -> torch.Tensor:
     """``loop_experts``' contract with fc1 and fc2 each one grouped GEMM ``linear``; biases,
     activation and probabilities in torch around them."""
@@ -107,21 +116,25 @@ def _two_gemm_experts(
     return y
 
 
-def _rows_per_slot(per_slot: torch.Tensor, counts: List[int]) -> torch.Tensor:
+def _rows_per_slot(per_slot: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.repeat_interleave(per_slot, torch.tensor(counts, device=per_slot.device), dim=0)
 
 
 # x [N, K], rows per slot (sum N), weights per slot [M, K] -> [N, M]: row block i times weight i transposed.
-GroupedLinearFn = Callable[[torch.Tensor, List[int], List[torch.Tensor]], torch.Tensor]
+GroupedLinearFn = Callable[[torch.Tensor, list[int], list[torch.Tensor]], torch.Tensor]
 
 
-def _torch_grouped_linear(x: torch.Tensor, counts: List[int], weights: List[torch.Tensor]) -> torch.Tensor:
+def _torch_grouped_linear(x: torch.Tensor, counts: list[int], weights: list[torch.Tensor]) -> torch.Tensor:
     offs = torch.cumsum(torch.tensor(counts, dtype=torch.int64, device=x.device), 0).to(torch.int32)
     return F.grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offs)
 
 
 def grouped_mm_experts(
-    x: torch.Tensor, tokens_per_slot: Sequence[int], probs: torch.Tensor, weights: Sequence[ExpertWeights], math: ExpertMath
+    x: torch.Tensor,
+    tokens_per_slot: Sequence[int],
+    probs: torch.Tensor,
+    weights: Sequence[ExpertWeights],
+    math: ExpertMath,
 ) -> torch.Tensor:
     """Same contract as ``loop_experts``; two ``torch.nn.functional.grouped_mm`` over stacked weights."""
     return _two_gemm_experts(x, tokens_per_slot, probs, weights, math, _torch_grouped_linear)
@@ -132,20 +145,20 @@ def grouped_mm_experts(
 # TransformerEngine release (read from its sources, v2.0 to v2.18) -> the extra keyword arguments
 # that release needs, given the GEMM count and a cuBLAS workspace getter. Later parameters (layout,
 # m_splits, grad, accumulate, single_output) are keywords in all. TE 1.x has no such function.
-_TE_GEMM_EXTRA_KWARGS: Dict[Tuple[str, ...], Callable[[int, Callable], dict]] = {
+_TE_GEMM_EXTRA_KWARGS: dict[tuple[str, ...], Callable[[int, Callable], dict]] = {
     ("A", "B", "out", "out_dtype", "workspaces"): lambda n, workspaces: {"workspaces": workspaces()},  # 2.0-2.9
     ("A", "B", "out", "out_dtype", "layout"): lambda n, workspaces: {},  # 2.10
     ("A", "B", "out", "quantization_params", "out_dtype"):  # 2.11 on
-        lambda n, workspaces: {"quantization_params": [None] * n},
+    lambda n, workspaces: {"quantization_params": [None] * n},
 }
 
 # Adapted call: (A, B, out, layout, m_splits, single_output, grad) with TE's meaning: layout "TN"
 # gives out_i = B_i A_i^T, "NN" out_i = B_i A_i, "NT" out_i = B_i^T A_i; with ``single_output``,
 # ``out`` is one tensor whose row blocks (``m_splits``) are the outputs.
-TEGemmCall = Callable[[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], str, List[int], bool, bool], None]
+TEGemmCall = Callable[[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], str, list[int], bool, bool], None]
 
 
-def te_gemm_adapter(gemm: Callable, workspaces: Callable[[], List[torch.Tensor]]) -> Tuple[Optional[TEGemmCall], str]:
+def te_gemm_adapter(gemm: Callable, workspaces: Callable[[], list[torch.Tensor]]) -> tuple[TEGemmCall | None, str]:
     """(call, '') for a ``general_grouped_gemm`` whose signature is known, else (None, why not).
 
     ``workspaces`` gives the cuBLAS workspaces that TE 2.0-2.9 expect from the caller.
@@ -159,14 +172,24 @@ def te_gemm_adapter(gemm: Callable, workspaces: Callable[[], List[torch.Tensor]]
         return None, f"general_grouped_gemm{leading} is a signature MicroEP does not know (TE 2.0-2.18 checked)"
 
     def call(A, B, out, layout, m_splits, single_output, grad):
-        gemm(A, B, out, out_dtype=out[0].dtype, layout=layout, m_splits=m_splits, single_output=single_output,
-             grad=grad, accumulate=False, **extra_kwargs(len(A), workspaces))
+        gemm(
+            A,
+            B,
+            out,
+            out_dtype=out[0].dtype,
+            layout=layout,
+            m_splits=m_splits,
+            single_output=single_output,
+            grad=grad,
+            accumulate=False,
+            **extra_kwargs(len(A), workspaces),
+        )
 
     return call, ""
 
 
-@functools.lru_cache(maxsize=None)
-def transformer_engine_gemm() -> Tuple[Optional[TEGemmCall], str]:
+@functools.cache
+def transformer_engine_gemm() -> tuple[TEGemmCall | None, str]:
     """The installed TransformerEngine's grouped GEMM, adapted (``te_gemm_adapter``), or (None, why not)."""
     try:
         import transformer_engine.pytorch  # noqa: F401 - loads TE's torch extension
@@ -219,7 +242,7 @@ class _TEGroupedLinear(torch.autograd.Function):
             dx = torch.empty_like(x)
             if x.shape[0]:
                 ctx.gemm(weights, dys, [dx], "NN", ctx.counts, True, True)
-        dws: List[Optional[torch.Tensor]] = [None] * len(weights)
+        dws: list[torch.Tensor | None] = [None] * len(weights)
         if any(ctx.needs_input_grad[3:]):
             # Zero-initialised: a slot without rows has a zero gradient whether or not TE writes it.
             dws = [torch.zeros_like(w) for w in weights]
@@ -230,7 +253,11 @@ class _TEGroupedLinear(torch.autograd.Function):
 
 
 def te_grouped_experts(
-    x: torch.Tensor, tokens_per_slot: Sequence[int], probs: torch.Tensor, weights: Sequence[ExpertWeights], math: ExpertMath
+    x: torch.Tensor,
+    tokens_per_slot: Sequence[int],
+    probs: torch.Tensor,
+    weights: Sequence[ExpertWeights],
+    math: ExpertMath,
 ) -> torch.Tensor:
     """Same contract as ``loop_experts``; fc1 and fc2 each one TransformerEngine grouped GEMM.
 
@@ -241,7 +268,7 @@ def te_grouped_experts(
     if gemm is None:
         raise RuntimeError(f"expert backend te_grouped: {why}")
 
-    def linear(a: torch.Tensor, counts: List[int], ws: List[torch.Tensor]) -> torch.Tensor:
+    def linear(a: torch.Tensor, counts: list[int], ws: list[torch.Tensor]) -> torch.Tensor:
         for w in ws:
             if w.dtype != a.dtype or type(w) not in (torch.Tensor, torch.nn.Parameter):
                 raise TypeError(
@@ -254,7 +281,7 @@ def te_grouped_experts(
 
 ExpertsFn = Callable[[torch.Tensor, Sequence[int], torch.Tensor, Sequence[ExpertWeights], ExpertMath], torch.Tensor]
 # (device, dtype, GEMM inner widths) -> None if the backend runs there, else why not.
-AvailabilityFn = Callable[[torch.device, torch.dtype, Sequence[int]], Optional[str]]
+AvailabilityFn = Callable[[torch.device, torch.dtype, Sequence[int]], str | None]
 
 
 @dataclass(frozen=True)
@@ -263,11 +290,11 @@ class ExpertBackend:
     unavailable: AvailabilityFn
 
 
-_PROBED: Dict[Tuple[str, torch.dtype], Optional[str]] = {}
+_PROBED: dict[tuple[str, torch.dtype], str | None] = {}
 _LOGGED: set = set()
 
 
-def _grouped_mm_failure(device: torch.device, dtype: torch.dtype, widths: Sequence[int]) -> Optional[str]:
+def _grouped_mm_failure(device: torch.device, dtype: torch.dtype, widths: Sequence[int]) -> str | None:
     """None if a small forward+backward grouped_mm runs on ``device`` in ``dtype`` and the GEMM
     rows are 16-byte aligned, else why not."""
     key = (str(device), dtype)
@@ -294,7 +321,7 @@ def _grouped_mm_failure(device: torch.device, dtype: torch.dtype, widths: Sequen
 _TE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _te_grouped_failure(device: torch.device, dtype: torch.dtype, widths: Sequence[int]) -> Optional[str]:
+def _te_grouped_failure(device: torch.device, dtype: torch.dtype, widths: Sequence[int]) -> str | None:
     if device.type != "cuda":
         return f"tensors are on {device}, TransformerEngine runs on CUDA"
     if dtype not in _TE_DTYPES:
@@ -303,7 +330,7 @@ def _te_grouped_failure(device: torch.device, dtype: torch.dtype, widths: Sequen
 
 
 # In order of preference: 'auto' takes the first that runs.
-EXPERT_BACKENDS: Dict[str, ExpertBackend] = {
+EXPERT_BACKENDS: dict[str, ExpertBackend] = {
     "te_grouped": ExpertBackend(te_grouped_experts, _te_grouped_failure),
     "grouped_mm": ExpertBackend(grouped_mm_experts, _grouped_mm_failure),
     "loop": ExpertBackend(loop_experts, lambda device, dtype, widths: None),
@@ -319,7 +346,7 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
     """
     if requested != "auto" and requested not in EXPERT_BACKENDS:
         raise ValueError(f"unknown expert backend {requested!r}; choose from auto, {', '.join(EXPERT_BACKENDS)}")
-    passed_over: List[str] = []
+    passed_over: list[str] = []
     if requested != "auto":
         failure = EXPERT_BACKENDS[requested].unavailable(device, dtype, widths)
         if failure is not None:
@@ -341,7 +368,11 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
 
 
 def run_experts(
-    backend: str, x: torch.Tensor, tokens_per_slot: Sequence[int], probs: torch.Tensor,
-    weights: List[ExpertWeights], math: ExpertMath,
+    backend: str,
+    x: torch.Tensor,
+    tokens_per_slot: Sequence[int],
+    probs: torch.Tensor,
+    weights: list[ExpertWeights],
+    math: ExpertMath,
 ) -> torch.Tensor:
     return EXPERT_BACKENDS[backend].run(x, tokens_per_slot, probs, weights, math)

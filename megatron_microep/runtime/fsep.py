@@ -27,11 +27,12 @@ backend runs one: NCCL on its stream, gloo on its worker thread) so the next lay
 the current layer's compute. ``TrafficCounter`` counts every byte this rank sends and receives, and
 ``GatheredMemory`` the bytes of gathered experts alive, with their peak.
 """
+
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,8 +53,9 @@ class ShardSpec:
     (``R_i = rows_i / parts_i``, ``b_i = R_i / G``), flattened, concatenated in (tensor, half) order.
     """
 
-    def __init__(self, shapes: Sequence[Sequence[int]], parts: Sequence[int], num_ranks: int,
-                 names: Optional[Sequence[str]] = None):
+    def __init__(
+        self, shapes: Sequence[Sequence[int]], parts: Sequence[int], num_ranks: int, names: Sequence[str] | None = None
+    ):
         self.shapes = tuple(torch.Size(s) for s in shapes)
         self.parts = tuple(int(p) for p in parts)
         self.num_ranks = int(num_ranks)
@@ -81,7 +83,7 @@ class ShardSpec:
         """Rows of tensor ``i`` in one (half, shard) block."""
         return self.shapes[i][0] // (self.parts[i] * self.num_ranks)
 
-    def _blocked(self, i: int, lead: Tuple[int, ...]) -> Tuple[int, ...]:
+    def _blocked(self, i: int, lead: tuple[int, ...]) -> tuple[int, ...]:
         rest = tuple(self.shapes[i][1:])
         return lead + (self.parts[i], self.num_ranks, self.block_rows(i)) + rest
 
@@ -94,7 +96,7 @@ class ShardSpec:
             pieces.append(blocked.reshape(lead + (self.num_ranks, self.piece_numel[i])))
         return torch.cat(pieces, dim=-1)
 
-    def from_shards(self, shards: torch.Tensor) -> List[torch.Tensor]:
+    def from_shards(self, shards: torch.Tensor) -> list[torch.Tensor]:
         """Inverse of ``to_shards``: [..., G, S] -> tensors [..., *shape_i] (differentiable copies)."""
         lead = tuple(shards.shape[:-2])
         out = []
@@ -104,7 +106,7 @@ class ShardSpec:
             out.append(blocked.transpose(len(lead), len(lead) + 1).reshape(lead + tuple(shape)))
         return out
 
-    def pieces(self, shard: torch.Tensor) -> List[Tuple[int, int, torch.Tensor]]:
+    def pieces(self, shard: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
         """(tensor index, half, view [b_i, *rest]) of every piece of one shard [S] (views, not copies)."""
         out = []
         for i, shape in enumerate(self.shapes):
@@ -147,7 +149,7 @@ def initial_fsep_placement(num_experts: int, num_ranks: int, slots_per_rank: int
     cyclic order (those homed on the following ranks), so every expert has ``C*G/E`` copies give or take one."""
     E, G, C = num_experts, num_ranks, slots_per_rank
     n = -(-E // G)
-    copies: List[List[int]] = [[] for _ in range(E)]
+    copies: list[list[int]] = [[] for _ in range(E)]
     for g in range(G):
         first = g * E // G
         for j in range(min(C, E)):
@@ -172,7 +174,7 @@ class TrafficCounter:
     def total_sent(self) -> int:
         return self.gather_sent + self.grad_sent
 
-    def snapshot(self) -> Dict[str, int]:
+    def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
@@ -207,7 +209,7 @@ class GatheredMemory:
 class PendingGather:
     """A started gather: ``wait()`` returns this rank's experts as shards [C, G, S]."""
 
-    def __init__(self, recv: torch.Tensor, work, count: int, spec: ShardSpec, memory: Optional[GatheredMemory]):
+    def __init__(self, recv: torch.Tensor, work, count: int, spec: ShardSpec, memory: GatheredMemory | None):
         self._recv, self._work, self._count, self._spec, self._memory = recv, work, count, spec, memory
 
     def wait(self) -> torch.Tensor:
@@ -231,8 +233,15 @@ class ShardExchange:
     contributions in ascending source-rank order with no two updates of one row at once.
     """
 
-    def __init__(self, layout: PhysicalLayout, ep_rank: int, group, spec: ShardSpec,
-                 traffic: Optional[TrafficCounter] = None, memory: Optional[GatheredMemory] = None):
+    def __init__(
+        self,
+        layout: PhysicalLayout,
+        ep_rank: int,
+        group,
+        spec: ShardSpec,
+        traffic: TrafficCounter | None = None,
+        memory: GatheredMemory | None = None,
+    ):
         G = layout.num_ranks
         if spec.num_ranks != G:
             raise ValueError(f"shard spec cuts experts into {spec.num_ranks} shards, the layout has {G} ranks")
@@ -248,7 +257,7 @@ class ShardExchange:
         self._send_index = torch.from_numpy(self.send_experts)
         # Rounds of the gradient sum: rows of the k-th occurrence of each expert in send order.
         occurrence = np.zeros(self.send_experts.size, dtype=np.int64)
-        seen: Dict[int, int] = {}
+        seen: dict[int, int] = {}
         for row, e in enumerate(self.send_experts.tolist()):
             occurrence[row] = seen.get(e, 0)
             seen[e] = occurrence[row] + 1
@@ -261,7 +270,7 @@ class ShardExchange:
     def num_local(self) -> int:
         return int(self.counts[self.ep_rank])
 
-    def bytes_per_gather(self, element_size: int) -> Tuple[int, int]:
+    def bytes_per_gather(self, element_size: int) -> tuple[int, int]:
         """(sent, received) bytes of one gather from this rank's point of view (own shards excluded)."""
         S, me = self.spec.shard_numel, self.ep_rank
         sent = int(self.counts.sum() - self.counts[me]) * S * element_size
@@ -277,8 +286,12 @@ class ShardExchange:
             if self.memory is not None:
                 self.memory.track(recv)
             work = dist.all_to_all_single(
-                recv, send.reshape(-1), [self.num_local * S] * G, (self.counts * S).tolist(),
-                group=self.group, async_op=True,
+                recv,
+                send.reshape(-1),
+                [self.num_local * S] * G,
+                (self.counts * S).tolist(),
+                group=self.group,
+                async_op=True,
             )
         sent, received = self.bytes_per_gather(shards.element_size())
         self.traffic.gathers += 1
@@ -289,12 +302,12 @@ class ShardExchange:
     def gather(self, shards: torch.Tensor) -> torch.Tensor:
         return self.start_gather(shards).wait()
 
-    def assemble(self, gathered: torch.Tensor) -> List[torch.Tensor]:
+    def assemble(self, gathered: torch.Tensor) -> list[torch.Tensor]:
         """This rank's copies as expert tensors [C, *shape_i] from their shards [C, G, S] (differentiable)."""
         tensors = self.spec.from_shards(gathered)
         return tensors if self.memory is None else [self.memory.track(t) for t in tensors]
 
-    def return_grads(self, grad: torch.Tensor, accumulate_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def return_grads(self, grad: torch.Tensor, accumulate_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Gradient of every local shard [E, S] from this rank's copies' gradient ``grad`` [C, G, S]: sent
         back as shards (in ``grad``'s dtype), summed per expert in source-rank order in
         ``accumulate_dtype`` (default: fp32, or ``grad``'s dtype if wider)."""
@@ -304,8 +317,9 @@ class ShardExchange:
         with torch.no_grad():
             send = grad.detach().transpose(0, 1).contiguous()  # [G, C, S]: shard r of each copy goes to rank r
             recv = grad.new_empty(int(self.counts.sum()) * S)
-            dist.all_to_all_single(recv, send.reshape(-1), (self.counts * S).tolist(), [self.num_local * S] * G,
-                                   group=self.group)
+            dist.all_to_all_single(
+                recv, send.reshape(-1), (self.counts * S).tolist(), [self.num_local * S] * G, group=self.group
+            )
             rows = recv.view(-1, S).to(accumulate_dtype)
             total = rows.new_zeros(E, S)
             for experts, index in self._rounds:
@@ -339,7 +353,7 @@ def reference_return(all_grads: Sequence[torch.Tensor], layout: PhysicalLayout, 
     return out
 
 
-def _fused_shard_grad(shards: torch.Tensor, total: torch.Tensor) -> Optional[torch.Tensor]:
+def _fused_shard_grad(shards: torch.Tensor, total: torch.Tensor) -> torch.Tensor | None:
     """Hand ``total`` (fp32 [E, S]) to the shards' gradient.
 
     Under Megatron's DDP (``main_grad`` buffer present), add it to the fp32 main gradient directly
@@ -362,7 +376,7 @@ class _GatherKeep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tokens, shards, exchange: ShardExchange, pending: Optional[PendingGather]):
+    def forward(ctx, tokens, shards, exchange: ShardExchange, pending: PendingGather | None):
         ctx.exchange = exchange
         ctx.shards = shards
         gathered = pending.wait() if pending is not None else exchange.gather(shards)
@@ -371,13 +385,16 @@ class _GatherKeep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tokens, grad_gathered):
         if grad_gathered is None:  # no expert output reached the loss; still a collective on every rank
-            grad_gathered = torch.zeros((ctx.exchange.num_local, ctx.exchange.spec.num_ranks,
-                                         ctx.exchange.spec.shard_numel), dtype=ctx.shards.dtype, device=ctx.shards.device)
+            grad_gathered = torch.zeros(
+                (ctx.exchange.num_local, ctx.exchange.spec.num_ranks, ctx.exchange.spec.shard_numel),
+                dtype=ctx.shards.dtype,
+                device=ctx.shards.device,
+            )
         total = ctx.exchange.return_grads(grad_gathered)
         return grad_tokens, _fused_shard_grad(ctx.shards, total), None, None
 
 
-ExpertsRun = Callable[[torch.Tensor, torch.Tensor, List[torch.Tensor]], torch.Tensor]
+ExpertsRun = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
 class _GatherRegather(torch.autograd.Function):
@@ -388,8 +405,16 @@ class _GatherRegather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tokens, probs, shards, exchange: ShardExchange, pending: Optional[PendingGather],
-                run: ExpertsRun, regather: Callable[[], Optional[PendingGather]]):
+    def forward(
+        ctx,
+        tokens,
+        probs,
+        shards,
+        exchange: ShardExchange,
+        pending: PendingGather | None,
+        run: ExpertsRun,
+        regather: Callable[[], PendingGather | None],
+    ):
         ctx.exchange, ctx.shards, ctx.run, ctx.regather = exchange, shards, run, regather
         ctx.save_for_backward(tokens, probs)
         gathered = pending.wait() if pending is not None else exchange.gather(shards)
@@ -416,9 +441,14 @@ class _GatherRegather(torch.autograd.Function):
 
 
 def run_sharded_experts(
-    policy: str, tokens: torch.Tensor, probs: torch.Tensor, shards: torch.Tensor, exchange: ShardExchange,
-    run: ExpertsRun, pending: Optional[PendingGather] = None,
-    regather: Callable[[], Optional[PendingGather]] = lambda: None,
+    policy: str,
+    tokens: torch.Tensor,
+    probs: torch.Tensor,
+    shards: torch.Tensor,
+    exchange: ShardExchange,
+    run: ExpertsRun,
+    pending: PendingGather | None = None,
+    regather: Callable[[], PendingGather | None] = lambda: None,
 ) -> torch.Tensor:
     """Expert output [N, H] of this rank's copies under memory ``policy`` (``MEMORY_POLICIES``).
 
@@ -449,7 +479,7 @@ def shards_from_experts(local: Sequence[Sequence[torch.Tensor]], spec: ShardSpec
     return recv.view(G * n, S)
 
 
-def experts_from_shards(shards: torch.Tensor, spec: ShardSpec, group) -> List[torch.Tensor]:
+def experts_from_shards(shards: torch.Tensor, spec: ShardSpec, group) -> list[torch.Tensor]:
     """All experts' full tensors [E, *shape_i] from every rank's shards (an all-gather; for tests,
     checkpoint conversion and inspection, not the training path)."""
     G = spec.num_ranks

@@ -5,6 +5,7 @@ exactly as Megatron lays them out (global experts ``g*n .. g*n+n-1``, local indi
 then up to ``R`` replica slots (local indices ``n..n+R-1``) holding copies of experts homed
 elsewhere, in ascending expert order. Unused replica slots stay empty.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,13 +47,11 @@ class PhysicalLayout:
         return np.where(slots >= 0, self.slot_expert[np.maximum(slots, 0)], -1)
 
     @classmethod
-    def build(cls, placement: Placement, experts_per_rank: int, redundant_slots: int) -> "PhysicalLayout":
+    def build(cls, placement: Placement, experts_per_rank: int, redundant_slots: int) -> PhysicalLayout:
         """Raises PlacementError if a home copy is not Megatron's home or a rank holds more than R replicas."""
         n, G = experts_per_rank, placement.num_gpus
         if placement.num_experts != n * G:
-            raise PlacementError(
-                f"placement has {placement.num_experts} experts, expected {n} per rank x {G} ranks"
-            )
+            raise PlacementError(f"placement has {placement.num_experts} experts, expected {n} per rank x {G} ranks")
         slot_expert = np.repeat(np.arange(placement.num_experts, dtype=np.int64), placement.replica_counts())
         homes = placement.gpus[placement.ptr[:-1]]
         wrong = np.flatnonzero(homes != np.arange(placement.num_experts) // n)
@@ -84,6 +83,8 @@ class PhysicalLayout:
         return cls(placement, n, redundant_slots, slot_local, local_slot, slot_expert)
 
     @classmethod
-    def stock(cls, num_ranks: int, experts_per_rank: int, redundant_slots: int) -> "PhysicalLayout":
+    def stock(cls, num_ranks: int, experts_per_rank: int, redundant_slots: int) -> PhysicalLayout:
         """Megatron's layout with every replica slot empty."""
-        return cls.build(Placement.contiguous(num_ranks * experts_per_rank, num_ranks), experts_per_rank, redundant_slots)
+        return cls.build(
+            Placement.contiguous(num_ranks * experts_per_rank, num_ranks), experts_per_rank, redundant_slots
+        )

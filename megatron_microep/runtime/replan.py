@@ -12,14 +12,15 @@ caller and are equal on every rank, so all ranks take the same branch at the sam
 ``state``/``load_state`` carry placement, history, step and a pending plan's outcome across a
 restart (FSEP layers save them in Megatron checkpoints).
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Deque, List, Optional
 
 import numpy as np
 import torch
@@ -36,26 +37,47 @@ logger = logging.getLogger(__name__)
 PlannerFn = Callable[[np.ndarray, int, int, Placement], Placement]
 
 
-def ortools_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int],
-                    forecast_samples: int = 0, forecast_recent: int = 1, forecast_burst: float = 0.0) -> PlannerFn:
+def ortools_planner(
+    time_limit_s: float,
+    move_penalty: float,
+    gpus_per_node: int | None,
+    forecast_samples: int = 0,
+    forecast_recent: int = 1,
+    forecast_burst: float = 0.0,
+) -> PlannerFn:
     def plan(history, num_gpus, redundant_slots, current):
         from megatron_microep.planning.planner import plan_placement
 
         return plan_placement(
-            planner_input(history, forecast_samples, forecast_recent, forecast_burst), num_gpus, redundant_slots,
-            gpus_per_node=gpus_per_node, time_limit_s=time_limit_s, current=current, move_penalty=move_penalty,
+            planner_input(history, forecast_samples, forecast_recent, forecast_burst),
+            num_gpus,
+            redundant_slots,
+            gpus_per_node=gpus_per_node,
+            time_limit_s=time_limit_s,
+            current=current,
+            move_penalty=move_penalty,
         ).placement
 
     return plan
 
 
-def greedy_planner(time_limit_s: float, move_penalty: float, gpus_per_node: Optional[int],
-                   forecast_samples: int = 0, forecast_recent: int = 1, forecast_burst: float = 0.0) -> PlannerFn:
+def greedy_planner(
+    time_limit_s: float,
+    move_penalty: float,
+    gpus_per_node: int | None,
+    forecast_samples: int = 0,
+    forecast_recent: int = 1,
+    forecast_burst: float = 0.0,
+) -> PlannerFn:
     def plan(history, num_gpus, redundant_slots, current):
         from megatron_microep.planning.eplb import eplb_placement
 
-        return eplb_placement(planner_input(history, forecast_samples, forecast_recent, forecast_burst), num_gpus,
-                              redundant_slots, gpus_per_node)
+        return eplb_placement(
+            planner_input(history, forecast_samples, forecast_recent, forecast_burst),
+            num_gpus,
+            redundant_slots,
+            gpus_per_node,
+        )
 
     return plan
 
@@ -80,8 +102,8 @@ def decode_placement(buffer: np.ndarray, num_experts: int, num_gpus: int) -> Pla
 @dataclass
 class _Pending:
     adopt_step: int
-    thread: Optional[threading.Thread]
-    result: List[object]  # [Placement] or [BaseException] once the thread is done
+    thread: threading.Thread | None
+    result: list[object]  # [Placement] or [BaseException] once the thread is done
     started: float
 
 
@@ -89,8 +111,15 @@ class PlacementController:
     """History and re-planning for one layer; ``group`` spans the layer's expert domain (tp_ep)."""
 
     def __init__(
-        self, layout: PhysicalLayout, planner: PlannerFn, replan_interval: int, history_window: int,
-        replan_lag: int, group, device: torch.device, name: str = "",
+        self,
+        layout: PhysicalLayout,
+        planner: PlannerFn,
+        replan_interval: int,
+        history_window: int,
+        replan_lag: int,
+        group,
+        device: torch.device,
+        name: str = "",
     ):
         self.layout = layout
         self.planner = planner
@@ -102,10 +131,10 @@ class PlacementController:
         self.name = name
         self.is_planner = dist.get_rank(group) == 0
         self.version = 0  # bumped on every adopted placement
-        self._steps: Deque[np.ndarray] = deque(maxlen=history_window)  # int64 [micro-batches, E] per step
-        self._current_rows: List[np.ndarray] = []
-        self._step: Optional[int] = None
-        self._pending: Optional[_Pending] = None
+        self._steps: deque[np.ndarray] = deque(maxlen=history_window)  # int64 [micro-batches, E] per step
+        self._current_rows: list[np.ndarray] = []
+        self._step: int | None = None
+        self._pending: _Pending | None = None
         self._replan_next_step = False  # set when a restored state's placement could not apply
 
     def record(self, expert_load: np.ndarray) -> None:
@@ -119,7 +148,7 @@ class PlacementController:
             return np.zeros((0, self.layout.placement.num_experts), dtype=np.int64)
         return np.concatenate(rows)
 
-    def on_step(self, step: int) -> Optional[PhysicalLayout]:
+    def on_step(self, step: int) -> PhysicalLayout | None:
         """Call at the first forward of ``step`` on every rank. Returns a new layout when one takes effect."""
         if self._step is not None and step == self._step:
             return None
@@ -164,18 +193,21 @@ class PlacementController:
             pending = {"adopt_step": self._pending.adopt_step, "placement": outcome}
         current = np.stack(self._current_rows) if self._current_rows else np.zeros((0, E), dtype=np.int64)
         return {
-            "placement": self.layout.placement.to_lists(), "history": [block.copy() for block in self._steps],
-            "current_rows": current, "step": self._step, "pending": pending,
+            "placement": self.layout.placement.to_lists(),
+            "history": [block.copy() for block in self._steps],
+            "current_rows": current,
+            "step": self._step,
+            "pending": pending,
         }
 
-    def load_state(self, state: dict, layout: Optional[PhysicalLayout]) -> None:
+    def load_state(self, state: dict, layout: PhysicalLayout | None) -> None:
         """Continue from a ``state`` of the same model (same call on every rank; the caller has
         validated it, with the pending plan's placement as a ``Placement`` or None). ``layout`` is
         the saved placement's layout for this controller, None when it cannot apply (another EP
         size or slot count): then the history is kept, the current layout stays, the pending plan is
         dropped and the next step re-plans."""
         self._steps.clear()
-        self._steps.extend(np.asarray(block, dtype=np.int64) for block in state["history"][-self.history_window:])
+        self._steps.extend(np.asarray(block, dtype=np.int64) for block in state["history"][-self.history_window :])
         self._current_rows = [np.asarray(row, dtype=np.int64) for row in state["current_rows"]]
         self._step = state["step"]
         self._pending = None
@@ -186,19 +218,23 @@ class PlacementController:
         pending = state["pending"]
         if pending is None:
             return
-        result: List[object] = []
+        result: list[object] = []
         thread = None
         if self.is_planner:
             # A planner that answers at once with the saved outcome; no outcome: a failed plan.
-            outcome = pending["placement"] if pending["placement"] is not None else \
-                RuntimeError("the plan pending at the checkpoint had failed")
+            outcome = (
+                pending["placement"]
+                if pending["placement"] is not None
+                else RuntimeError("the plan pending at the checkpoint had failed")
+            )
             thread = threading.Thread(target=result.append, args=(outcome,), daemon=True)
             thread.start()
-        self._pending = _Pending(adopt_step=pending["adopt_step"], thread=thread, result=result,
-                                 started=time.monotonic())
+        self._pending = _Pending(
+            adopt_step=pending["adopt_step"], thread=thread, result=result, started=time.monotonic()
+        )
 
     def _start(self, step: int) -> None:
-        result: List[object] = []
+        result: list[object] = []
         thread = None
         if self.is_planner:
             history = self.history()
@@ -213,9 +249,11 @@ class PlacementController:
 
             thread = threading.Thread(target=work, name=f"microep-planner{self.name}", daemon=True)
             thread.start()
-        self._pending = _Pending(adopt_step=step + self.replan_lag, thread=thread, result=result, started=time.monotonic())
+        self._pending = _Pending(
+            adopt_step=step + self.replan_lag, thread=thread, result=result, started=time.monotonic()
+        )
 
-    def _adopt(self) -> Optional[PhysicalLayout]:
+    def _adopt(self) -> PhysicalLayout | None:
         pending, self._pending = self._pending, None
         E = self.layout.placement.num_experts
         max_slots = E + self.layout.num_ranks * self.layout.redundant_slots
@@ -242,7 +280,9 @@ class PlacementController:
         if self.is_planner:
             logger.info(
                 "MicroEP%s: new placement with %d replicas after %.1f s of planning",
-                self.name, placement.num_slots - E, time.monotonic() - pending.started,
+                self.name,
+                placement.num_slots - E,
+                time.monotonic() - pending.started,
             )
         self.layout = layout
         self.version += 1

@@ -12,9 +12,10 @@ distributed optimizer see exactly the stock parameters and nothing else.
 The node also passes the dispatched tokens through, which ties it to the token path: every rank
 runs its backward (a collective) at the same point, also a rank whose replicas received no token.
 """
+
 from __future__ import annotations
 
-from typing import Hashable, List, Optional, Sequence, Tuple
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -50,12 +51,12 @@ class ReplicaExchange:
         order = np.lexsort((indices[mine_in], homes[mine_in]))
         self.recv_slots = indices[mine_in][order].tolist()  # replica index of each received expert
         self.recv_splits = (np.bincount(homes[mine_in], minlength=G) * self.numel).tolist()
-        self._cache: Optional[Tuple[Hashable, torch.Tensor]] = None
+        self._cache: tuple[Hashable, torch.Tensor] | None = None
 
     def _flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors])
 
-    def fetch(self, home: Sequence[Sequence[torch.Tensor]], key: Optional[Hashable]) -> torch.Tensor:
+    def fetch(self, home: Sequence[Sequence[torch.Tensor]], key: Hashable | None) -> torch.Tensor:
         """Flat buffer [received * numel] of replica weights; reused while ``key`` is unchanged.
 
         ``key`` must be equal on every rank of the group (all ranks fetch, or none does); None
@@ -76,26 +77,23 @@ class ReplicaExchange:
         self._cache = None if key is None else (key, recv)
         return recv
 
-    def return_grads(self, grad: torch.Tensor) -> List[List[Optional[torch.Tensor]]]:
+    def return_grads(self, grad: torch.Tensor) -> list[list[torch.Tensor | None]]:
         """Per home expert and tensor: the summed gradient of all its replicas (None if not replicated)."""
         back = grad.new_empty(sum(self.send_splits))
         dist.all_to_all_single(back, grad.contiguous(), self.send_splits, self.recv_splits, group=self.group)
-        sums: List[Optional[torch.Tensor]] = [None] * self.layout.experts_per_rank
+        sums: list[torch.Tensor | None] = [None] * self.layout.experts_per_rank
         for j, expert in enumerate(self.send_experts):  # fixed order: holder rank, replica index
             chunk = back[j * self.numel : (j + 1) * self.numel]
             sums[expert] = chunk.clone() if sums[expert] is None else sums[expert] + chunk
-        return [
-            [None] * len(self.shapes) if total is None else self.unflatten(total)
-            for total in sums
-        ]
+        return [[None] * len(self.shapes) if total is None else self.unflatten(total) for total in sums]
 
-    def unflatten(self, flat: torch.Tensor) -> List[torch.Tensor]:
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         sizes = [s.numel() for s in self.shapes]
         return [part.view(shape) for part, shape in zip(torch.split(flat, sizes), self.shapes)]
 
-    def replica_tensors(self, flat: torch.Tensor) -> List[Optional[List[torch.Tensor]]]:
+    def replica_tensors(self, flat: torch.Tensor) -> list[list[torch.Tensor] | None]:
         """Per replica index (R of them): the tensors of the expert it holds, None if empty."""
-        out: List[Optional[List[torch.Tensor]]] = [None] * self.layout.redundant_slots
+        out: list[list[torch.Tensor] | None] = [None] * self.layout.redundant_slots
         for j, slot in enumerate(self.recv_slots):
             out[slot] = self.unflatten(flat[j * self.numel : (j + 1) * self.numel])
         return out
@@ -118,8 +116,8 @@ class _Replicate(torch.autograd.Function):
 
 
 def replicate(
-    tokens: torch.Tensor, exchange: ReplicaExchange, home: Sequence[Sequence[torch.Tensor]], key: Optional[Hashable]
-) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
+    tokens: torch.Tensor, exchange: ReplicaExchange, home: Sequence[Sequence[torch.Tensor]], key: Hashable | None
+) -> tuple[torch.Tensor, list[list[torch.Tensor] | None]]:
     """(tokens, replica tensors per replica index) with gradients flowing back to ``home``.
 
     ``home[i]`` are local expert i's tensors in ``exchange.shapes`` order. Call on every rank of

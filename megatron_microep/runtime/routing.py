@@ -11,6 +11,7 @@ of ``routing_map.T.nonzero()``). Copies of an expert are consecutive slots, so t
 ``r`` are the contiguous range ``[cum[r] - x[r], cum[r])`` of that numbering, ``x`` being the
 source's per-slot counts: no per-token search is needed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

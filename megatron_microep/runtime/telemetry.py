@@ -4,10 +4,10 @@
 is the MicroEP schedule. Loads are tokens per EP rank; remote tokens are tokens processed on an EP
 rank other than the one that routed them.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -42,8 +42,12 @@ class MicroBatchStats:
 
 
 def micro_batch_stats(
-    step: int, layer: int, tokens: np.ndarray, schedule: Schedule, layout: PhysicalLayout,
-    phase_seconds: Tuple[float, float, float],
+    step: int,
+    layer: int,
+    tokens: np.ndarray,
+    schedule: Schedule,
+    layout: PhysicalLayout,
+    phase_seconds: tuple[float, float, float],
 ) -> MicroBatchStats:
     """``tokens`` int64 [G, E]: routed tokens per source EP rank and expert (what was scheduled);
     ``phase_seconds``: count gather, solve and split computation times."""
@@ -74,17 +78,17 @@ class TelemetryLog:
     """Micro-batch stats of one layer since the last ``drain``."""
 
     def __init__(self) -> None:
-        self.rows: List[MicroBatchStats] = []
+        self.rows: list[MicroBatchStats] = []
 
     def add(self, stats: MicroBatchStats) -> None:
         self.rows.append(stats)
 
-    def drain(self) -> List[MicroBatchStats]:
+    def drain(self) -> list[MicroBatchStats]:
         rows, self.rows = self.rows, []
         return rows
 
 
-def summarize(rows: List[MicroBatchStats]) -> Dict[str, float]:
+def summarize(rows: list[MicroBatchStats]) -> dict[str, float]:
     """Means over micro-batches of the figures a log line and a metrics writer show."""
     if not rows:
         return {}
@@ -102,5 +106,5 @@ def summarize(rows: List[MicroBatchStats]) -> Dict[str, float]:
     }
 
 
-def as_dict(stats: MicroBatchStats) -> Dict[str, float]:
+def as_dict(stats: MicroBatchStats) -> dict[str, float]:
     return asdict(stats)

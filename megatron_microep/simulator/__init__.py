@@ -3,13 +3,14 @@
 ``simulate(...)`` is the one entry point (the ``microep simulate`` command calls it): open a trace,
 build the policies, stream the records through the engine, write the report.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -37,8 +38,17 @@ def save_while_streaming(records: Iterator[TraceRecord], path: Path, info: Trace
     if path.suffix == ".jsonl":
         with open(path, "w", encoding="utf-8") as f:
             for r in records:
-                f.write(json.dumps({"step": r.step, "micro_batch": r.micro_batch, "layer": r.layer,
-                                    "tokens": np.asarray(r.tokens).tolist()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": r.step,
+                            "micro_batch": r.micro_batch,
+                            "layer": r.layer,
+                            "tokens": np.asarray(r.tokens).tolist(),
+                        }
+                    )
+                    + "\n"
+                )
                 yield r
         return
     with NativeTraceWriter(path, info.num_gpus, info.num_experts, meta={"source": info.description}) as writer:
@@ -53,11 +63,22 @@ def resolve_policy_params(names: list[str], user: dict[str, dict], cost: CostMod
     return {name: {**derived.get(name, {}), **user.get(name, {})} for name in names}
 
 
-def simulate(trace: str, policies: list[str], redundant_slots: int, gpus_per_node: int | None, report_dir: Path,
-             cost: CostModel, *, policy_params: dict[str, dict] | None = None, warmup_steps: int = 1,
-             num_experts: int | None = None, ranks: list[int] | None = None, save_trace: Path | None = None,
-             plots: bool = True, progress: Callable[[int | None], Callable[[int], None]] | None = None
-             ) -> SimulationOutput:
+def simulate(
+    trace: str,
+    policies: list[str],
+    redundant_slots: int,
+    gpus_per_node: int | None,
+    report_dir: Path,
+    cost: CostModel,
+    *,
+    policy_params: dict[str, dict] | None = None,
+    warmup_steps: int = 1,
+    num_experts: int | None = None,
+    ranks: list[int] | None = None,
+    save_trace: Path | None = None,
+    plots: bool = True,
+    progress: Callable[[int | None], Callable[[int], None]] | None = None,
+) -> SimulationOutput:
     """Replay ``trace`` through ``policies`` (``ideal`` is always added as the reference) and write the
     report into ``report_dir``. ``gpus_per_node=None`` picks 8 when it divides the GPU count, else one
     node. ``progress(total)`` returns a per-record callback (``total`` is None when unknown)."""
@@ -77,10 +98,19 @@ def simulate(trace: str, policies: list[str], redundant_slots: int, gpus_per_nod
     engine = Simulation(layout, built, cost, warmup_steps)
     results = engine.run(records, progress(total) if progress else None)
     shown = {p.name: {f: getattr(p.params, f) for f in p.params.__dataclass_fields__} for p in built}
-    rows = write_report(report_dir, results, info, layout, cost, warmup_steps, engine.measured_records,
-                        engine.records, shown, plots=plots)
-    return SimulationOutput(info, layout, rows, engine.records, engine.measured_records,
-                            time.perf_counter() - started)
+    rows = write_report(
+        report_dir,
+        results,
+        info,
+        layout,
+        cost,
+        warmup_steps,
+        engine.measured_records,
+        engine.records,
+        shown,
+        plots=plots,
+    )
+    return SimulationOutput(info, layout, rows, engine.records, engine.measured_records, time.perf_counter() - started)
 
 
 __all__ = ["POLICIES", "SimulationOutput", "simulate", "save_while_streaming", "resolve_policy_params"]

@@ -29,6 +29,7 @@ backward compute); a re-plan that moves an expert's home copy
 moves its parameters and optimizer state (charged in full). Bytes on a link are not slowed by other
 traffic on it (no contention model); compute and all-to-all of one layer do not overlap.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +57,7 @@ class GemmTable:
     source: str
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_GEMM_TABLE) -> "GemmTable":
+    def load(cls, path: str | Path = DEFAULT_GEMM_TABLE) -> GemmTable:
         path = Path(path)
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -153,11 +154,15 @@ class CostModel:
         per_token_intra = self.token_bytes / (self.intra_node_gbps * 1e9)
         per_token_inter = self.token_bytes / (self.inter_node_gbps * 1e9)
         # LAER's T weighs 4 all-to-alls against 3 GEMM passes itself; its costs are per pass.
-        laer = {"intra_cost": per_token_intra / self.token_compute_s(),
-                "inter_cost": per_token_inter / self.token_compute_s()}
+        laer = {
+            "intra_cost": per_token_intra / self.token_compute_s(),
+            "inter_cost": per_token_inter / self.token_compute_s(),
+        }
         move_bytes = self.expert_param_bytes + self.expert_grad_bytes
-        balancemoe = {"move_cost_intra": move_bytes / (self.intra_node_gbps * 1e9) / unit,
-                      "move_cost_inter": move_bytes / (self.inter_node_gbps * 1e9) / unit}
+        balancemoe = {
+            "move_cost_intra": move_bytes / (self.intra_node_gbps * 1e9) / unit,
+            "move_cost_inter": move_bytes / (self.inter_node_gbps * 1e9) / unit,
+        }
         return {"laer": laer, "balancemoe": balancemoe}
 
     # --- per micro-batch ---------------------------------------------------------------------
@@ -184,8 +189,9 @@ class CostModel:
         worst = 0.0
         for mask, gbps in ((intra, self.intra_node_gbps), (~intra, self.inter_node_gbps)):
             if mask.any():
-                per_gpu = np.maximum(np.bincount(src[mask], minlength=num_gpus),
-                                     np.bincount(dst[mask], minlength=num_gpus))
+                per_gpu = np.maximum(
+                    np.bincount(src[mask], minlength=num_gpus), np.bincount(dst[mask], minlength=num_gpus)
+                )
                 worst = max(worst, float(per_gpu.max()) * bytes_each / (gbps * 1e9))
         return worst
 
@@ -245,8 +251,16 @@ class RecordCost:
         return self.compute_s + self.a2a_s + self.weight_move_s + self.fsep_exposed_s + self.decision_s
 
 
-def record_cost(model: CostModel, assignment: Assignment, flow: Traffic, node_size: int, *,
-                temporary_copies: bool, fully_sharded: bool, decision_s: float) -> RecordCost:
+def record_cost(
+    model: CostModel,
+    assignment: Assignment,
+    flow: Traffic,
+    node_size: int,
+    *,
+    temporary_copies: bool,
+    fully_sharded: bool,
+    decision_s: float,
+) -> RecordCost:
     placement = assignment.placement
     per_gpu = model.compute_s(assignment.slot_tokens, placement)
     fwd = float(per_gpu.max(initial=0.0))
@@ -305,8 +319,16 @@ def broadcast_chains(expert: np.ndarray, home: np.ndarray, replica: np.ndarray, 
     return np.stack([g_sorted[:-1][link], g_sorted[1:][link]], axis=1).astype(np.int64)
 
 
-def replica_sync(model: CostModel, expert: np.ndarray, home: np.ndarray, replica: np.ndarray, num_gpus: int,
-                 node_size: int, first_fwd_s: float, last_bwd_s: float) -> tuple[float, float]:
+def replica_sync(
+    model: CostModel,
+    expert: np.ndarray,
+    home: np.ndarray,
+    replica: np.ndarray,
+    num_gpus: int,
+    node_size: int,
+    first_fwd_s: float,
+    last_bwd_s: float,
+) -> tuple[float, float]:
     """(exposed seconds, bytes) of one step's replica refresh (broadcast from home) and gradient
     return (reduction to home) for replicas ``(expert, home, replica)`` int [K] each, hidden behind
     ``first_fwd_s`` and ``last_bwd_s`` of compute."""

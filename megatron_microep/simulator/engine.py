@@ -11,11 +11,12 @@ Memory is bounded by the history windows (a few [G, E] arrays per layer), the pe
 series (a few floats per record and policy) and the downsampled heatmaps (``HEATMAP_ROWS`` rows of
 [G] per layer and policy).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -76,8 +77,11 @@ class PolicyResult:
     decision_seconds: float = 0.0
     decisions: int = 0
     replans: int = 0
-    parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("compute", "a2a", "weight_moves", "fsep", "decision", "replica_sync", "home_moves", "planner"), 0.0))
+    parts: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("compute", "a2a", "weight_moves", "fsep", "decision", "replica_sync", "home_moves", "planner"), 0.0
+        )
+    )
 
     def exposed_planner(self, step: int) -> float:
         """Planner time not hidden by the steps it ran during: a plan used from step k runs during the
@@ -136,8 +140,10 @@ class Simulation:
         for layer in self._layers:
             self._close_step(layer)
         if self.measured_records == 0:
-            raise TraceError("no records left to measure after the warm-up steps "
-                             f"(trace has {self.records} records; lower --warmup-steps)")
+            raise TraceError(
+                "no records left to measure after the warm-up steps "
+                f"(trace has {self.records} records; lower --warmup-steps)"
+            )
         return self.results
 
     # --- internals ---------------------------------------------------------------------------
@@ -148,18 +154,26 @@ class Simulation:
         lay = self.layout
         tokens = record.tokens
         if tokens.shape != (lay.num_gpus, lay.num_experts):
-            raise TraceError(f"record {self.records} (step {record.step}, layer {record.layer}): tokens shape "
-                             f"{list(tokens.shape)}, expected [{lay.num_gpus}, {lay.num_experts}]")
+            raise TraceError(
+                f"record {self.records} (step {record.step}, layer {record.layer}): tokens shape "
+                f"{list(tokens.shape)}, expected [{lay.num_gpus}, {lay.num_experts}]"
+            )
         state = self._layers.get(record.layer)
         if state is None:
-            state = _LayerState(HistoryWindow(lay.num_gpus, lay.num_experts, *self._window),
-                                [_PolicyLayerState(p.initial_placement()) for p in self.policies],
-                                record.step, record.micro_batch, record.step)
+            state = _LayerState(
+                HistoryWindow(lay.num_gpus, lay.num_experts, *self._window),
+                [_PolicyLayerState(p.initial_placement()) for p in self.policies],
+                record.step,
+                record.micro_batch,
+                record.step,
+            )
             self._layers[record.layer] = state
         elif (record.step, record.micro_batch) <= (state.step, state.micro_batch):
-            raise TraceError(f"record {self.records}: (step {record.step}, micro_batch {record.micro_batch}) of layer "
-                             f"{record.layer} does not come after (step {state.step}, micro_batch {state.micro_batch}); "
-                             "records must be chronological within each layer")
+            raise TraceError(
+                f"record {self.records}: (step {record.step}, micro_batch {record.micro_batch}) of layer "
+                f"{record.layer} does not come after (step {state.step}, micro_batch {state.micro_batch}); "
+                "records must be chronological within each layer"
+            )
         elif record.step != state.step:
             self._close_step(record.layer)
             state.step = record.step
@@ -174,16 +188,24 @@ class Simulation:
             self._assign(policy, result, ps, record, measured, mean)
         state.history.push(tokens)
 
-    def _assign(self, policy: Policy, result: PolicyResult, ps: _PolicyLayerState, record: TraceRecord,
-                measured: bool, mean: float) -> None:
+    def _assign(
+        self,
+        policy: Policy,
+        result: PolicyResult,
+        ps: _PolicyLayerState,
+        record: TraceRecord,
+        measured: bool,
+        mean: float,
+    ) -> None:
         lay = self.layout
         started = time.perf_counter()
         a = policy.assign(record.tokens, ps.placement)
         decision = time.perf_counter() - started if policy.decides_per_micro_batch else 0.0
         load = a.gpu_load()
         if int(load.sum()) != int(record.tokens.sum()) or int(a.tokens.sum()) != int(record.tokens.sum()):
-            raise PolicyError(f"{policy.name}: assignment of step {record.step}, layer {record.layer} does not "
-                              "conserve tokens")
+            raise PolicyError(
+                f"{policy.name}: assignment of step {record.step}, layer {record.layer} does not conserve tokens"
+            )
         if policy.keeps_assign_placement:
             ps.placement = a.placement
         if not (policy.temporary_copies or policy.fully_sharded or policy.weightless):
@@ -193,8 +215,15 @@ class Simulation:
             expert = np.repeat(np.arange(lay.num_experts), counts)
             ps.pairs.append(expert[is_replica] * lay.num_gpus + a.placement.gpus[is_replica])
         flow = traffic(a, lay.node_size)
-        rc = record_cost(self.cost, a, flow, lay.node_size, temporary_copies=policy.temporary_copies,
-                         fully_sharded=policy.fully_sharded, decision_s=decision)
+        rc = record_cost(
+            self.cost,
+            a,
+            flow,
+            lay.node_size,
+            temporary_copies=policy.temporary_copies,
+            fully_sharded=policy.fully_sharded,
+            decision_s=decision,
+        )
         if ps.first_fwd is None:
             ps.first_fwd = rc.compute_fwd_s
         ps.last_bwd = rc.compute_s - rc.compute_fwd_s
@@ -213,8 +242,13 @@ class Simulation:
         if policy.decides_per_micro_batch:
             result.decision_seconds += decision
             result.decisions += 1
-        for part, value in (("compute", rc.compute_s), ("a2a", rc.a2a_s), ("weight_moves", rc.weight_move_s),
-                            ("fsep", rc.fsep_exposed_s), ("decision", rc.decision_s)):
+        for part, value in (
+            ("compute", rc.compute_s),
+            ("a2a", rc.a2a_s),
+            ("weight_moves", rc.weight_move_s),
+            ("fsep", rc.fsep_exposed_s),
+            ("decision", rc.decision_s),
+        ):
             result.parts[part] += value
 
     def _close_step(self, layer: int) -> None:
@@ -222,13 +256,14 @@ class Simulation:
         lay = self.layout
         state = self._layers[layer]
         measured = self._measured(state)
-        for policy, result, ps in zip(self.policies, self.results, state.policies):
+        for _policy, result, ps in zip(self.policies, self.results, state.policies):
             if ps.pairs:
                 codes = np.unique(np.concatenate(ps.pairs))
                 expert, gpu = np.divmod(codes, lay.num_gpus)
                 home = ps.placement.gpus[ps.placement.ptr[:-1]]
-                seconds, nbytes = replica_sync(self.cost, expert, home[expert], gpu, lay.num_gpus, lay.node_size,
-                                               ps.first_fwd or 0.0, ps.last_bwd)
+                seconds, nbytes = replica_sync(
+                    self.cost, expert, home[expert], gpu, lay.num_gpus, lay.node_size, ps.first_fwd or 0.0, ps.last_bwd
+                )
                 result.step_seconds[state.step] = result.step_seconds.get(state.step, 0.0) + seconds
                 if measured:
                     result.weight_bytes += nbytes

@@ -1,4 +1,5 @@
 """The simulator's report: summary.csv, report.md and PNG plots from the engine's results."""
+
 from __future__ import annotations
 
 import csv
@@ -14,9 +15,19 @@ from megatron_microep.simulator.engine import PolicyResult
 from megatron_microep.simulator.traces import TraceInfo, layer_label
 
 SUMMARY_COLUMNS = (
-    "policy", "max_over_mean_mean", "max_over_mean_p99", "max_over_mean_max", "remote_tokens", "remote_share",
-    "inter_node_tokens", "weight_bytes", "modeled_step_time", "share_of_ideal", "planner_s_per_replan",
-    "decision_us_mean", "replans",
+    "policy",
+    "max_over_mean_mean",
+    "max_over_mean_p99",
+    "max_over_mean_max",
+    "remote_tokens",
+    "remote_share",
+    "inter_node_tokens",
+    "weight_bytes",
+    "modeled_step_time",
+    "share_of_ideal",
+    "planner_s_per_replan",
+    "decision_us_mean",
+    "replans",
 )
 TIME_PARTS = ("compute", "a2a", "weight_moves", "fsep", "decision", "replica_sync", "home_moves", "planner")
 
@@ -54,22 +65,24 @@ def summarize(results: list[PolicyResult], ideal: str = "ideal") -> list[Summary
         ratios = np.asarray(r.ratios)
         parts = {k: v / steps for k, v in r.parts.items()}
         parts["planner"] = sum(r.exposed_planner(s) for s in times) / steps
-        out.append(Summary(
-            policy=r.name,
-            max_over_mean_mean=float(ratios.mean()),
-            max_over_mean_p99=float(np.percentile(ratios, 99)),
-            max_over_mean_max=float(ratios.max()),
-            remote_tokens=r.remote_tokens,
-            remote_share=r.remote_tokens / r.total_tokens if r.total_tokens else 0.0,
-            inter_node_tokens=r.inter_node_tokens,
-            weight_bytes=r.weight_bytes,
-            modeled_step_time=total / steps,
-            share_of_ideal=ideal_total / total if total > 0 else 1.0,
-            planner_s_per_replan=r.planner_total_seconds / r.replans if r.replans else 0.0,
-            decision_us_mean=1e6 * r.decision_seconds / r.decisions if r.decisions else 0.0,
-            replans=r.replans,
-            parts_per_step=parts,
-        ))
+        out.append(
+            Summary(
+                policy=r.name,
+                max_over_mean_mean=float(ratios.mean()),
+                max_over_mean_p99=float(np.percentile(ratios, 99)),
+                max_over_mean_max=float(ratios.max()),
+                remote_tokens=r.remote_tokens,
+                remote_share=r.remote_tokens / r.total_tokens if r.total_tokens else 0.0,
+                inter_node_tokens=r.inter_node_tokens,
+                weight_bytes=r.weight_bytes,
+                modeled_step_time=total / steps,
+                share_of_ideal=ideal_total / total if total > 0 else 1.0,
+                planner_s_per_replan=r.planner_total_seconds / r.replans if r.replans else 0.0,
+                decision_us_mean=1e6 * r.decision_seconds / r.decisions if r.decisions else 0.0,
+                replans=r.replans,
+                parts_per_step=parts,
+            )
+        )
     return out
 
 
@@ -96,19 +109,25 @@ def _fmt_bytes(n: float) -> str:
 
 
 def markdown_table(rows: list[Summary]) -> str:
-    head = ("| policy | max/mean mean | max/mean p99 | remote tokens (share) | inter-node tokens | weight bytes "
-            "| modeled step (ms) | share of ideal |")
+    head = (
+        "| policy | max/mean mean | max/mean p99 | remote tokens (share) | inter-node tokens | weight bytes "
+        "| modeled step (ms) | share of ideal |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.policy} | {r.max_over_mean_mean:.3f} | {r.max_over_mean_p99:.3f} | "
-                     f"{r.remote_tokens:,} ({r.remote_share:.1%}) | {r.inter_node_tokens:,} | "
-                     f"{_fmt_bytes(r.weight_bytes)} | {1e3 * r.modeled_step_time:.2f} | {r.share_of_ideal:.1%} |")
+        lines.append(
+            f"| {r.policy} | {r.max_over_mean_mean:.3f} | {r.max_over_mean_p99:.3f} | "
+            f"{r.remote_tokens:,} ({r.remote_share:.1%}) | {r.inter_node_tokens:,} | "
+            f"{_fmt_bytes(r.weight_bytes)} | {1e3 * r.modeled_step_time:.2f} | {r.share_of_ideal:.1%} |"
+        )
     return "\n".join(lines)
 
 
 def parts_table(rows: list[Summary]) -> str:
-    lines = ["| policy | " + " | ".join(TIME_PARTS) + " | planner s/re-plan | decision us/call |",
-             "|---|" + "---:|" * (len(TIME_PARTS) + 2)]
+    lines = [
+        "| policy | " + " | ".join(TIME_PARTS) + " | planner s/re-plan | decision us/call |",
+        "|---|" + "---:|" * (len(TIME_PARTS) + 2),
+    ]
     for r in rows:
         cells = " | ".join(f"{1e3 * r.parts_per_step.get(p, 0.0):.2f}" for p in TIME_PARTS)
         lines.append(f"| {r.policy} | {cells} | {r.planner_s_per_replan:.3f} | {r.decision_us_mean:.0f} |")
@@ -128,22 +147,37 @@ def explain_wins(rows: list[Summary], focus: str = "microep", ideal: str = "idea
         return notes
     best_balance = min(others, key=lambda r: r.max_over_mean_mean)
     if best_balance.max_over_mean_mean < me.max_over_mean_mean - 1e-9:
-        notes.append(f"{best_balance.policy} has a lower mean max/mean than {focus} "
-                     f"({best_balance.max_over_mean_mean:.3f} vs {me.max_over_mean_mean:.3f}): it decides copies from "
-                     f"each micro-batch's own counts, while {focus}'s replicas come from history (stale under drift).")
+        notes.append(
+            f"{best_balance.policy} has a lower mean max/mean than {focus} "
+            f"({best_balance.max_over_mean_mean:.3f} vs {me.max_over_mean_mean:.3f}): it decides copies from "
+            f"each micro-batch's own counts, while {focus}'s replicas come from history (stale under drift)."
+        )
     best_share = max(others, key=lambda r: r.share_of_ideal)
     if best_share.share_of_ideal > me.share_of_ideal + 1e-9:
-        diffs = sorted(((me.parts_per_step.get(p, 0.0) - best_share.parts_per_step.get(p, 0.0), p) for p in TIME_PARTS),
-                       reverse=True)
+        diffs = sorted(
+            ((me.parts_per_step.get(p, 0.0) - best_share.parts_per_step.get(p, 0.0), p) for p in TIME_PARTS),
+            reverse=True,
+        )
         worse = [f"{p} {1e3 * d:+.2f} ms" for d, p in diffs if d > 1e-6][:3]
-        notes.append(f"{best_share.policy} has a higher share of ideal than {focus} ({best_share.share_of_ideal:.1%} vs "
-                     f"{me.share_of_ideal:.1%}); per step, {focus} spends more on " + ", ".join(worse) + ".")
+        notes.append(
+            f"{best_share.policy} has a higher share of ideal than {focus} ({best_share.share_of_ideal:.1%} vs "
+            f"{me.share_of_ideal:.1%}); per step, {focus} spends more on " + ", ".join(worse) + "."
+        )
     return notes
 
 
-def write_markdown(path: Path, rows: list[Summary], info: TraceInfo, layout: Layout, cost: CostModel,
-                   warmup_steps: int, measured_records: int, records: int, plots: list[str],
-                   policy_params: dict[str, dict]) -> None:
+def write_markdown(
+    path: Path,
+    rows: list[Summary],
+    info: TraceInfo,
+    layout: Layout,
+    cost: CostModel,
+    warmup_steps: int,
+    measured_records: int,
+    records: int,
+    plots: list[str],
+    policy_params: dict[str, dict],
+) -> None:
     cost_fields = {f.name: getattr(cost, f.name) for f in dataclasses.fields(cost) if f.name != "gemm_table"}
     lines = [
         "# Trace simulation report",
@@ -155,40 +189,77 @@ def write_markdown(path: Path, rows: list[Summary], info: TraceInfo, layout: Lay
         "",
     ]
     if not info.per_source_known:
-        lines += ["**Per-source counts are not in this trace** (Megatron's tokens-per-expert files record only what "
-                  "each rank received); each expert's tokens were spread evenly over the sources, so remote-token "
-                  "and all-to-all figures are estimates. Load balance figures are exact.", ""]
-    lines += ["## Policies", "", markdown_table(rows), "",
-              "max/mean: the busiest GPU's tokens over the mean, per (micro-batch, layer). share of ideal: the "
-              "force-balanced ideal's modeled time over the policy's (higher is better).", ""]
+        lines += [
+            "**Per-source counts are not in this trace** (Megatron's tokens-per-expert files record only what "
+            "each rank received); each expert's tokens were spread evenly over the sources, so remote-token "
+            "and all-to-all figures are estimates. Load balance figures are exact.",
+            "",
+        ]
+    lines += [
+        "## Policies",
+        "",
+        markdown_table(rows),
+        "",
+        "max/mean: the busiest GPU's tokens over the mean, per (micro-batch, layer). share of ideal: the "
+        "force-balanced ideal's modeled time over the policy's (higher is better).",
+        "",
+    ]
     notes = explain_wins(rows)
     if notes:
         lines += ["## Where another policy wins", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["## Modeled time per step by component (ms)", "", parts_table(rows), "",
-              "planner: re-planning time not hidden by the step it runs during; decision: per-micro-batch decisions "
-              "on the critical path (measured wall time of this implementation on this machine).", "",
-              "## Plots", ""] + [f"![{p}]({p})" for p in plots] + ["", "## Settings", "",
-              "Cost model: " + ", ".join(f"{k}={v}" for k, v in cost_fields.items()) +
-              f"; GEMM efficiency table: {cost.gemm_table.source}.", ""]
+    lines += (
+        [
+            "## Modeled time per step by component (ms)",
+            "",
+            parts_table(rows),
+            "",
+            "planner: re-planning time not hidden by the step it runs during; decision: per-micro-batch decisions "
+            "on the critical path (measured wall time of this implementation on this machine).",
+            "",
+            "## Plots",
+            "",
+        ]
+        + [f"![{p}]({p})" for p in plots]
+        + [
+            "",
+            "## Settings",
+            "",
+            "Cost model: "
+            + ", ".join(f"{k}={v}" for k, v in cost_fields.items())
+            + f"; GEMM efficiency table: {cost.gemm_table.source}.",
+            "",
+        ]
+    )
     for name, params in policy_params.items():
         if params:
-            lines.append(f"- {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                   for k, v in params.items()))
+            lines.append(
+                f"- {name}: "
+                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+            )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 # --- plots -------------------------------------------------------------------------------------------
 
+
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
 POLICY_COLORS = {
-    "static": "#7f7f7f", "eplb": "#1f77b4", "laer": "#9467bd", "llep": "#8c564b", "balancemoe": "#e377c2",
-    "ultraep": "#ff7f0e", "microep": "#2ca02c", "ideal": "#000000",
+    "static": "#7f7f7f",
+    "eplb": "#1f77b4",
+    "laer": "#9467bd",
+    "llep": "#8c564b",
+    "balancemoe": "#e377c2",
+    "ultraep": "#ff7f0e",
+    "microep": "#2ca02c",
+    "ideal": "#000000",
 }
 
 
@@ -207,13 +278,15 @@ def plot_heatmaps(results: list[PolicyResult], out_dir: Path, max_layers: int = 
         fig, axes = plt.subplots(1, len(maps), figsize=(2.2 * len(maps) + 1.2, 4.2), sharey=True, squeeze=False)
         for ax, (name, m) in zip(axes[0], maps):
             im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="RdBu_r", norm=norm)
-            ax.set_title(f"{name}\nmax {m.max():.2f}" if name != "static" else f"static (before)\nmax {m.max():.2f}",
-                         fontsize=9)
+            ax.set_title(
+                f"{name}\nmax {m.max():.2f}" if name != "static" else f"static (before)\nmax {m.max():.2f}", fontsize=9
+            )
             ax.set_xlabel("GPU")
         axes[0][0].set_ylabel("time (micro-batches, binned)")
         fig.colorbar(im, ax=axes[0].tolist(), label="GPU load / mean (saturates at 2)", shrink=0.9, extend="max")
-        fig.suptitle(f"Per-GPU load over time, layer {layer_label(layer)} (white = mean, red = over)", fontsize=11,
-                     y=1.04)
+        fig.suptitle(
+            f"Per-GPU load over time, layer {layer_label(layer)} (white = mean, red = over)", fontsize=11, y=1.04
+        )
         name = f"heatmap_layer{layer_label(layer)}.png"
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -232,8 +305,14 @@ def plot_ratio_over_time(results: list[PolicyResult], out_dir: Path) -> str:
                 by_time.setdefault((step, mb), []).append(ratio)
         keys = sorted(by_time)
         ys = [np.mean(by_time[k]) for k in keys]
-        ax.plot(range(len(keys)), ys, label=r.name, color=POLICY_COLORS.get(r.name), lw=1.4,
-                ls={"ideal": "--", "static": ":"}.get(r.name, "-"))
+        ax.plot(
+            range(len(keys)),
+            ys,
+            label=r.name,
+            color=POLICY_COLORS.get(r.name),
+            lw=1.4,
+            ls={"ideal": "--", "static": ":"}.get(r.name, "-"),
+        )
     ax.set_xlabel("micro-batch (measured, in step order)")
     ax.set_ylabel("max / mean GPU load (mean over layers)")
     ax.set_yscale("log")
@@ -275,8 +354,11 @@ def plot_traffic(rows: list[Summary], out_dir: Path) -> str:
     gigabytes = np.array([r.weight_bytes / 1e9 for r in rows])
     positive = gigabytes[gigabytes > 0]
     floor = positive.min() / 10 if len(positive) else 1.0
-    ax2.bar(x[gigabytes > 0], gigabytes[gigabytes > 0], color=[POLICY_COLORS.get(n, "#333")
-                                                               for n, gb in zip(names, gigabytes) if gb > 0])
+    ax2.bar(
+        x[gigabytes > 0],
+        gigabytes[gigabytes > 0],
+        color=[POLICY_COLORS.get(n, "#333") for n, gb in zip(names, gigabytes) if gb > 0],
+    )
     for xi, gb in zip(x, gigabytes):
         ax2.text(xi, max(gb, floor), f"{gb:.3g}" if gb else "none", ha="center", va="bottom", fontsize=7)
     ax2.set_yscale("log")
@@ -319,9 +401,18 @@ def plot_step_time(rows: list[Summary], out_dir: Path) -> str:
     return name
 
 
-def write_report(out_dir: Path, results: list[PolicyResult], info: TraceInfo, layout: Layout, cost: CostModel,
-                 warmup_steps: int, measured_records: int, records: int, policy_params: dict[str, dict],
-                 plots: bool = True) -> list[Summary]:
+def write_report(
+    out_dir: Path,
+    results: list[PolicyResult],
+    info: TraceInfo,
+    layout: Layout,
+    cost: CostModel,
+    warmup_steps: int,
+    measured_records: int,
+    records: int,
+    policy_params: dict[str, dict],
+    plots: bool = True,
+) -> list[Summary]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(results)
     write_csv(out_dir / "summary.csv", rows)
@@ -329,6 +420,7 @@ def write_report(out_dir: Path, results: list[PolicyResult], info: TraceInfo, la
     if plots:
         files = [plot_step_time(rows, out_dir), plot_ratio_over_time(results, out_dir), plot_traffic(rows, out_dir)]
         files += plot_heatmaps(results, out_dir)
-    write_markdown(out_dir / "report.md", rows, info, layout, cost, warmup_steps, measured_records, records, files,
-                   policy_params)
+    write_markdown(
+        out_dir / "report.md", rows, info, layout, cost, warmup_steps, measured_records, records, files, policy_params
+    )
     return rows

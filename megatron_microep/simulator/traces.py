@@ -16,6 +16,7 @@ GPU ``s`` routed to expert ``e``. Sources (``open_trace`` picks by the spec):
 Every malformed record raises TraceError naming the file, the record (line or index) and the field.
 Layers are ints; Megatron MTP layers get ids ``MTP_LAYER_BASE * (mtp_idx + 1) + layer``.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,9 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -69,14 +70,16 @@ def layer_label(layer: int) -> str:
 
 # --- native binary format ------------------------------------------------------------------------
 
+
 class NativeTraceWriter:
     """Append records to a ``.mept`` file; creates it with its header, or checks the existing header.
 
     Each record is self-delimiting (length and CRC32), so a reader detects a torn last record.
     """
 
-    def __init__(self, path: str | os.PathLike, num_gpus: int, num_experts: int, meta: dict | None = None,
-                 compress: bool = True):
+    def __init__(
+        self, path: str | os.PathLike, num_gpus: int, num_experts: int, meta: dict | None = None, compress: bool = True
+    ):
         self.path = Path(path)
         self.num_gpus, self.num_experts, self.compress = num_gpus, num_experts, compress
         exists = self.path.exists() and self.path.stat().st_size > 0
@@ -84,8 +87,10 @@ class NativeTraceWriter:
             with open(self.path, "rb") as f:
                 header = _read_native_header(f, self.path)
             if (header["num_gpus"], header["num_experts"]) != (num_gpus, num_experts):
-                raise TraceError(f"{self.path}: existing trace is {header['num_gpus']} GPUs x "
-                                 f"{header['num_experts']} experts, cannot append {num_gpus} x {num_experts}")
+                raise TraceError(
+                    f"{self.path}: existing trace is {header['num_gpus']} GPUs x "
+                    f"{header['num_experts']} experts, cannot append {num_gpus} x {num_experts}"
+                )
         self._file = open(self.path, "ab")
         if not exists:
             head = json.dumps({"num_gpus": num_gpus, "num_experts": num_experts, "meta": meta or {}}).encode()
@@ -94,17 +99,21 @@ class NativeTraceWriter:
     def write(self, step: int, micro_batch: int, layer: int, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens)
         if tokens.shape != (self.num_gpus, self.num_experts):
-            raise TraceError(f"{self.path}: record tokens shape {list(tokens.shape)}, expected "
-                             f"[{self.num_gpus}, {self.num_experts}]")
+            raise TraceError(
+                f"{self.path}: record tokens shape {list(tokens.shape)}, expected [{self.num_gpus}, {self.num_experts}]"
+            )
         if tokens.size and tokens.min() < 0:
             raise TraceError(f"{self.path}: record tokens must be non-negative")
         peak = int(tokens.max(initial=0))
-        width = next(w for w in (1, 2, 4, 8) if peak < 256 ** w)
+        width = next(w for w in (1, 2, 4, 8) if peak < 256**w)
         payload = np.ascontiguousarray(tokens, dtype=np.dtype(_WIDTHS[width]).newbyteorder("<")).tobytes()
         if self.compress:
             payload = zlib.compress(payload, 1)
-        self._file.write(_RECORD_HEADER.pack(RECORD_MAGIC, len(payload), step, micro_batch, layer, width,
-                                             int(self.compress), 0, zlib.crc32(payload)))
+        self._file.write(
+            _RECORD_HEADER.pack(
+                RECORD_MAGIC, len(payload), step, micro_batch, layer, width, int(self.compress), 0, zlib.crc32(payload)
+            )
+        )
         self._file.write(payload)
 
     def close(self) -> None:
@@ -180,10 +189,12 @@ def read_native(path: str | os.PathLike) -> tuple[TraceInfo, Iterator[TraceRecor
                         raise TraceError(f"{where}: payload does not decompress ({err})") from None
                 expected = num_gpus * num_experts * width
                 if len(payload) != expected:
-                    raise TraceError(f"{where}: field 'tokens' has {len(payload)} bytes, expected {expected} "
-                                     f"([{num_gpus}, {num_experts}] x {width})")
+                    raise TraceError(
+                        f"{where}: field 'tokens' has {len(payload)} bytes, expected {expected} "
+                        f"([{num_gpus}, {num_experts}] x {width})"
+                    )
                 tokens = np.frombuffer(payload, dtype=np.dtype(_WIDTHS[width]).newbyteorder("<"))
-                if width == 8 and (tokens >= 2 ** 63).any():
+                if width == 8 and (tokens >= 2**63).any():
                     raise TraceError(f"{where}: field 'tokens' holds a count above 2**63")
                 yield TraceRecord(step, mb, layer, tokens.astype(np.int64).reshape(num_gpus, num_experts))
                 index += 1
@@ -192,6 +203,7 @@ def read_native(path: str | os.PathLike) -> tuple[TraceInfo, Iterator[TraceRecor
 
 
 # --- JSON Lines ------------------------------------------------------------------------------------
+
 
 def _int_field(obj: dict, key: str, where: str) -> int:
     if key not in obj:
@@ -258,11 +270,21 @@ def _parse_jsonl_record(line: str, where: str, rows: int | None, cols: int | Non
 def write_jsonl(path: str | os.PathLike, records) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps({"step": r.step, "micro_batch": r.micro_batch, "layer": r.layer,
-                                "tokens": np.asarray(r.tokens).tolist()}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": r.step,
+                        "micro_batch": r.micro_batch,
+                        "layer": r.layer,
+                        "tokens": np.asarray(r.tokens).tolist(),
+                    }
+                )
+                + "\n"
+            )
 
 
 # --- Megatron recordings ----------------------------------------------------------------------------
+
 
 def _rank_files(folder: Path, pattern: str, ranks: list[int] | None) -> list[tuple[int, Path]]:
     found = {}
@@ -306,16 +328,19 @@ def _zip_rank_lines(files: list[tuple[int, Path]]):
             where = f"{path}: line {number}"
             row.append((rank, where, _json_line(line, where)))
         if done and row:
-            raise TraceError(f"{done[0]} ends after {index} records but {row[0][1]} has more "
-                             "(rank files must record the same steps and layers)")
+            raise TraceError(
+                f"{done[0]} ends after {index} records but {row[0][1]} has more "
+                "(rank files must record the same steps and layers)"
+            )
         if not row:
             return
         yield row
         index += 1
 
 
-def read_megatron_router_trace(folder: str | os.PathLike, num_experts: int | None,
-                               ranks: list[int] | None = None) -> tuple[TraceInfo, Iterator[TraceRecord]]:
+def read_megatron_router_trace(
+    folder: str | os.PathLike, num_experts: int | None, ranks: list[int] | None = None
+) -> tuple[TraceInfo, Iterator[TraceRecord]]:
     """``--moe-routing-trace-path`` output: ``router_trace_rank{r}.jsonl``, one record per (step, block,
     layer) forward call, ``top_indices`` [num_tokens][topk]. Rank files (all, or ``ranks`` in that order)
     are the EP group's GPUs; repeated (step, layer) records are the step's micro-batches in order."""
@@ -324,15 +349,19 @@ def read_megatron_router_trace(folder: str | os.PathLike, num_experts: int | Non
         raise TraceError(f"{folder}: Megatron routing traces do not record the number of experts; pass --num-experts")
     files = _rank_files(folder, r"router_trace_rank(\d+)\.jsonl", ranks)
     num_gpus = len(files)
-    info = TraceInfo(num_gpus, num_experts, "megatron-routing-trace",
-                     f"{folder.name}/ (Megatron --moe-routing-trace-path, ranks {[r for r, _ in files]})")
+    info = TraceInfo(
+        num_gpus,
+        num_experts,
+        "megatron-routing-trace",
+        f"{folder.name}/ (Megatron --moe-routing-trace-path, ranks {[r for r, _ in files]})",
+    )
 
     def records() -> Iterator[TraceRecord]:
         seen: dict[tuple[int, int], int] = {}
         for row in _zip_rank_lines(files):
             keys = []
             tokens = np.zeros((num_gpus, num_experts), dtype=np.int64)
-            for s, (rank, where, obj) in enumerate(row):
+            for s, (_rank, where, obj) in enumerate(row):
                 step = _int_field(obj, "step", where)
                 layer = _layer_id(obj, where)
                 keys.append((step, layer))
@@ -345,13 +374,17 @@ def read_megatron_router_trace(folder: str | os.PathLike, num_experts: int | Non
                 ids = _count_matrix(obj["top_indices"], where, "top_indices", num_tokens, topk)
                 if ids.max() >= num_experts:
                     i, j = np.argwhere(ids >= num_experts)[0]
-                    raise TraceError(f"{where}: field 'top_indices[{i}][{j}]' = {int(ids[i, j])} is not an expert "
-                                     f"id below --num-experts={num_experts}")
+                    raise TraceError(
+                        f"{where}: field 'top_indices[{i}][{j}]' = {int(ids[i, j])} is not an expert "
+                        f"id below --num-experts={num_experts}"
+                    )
                 tokens[s] = np.bincount(ids.ravel(), minlength=num_experts)
             if any(k != keys[0] for k in keys):
                 bad = next(i for i, k in enumerate(keys) if k != keys[0])
-                raise TraceError(f"{row[bad][1]}: (step, layer) {keys[bad]} does not match {row[0][1]}'s {keys[0]} "
-                                 "(rank files must record the same steps and layers in the same order)")
+                raise TraceError(
+                    f"{row[bad][1]}: (step, layer) {keys[bad]} does not match {row[0][1]}'s {keys[0]} "
+                    "(rank files must record the same steps and layers in the same order)"
+                )
             step, layer = keys[0]
             mb = seen.get(keys[0], 0)
             seen[keys[0]] = mb + 1
@@ -368,8 +401,9 @@ def spread_over_sources(expert_load: np.ndarray, num_gpus: int) -> np.ndarray:
     return base[None, :] + (rank < rem[None, :])
 
 
-def read_megatron_tokens_per_expert(folder: str | os.PathLike, ranks: list[int] | None = None
-                                    ) -> tuple[TraceInfo, Iterator[TraceRecord]]:
+def read_megatron_tokens_per_expert(
+    folder: str | os.PathLike, ranks: list[int] | None = None
+) -> tuple[TraceInfo, Iterator[TraceRecord]]:
     """``--save-tokens-per-expert-interval`` output (``{save}/tokens_per_expert/rank{r}.jsonl``): per line
     ``{"iter", "block", "layer", "tpe": [[tokens per local expert] per micro-batch]}``. Rank r's local
     experts follow rank r-1's, in rank order (all files, or ``ranks``)."""
@@ -386,7 +420,7 @@ def read_megatron_tokens_per_expert(folder: str | os.PathLike, ranks: list[int] 
 
     def parse(row):
         keys, blocks = [], []
-        for rank, where, obj in row:
+        for _rank, where, obj in row:
             keys.append((_int_field(obj, "iter", where), _layer_id(obj, where)))
             if "tpe" not in obj:
                 raise TraceError(f"{where}: missing field 'tpe'")
@@ -396,15 +430,21 @@ def read_megatron_tokens_per_expert(folder: str | os.PathLike, ranks: list[int] 
             raise TraceError(f"{row[bad][1]}: (iter, layer) {keys[bad]} does not match {row[0][1]}'s {keys[0]}")
         mbs = {b.shape[0] for b in blocks}
         if len(mbs) != 1:
-            raise TraceError(f"{row[0][1]}: ranks recorded different numbers of micro-batches ({sorted(mbs)}) "
-                             "in field 'tpe'")
+            raise TraceError(
+                f"{row[0][1]}: ranks recorded different numbers of micro-batches ({sorted(mbs)}) in field 'tpe'"
+            )
         return keys[0], np.concatenate(blocks, axis=1)
 
     (step0, layer0), loads0 = parse(first_row)
     num_experts = loads0.shape[1]
-    info = TraceInfo(num_gpus, num_experts, "megatron-tokens-per-expert",
-                     f"{folder.parent.name}/{folder.name}/ (Megatron --save-tokens-per-expert-interval, ranks "
-                     f"{[r for r, _ in files]})", per_source_known=False)
+    info = TraceInfo(
+        num_gpus,
+        num_experts,
+        "megatron-tokens-per-expert",
+        f"{folder.parent.name}/{folder.name}/ (Megatron --save-tokens-per-expert-interval, ranks "
+        f"{[r for r, _ in files]})",
+        per_source_known=False,
+    )
 
     def records() -> Iterator[TraceRecord]:
         step, layer, loads = step0, layer0, loads0
@@ -424,15 +464,21 @@ def read_megatron_tokens_per_expert(folder: str | os.PathLike, ranks: list[int] 
 # --- generated workloads -----------------------------------------------------------------------------
 
 GENERATOR_SHAPE_KEYS = {
-    "gpus": 64, "experts": 256, "layers": 4, "micro_batches": 48, "micro_batches_per_step": 4,
-    "tokens": 4096, "topk": 8, "seed": 0,
+    "gpus": 64,
+    "experts": 256,
+    "layers": 4,
+    "micro_batches": 48,
+    "micro_batches_per_step": 4,
+    "tokens": 4096,
+    "topk": 8,
+    "seed": 0,
 }
 
 
 def parse_generator_spec(spec: str) -> tuple[str, dict, dict]:
     """``gen:NAME[:k=v,...]`` -> (workload name, shape, workload params). Shape keys and defaults:
     GENERATOR_SHAPE_KEYS; any other key is passed to the workload generator."""
-    body = spec[len("gen:"):]
+    body = spec[len("gen:") :]
     name, _, rest = body.partition(":")
     if not name:
         raise TraceError(f"{spec!r}: expected gen:WORKLOAD[:key=value,...]")
@@ -450,8 +496,10 @@ def parse_generator_spec(spec: str) -> tuple[str, dict, dict]:
                 number = value
         if key in shape:
             if not isinstance(number, int) or number < (0 if key == "seed" else 1):
-                raise TraceError(f"{spec!r}: {key} must be a {'non-negative' if key == 'seed' else 'positive'} "
-                                 f"integer, got {value!r}")
+                raise TraceError(
+                    f"{spec!r}: {key} must be a {'non-negative' if key == 'seed' else 'positive'} "
+                    f"integer, got {value!r}"
+                )
             shape[key] = number
         else:
             params[key] = number
@@ -477,9 +525,13 @@ def generate_trace(spec: str) -> tuple[TraceInfo, Iterator[TraceRecord]]:
             raise TraceError(f"{spec!r}: {err}") from None
 
     first = layer_tokens(0)  # fail on bad parameters before the replay starts
-    info = TraceInfo(shape["gpus"], shape["experts"], "generated",
-                     f"generated {name} ({', '.join(f'{k}={v}' for k, v in {**shape, **params}.items())})",
-                     meta={"workload": name, **shape, **params})
+    info = TraceInfo(
+        shape["gpus"],
+        shape["experts"],
+        "generated",
+        f"generated {name} ({', '.join(f'{k}={v}' for k, v in {**shape, **params}.items())})",
+        meta={"workload": name, **shape, **params},
+    )
 
     def records() -> Iterator[TraceRecord]:
         per_step = shape["micro_batches_per_step"]
@@ -493,8 +545,10 @@ def generate_trace(spec: str) -> tuple[TraceInfo, Iterator[TraceRecord]]:
 
 # --- dispatch ------------------------------------------------------------------------------------------
 
-def open_trace(spec: str, num_experts: int | None = None, ranks: list[int] | None = None
-               ) -> tuple[TraceInfo, Iterator[TraceRecord]]:
+
+def open_trace(
+    spec: str, num_experts: int | None = None, ranks: list[int] | None = None
+) -> tuple[TraceInfo, Iterator[TraceRecord]]:
     """Open any supported trace; see the module doc for how ``spec`` is recognised."""
     if spec.startswith("gen:"):
         return generate_trace(spec)
@@ -506,8 +560,10 @@ def open_trace(spec: str, num_experts: int | None = None, ranks: list[int] | Non
             return read_megatron_router_trace(path, num_experts, ranks)
         if any(path.glob("rank*.jsonl")) or (path / "tokens_per_expert").is_dir():
             return read_megatron_tokens_per_expert(path, ranks)
-        raise TraceError(f"{spec}: directory holds neither router_trace_rank*.jsonl (--moe-routing-trace-path) "
-                         "nor tokens_per_expert/rank*.jsonl (--save-tokens-per-expert-interval)")
+        raise TraceError(
+            f"{spec}: directory holds neither router_trace_rank*.jsonl (--moe-routing-trace-path) "
+            "nor tokens_per_expert/rank*.jsonl (--save-tokens-per-expert-interval)"
+        )
     with open(path, "rb") as f:
         magic = f.read(len(NATIVE_MAGIC))
     if magic == NATIVE_MAGIC:

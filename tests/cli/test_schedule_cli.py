@@ -1,4 +1,5 @@
 """`microep schedule`: the documented JSON contract and one-line errors with exit code 2."""
+
 import json
 import subprocess
 import sys
@@ -36,20 +37,29 @@ def test_contract_on_a_random_instance(tmp_path):
     assert result["solve_seconds"] > 0
 
 
-@pytest.mark.parametrize("payload,message", [
-    ({"tokens": [[1]], "replicas": [[0]]}, "missing field 'num_gpus'"),
-    ({"num_gpus": 0, "tokens": [[1]], "replicas": [[0]]}, "num_gpus must be a positive integer"),
-    ({"num_gpus": 2, "tokens": [[1, 2], [3]], "replicas": [[0], [1]]}, "'tokens[1]' has 1 entries"),
-    ({"num_gpus": 1, "tokens": [[1, -2]], "replicas": [[0], [0]]}, "'tokens[0][1]' must be non-negative"),
-    ({"num_gpus": 3, "tokens": [[1], [1]], "replicas": [[0]]}, "'tokens' has 2 rows, expected 3"),
-    ({"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0], [1, 1]]}, "two copies on one GPU"),
-    ({"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0], [5]]}, "GPU id 5 outside"),
-    ({"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0]]}, "replicas must list the GPUs of each of the 2"),
-])
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        ({"tokens": [[1]], "replicas": [[0]]}, "missing field 'num_gpus'"),
+        ({"num_gpus": 0, "tokens": [[1]], "replicas": [[0]]}, "num_gpus must be a positive integer"),
+        ({"num_gpus": 2, "tokens": [[1, 2], [3]], "replicas": [[0], [1]]}, "'tokens[1]' has 1 entries"),
+        ({"num_gpus": 1, "tokens": [[1, -2]], "replicas": [[0], [0]]}, "'tokens[0][1]' must be non-negative"),
+        ({"num_gpus": 3, "tokens": [[1], [1]], "replicas": [[0]]}, "'tokens' has 2 rows, expected 3"),
+        ({"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0], [1, 1]]}, "two copies on one GPU"),
+        ({"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0], [5]]}, "GPU id 5 outside"),
+        (
+            {"num_gpus": 2, "tokens": [[1, 1], [1, 1]], "replicas": [[0]]},
+            "replicas must list the GPUs of each of the 2",
+        ),
+    ],
+)
 def test_bad_instances_exit_2_with_one_line(tmp_path, payload, message):
     instance = write(tmp_path / "bad.json", payload)
-    proc = subprocess.run([sys.executable, "-m", "megatron_microep", "schedule", instance, "-o", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_microep", "schedule", instance, "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr

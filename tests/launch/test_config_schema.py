@@ -1,5 +1,6 @@
 """Launch configs: presets validate, flags round-trip through a parser built from the schema, bad input
 gets an error naming file and key, and ``microep launch-args`` prints the flags or a one-line error."""
+
 import argparse
 import os
 import random
@@ -11,7 +12,13 @@ import yaml
 
 from megatron_microep.cli import main
 from megatron_microep.glue.config_schema import (
-    KINDS, SECTIONS, ConfigError, embedded_unsupported, load_config, parse_config, preset_path,
+    KINDS,
+    SECTIONS,
+    ConfigError,
+    embedded_unsupported,
+    load_config,
+    parse_config,
+    preset_path,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -121,26 +128,50 @@ def _tiny_raw():
     return yaml.safe_load((CONFIGS / "tiny-cpu.yaml").read_text())
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda r: r.update(modle={}), "unknown section 'modle' (did you mean 'model'?)"),
-    (lambda r: r["model"].update(hidden_sise=3), "unknown key 'model.hidden_sise' (did you mean 'hidden_size'?)"),
-    (lambda r: r["model"].update(hidden_size="128"), "model.hidden_size: expected an integer, got '128'"),
-    (lambda r: r["model"].update(swiglu="yes"), "model.swiglu: expected true or false"),
-    (lambda r: r["model"].update(normalization="BatchNorm"), "model.normalization: expected one of LayerNorm, RMSNorm"),
-    (lambda r: r["training"].update(lr=-1.0), "training.lr: must be >= 0.0, got -1.0"),
-    (lambda r: r["moe"].pop("num_experts"), "missing required key 'moe.num_experts'"),
-    (lambda r: r["model"].update(num_attention_heads=3), "model.hidden_size 128 is not divisible by model.num_attention_heads 3"),
-    (lambda r: r["model"].update(num_query_groups=2), "model.num_query_groups needs model.group_query_attention: true"),
-    (lambda r: r["moe"].update(moe_layer_freq=[1, 0]), "moe.moe_layer_freq lists 2 layers, model.num_layers is 4"),
-    (lambda r: r["moe"].update(moe_router_topk=17), "moe.moe_router_topk 17 exceeds moe.num_experts 16"),
-    (lambda r: r["moe"].update(num_experts=18), "moe.num_experts 18 is not divisible by parallel.expert_model_parallel_size 4"),
-    (lambda r: r["training"].update(global_batch_size=24), "training.global_batch_size 24 is not divisible by training.micro_batch_size 4 x data-parallel size 4"),
-    (lambda r: r["training"].update(lr_warmup_iters=500), "training.lr_warmup_iters 500 must be smaller than training.train_iters 120"),
-    (lambda r: r["microep"].update(redundant_slots=4), "microep: --microep-redundant-slots 4 must be smaller than the experts per EP rank"),
-    (lambda r: r["microep"].update(planner="cplex"), "microep: --microep-planner must be one of"),
-    (lambda r: r["data"].update(data_path="x"), "data.data_path and data.mock_data exclude each other"),
-    (lambda r: r.update(embedded=[1]), "section 'embedded' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r.update(modle={}), "unknown section 'modle' (did you mean 'model'?)"),
+        (lambda r: r["model"].update(hidden_sise=3), "unknown key 'model.hidden_sise' (did you mean 'hidden_size'?)"),
+        (lambda r: r["model"].update(hidden_size="128"), "model.hidden_size: expected an integer, got '128'"),
+        (lambda r: r["model"].update(swiglu="yes"), "model.swiglu: expected true or false"),
+        (
+            lambda r: r["model"].update(normalization="BatchNorm"),
+            "model.normalization: expected one of LayerNorm, RMSNorm",
+        ),
+        (lambda r: r["training"].update(lr=-1.0), "training.lr: must be >= 0.0, got -1.0"),
+        (lambda r: r["moe"].pop("num_experts"), "missing required key 'moe.num_experts'"),
+        (
+            lambda r: r["model"].update(num_attention_heads=3),
+            "model.hidden_size 128 is not divisible by model.num_attention_heads 3",
+        ),
+        (
+            lambda r: r["model"].update(num_query_groups=2),
+            "model.num_query_groups needs model.group_query_attention: true",
+        ),
+        (lambda r: r["moe"].update(moe_layer_freq=[1, 0]), "moe.moe_layer_freq lists 2 layers, model.num_layers is 4"),
+        (lambda r: r["moe"].update(moe_router_topk=17), "moe.moe_router_topk 17 exceeds moe.num_experts 16"),
+        (
+            lambda r: r["moe"].update(num_experts=18),
+            "moe.num_experts 18 is not divisible by parallel.expert_model_parallel_size 4",
+        ),
+        (
+            lambda r: r["training"].update(global_batch_size=24),
+            "training.global_batch_size 24 is not divisible by training.micro_batch_size 4 x data-parallel size 4",
+        ),
+        (
+            lambda r: r["training"].update(lr_warmup_iters=500),
+            "training.lr_warmup_iters 500 must be smaller than training.train_iters 120",
+        ),
+        (
+            lambda r: r["microep"].update(redundant_slots=4),
+            "microep: --microep-redundant-slots 4 must be smaller than the experts per EP rank",
+        ),
+        (lambda r: r["microep"].update(planner="cplex"), "microep: --microep-planner must be one of"),
+        (lambda r: r["data"].update(data_path="x"), "data.data_path and data.mock_data exclude each other"),
+        (lambda r: r.update(embedded=[1]), "section 'embedded' must be a mapping"),
+    ],
+)
 def test_bad_configs_name_the_key(edit, message):
     raw = _tiny_raw()
     edit(raw)
@@ -160,8 +191,12 @@ def test_overrides(tmp_path):
     stock = load_config(path, ["moe.moe_token_dispatcher_type=alltoall"])
     assert stock.microep_settings() is None
     assert not any(f.startswith("--microep-") for f in stock.megatron_flags())
-    for bad, message in [("training.lr", "expected SECTION.KEY=VALUE"), ("lr=3", "expected SECTION.KEY=VALUE"),
-                         ("training.lr=[", "not valid YAML"), ("name.x=1", "'name' is not a section")]:
+    for bad, message in [
+        ("training.lr", "expected SECTION.KEY=VALUE"),
+        ("lr=3", "expected SECTION.KEY=VALUE"),
+        ("training.lr=[", "not valid YAML"),
+        ("name.x=1", "'name' is not a section"),
+    ]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
             load_config(path, [bad])
 

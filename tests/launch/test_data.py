@@ -1,14 +1,20 @@
 """The embedded run's corpus and sampler: deterministic file choice, a tokenizer that round-trips the
 source, and a sample order that covers the data once per epoch and depends only on (step, micro, rank)."""
+
 import os
 import random
 
 import numpy as np
 import pytest
 
-
 from megatron_microep.glue.data import (
-    CorpusError, Sampler, prepare_corpus, select_files, stdlib_files, stdlib_root, validation_batches,
+    CorpusError,
+    Sampler,
+    prepare_corpus,
+    select_files,
+    stdlib_files,
+    stdlib_root,
+    validation_batches,
 )
 
 
@@ -23,7 +29,9 @@ def _fake_stdlib(root, rng):
     for i in range(40):
         sub = root / f"pkg{i % 4}"
         sub.mkdir(parents=True, exist_ok=True)
-        body = "\n".join(f"def f{i}_{j}(x):\n    return x * {rng.randint(0, 99)}  # é\n" for j in range(rng.randint(5, 40)))
+        body = "\n".join(
+            f"def f{i}_{j}(x):\n    return x * {rng.randint(0, 99)}  # é\n" for j in range(rng.randint(5, 40))
+        )
         (sub / f"mod{i}.py").write_text(body, encoding="utf-8")
     (root / "site-packages").mkdir()
     (root / "site-packages" / "third_party.py").write_text("x = 1\n")

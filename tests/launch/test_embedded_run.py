@@ -11,6 +11,7 @@ gap or duplicate, MicroEP must train like stock EP, and the logged balance figur
 consistent (two independent counts of the load before scheduling agree; scheduling never raises the
 max load; replicas carried tokens).
 """
+
 import json
 import signal
 import subprocess
@@ -28,17 +29,46 @@ from megatron_microep.simulator.traces import open_trace  # noqa: E402
 
 STEPS = 6
 COMMON = [
-    "--steps", str(STEPS), "--set", "model.num_layers=2", "--set", "training.log_interval=1",
-    "--set", "training.save_interval=3", "--set", "training.eval_interval=6", "--set", "training.lr_warmup_iters=2",
-    "--set", "microep.replan_interval=2", "--set", "microep.replan_lag=1", "--set", "microep.planner=greedy",
-    "--set", "microep.history_window=4",
-    "--set", "embedded.corpus_megabytes=1.0", "--set", "embedded.validation_fraction=0.15",
+    "--steps",
+    str(STEPS),
+    "--set",
+    "model.num_layers=2",
+    "--set",
+    "training.log_interval=1",
+    "--set",
+    "training.save_interval=3",
+    "--set",
+    "training.eval_interval=6",
+    "--set",
+    "training.lr_warmup_iters=2",
+    "--set",
+    "microep.replan_interval=2",
+    "--set",
+    "microep.replan_lag=1",
+    "--set",
+    "microep.planner=greedy",
+    "--set",
+    "microep.history_window=4",
+    "--set",
+    "embedded.corpus_megabytes=1.0",
+    "--set",
+    "embedded.validation_fraction=0.15",
 ]
 
 
 def _train(out: Path, cache: Path, *extra: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "megatron_microep", "train", "--output", str(out), "--cache-dir", str(cache),
-           *COMMON, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_microep",
+        "train",
+        "--output",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *COMMON,
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
@@ -172,11 +202,14 @@ def test_balance_report_written(runs):
 
 def test_cli_rejects_what_the_run_cannot_do(tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "megatron_microep", "train", *args], capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "megatron_microep", "train", *args], capture_output=True, text=True, timeout=120
+        )
 
     result = cli("--config", "deepseek-v3", "--output", str(tmp_path / "x"))
-    assert result.returncode == 2 and "cannot honour" in result.stderr and "model.multi_latent_attention" in result.stderr
+    assert (
+        result.returncode == 2 and "cannot honour" in result.stderr and "model.multi_latent_attention" in result.stderr
+    )
     result = cli("--output", str(tmp_path / "empty"), "--resume")
     assert result.returncode == 2 and "no complete checkpoint" in result.stderr
     result = cli("--steps", "0")
@@ -187,13 +220,42 @@ def test_cli_rejects_what_the_run_cannot_do(tmp_path):
 
 def test_resume_refuses_an_incompatible_config(runs):
     out = runs["dirs"]["interrupted"]
-    result = subprocess.run([sys.executable, "-m", "megatron_microep", "train", "--output", str(out), "--resume",
-                             "--cache-dir", str(out.parent / "cache"), *COMMON, "--set", "model.hidden_size=64"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_microep",
+            "train",
+            "--output",
+            str(out),
+            "--resume",
+            "--cache-dir",
+            str(out.parent / "cache"),
+            *COMMON,
+            "--set",
+            "model.hidden_size=64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "checkpoint was written with model = " in result.stderr and "resume with the same config" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run([sys.executable, "-m", "megatron_microep", "train", "--output", str(out),
-                             "--cache-dir", str(out.parent / "cache"), *COMMON], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_microep",
+            "train",
+            "--output",
+            str(out),
+            "--cache-dir",
+            str(out.parent / "cache"),
+            *COMMON,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "already holds checkpoints: pass --resume" in result.stderr

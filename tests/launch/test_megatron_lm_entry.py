@@ -1,6 +1,7 @@
 """scripts/pretrain_gpt_microep.py: command-line handling always; against a real Megatron-LM checkout
 when MEGATRON_LM_PATH names one (validation of every preset, and the tiny config's model built by the
 checkout's own model provider on 4 CPU ranks, forward and backward)."""
+
 import importlib.util
 import os
 import subprocess
@@ -50,37 +51,70 @@ def test_megatron_own_parsers_see_a_stock_dispatcher(entry, monkeypatch):
         assert sys.argv == ["x", "--moe-token-dispatcher-type", "alltoall", "--microep-redundant-slots", "2"]
     assert sys.argv[2] == "microep"
     assert entry.replace_option(["--moe-token-dispatcher-type=microep"], "--moe-token-dispatcher-type", "alltoall") == [
-        "--moe-token-dispatcher-type=alltoall"]
+        "--moe-token-dispatcher-type=alltoall"
+    ]
 
 
 def test_without_a_checkout_the_error_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MEGATRON_LM_PATH")}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--num-layers", "2"], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--num-layers", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
     if result.returncode == 0 or "pretrain_gpt" not in result.stderr:
         pytest.skip("a Megatron-LM checkout is importable here; covered by the checkout tests")
     assert result.returncode == 2
-    assert "put a Megatron-LM checkout (core_r0.16 to core_r0.19) on PYTHONPATH or set MEGATRON_LM_PATH" in result.stderr
+    assert (
+        "put a Megatron-LM checkout (core_r0.16 to core_r0.19) on PYTHONPATH or set MEGATRON_LM_PATH" in result.stderr
+    )
 
 
 def _flags(name: str) -> list:
-    out = subprocess.run([sys.executable, "-m", "megatron_microep", "launch-args", "--null", name,
-                          "--set", "data.tokenizer_type=NullTokenizer", "--set", "data.vocab_size=32000",
-                          "--set", "data.tokenizer_model=", "--set", "data.mock_data=true"],
-                         capture_output=True, text=True, check=True, timeout=60).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_microep",
+            "launch-args",
+            "--null",
+            name,
+            "--set",
+            "data.tokenizer_type=NullTokenizer",
+            "--set",
+            "data.vocab_size=32000",
+            "--set",
+            "data.tokenizer_model=",
+            "--set",
+            "data.mock_data=true",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     return out.split("\0")[:-1]
 
 
-needs_checkout = pytest.mark.skipif(not CHECKOUT, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout "
-                                                           "(core_r0.16 to core_r0.19) to run")
+needs_checkout = pytest.mark.skipif(
+    not CHECKOUT, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (core_r0.16 to core_r0.19) to run"
+)
 
 
 @needs_checkout
 @pytest.mark.parametrize("name", sorted(PRESET_WORLD))
 def test_presets_validate_with_the_checkout(name):
     env = {**os.environ, "WORLD_SIZE": str(PRESET_WORLD[name]), "RANK": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--microep-check", "args", *_flags(name)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--microep-check", "args", *_flags(name)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "arguments parsed and validated" in result.stdout
 
@@ -88,9 +122,25 @@ def test_presets_validate_with_the_checkout(name):
 @needs_checkout
 def test_tiny_model_builds_and_steps_on_cpu_ranks():
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-                             "--master-port", "29583", str(SCRIPT), "--microep-check", "model", *_flags("tiny-cpu")],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "4",
+            "--master-port",
+            "29583",
+            str(SCRIPT),
+            "--microep-check",
+            "model",
+            *_flags("tiny-cpu"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "check: model OK on 4 CPU ranks" in result.stdout
     assert result.stdout.count("with 4 MicroEP / 4 MoE layers") == 4

@@ -8,6 +8,7 @@ c10d rendezvous -> 4 gloo ranks of `microep train`. It must complete and its log
 per-layer balance figures and the balance report; the run directory must hold the metrics and the
 report.
 """
+
 import json
 import os
 import shutil
@@ -37,8 +38,10 @@ def _ensure_slurm_installed():
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("slurm-wlm and munge are not installed, and installing them needs root and apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+    ):
         result = _run(cmd, env=env, timeout=600)
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
 
@@ -160,18 +163,43 @@ def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
     env, root = slurm
     run_dir = tmp_path / "run"
     overrides = [
-        f"training.train_iters={STEPS}", "training.log_interval=1", "training.save_interval=2",
-        f"training.eval_interval={STEPS}", "training.lr_warmup_iters=1", "microep.replan_interval=2", "microep.replan_lag=1",
-        "microep.planner=greedy", "embedded.corpus_megabytes=1.0", "embedded.validation_fraction=0.15",
+        f"training.train_iters={STEPS}",
+        "training.log_interval=1",
+        "training.save_interval=2",
+        f"training.eval_interval={STEPS}",
+        "training.lr_warmup_iters=1",
+        "microep.replan_interval=2",
+        "microep.replan_lag=1",
+        "microep.planner=greedy",
+        "embedded.corpus_megabytes=1.0",
+        "embedded.validation_fraction=0.15",
         "embedded.report_policies=[static,microep]",
     ]
-    job_env = {**env, "CONFIG": "tiny-cpu", "MICROEP_SET": " ".join(overrides), "PYTHON": sys.executable,
-               "MICROEP_CACHE_DIR": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo",
-               "MASTER_PORT": str(_free_port())}
+    job_env = {
+        **env,
+        "CONFIG": "tiny-cpu",
+        "MICROEP_SET": " ".join(overrides),
+        "PYTHON": sys.executable,
+        "MICROEP_CACHE_DIR": str(tmp_path / "cache"),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MASTER_PORT": str(_free_port()),
+    }
     log = tmp_path / "job.out"
-    submitted = _run(["sbatch", "--parsable", "--nodes", "1", f"--output={log}", f"--chdir={REPO}",
-                      str(REPO / "scripts" / "slurm" / "train_embedded_cpu.sbatch"), "--output", str(run_dir)],
-                     env=job_env, cwd=REPO)
+    submitted = _run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes",
+            "1",
+            f"--output={log}",
+            f"--chdir={REPO}",
+            str(REPO / "scripts" / "slurm" / "train_embedded_cpu.sbatch"),
+            "--output",
+            str(run_dir),
+        ],
+        env=job_env,
+        cwd=REPO,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     deadline = time.monotonic() + 600
@@ -185,7 +213,8 @@ def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
     if state.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
         _run(["scancel", job_id], env=env)
     assert state.get("JobState") == "COMPLETED", (
-        f"job {job_id}: {state.get('JobState')} (exit {state.get('ExitCode')})\n{output[-4000:]}\n{_logs(root)}")
+        f"job {job_id}: {state.get('JobState')} (exit {state.get('ExitCode')})\n{output[-4000:]}\n{_logs(root)}"
+    )
     assert state.get("ExitCode") == "0:0"
     assert "1 node(s) x 4 CPU ranks" in output
     assert "max/mean before->after L1" in output and "tok/s" in output

@@ -4,9 +4,10 @@ synthetic batches and the forward step Megatron's schedules call.
 Imported by module name (pytest puts this folder on sys.path); tests/megatron has no __init__.py, which
 would shadow the ``megatron`` package.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -37,8 +38,14 @@ def gpt_model(config, seed: int, vocab: int, seq_len: int, hot_experts: Iterable
         spec = microep_decoder_block_spec(config, use_transformer_engine=False)
     else:
         spec = compat.stock_decoder_block_spec(config, False)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq_len,
-                     position_embedding_type="rope", **gpt_kwargs)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab,
+        max_sequence_length=seq_len,
+        position_embedding_type="rope",
+        **gpt_kwargs,
+    )
     skew_router(model, hot_experts)
     return model
 

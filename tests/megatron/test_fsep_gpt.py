@@ -28,6 +28,7 @@ re-plans, which is logged; stock EP loads the checkpoint with exactly the layout
 and FSEP loads a stock checkpoint with exactly those absent (logged). Malformed or foreign layout
 states are rejected with a message naming the problem.
 """
+
 import contextlib
 import logging
 import multiprocessing
@@ -41,8 +42,8 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-
 from _gpt_case import gpt_model, synthetic_batches  # noqa: E402
+
 from megatron_microep.glue.distributed import RankFailedError, init_megatron_parallel, spawn_gloo  # noqa: E402
 
 NUM_EXPERTS = 8
@@ -67,19 +68,41 @@ def _config(dispatcher: str, ep: int, policy: str = "keep"):
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
     config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, moe_ffn_hidden_size=32,
-        num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=ep, add_bias_linear=False, use_cpu_initialization=True,
-        transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0,
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
-        gated_linear_unit=True, bf16=False, params_dtype=torch.float32,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        moe_ffn_hidden_size=32,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        transformer_impl="local",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_load_balancing_type="none",
+        gated_linear_unit=True,
+        bf16=False,
+        params_dtype=torch.float32,
     )
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(
-            redundant_slots=1, replan_interval=1, replan_lag=1, history_window=4, planner_time_limit_s=0.3,
-            expert_sharding="fsep", fsep_memory_policy=policy,
-        ))
+        attach_microep_config(
+            config,
+            MicroEPConfig(
+                redundant_slots=1,
+                replan_interval=1,
+                replan_lag=1,
+                history_window=4,
+                planner_time_limit_s=0.3,
+                expert_sharding="fsep",
+                fsep_memory_policy=policy,
+            ),
+        )
     return config
 
 
@@ -118,18 +141,23 @@ class _ShardedAdam:
     def _init_state(self):
         for p in self.params:
             if p not in self.adam.state:
-                self.adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+                self.adam.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
 
     def sharded_state_dict(self, model_sharded):
         from megatron.core.dist_checkpointing.optimizer import (
-            get_param_id_to_sharded_param_map, optim_state_to_sharding_state,
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
         )
 
         self._init_state()
         state = self.adam.state_dict()
-        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sharded, self.params),
-                                      exclude_keys=("step",))
+        optim_state_to_sharding_state(
+            state, get_param_id_to_sharded_param_map(model_sharded, self.params), exclude_keys=("step",)
+        )
         return {"adam": state, "steps": self.steps}
 
     def load(self, loaded):
@@ -145,8 +173,9 @@ def _wrap(model, config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                                        overlap_grad_reduce=True), model)
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True), model
+    )
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     return ddp, _ShardedAdam(ddp, parallel_state.get_expert_model_parallel_group())
@@ -223,7 +252,6 @@ def _histories(layers):
 def _expert_grads_as_shards(stock_ddp, fsep_layers):
     """Stock EP's expert main gradients cut like each FSEP layer's shards: [E, S] per layer."""
     import torch.distributed as dist
-
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_microep.glue import compat
@@ -250,8 +278,16 @@ def _rel(a, b) -> float:
 class _CollectiveBytes:
     """Counts bytes handed to torch.distributed collectives while active (this rank's inputs)."""
 
-    NAMES = ("all_to_all_single", "broadcast", "all_reduce", "all_gather", "all_gather_into_tensor",
-             "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single")
+    NAMES = (
+        "all_to_all_single",
+        "broadcast",
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+        "all_gather_single",
+        "reduce_scatter_single",
+    )
 
     def __init__(self):
         import torch.distributed as dist
@@ -264,11 +300,22 @@ class _CollectiveBytes:
         def wrap(name, fn):
             def counted(*args, **kwargs):
                 tensors = [a for a in args[:2] if torch.is_tensor(a)]
-                size = tensors[-1] if name in ("all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor",
-                                               "all_gather_single", "reduce_scatter_single") else tensors[0]
+                size = (
+                    tensors[-1]
+                    if name
+                    in (
+                        "all_to_all_single",
+                        "all_gather_into_tensor",
+                        "reduce_scatter_tensor",
+                        "all_gather_single",
+                        "reduce_scatter_single",
+                    )
+                    else tensors[0]
+                )
                 self.sent += size.numel() * size.element_size()
                 self.calls.append(name)
                 return fn(*args, **kwargs)
+
             return counted
 
         for name, fn in self.originals.items():
@@ -355,8 +402,18 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
     stock_ddp, stock_opt = _wrap(stock, stock_config)
     fsep_ddp, fsep_opt = _wrap(fsep, fsep_config)
     counter = _CollectiveBytes()
-    result = {"init_equal": bool(init_equal), "stock": [], "fsep": [], "grad_err": [], "norm_err": [],
-              "placements": [], "adopt_bytes": [], "adopt_calls": [], "traffic": [], "expected_traffic": []}
+    result = {
+        "init_equal": bool(init_equal),
+        "stock": [],
+        "fsep": [],
+        "grad_err": [],
+        "norm_err": [],
+        "placements": [],
+        "adopt_bytes": [],
+        "adopt_calls": [],
+        "traffic": [],
+        "expected_traffic": [],
+    }
     for step in range(1, STEPS + 1):
         result["stock"].append(_step(stock_ddp, stock_opt, seed, step, fsep=False))
         # Adopt this step's layouts explicitly (the forward would): count what that sends.
@@ -378,26 +435,38 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         expected = []
         for layer in layers:
             sent, received = layer.exchange_for(layer.layout).bytes_per_gather(4)
-            expected.append({"gathers": MICRO_BATCHES, "gather_sent": MICRO_BATCHES * sent,
-                             "gather_received": MICRO_BATCHES * received, "grad_returns": MICRO_BATCHES,
-                             "grad_sent": MICRO_BATCHES * received, "grad_received": MICRO_BATCHES * sent})
+            expected.append(
+                {
+                    "gathers": MICRO_BATCHES,
+                    "gather_sent": MICRO_BATCHES * sent,
+                    "gather_received": MICRO_BATCHES * received,
+                    "grad_returns": MICRO_BATCHES,
+                    "grad_sent": MICRO_BATCHES * received,
+                    "grad_received": MICRO_BATCHES * sent,
+                }
+            )
         result["expected_traffic"].append(expected)
         # Gradients: dense main grads by name, expert main grads as shards, and the clipping norm.
         stock_grads = dict(stock_ddp.named_parameters())
-        errors = [_rel(p.main_grad, stock_grads[n].main_grad) for n, p in fsep_ddp.named_parameters()
-                  if getattr(p, "allreduce", True)]
+        errors = [
+            _rel(p.main_grad, stock_grads[n].main_grad)
+            for n, p in fsep_ddp.named_parameters()
+            if getattr(p, "allreduce", True)
+        ]
         for layer, ref in zip(layers, _expert_grads_as_shards(stock_ddp, layers)):
             errors.append(_rel(layer.experts.shards.main_grad.view_as(ref), ref))
         result["grad_err"].append(max(errors))
         norms = stock_opt.grad_norm(), fsep_opt.grad_norm()
         result["norm_err"].append(abs(norms[0] - norms[1]) / norms[0])
-        state_ptrs = [fsep_opt.adam.state[layer.experts.shards]["exp_avg"].data_ptr()
-                      for layer in layers] if step > 1 else None
+        state_ptrs = (
+            [fsep_opt.adam.state[layer.experts.shards]["exp_avg"].data_ptr() for layer in layers] if step > 1 else None
+        )
         stock_opt.step()
         fsep_opt.step()
         if state_ptrs is not None:
             result.setdefault("state_moved", []).append(
-                state_ptrs != [fsep_opt.adam.state[layer.experts.shards]["exp_avg"].data_ptr() for layer in layers])
+                state_ptrs != [fsep_opt.adam.state[layer.experts.shards]["exp_avg"].data_ptr() for layer in layers]
+            )
         if step in CKPT_STEPS:
             _save(fsep_ddp, fsep_opt, os.path.join(tmp_dir, f"fsep_ep4_step{step}"))
     result["prefetch_hits"] = [layer.prefetch_hits for layer in layers]
@@ -439,8 +508,9 @@ def _train_from(config, seed, directory, first_step, last_step, other_mode=False
     mismatch = _load(ddp, opt, directory, other_mode)
     if out is not None:
         out[f"{name}_mismatch"] = mismatch
-        out[f"{name}_history_steps"] = [len(layer.placement_controller.history()) // MICRO_BATCHES
-                                        for layer in _fsep_layers(model)]
+        out[f"{name}_history_steps"] = [
+            len(layer.placement_controller.history()) // MICRO_BATCHES for layer in _fsep_layers(model)
+        ]
     losses = []
     for step in range(first_step, last_step + 1):
         losses.append(_step(ddp, opt, seed, step, fsep=config.moe_token_dispatcher_type == "microep"))
@@ -489,18 +559,21 @@ def _restart_rank(rank, world_size, seed, tmp_dir):
     logs = _LogRecords()
     out = {"layout_key": LAYOUT_STATE_KEY}
     init_megatron_parallel(expert_model_parallel_size=4, seed=seed)
-    resumed, _, out["resumed_ep4"] = _train_from(_config("microep", 4, "regather"), seed,
-                                                 os.path.join(tmp_dir, "victim_last"), CKPT_STEPS[1] + 1, STEPS)
+    resumed, _, out["resumed_ep4"] = _train_from(
+        _config("microep", 4, "regather"), seed, os.path.join(tmp_dir, "victim_last"), CKPT_STEPS[1] + 1, STEPS
+    )
     out["regather_prefetch_hits"] = [layer.prefetch_hits for layer in fsep_layers(resumed.module)]
     init_megatron_parallel(expert_model_parallel_size=2, seed=seed)
     first = os.path.join(tmp_dir, f"fsep_ep4_step{CKPT_STEPS[0]}")
     logs.messages.clear()
-    fsep_ep2, _, out["fsep_ep2"] = _train_from(_config("microep", 2), seed, first, CKPT_STEPS[0] + 1, STEPS,
-                                                out=out, name="fsep_ep2")
+    fsep_ep2, _, out["fsep_ep2"] = _train_from(
+        _config("microep", 2), seed, first, CKPT_STEPS[0] + 1, STEPS, out=out, name="fsep_ep2"
+    )
     out["fsep_ep2_logs"] = list(logs.messages)
     out["bad_states"] = _bad_layout_states(fsep_layers(fsep_ep2.module)[0])
-    stock_ddp, stock_opt, out["stock_ep2"] = _train_from(_config("alltoall", 2), seed, first, CKPT_STEPS[0] + 1,
-                                                         STEPS, other_mode=True, out=out, name="stock_ep2")
+    stock_ddp, stock_opt, out["stock_ep2"] = _train_from(
+        _config("alltoall", 2), seed, first, CKPT_STEPS[0] + 1, STEPS, other_mode=True, out=out, name="stock_ep2"
+    )
     # And back: the trained stock EP=2 checkpoint into FSEP EP=2, parameters equal.
     back_dir = os.path.join(tmp_dir, "stock_ep2_end")
     _save(stock_ddp, stock_opt, back_dir)
@@ -513,8 +586,9 @@ def _restart_rank(rank, world_size, seed, tmp_dir):
     _load(ddp, opt, back_dir, strict=StrictHandling(MEGATRON_LM_DEFAULT_STRICTNESS))
     out["back_logs"] = list(logs.messages)
     out["back_mismatch"] = _load(ddp, opt, back_dir, other_mode=True)
-    from megatron_microep.glue import compat
     from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_microep.glue import compat
 
     ep_rank = fsep_layers(fsep)[0].microep_groups.ep_rank
     stock_layers = [m for m in stock_ddp.module.modules() if isinstance(m, MoELayer)]
@@ -604,7 +678,7 @@ def test_next_layer_gather_is_prefetched(runs):
 def test_checkpoint_loads_at_other_ep_size_and_into_stock(runs):
     launch1, launch2 = runs
     for rank in range(4):
-        reference = launch1[rank]["fsep"][CKPT_STEPS[0]:]
+        reference = launch1[rank]["fsep"][CKPT_STEPS[0] :]
         for name in ("fsep_ep2", "stock_ep2"):
             diffs = [abs(a - b) for a, b in zip(launch2[rank][name], reference)]
             assert len(diffs) == STEPS - CKPT_STEPS[0] and max(diffs) <= LOSS_TOL, f"rank {rank} {name}: {diffs}"
@@ -617,10 +691,10 @@ def test_killed_rank_restart_continues_the_curve(runs):
         reference = launch1[rank]["fsep"]
         victim = launch1[rank]["victim"]
         assert len(victim) == KILL_STEP - CKPT_STEPS[0] - 1  # the killed step never finished
-        diffs = [abs(a - b) for a, b in zip(victim, reference[CKPT_STEPS[0]:])]
+        diffs = [abs(a - b) for a, b in zip(victim, reference[CKPT_STEPS[0] :])]
         assert max(diffs) <= LOSS_TOL, f"rank {rank}: resumed-from-checkpoint diffs {diffs}"
         resumed = launch2[rank]["resumed_ep4"]
-        diffs = [abs(a - b) for a, b in zip(resumed, reference[CKPT_STEPS[1]:])]
+        diffs = [abs(a - b) for a, b in zip(resumed, reference[CKPT_STEPS[1] :])]
         assert len(resumed) == STEPS - CKPT_STEPS[1] and max(diffs) <= LOSS_TOL, f"rank {rank}: {diffs}"
 
 
@@ -648,7 +722,9 @@ def test_layout_state_across_ep_sizes_and_modes(runs):
         # EP = 4 layout at EP = 2: history kept (4-step window), re-planned at the first step, logged
         # once per layer (EP rank 0 of expert-data-parallel replica 0: global rank 0).
         assert res["fsep_ep2_history_steps"] == [4, 4]
-        replanned = [m for m in res["fsep_ep2_logs"] if "layout is for EP=4" in m and "re-planned at the first step" in m]
+        replanned = [
+            m for m in res["fsep_ep2_logs"] if "layout is for EP=4" in m and "re-planned at the first step" in m
+        ]
         assert len(replanned) == (2 if rank == 0 else 0), res["fsep_ep2_logs"]
         # Stock EP leaves exactly the layers' layout objects of the FSEP checkpoint unread ...
         missing, unexpected = res["stock_ep2_mismatch"]
@@ -663,10 +739,14 @@ def test_layout_state_across_ep_sizes_and_modes(runs):
 def test_malformed_layout_state_is_rejected(runs):
     _, launch2 = runs
     expected = {
-        "not a dict": "malformed FSEP layout state", "field missing": "malformed FSEP layout state",
-        "other model": "is for 16 experts, this layer has 8", "expert without copy": "not an FSEP layout",
-        "too many copies on a rank": "not an FSEP layout", "history shape": "saved routing history, step 0",
-        "negative loads": "saved current-step loads", "format": "format 99",
+        "not a dict": "malformed FSEP layout state",
+        "field missing": "malformed FSEP layout state",
+        "other model": "is for 16 experts, this layer has 8",
+        "expert without copy": "not an FSEP layout",
+        "too many copies on a rank": "not an FSEP layout",
+        "history shape": "saved routing history, step 0",
+        "negative loads": "saved current-step loads",
+        "format": "format 99",
     }
     for res in launch2:
         for name, fragment in expected.items():

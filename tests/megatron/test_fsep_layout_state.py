@@ -7,6 +7,7 @@ loaded into a fresh controller gives back the same state and the same next layou
 another EP size it keeps the history and re-plans at the next step. (Saving and restoring through
 Megatron's distributed checkpoint across EP sizes and modes run in tests/megatron/test_fsep_gpt.py.)
 """
+
 import os
 import random
 
@@ -35,9 +36,14 @@ WHERE = "FSEP layer 7"
 def _valid():
     placement = [[0, 1], [0], [1, 2], [1], [2, 3], [2], [3, 0], [3]]  # 3 copies per rank
     return {
-        "format": LAYOUT_STATE_FORMAT, "num_experts": E, "num_ranks": G, "slots_per_rank": C,
-        "placement": placement, "history": [np.arange(2 * E, dtype=np.int64).reshape(2, E)] * 3,
-        "current_rows": np.ones((2, E), dtype=np.int64), "step": 12,
+        "format": LAYOUT_STATE_FORMAT,
+        "num_experts": E,
+        "num_ranks": G,
+        "slots_per_rank": C,
+        "placement": placement,
+        "history": [np.arange(2 * E, dtype=np.int64).reshape(2, E)] * 3,
+        "current_rows": np.ones((2, E), dtype=np.int64),
+        "step": 12,
         "pending": {"adopt_step": 13, "placement": placement},
     }
 
@@ -51,26 +57,32 @@ def test_valid_state_is_returned_checked():
     assert check_layout_state(failed_plan, E, WHERE)["pending"]["placement"] is None
 
 
-@pytest.mark.parametrize("change, fragment", [
-    (lambda s: ["not", "a", "dict"], "malformed FSEP layout state"),
-    (lambda s: {k: v for k, v in s.items() if k != "step"}, "malformed FSEP layout state"),
-    (lambda s: {**s, "extra": 1}, "malformed FSEP layout state"),
-    (lambda s: {**s, "format": LAYOUT_STATE_FORMAT + 1}, f"format {LAYOUT_STATE_FORMAT + 1}"),
-    (lambda s: {**s, "num_experts": 16}, "is for 16 experts, this layer has 8"),
-    (lambda s: {**s, "num_ranks": 0}, "num_ranks=0"),
-    (lambda s: {**s, "slots_per_rank": "3"}, "slots_per_rank='3'"),
-    (lambda s: {**s, "placement": [[]] + s["placement"][1:]}, "saved layout: not an FSEP layout"),
-    (lambda s: {**s, "placement": [[0, 0]] + s["placement"][1:]}, "saved layout: not an FSEP layout"),
-    (lambda s: {**s, "placement": [[g] for g in [0] * 4 + [1] * 4]}, "saved layout: not an FSEP layout"),
-    (lambda s: {**s, "placement": [[5]] + s["placement"][1:]}, "saved layout: not an FSEP layout"),
-    (lambda s: {**s, "history": "steps"}, "saved routing history must be a list"),
-    (lambda s: {**s, "history": [np.zeros((2, E - 1), dtype=np.int64)]}, "saved routing history, step 0"),
-    (lambda s: {**s, "history": [np.zeros((2, E))]}, "saved routing history, step 0"),
-    (lambda s: {**s, "current_rows": -np.ones((1, E), dtype=np.int64)}, "saved current-step loads"),
-    (lambda s: {**s, "step": 1.5}, "saved step must be an integer"),
-    (lambda s: {**s, "pending": {"adopt_step": 13}}, "malformed pending plan"),
-    (lambda s: {**s, "pending": {"adopt_step": 13, "placement": [[0]] * E}}, "saved pending plan: not an FSEP layout"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda s: ["not", "a", "dict"], "malformed FSEP layout state"),
+        (lambda s: {k: v for k, v in s.items() if k != "step"}, "malformed FSEP layout state"),
+        (lambda s: {**s, "extra": 1}, "malformed FSEP layout state"),
+        (lambda s: {**s, "format": LAYOUT_STATE_FORMAT + 1}, f"format {LAYOUT_STATE_FORMAT + 1}"),
+        (lambda s: {**s, "num_experts": 16}, "is for 16 experts, this layer has 8"),
+        (lambda s: {**s, "num_ranks": 0}, "num_ranks=0"),
+        (lambda s: {**s, "slots_per_rank": "3"}, "slots_per_rank='3'"),
+        (lambda s: {**s, "placement": [[]] + s["placement"][1:]}, "saved layout: not an FSEP layout"),
+        (lambda s: {**s, "placement": [[0, 0]] + s["placement"][1:]}, "saved layout: not an FSEP layout"),
+        (lambda s: {**s, "placement": [[g] for g in [0] * 4 + [1] * 4]}, "saved layout: not an FSEP layout"),
+        (lambda s: {**s, "placement": [[5]] + s["placement"][1:]}, "saved layout: not an FSEP layout"),
+        (lambda s: {**s, "history": "steps"}, "saved routing history must be a list"),
+        (lambda s: {**s, "history": [np.zeros((2, E - 1), dtype=np.int64)]}, "saved routing history, step 0"),
+        (lambda s: {**s, "history": [np.zeros((2, E))]}, "saved routing history, step 0"),
+        (lambda s: {**s, "current_rows": -np.ones((1, E), dtype=np.int64)}, "saved current-step loads"),
+        (lambda s: {**s, "step": 1.5}, "saved step must be an integer"),
+        (lambda s: {**s, "pending": {"adopt_step": 13}}, "malformed pending plan"),
+        (
+            lambda s: {**s, "pending": {"adopt_step": 13, "placement": [[0]] * E}},
+            "saved pending plan: not an FSEP layout",
+        ),
+    ],
+)
 def test_malformed_states_are_rejected(change, fragment):
     with pytest.raises(FSEPLayoutStateError) as err:
         check_layout_state(change(_valid()), E, WHERE)
@@ -86,8 +98,15 @@ def group():
 
 def _controller(group, num_ranks=G, slots=C, replan_interval=1):
     layout = fsep_layout(initial_fsep_placement(E, num_ranks, slots), slots)
-    return FSEPPlacementController(layout, greedy_fsep_planner(1.0, slots), replan_interval, history_window=4,
-                                   replan_lag=1, group=group, device=torch.device("cpu"))
+    return FSEPPlacementController(
+        layout,
+        greedy_fsep_planner(1.0, slots),
+        replan_interval,
+        history_window=4,
+        replan_lag=1,
+        group=group,
+        device=torch.device("cpu"),
+    )
 
 
 def _same_state(a, b):

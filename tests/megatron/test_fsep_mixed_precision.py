@@ -24,6 +24,7 @@ relative error <= 8u. Over the run, Adam turns such differences into parameter d
 times its sign), and 16-bit forward passes re-round them: the losses must stay within 4u relative of
 stock's, and FSEP may be no farther from stock than a few times the 16-bit format's own gap to fp32.
 """
+
 import contextlib
 import os
 import random
@@ -34,10 +35,10 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-
 from _gpt_case import gpt_model, synthetic_batches  # noqa: E402
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 from test_fsep_gpt import _expert_grads_as_shards, _rel  # noqa: E402
+
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
 EP = 2
 NUM_EXPERTS = 4
@@ -46,7 +47,7 @@ VOCAB, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES, STEPS = 64, 16, 2, 2, 6
 LR = 3e-3
 OPTIMIZERS = {"Float16OptimizerWithFloat16Params": False, "DistributedOptimizer": True}  # name: distributed
 # name: (parameter dtype, unit roundoff); fp16 runs with a static loss scale, as Megatron's --loss-scale.
-PRECISIONS = {"bf16": (torch.bfloat16, 2.0 ** -9), "fp16": (torch.float16, 2.0 ** -11)}
+PRECISIONS = {"bf16": (torch.bfloat16, 2.0**-9), "fp16": (torch.float16, 2.0**-11)}
 LOSS_SCALE = 256.0
 STEP1_GRAD_ROUNDINGS = 8  # tolerances in units of the precision's unit roundoff u
 LOSS_REL_ROUNDINGS = 4
@@ -59,17 +60,33 @@ def _config(dispatcher: str, dtype: torch.dtype):
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
     config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, moe_ffn_hidden_size=32,
-        num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=EP, add_bias_linear=False, use_cpu_initialization=False,
-        transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0,
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none", moe_router_dtype="fp32",
-        gated_linear_unit=True, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype, pipeline_dtype=dtype,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        moe_ffn_hidden_size=32,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=EP,
+        add_bias_linear=False,
+        use_cpu_initialization=False,
+        transformer_impl="local",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_load_balancing_type="none",
+        moe_router_dtype="fp32",
+        gated_linear_unit=True,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
     )
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=SLOTS - NUM_EXPERTS // EP,
-                                                    expert_sharding="fsep"))
+        attach_microep_config(config, MicroEPConfig(redundant_slots=SLOTS - NUM_EXPERTS // EP, expert_sharding="fsep"))
     return config
 
 
@@ -84,11 +101,23 @@ def _build(config, seed: int, distributed_optimizer: bool):
     model = gpt_model(config, seed, VOCAB, SEQ_LEN, [0])  # expert 0 (home: EP rank 0) is hot
     if config.bf16 or config.fp16:
         model = Float16Module(config, model)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), model)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer),
+        model,
+    )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=LR, weight_decay=0.0, clip_grad=1.0, bf16=config.bf16, fp16=config.fp16,
-                        loss_scale=LOSS_SCALE if config.fp16 else None, params_dtype=config.params_dtype, use_distributed_optimizer=distributed_optimizer),
+        OptimizerConfig(
+            optimizer="adam",
+            lr=LR,
+            weight_decay=0.0,
+            clip_grad=1.0,
+            bf16=config.bf16,
+            fp16=config.fp16,
+            loss_scale=LOSS_SCALE if config.fp16 else None,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
         [ddp],
     )
     config.no_sync_func = ddp.no_sync
@@ -102,7 +131,7 @@ def _main_param(optimizer, param):
     optimizer's shard of it (the whole parameter here: expert-data-parallel size 1)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         model_groups = getattr(opt, "float16_groups", None) or getattr(opt, "model_float16_groups", None)
-        main_groups = getattr(opt, "fp32_from_float16_groups", None) or getattr(opt, "shard_fp32_from_float16_groups")
+        main_groups = getattr(opt, "fp32_from_float16_groups", None) or opt.shard_fp32_from_float16_groups
         for model_group, main_group in zip(model_groups, main_groups):
             for model_param, main in zip(model_group, main_group):
                 if model_param is param:
@@ -153,20 +182,38 @@ def _train(seed: int, distributed_optimizer: bool, dtype: torch.dtype) -> dict:
     from megatron_microep.glue.fsep import fsep_layers
     from megatron_microep.glue.layer import set_training_step
 
-    models = {name: _build(_config(dispatcher, dtype), seed, distributed_optimizer) for name, dispatcher, dtype in
-              (("stock", "alltoall", dtype), ("fsep", "microep", dtype), ("fp32", "alltoall", torch.float32))}
+    models = {
+        name: _build(_config(dispatcher, dtype), seed, distributed_optimizer)
+        for name, dispatcher, dtype in (
+            ("stock", "alltoall", dtype),
+            ("fsep", "microep", dtype),
+            ("fp32", "alltoall", torch.float32),
+        )
+    }
     stock, fsep = models["stock"][0], models["fsep"][0]
     layers = fsep_layers(fsep)
     mains = [_main_param(models["fsep"][1], layer.experts.shards) for layer in layers]
     rng = np.random.default_rng(seed)
-    out = {"dtypes": sorted({str(p.dtype) for p in fsep.parameters()}),
-           "shard_dtypes": [(str(layer.experts.shards.dtype), str(layer.experts.shards.main_grad.dtype),
-                             str(main.dtype)) for layer, (main, _) in zip(layers, mains)],
-           "optimizers": sorted({name for _, name in mains}),
-           "stock_experts_low_precision": all(p.dtype == dtype for m in stock.modules() if isinstance(m, MoELayer)
-                                     for p in m.experts.parameters()),
-           "stock": [], "fsep": [], "fp32": [], "grad_err": [], "placements": [], "recast_exact": [],
-           "sub_precision_fraction": [], "step1_update_err": None, "copy_tokens": []}
+    out = {
+        "dtypes": sorted({str(p.dtype) for p in fsep.parameters()}),
+        "shard_dtypes": [
+            (str(layer.experts.shards.dtype), str(layer.experts.shards.main_grad.dtype), str(main.dtype))
+            for layer, (main, _) in zip(layers, mains)
+        ],
+        "optimizers": sorted({name for _, name in mains}),
+        "stock_experts_low_precision": all(
+            p.dtype == dtype for m in stock.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()
+        ),
+        "stock": [],
+        "fsep": [],
+        "fp32": [],
+        "grad_err": [],
+        "placements": [],
+        "recast_exact": [],
+        "sub_precision_fraction": [],
+        "step1_update_err": None,
+        "copy_tokens": [],
+    }
     placement = None
     for step in range(1, STEPS + 1):
         placement = _random_layout(rng, placement.to_lists() if placement is not None else None)
@@ -178,10 +225,15 @@ def _train(seed: int, distributed_optimizer: bool, dtype: torch.dtype) -> dict:
             out[name].append(_forward_backward(ddp, optimizer, seed, step))
         out["copy_tokens"].append(sum(s.replica_tokens for layer in layers for s in layer.telemetry.drain()))
         stock_grads = dict(stock.named_parameters())
-        errors = [_rel(p.main_grad, stock_grads[n].main_grad) for n, p in fsep.named_parameters()
-                  if getattr(p, "allreduce", True)]
-        errors += [_rel(layer.experts.shards.main_grad.view_as(ref), ref)
-                   for layer, ref in zip(layers, _expert_grads_as_shards(stock, layers))]
+        errors = [
+            _rel(p.main_grad, stock_grads[n].main_grad)
+            for n, p in fsep.named_parameters()
+            if getattr(p, "allreduce", True)
+        ]
+        errors += [
+            _rel(layer.experts.shards.main_grad.view_as(ref), ref)
+            for layer, ref in zip(layers, _expert_grads_as_shards(stock, layers))
+        ]
         out["grad_err"].append(max(errors))
         before = [main.clone() for main, _ in mains]
         scale = float(models["fsep"][1].get_loss_scale())  # main gradients carry the fp16 loss scale
@@ -189,10 +241,15 @@ def _train(seed: int, distributed_optimizer: bool, dtype: torch.dtype) -> dict:
         stepped = {name: optimizer.step() for name, (_, optimizer) in models.items()}
         assert all(ok for ok, _, _ in stepped.values()), "optimizer step failed"
         # The 16-bit shards are the fp32 main shards re-cast, bit for bit; the main shards keep what 16 bits drop.
-        out["recast_exact"].append(all(torch.equal(layer.experts.shards.detach().view(-1), main.to(dtype))
-                                       for layer, (main, _) in zip(layers, mains)))
-        out["sub_precision_fraction"].append(min(float((main != main.to(dtype).float()).float().mean())
-                                                 for main, _ in mains))
+        out["recast_exact"].append(
+            all(
+                torch.equal(layer.experts.shards.detach().view(-1), main.to(dtype))
+                for layer, (main, _) in zip(layers, mains)
+            )
+        )
+        out["sub_precision_fraction"].append(
+            min(float((main != main.to(dtype).float()).float().mean()) for main, _ in mains)
+        )
         if step == 1:
             # Adam's first step moves every main element by lr * c g / (c |g| + eps), c the clipping
             # factor of the returned gradient norm: it stepped on the shards' fp32 main gradients.
@@ -207,8 +264,11 @@ def _train(seed: int, distributed_optimizer: bool, dtype: torch.dtype) -> dict:
 
 def _mixed_precision_rank(rank, world_size, seed):
     init_megatron_parallel(expert_model_parallel_size=EP, seed=seed)
-    return {(precision, name): _train(seed, distributed, dtype)
-            for precision, (dtype, _) in PRECISIONS.items() for name, distributed in OPTIMIZERS.items()}
+    return {
+        (precision, name): _train(seed, distributed, dtype)
+        for precision, (dtype, _) in PRECISIONS.items()
+        for name, distributed in OPTIMIZERS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -243,14 +303,19 @@ def test_16_bit_fsep_trains_like_16_bit_stock_ep(mixed_precision_run, optimizer,
         placements = res["placements"]
         assert all(a != b for a, b in zip(placements, placements[1:])), "the layout did not change every step"
         assert min(res["copy_tokens"]) > 0, f"no expert's tokens were split over copies: {res['copy_tokens']}"
-        assert res["grad_err"][0] <= STEP1_GRAD_ROUNDINGS * u, f"rank {rank}: step-1 gradient rel error {res['grad_err'][0]}"
+        assert res["grad_err"][0] <= STEP1_GRAD_ROUNDINGS * u, (
+            f"rank {rank}: step-1 gradient rel error {res['grad_err'][0]}"
+        )
         rel = [abs(a - b) / b for a, b in zip(res["fsep"], res["stock"])]
         assert max(rel) <= LOSS_REL_ROUNDINGS * u, f"rank {rank}: loss rel diffs {rel}"
         fsep_gap = max(abs(a - b) for a, b in zip(res["fsep"], res["stock"]))
         precision_gap = max(abs(a - b) for a, b in zip(res["fp32"], res["stock"]))
-        assert fsep_gap <= FP32_GAP_RATIO * precision_gap, \
+        assert fsep_gap <= FP32_GAP_RATIO * precision_gap, (
             f"rank {rank}: FSEP-stock {fsep_gap}, {precision}-fp32 {precision_gap}"
-        print(f"{precision} {optimizer} rank {rank}: grad errors {res['grad_err']}, loss rel diffs {rel}, "
-              f"FSEP-stock {fsep_gap:.2e} vs {precision}-fp32 {precision_gap:.2e}")
+        )
+        print(
+            f"{precision} {optimizer} rank {rank}: grad errors {res['grad_err']}, loss rel diffs {rel}, "
+            f"FSEP-stock {fsep_gap:.2e} vs {precision}-fp32 {precision_gap:.2e}"
+        )
         losses = res["stock"]
         assert losses[-1] < losses[0] - 0.05, f"training did not learn: {losses}"

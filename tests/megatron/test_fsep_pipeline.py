@@ -18,6 +18,7 @@ At the end the ``keep`` model is saved with Megatron's distributed checkpoint (e
 under their global numbers) and loaded strictly into a fresh FSEP model, which must hold the same
 layouts and routing histories.
 """
+
 import os
 import random
 
@@ -27,11 +28,11 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-
 from _gpt_case import forward_step, gpt_model, synthetic_batches  # noqa: E402
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
-from test_fsep_mixed_precision import _random_layout  # noqa: E402
 from test_fsep_gpt import _expert_grads_as_shards, _rel  # noqa: E402
+from test_fsep_mixed_precision import _random_layout  # noqa: E402
+
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
 PP, EP = 2, 2
 NUM_EXPERTS = 4  # 2 per rank + 1 redundant slot: C = 3 (as test_fsep_mixed_precision's layouts)
@@ -49,23 +50,40 @@ def _config(model: str):
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
     config = TransformerConfig(
-        num_layers=len(PATTERN), hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64,
-        moe_ffn_hidden_size=32, num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_layer_freq=PATTERN,
-        moe_token_dispatcher_type="alltoall" if model == "stock" else "microep", expert_model_parallel_size=EP,
-        pipeline_model_parallel_size=PP, add_bias_linear=False, use_cpu_initialization=False,
-        transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0, moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
-        gated_linear_unit=True, pipeline_dtype=torch.float32,
+        num_layers=len(PATTERN),
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        moe_ffn_hidden_size=32,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2,
+        moe_layer_freq=PATTERN,
+        moe_token_dispatcher_type="alltoall" if model == "stock" else "microep",
+        expert_model_parallel_size=EP,
+        pipeline_model_parallel_size=PP,
+        add_bias_linear=False,
+        use_cpu_initialization=False,
+        transformer_impl="local",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_load_balancing_type="none",
+        gated_linear_unit=True,
+        pipeline_dtype=torch.float32,
     )
     if model != "stock":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=1, expert_sharding="fsep",
-                                                    fsep_memory_policy=model))
+        attach_microep_config(
+            config, MicroEPConfig(redundant_slots=1, expert_sharding="fsep", fsep_memory_policy=model)
+        )
     return config
 
 
 def _build(model: str, seed: int, first: bool, last: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
     config = _config(model)
     # Expert 0 (home: EP rank 0) is hot.
     gpt = gpt_model(config, seed, VOCAB, SEQ_LEN, [0], pre_process=first, post_process=last)
@@ -153,9 +171,15 @@ def _megatron_1f1b(ddp, batches):
     forward_backward = get_forward_backward_func()
     assert forward_backward.__name__ == "forward_backward_pipelining_without_interleaving"
     ddp.zero_grad_buffer()
-    results = forward_backward(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
-                               num_microbatches=len(batches), seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH,
-                               forward_only=False)
+    results = forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[ddp],
+        num_microbatches=len(batches),
+        seq_length=SEQ_LEN,
+        micro_batch_size=MICRO_BATCH,
+        forward_only=False,
+    )
     return [r["lm loss"].item() for r in results]
 
 
@@ -174,8 +198,13 @@ def _train(loop: str, seed: int) -> dict:
     optimizers = {name: _SGD(ddp) for name, ddp in models.items()}
     layers = {name: fsep_layers(models[name]) for name in MODELS[1:]}
     rng = np.random.default_rng(seed + 17 * stage)  # the same on both EP ranks of a stage
-    out = {"fsep_layers": [layer.layer_number for layer in layers["keep"]], "losses": {},
-           "loss_err": [], "grad_err": [], "placements": []}
+    out = {
+        "fsep_layers": [layer.layer_number for layer in layers["keep"]],
+        "losses": {},
+        "loss_err": [],
+        "grad_err": [],
+        "placements": [],
+    }
     placement = None
     for step in range(1, STEPS + 1):
         placement = _random_layout(rng, placement.to_lists() if placement is not None else None)
@@ -191,10 +220,15 @@ def _train(loop: str, seed: int) -> dict:
         for name in MODELS[1:]:
             out["losses"].setdefault(name, []).append(losses[name])
             out["loss_err"].append(max([abs(a - b) for a, b in zip(losses[name], losses["stock"])], default=0.0))
-            errors = [(_rel(p.main_grad, stock_grads[n].main_grad), n) for n, p in models[name].named_parameters()
-                      if getattr(p, "allreduce", True)]
-            errors += [(_rel(layer.experts.shards.main_grad.view_as(ref), ref), f"layer {layer.layer_number} shards")
-                       for layer, ref in zip(layers[name], _expert_grads_as_shards(stock, layers[name]))]
+            errors = [
+                (_rel(p.main_grad, stock_grads[n].main_grad), n)
+                for n, p in models[name].named_parameters()
+                if getattr(p, "allreduce", True)
+            ]
+            errors += [
+                (_rel(layer.experts.shards.main_grad.view_as(ref), ref), f"layer {layer.layer_number} shards")
+                for layer, ref in zip(layers[name], _expert_grads_as_shards(stock, layers[name]))
+            ]
             out["grad_err"].append(max(errors))
         out["losses"].setdefault("stock", []).append(losses["stock"])
         for opt in optimizers.values():
@@ -222,14 +256,17 @@ def _layout_round_trip(model, seed: int, directory: str) -> dict:
     stage = parallel_state.get_pipeline_model_parallel_rank()
     fresh = _build("keep", seed + 1, stage == 0, stage == PP - 1)
     metadata = dist_checkpointing.load_content_metadata(directory)
-    loaded = dist_checkpointing.load(fresh.module.sharded_state_dict(metadata=metadata), directory,
-                                     strict=StrictHandling.RAISE_ALL)
+    loaded = dist_checkpointing.load(
+        fresh.module.sharded_state_dict(metadata=metadata), directory, strict=StrictHandling.RAISE_ALL
+    )
     loaded.pop("content_metadata")  # saved at the top level, next to the model's keys
     fresh.module.load_state_dict(loaded, strict=True)
 
     def layouts(ddp):
-        return [(layer.layout.placement.to_lists(), layer.placement_controller.history().tolist())
-                for layer in fsep_layers(ddp)]
+        return [
+            (layer.layout.placement.to_lists(), layer.placement_controller.history().tolist())
+            for layer in fsep_layers(ddp)
+        ]
 
     return {"saved": layouts(model), "loaded": layouts(fresh)}
 
@@ -270,8 +307,10 @@ def test_fsep_pipeline_matches_stock_ep(pipeline_run, loop):
             assert all(len(step) == MICRO_BATCHES for step in run["losses"]["stock"])
             assert max(run["loss_err"]) <= LOSS_TOL, f"rank {rank}: loss errors {run['loss_err']}"
         assert max(run["grad_err"])[0] <= GRAD_TOL, f"rank {rank}: gradient rel errors {run['grad_err']}"
-        print(f"{loop} rank {rank}: worst gradient rel error {max(run['grad_err'])}, "
-              f"loss error {max(run['loss_err']):.1e}")
+        print(
+            f"{loop} rank {rank}: worst gradient rel error {max(run['grad_err'])}, "
+            f"loss error {max(run['loss_err']):.1e}"
+        )
     losses = [res[loop]["losses"]["stock"] for res in pipeline_run if res["stage"] == PP - 1][0]
     assert np.mean(losses[-1]) < np.mean(losses[0]), f"training did not learn: {losses}"
 

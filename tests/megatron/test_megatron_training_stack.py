@@ -17,6 +17,7 @@ Launch 1 (4 ranks, EP = 2, expert data parallelism 2, no pipelining):
 - bf16 (both optimizers): MicroEP at most 1.5x as far from an fp32 run as stock is.
 Launch 2 (4 ranks, PP = 2 x EP = 2): Megatron's 1F1B schedule, same parity per stage.
 """
+
 import contextlib
 import os
 import random
@@ -26,8 +27,8 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-
 from _gpt_case import forward_step, skew_router, synthetic_batches  # noqa: E402
+
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
 WORLD = 4
@@ -56,13 +57,28 @@ def _config(dispatcher: str, ep: int, pp: int, layers: int, dtype=torch.float32)
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
     config = TransformerConfig(
-        num_layers=layers, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64,
-        moe_ffn_hidden_size=32, num_moe_experts=NUM_EXPERTS, moe_router_topk=2,
-        moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
-        add_bias_linear=False, use_cpu_initialization=False, transformer_impl="local", hidden_dropout=0.0,
-        attention_dropout=0.0, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
-        bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
+        num_layers=layers,
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        moe_ffn_hidden_size=32,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        pipeline_model_parallel_size=pp,
+        add_bias_linear=False,
+        use_cpu_initialization=False,
+        transformer_impl="local",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_load_balancing_type="none",
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
     )
     if dispatcher == "microep":
         attach_microep_config(config, MicroEPConfig(redundant_slots=1))
@@ -80,11 +96,24 @@ def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None, dtype=tor
     from megatron_microep.planning.placement import Placement
 
     config = _config(dispatcher, ep, pp, layers, dtype)
-    spec = (microep_layer_spec if dispatcher == "microep"
-            else get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm"))
-    stage, stages = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()
-    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN, pre_process=stage == 0,
-                     post_process=stage == stages - 1, position_embedding_type="rope")
+    spec = (
+        microep_layer_spec
+        if dispatcher == "microep"
+        else get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm")
+    )
+    stage, stages = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ_LEN,
+        pre_process=stage == 0,
+        post_process=stage == stages - 1,
+        position_embedding_type="rope",
+    )
     if state is None:
         skew_router(model, [0])
     else:
@@ -111,15 +140,25 @@ def _wrap(model, config, overlap: bool, distributed_optimizer: bool):
 
     overlap_param_gather = overlap and distributed_optimizer
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed_optimizer,
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap,
+        use_distributed_optimizer=distributed_optimizer,
         overlap_param_gather=overlap_param_gather,
         bucket_size=2000 if overlap else None,  # several buckets, so communication interleaves with compute
     )
     ddp = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=config.bf16, fp16=False,
-                        params_dtype=config.params_dtype, use_distributed_optimizer=distributed_optimizer,
-                        overlap_param_gather=overlap_param_gather),
+        OptimizerConfig(
+            optimizer="adam",
+            lr=3e-3,
+            weight_decay=0.01,
+            clip_grad=1.0,
+            bf16=config.bf16,
+            fp16=False,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=distributed_optimizer,
+            overlap_param_gather=overlap_param_gather,
+        ),
         [ddp],
     )
     config.no_sync_func = ddp.no_sync
@@ -138,8 +177,9 @@ def _micro_batches(seed: int, step: int):
 
 
 def _expert_main_grads(ddp):
-    return {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()
-            if not getattr(p, "allreduce", True)}
+    return {
+        n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters() if not getattr(p, "allreduce", True)
+    }
 
 
 def _train(ddp, optimizer, config, seed: int, capture_pre_reduction: bool):
@@ -165,8 +205,13 @@ def _train(ddp, optimizer, config, seed: int, capture_pre_reduction: bool):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         results = forward_backward(
-            forward_step_func=forward_step, data_iterator=iter(_micro_batches(seed, step)), model=[ddp],
-            num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH, forward_only=False,
+            forward_step_func=forward_step,
+            data_iterator=iter(_micro_batches(seed, step)),
+            model=[ddp],
+            num_microbatches=MICRO_BATCHES,
+            seq_length=SEQ_LEN,
+            micro_batch_size=MICRO_BATCH,
+            forward_only=False,
         )
         update_successful, grad_norm, _ = optimizer.step()
         assert update_successful
@@ -184,8 +229,13 @@ def _evaluate(ddp, seed: int):
     ddp.eval()
     with torch.no_grad():
         results = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(_micro_batches(seed + 1, STEPS + 1)), model=[ddp],
-            num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH, forward_only=True,
+            forward_step_func=forward_step,
+            data_iterator=iter(_micro_batches(seed + 1, STEPS + 1)),
+            model=[ddp],
+            num_microbatches=MICRO_BATCHES,
+            seq_length=SEQ_LEN,
+            micro_batch_size=MICRO_BATCH,
+            forward_only=True,
         )
     ddp.train()
     return [r["lm loss"].item() for r in results]
@@ -244,7 +294,8 @@ def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica
         "schedule": get_forward_backward_func().__name__,
         "param_gather_pre_hooks": bool(getattr(micro_ddp, "use_forward_hook", False)),
         "optimizers": sorted({type(o).__name__ for o in getattr(micro_opt, "chained_optimizers", [micro_opt])}),
-        "stock_losses": stock_losses, "micro_losses": micro_losses,
+        "stock_losses": stock_losses,
+        "micro_losses": micro_losses,
         "param_rel": {n: _rel(micro_params[n], p) for n, p in stock_params.items()},
         "same_names": sorted(stock_params) == sorted(micro_params),
         "moved": max((p - start[n]).abs().max().item() for n, p in stock_params.items()),
@@ -268,8 +319,11 @@ def _run_bf16(seed, distributed_optimizer):
     measured against the same model trained in fp32: MicroEP sums a replicated expert's gradient in
     parts, so it rounds differently from stock; it must not round worse."""
     runs = {}
-    for name, dispatcher, dtype in (("stock", "alltoall", torch.bfloat16), ("microep", "microep", torch.bfloat16),
-                                    ("fp32", "alltoall", torch.float32)):
+    for name, dispatcher, dtype in (
+        ("stock", "alltoall", torch.bfloat16),
+        ("microep", "microep", torch.bfloat16),
+        ("fp32", "alltoall", torch.float32),
+    ):
         state = runs["stock"][0] if runs else None
         model, config = _build(dispatcher, 2, 1, 2, state=state, dtype=dtype)
         initial = _state(model)
@@ -286,7 +340,8 @@ def _run_bf16(seed, distributed_optimizer):
     return {
         "losses": {name: run[1] for name, run in runs.items()},
         "error": {name: error(runs[name][2]) for name in ("stock", "microep")},
-        "replica_stats": runs["microep"][3], "optimizers": runs["microep"][4],
+        "replica_stats": runs["microep"][3],
+        "optimizers": runs["microep"][4],
     }
 
 
@@ -324,9 +379,11 @@ def _assert_parity(rank, res, label):
         diffs = [abs(a - b) for a, b in zip(res["micro_losses"], res["stock_losses"])]
         assert max(diffs) <= LOSS_TOL, f"{label} rank {rank}: loss diffs {diffs}"
     worst = max(res["param_rel"].items(), key=lambda kv: kv[1])
-    print(f"{label} rank {rank}: losses stock {res['stock_losses']} microep {res['micro_losses']}; worst "
-          f"parameter {worst[0]} {worst[1]:.1e}; moved {res['moved']:.2e}; replica tokens "
-          f"{[tokens for _, tokens in res['replica_stats']]}")
+    print(
+        f"{label} rank {rank}: losses stock {res['stock_losses']} microep {res['micro_losses']}; worst "
+        f"parameter {worst[0]} {worst[1]:.1e}; moved {res['moved']:.2e}; replica tokens "
+        f"{[tokens for _, tokens in res['replica_stats']]}"
+    )
     assert worst[1] <= PARAM_REL_TOL, f"{label} rank {rank}: parameter {worst[0]} differs by {worst[1]:.2e}"
     assert res["moved"] > 1e-3, f"{label} rank {rank}: training did not change the weights"
     stats = res["replica_stats"]
@@ -360,8 +417,10 @@ def test_parity_breaks_without_replica_gradient_return(ep2_edp2_run):
         control = res["no_replica_grads"]
         assert all(tokens > 0 for _, tokens in control["replica_stats"])
         worst = max(rel for step in control["pre_reduction_rel"] for rel in step.values())
-        print(f"rank {rank}: replica gradients dropped: expert gradient {worst:.1e}, parameters "
-              f"{max(control['param_rel'].values()):.1e}")
+        print(
+            f"rank {rank}: replica gradients dropped: expert gradient {worst:.1e}, parameters "
+            f"{max(control['param_rel'].values()):.1e}"
+        )
         assert worst > 1e-2, f"rank {rank}: dropping replica gradients went unnoticed ({worst:.2e})"
         assert max(control["param_rel"].values()) > 10 * PARAM_REL_TOL
 

@@ -1,4 +1,5 @@
 """The --microep-* flags, the 'microep' dispatcher type, and configuration-time errors naming the flag."""
+
 import argparse
 
 import pytest
@@ -32,12 +33,36 @@ BASE = ("--moe-token-dispatcher-type", "microep", "--num-experts", "8", "--exper
 
 
 def test_flags_parse_into_settings():
-    args = _parse(*BASE, "--microep-redundant-slots", "1", "--microep-replan-interval", "50",
-                  "--microep-planner", "greedy", "--microep-history-window", "20", "--microep-trace-dir", "/tmp/t",
-                  "--microep-expert-backend", "loop", "--microep-gpus-per-node", "8", "--microep-forecast-burst", "2.5")
+    args = _parse(
+        *BASE,
+        "--microep-redundant-slots",
+        "1",
+        "--microep-replan-interval",
+        "50",
+        "--microep-planner",
+        "greedy",
+        "--microep-history-window",
+        "20",
+        "--microep-trace-dir",
+        "/tmp/t",
+        "--microep-expert-backend",
+        "loop",
+        "--microep-gpus-per-node",
+        "8",
+        "--microep-forecast-burst",
+        "2.5",
+    )
     settings = validate_microep_args(args)
-    assert settings == MicroEPConfig(redundant_slots=1, replan_interval=50, planner="greedy", history_window=20,
-                                     trace_dir="/tmp/t", expert_backend="loop", gpus_per_node=8, forecast_burst=2.5)
+    assert settings == MicroEPConfig(
+        redundant_slots=1,
+        replan_interval=50,
+        planner="greedy",
+        history_window=20,
+        trace_dir="/tmp/t",
+        expert_backend="loop",
+        gpus_per_node=8,
+        forecast_burst=2.5,
+    )
 
 
 def test_other_dispatchers_are_untouched():
@@ -51,16 +76,22 @@ def test_unknown_planner_is_rejected_by_argparse():
         _parse(*BASE, "--microep-planner", "magic")
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (("--microep-redundant-slots", "2"), "--microep-redundant-slots 2 must be smaller than the experts per EP rank"),
-    (("--microep-redundant-slots", "-1"), "--microep-redundant-slots must be >= 0"),
-    (("--microep-replan-interval", "10"), "--microep-replan-interval > 0 needs --microep-redundant-slots"),
-    (("--microep-history-window", "0"), "--microep-history-window must be >= 1"),
-    (("--microep-replan-lag", "0"), "--microep-replan-lag must be >= 1"),
-    (("--microep-forecast-burst", "0.5"), "--microep-forecast-burst must be 0 \\(off\\) or >= 1"),
-    (("--moe-expert-capacity-factor", "1.5"), "--moe-expert-capacity-factor cannot be used"),
-    (("--mtp-num-layers", "1"), "--mtp-num-layers cannot be used"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (
+            ("--microep-redundant-slots", "2"),
+            "--microep-redundant-slots 2 must be smaller than the experts per EP rank",
+        ),
+        (("--microep-redundant-slots", "-1"), "--microep-redundant-slots must be >= 0"),
+        (("--microep-replan-interval", "10"), "--microep-replan-interval > 0 needs --microep-redundant-slots"),
+        (("--microep-history-window", "0"), "--microep-history-window must be >= 1"),
+        (("--microep-replan-lag", "0"), "--microep-replan-lag must be >= 1"),
+        (("--microep-forecast-burst", "0.5"), "--microep-forecast-burst must be 0 \\(off\\) or >= 1"),
+        (("--moe-expert-capacity-factor", "1.5"), "--moe-expert-capacity-factor cannot be used"),
+        (("--mtp-num-layers", "1"), "--mtp-num-layers cannot be used"),
+    ],
+)
 def test_invalid_combinations_name_the_flag(argv, flag):
     with pytest.raises(MicroEPConfigError, match=flag.replace("+", r"\+")):
         validate_microep_args(_parse(*BASE, *argv))
@@ -68,7 +99,9 @@ def test_invalid_combinations_name_the_flag(argv, flag):
 
 def test_replicas_need_expert_parallelism():
     args = _parse("--moe-token-dispatcher-type", "microep", "--num-experts", "8", "--microep-redundant-slots", "1")
-    with pytest.raises(MicroEPConfigError, match="--microep-redundant-slots > 0 needs --expert-model-parallel-size > 1"):
+    with pytest.raises(
+        MicroEPConfigError, match="--microep-redundant-slots > 0 needs --expert-model-parallel-size > 1"
+    ):
         validate_microep_args(args)
 
 
@@ -85,9 +118,16 @@ def test_settings_reach_a_transformer_config_and_are_checked_there():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     def config(**kw):
-        return TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, num_moe_experts=8,
-                                 moe_token_dispatcher_type="microep", expert_model_parallel_size=4,
-                                 moe_ffn_hidden_size=6, **kw)
+        return TransformerConfig(
+            num_layers=1,
+            hidden_size=8,
+            num_attention_heads=2,
+            num_moe_experts=8,
+            moe_token_dispatcher_type="microep",
+            expert_model_parallel_size=4,
+            moe_ffn_hidden_size=6,
+            **kw,
+        )
 
     c = microep_config_from_args(_parse(*BASE, "--microep-redundant-slots", "1"), config())
     assert resolve_microep_config(c) == MicroEPConfig(redundant_slots=1)
@@ -96,5 +136,9 @@ def test_settings_reach_a_transformer_config_and_are_checked_there():
     with pytest.raises(MicroEPConfigError, match="--microep-redundant-slots 2 must be smaller"):
         resolve_microep_config(config(), MicroEPConfig(redundant_slots=2))
     with pytest.raises(MicroEPConfigError, match="--expert-tensor-parallel-size 4 must divide --moe-ffn-hidden-size 6"):
-        check_megatron_compatibility(MicroEPConfig(), argparse.Namespace(
-            num_moe_experts=8, expert_model_parallel_size=4, expert_tensor_parallel_size=4, moe_ffn_hidden_size=6))
+        check_megatron_compatibility(
+            MicroEPConfig(),
+            argparse.Namespace(
+                num_moe_experts=8, expert_model_parallel_size=4, expert_tensor_parallel_size=4, moe_ffn_hidden_size=6
+            ),
+        )

@@ -12,6 +12,7 @@ Then a MicroEP checkpoint (Megatron distributed checkpoint) is loaded into a fre
 stock checkpoint into a fresh MicroEP model, strictly (no missing or unexpected key), and the loaded
 parameters must equal the saved ones.
 """
+
 import contextlib
 import os
 import random
@@ -21,8 +22,8 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-
 from _gpt_case import skew_router, synthetic_batches  # noqa: E402
+
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
 WORLD = 4
@@ -43,13 +44,26 @@ def _config(dispatcher: str, ep: int):
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
     config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, moe_ffn_hidden_size=32,
-        num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=ep, add_bias_linear=False, use_cpu_initialization=False,
-        transformer_impl="local", hidden_dropout=0.0, attention_dropout=0.0,
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none",
-        bf16=False, params_dtype=torch.float32,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        moe_ffn_hidden_size=32,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        add_bias_linear=False,
+        use_cpu_initialization=False,
+        transformer_impl="local",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_load_balancing_type="none",
+        bf16=False,
+        params_dtype=torch.float32,
     )
     if dispatcher == "microep":
         attach_microep_config(config, MicroEPConfig(redundant_slots=1, replan_interval=4, planner="greedy"))
@@ -59,8 +73,13 @@ def _config(dispatcher: str, ep: int):
 def _model(config, spec):
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ_LEN,
-                    position_embedding_type="rope")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ_LEN,
+        position_embedding_type="rope",
+    )
 
 
 def _stock_spec(config):
@@ -183,8 +202,14 @@ def _gpt_rank(rank: int, world_size: int, ep: int, seed: int, tmp_dir: str):
         "same_names": sorted(saved_micro) == sorted(saved_stock),
         "micro_vs_stock_trained": max((saved_micro[n] - saved_stock[n]).abs().max().item() for n in saved_stock),
     }
-    return {"stock": stock_losses, "micro": micro_losses, "stats": stats, "versions": versions,
-            "moved": moved, "ckpt": ckpt_err}
+    return {
+        "stock": stock_losses,
+        "micro": micro_losses,
+        "stats": stats,
+        "versions": versions,
+        "moved": moved,
+        "ckpt": ckpt_err,
+    }
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))

@@ -5,6 +5,7 @@ dispatcher: the alltoall one needs an uneven all-gather that gloo rejects), atte
 sequence parallelism, expert data parallelism, and TP + SP with expert-TP. Each case uses skewed
 routing with replicas; one case adds biases and SwiGLU, another a shared expert. Same tolerances as the EP parity test.
 """
+
 import os
 import random
 
@@ -13,23 +14,42 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
+from test_microep_parity import HIDDEN, HOT, MICRO_BATCH, NUM_EXPERTS, REL_TOL, SEQ_LEN, _build, _configs, _rel, _run  # noqa: E402
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
-from test_microep_parity import HIDDEN, HOT, MICRO_BATCH, NUM_EXPERTS, REL_TOL, SEQ_LEN, _build, _configs, _rel, _run  # noqa: E402
 
 # name: (parallel sizes, stock dispatcher, config overrides)
 CASES = {
-    "etp2_ep2": (dict(expert_tensor_parallel_size=2, expert_model_parallel_size=2), "allgather",
-                 dict(expert_tensor_parallel_size=2)),
-    "tp2_sp_ep2_shared": (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2), "alltoall",
-                          dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1,
-                               moe_shared_expert_intermediate_size=24)),
-    "ep2_edp2_swiglu_bias": (dict(expert_model_parallel_size=2), "alltoall",
-                             dict(gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-                                  add_bias_linear=True, bias_activation_fusion=False)),
-    "tp2_sp_etp2_ep2": (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=2,
-                             expert_model_parallel_size=2), "allgather",
-                        dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=2)),
+    "etp2_ep2": (
+        dict(expert_tensor_parallel_size=2, expert_model_parallel_size=2),
+        "allgather",
+        dict(expert_tensor_parallel_size=2),
+    ),
+    "tp2_sp_ep2_shared": (
+        dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+        "alltoall",
+        dict(
+            tensor_model_parallel_size=2,
+            sequence_parallel=True,
+            expert_tensor_parallel_size=1,
+            moe_shared_expert_intermediate_size=24,
+        ),
+    ),
+    "ep2_edp2_swiglu_bias": (
+        dict(expert_model_parallel_size=2),
+        "alltoall",
+        dict(
+            gated_linear_unit=True,
+            activation_func=torch.nn.functional.silu,
+            add_bias_linear=True,
+            bias_activation_fusion=False,
+        ),
+    ),
+    "tp2_sp_etp2_ep2": (
+        dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=2, expert_model_parallel_size=2),
+        "allgather",
+        dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=2),
+    ),
 }
 TOPK = 2
 REDUNDANT = 2
@@ -68,7 +88,10 @@ def _case_rank(rank: int, world_size: int, seed: int):
             "stock": _run(stock, x, upstream),
             "micro": _run(micro, x, upstream),
             "stats": micro.telemetry.drain(),
-            "ranks": (parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_model_parallel_rank()),
+            "ranks": (
+                parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_model_parallel_rank(),
+            ),
         }
     return results
 

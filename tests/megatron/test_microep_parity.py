@@ -7,6 +7,7 @@ is skewed towards experts homed on rank 0 and those experts have replicas elsewh
 asserts that the replicas carried tokens, that scheduling lowered the max load, and that every
 routed token was processed exactly once. Seeds are fresh per run and printed.
 """
+
 import os
 import random
 
@@ -40,9 +41,16 @@ def _configs(ep_size: int, topk: int, redundant_slots: int, stock_dispatcher: st
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
     common = dict(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=FFN_HIDDEN,
-        moe_ffn_hidden_size=FFN_HIDDEN, num_moe_experts=NUM_EXPERTS, moe_router_topk=topk,
-        expert_model_parallel_size=ep_size, add_bias_linear=False, use_cpu_initialization=False,
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        ffn_hidden_size=FFN_HIDDEN,
+        moe_ffn_hidden_size=FFN_HIDDEN,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=topk,
+        expert_model_parallel_size=ep_size,
+        add_bias_linear=False,
+        use_cpu_initialization=False,
         moe_router_pre_softmax=(topk == 1),
     )
     common.update(overrides)
@@ -206,8 +214,10 @@ def _spec_groups_rank(rank: int, world_size: int, seed: int):
     micro_config.transformer_impl = "local"  # what microep_layer_spec reads; TransformerEngine is absent
     x = torch.randn(SEQ_LEN, MICRO_BATCH, HIDDEN, generator=torch.Generator().manual_seed(seed + rank))
     results = {}
-    specs = {"block spec": microep_decoder_block_spec(micro_config, use_transformer_engine=False),
-             "layer spec": microep_layer_spec}
+    specs = {
+        "block spec": microep_decoder_block_spec(micro_config, use_transformer_engine=False),
+        "layer spec": microep_layer_spec,
+    }
     for name, spec in specs.items():
         records.clear()
         block = TransformerBlock(micro_config, spec, pre_process=True, post_process=True, pg_collection=pg)
@@ -218,8 +228,10 @@ def _spec_groups_rank(rank: int, world_size: int, seed: int):
             "warnings": [m for m in records if "Unknown MLP type" in m],
             "layers": len(layers),
             "groups_are_models": [
-                layer.microep_groups.ep is pg.ep and layer.microep_groups.tp_ep is pg.tp_ep
-                and layer.microep_groups.etp is pg.expt_tp and layer.ep_group is pg.ep
+                layer.microep_groups.ep is pg.ep
+                and layer.microep_groups.tp_ep is pg.tp_ep
+                and layer.microep_groups.etp is pg.expt_tp
+                and layer.ep_group is pg.ep
                 and layer.token_dispatcher.groups is layer.microep_groups
                 for layer in layers
             ],

@@ -6,6 +6,7 @@ each stage the MicroEP model must hold the same layers (global numbers, dense or
 names and shapes) and, with the same weights, give the same stage output and gradients with
 replicas in use: stage 0 from tokens, stage 1 from an input activation through the loss.
 """
+
 import os
 import random
 
@@ -14,9 +15,9 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
+from test_microep_parity import REL_TOL, _rel  # noqa: E402
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
-from test_microep_parity import REL_TOL, _rel  # noqa: E402
 
 PP, EP = 2, 2
 NUM_EXPERTS = 4
@@ -30,12 +31,27 @@ def _config(dispatcher):
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
     config = TransformerConfig(
-        num_layers=len(PATTERN), hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64,
-        moe_ffn_hidden_size=32, num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_layer_freq=PATTERN,
-        moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=EP, pipeline_model_parallel_size=PP,
-        add_bias_linear=False, use_cpu_initialization=False, transformer_impl="local", hidden_dropout=0.0,
-        attention_dropout=0.0, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0, moe_router_load_balancing_type="none", pipeline_dtype=torch.float32,
+        num_layers=len(PATTERN),
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        moe_ffn_hidden_size=32,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2,
+        moe_layer_freq=PATTERN,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=EP,
+        pipeline_model_parallel_size=PP,
+        add_bias_linear=False,
+        use_cpu_initialization=False,
+        transformer_impl="local",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_load_balancing_type="none",
+        pipeline_dtype=torch.float32,
     )
     if dispatcher == "microep":
         attach_microep_config(config, MicroEPConfig(redundant_slots=1))
@@ -56,10 +72,18 @@ def _pipeline_rank(rank, world_size, seed):
     stage = parallel_state.get_pipeline_model_parallel_rank()
     first, last = stage == 0, stage == PP - 1
     stock_config, micro_config = _config("alltoall"), _config("microep")
-    kwargs = dict(vocab_size=VOCAB, max_sequence_length=SEQ_LEN, pre_process=first, post_process=last,
-                  position_embedding_type="rope")
-    stock = GPTModel(stock_config, get_gpt_decoder_block_spec(stock_config, use_transformer_engine=False,
-                                                              normalization="LayerNorm"), **kwargs)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ_LEN,
+        pre_process=first,
+        post_process=last,
+        position_embedding_type="rope",
+    )
+    stock = GPTModel(
+        stock_config,
+        get_gpt_decoder_block_spec(stock_config, use_transformer_engine=False, normalization="LayerNorm"),
+        **kwargs,
+    )
     micro = GPTModel(micro_config, microep_layer_spec, **kwargs)
     with torch.no_grad():
         for name, buffer in stock.named_buffers():
@@ -103,9 +127,13 @@ def _pipeline_rank(rank, world_size, seed):
         "micro_layers": layers(micro),
         "is_moe": [isinstance(layer.mlp, MoELayer) for layer in micro.decoder.layers],
         "is_microep": [isinstance(layer.mlp, MicroEPMoELayer) for layer in micro.decoder.layers],
-        "shapes": ({n: tuple(p.shape) for n, p in stock.named_parameters()},
-                   {n: tuple(p.shape) for n, p in micro.named_parameters()}),
-        "ref": ref, "got": got, "stats": stats,
+        "shapes": (
+            {n: tuple(p.shape) for n, p in stock.named_parameters()},
+            {n: tuple(p.shape) for n, p in micro.named_parameters()},
+        ),
+        "ref": ref,
+        "got": got,
+        "stats": stats,
     }
 
 

@@ -1,5 +1,6 @@
 """Telemetry reaches Megatron-LM's metrics writers and the log; --microep-trace-dir writes a trace the
 simulator reads back. One CPU rank (gloo, EP = 1), three training steps of two micro-batches."""
+
 import logging
 import os
 import sys
@@ -11,9 +12,9 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
+from test_microep_parity import HIDDEN, MICRO_BATCH, SEQ_LEN, _build, _configs  # noqa: E402
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
-from test_microep_parity import HIDDEN, MICRO_BATCH, SEQ_LEN, _build, _configs  # noqa: E402
 
 STEPS, MICRO_BATCHES, TOPK = 3, 2, 2
 
@@ -43,7 +44,9 @@ def _telemetry_rank(rank, world_size, trace_dir):
     tensorboard, wandb = _Recorder(), _Recorder()
     # What megatron.training.global_vars holds in a Megatron-LM job with both writers enabled.
     sys.modules["megatron.training.global_vars"] = types.SimpleNamespace(
-        _GLOBAL_ARGS=None, _GLOBAL_TENSORBOARD_WRITER=tensorboard, _GLOBAL_WANDB_WRITER=wandb,
+        _GLOBAL_ARGS=None,
+        _GLOBAL_TENSORBOARD_WRITER=tensorboard,
+        _GLOBAL_WANDB_WRITER=wandb,
     )
     records = []
     handler = logging.Handler()

@@ -7,6 +7,7 @@ Ranks are launched once per world size (imports cost ~6 s per process) and run e
 turn; each check below reads the measurements that launch returns. Seeds are fresh per run and
 printed; tolerances are 1e-6 relative to the tensor's scale when that exceeds one.
 """
+
 import os
 import random
 
@@ -98,13 +99,9 @@ def _round_trip(layer, x: torch.Tensor, upstream: torch.Tensor, pg_collection):
     x_in = x.detach().clone().requires_grad_(True)
     tokens, token_probs = dispatcher.dispatch_preprocess(x_in, routing_map, probs)
     tokens, token_probs = dispatcher.token_dispatch(tokens, token_probs)
-    dispatched, tokens_per_expert, permuted_probs = dispatcher.dispatch_postprocess(
-        tokens, token_probs
-    )
+    dispatched, tokens_per_expert, permuted_probs = dispatcher.dispatch_postprocess(tokens, token_probs)
     weighted = dispatched * permuted_probs.unsqueeze(-1).to(dispatched.dtype)
-    restored = dispatcher.combine_postprocess(
-        dispatcher.token_combine(dispatcher.combine_preprocess(weighted))
-    )
+    restored = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(weighted)))
     (restored * upstream).sum().backward()
 
     etp = pg_collection.expt_tp.size()
@@ -256,8 +253,10 @@ LAYOUTS = {2: [(1, 2, 1)], 4: [(1, 4, 1), (1, 2, 2), (2, 2, 1)]}
 def stock_run(request):
     world = request.param
     seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
-    print(f"stock MoE on CPU: world={world} (TP, EP, ETP) layouts={LAYOUTS[world]} seed={seed} "
-          f"(rerun with MICROEP_TEST_SEED={seed})")
+    print(
+        f"stock MoE on CPU: world={world} (TP, EP, ETP) layouts={LAYOUTS[world]} seed={seed} "
+        f"(rerun with MICROEP_TEST_SEED={seed})"
+    )
     ranks = spawn_gloo(_stock_moe_rank, world, seed, LAYOUTS[world], timeout_s=300)
     return world, seed, ranks
 
@@ -270,7 +269,7 @@ def _each_layout(stock_run):
 
 
 def test_local_spec_uses_sequential_mlp(stock_run):
-    for layout, _, ranks in _each_layout(stock_run):
+    for _layout, _, ranks in _each_layout(stock_run):
         assert {r[d]["experts_class"] for r in ranks for d in DISPATCHERS} == {"SequentialMLP"}
 
 

@@ -19,13 +19,19 @@ def _reference(history, recent, count, seed, burst=0.0):
     rows = rng.integers(0, num_samples, size=(count, num_experts))
     permutation = rng.permutation(num_experts) if burst > 1 else []
     burst_sample = {int(e): position % count for position, e in enumerate(permutation)}
-    largest = max([(h[s, e] + 1) / (h[max(0, s - recent):s, e].mean() + 1)
-                   for s in range(1, num_samples) for e in range(num_experts)], default=1.0)
+    largest = max(
+        [
+            (h[s, e] + 1) / (h[max(0, s - recent) : s, e].mean() + 1)
+            for s in range(1, num_samples)
+            for e in range(num_experts)
+        ],
+        default=1.0,
+    )
     out = np.empty((count, num_experts))
     for k in range(count):
         for e in range(num_experts):
             s = rows[k, e]
-            local = h[max(0, s - 2):min(num_samples, s + 3), e].mean()
+            local = h[max(0, s - 2) : min(num_samples, s + 3), e].mean()
             noise = (h[s, e] + 1) / (local + 1)
             if burst_sample.get(e) == k:
                 noise = max(noise, min(burst, largest))
@@ -40,9 +46,18 @@ def _assert_rounded(got, exact):
     assert np.all(np.abs(got[tie] - exact[tie]) <= 0.5 + 1e-9)
 
 
-@pytest.mark.parametrize("num_samples,recent,count,burst", [
-    (1, 4, 20, 0.0), (3, 2, 20, 0.0), (16, 4, 20, 0.0), (16, 16, 20, 0.0), (16, 4, 5, 3.0), (16, 4, 20, 2.0), (3, 2, 1, 1.5),
-])
+@pytest.mark.parametrize(
+    "num_samples,recent,count,burst",
+    [
+        (1, 4, 20, 0.0),
+        (3, 2, 20, 0.0),
+        (16, 4, 20, 0.0),
+        (16, 16, 20, 0.0),
+        (16, 4, 5, 3.0),
+        (16, 4, 20, 2.0),
+        (3, 2, 1, 1.5),
+    ],
+)
 def test_matches_the_documented_formula(num_samples, recent, count, burst):
     seed = _seed()
     rng = np.random.default_rng(seed)
@@ -87,13 +102,16 @@ def test_samples_combine_fluctuations_the_window_never_had():
     assert totals.max() > history.sum(axis=1).max()
 
 
-@pytest.mark.parametrize("history,recent,count,message", [
-    (np.zeros((0, 3), dtype=np.int64), 1, 1, "non-empty"),
-    (np.array([[1, -1]]), 1, 1, "non-negative integer"),
-    (np.array([[1.5, 2.0]]), 1, 1, "non-negative integer"),
-    (np.array([[1, 2]]), 0, 1, "recent must be >= 1"),
-    (np.array([[1, 2]]), 1, 0, "count must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "history,recent,count,message",
+    [
+        (np.zeros((0, 3), dtype=np.int64), 1, 1, "non-empty"),
+        (np.array([[1, -1]]), 1, 1, "non-negative integer"),
+        (np.array([[1.5, 2.0]]), 1, 1, "non-negative integer"),
+        (np.array([[1, 2]]), 0, 1, "recent must be >= 1"),
+        (np.array([[1, 2]]), 1, 0, "count must be >= 1"),
+    ],
+)
 def test_bad_inputs_are_named(history, recent, count, message):
     with pytest.raises(ValueError, match=message):
         forecast_samples(history, recent, count)

@@ -1,4 +1,5 @@
 """FSEP layout planner vs brute force on tiny instances, invariants and bounds on larger random ones."""
+
 import itertools
 
 import numpy as np
@@ -87,12 +88,15 @@ def test_current_layout_kept_on_ties():
     assert plan.source == "current"
 
 
-@pytest.mark.parametrize("history,gpus,slots,match", [
-    (np.ones((2, 4), dtype=np.int64), 2, 1, "cannot hold 4 experts"),
-    (np.ones((2, 4), dtype=np.int64), 2, 5, "exceeds the 4 experts"),
-    (-np.ones((2, 4), dtype=np.int64), 2, 2, "negative load"),
-    (np.ones((2, 4)), 2, 2, "integer token counts"),
-])
+@pytest.mark.parametrize(
+    "history,gpus,slots,match",
+    [
+        (np.ones((2, 4), dtype=np.int64), 2, 1, "cannot hold 4 experts"),
+        (np.ones((2, 4), dtype=np.int64), 2, 5, "exceeds the 4 experts"),
+        (-np.ones((2, 4), dtype=np.int64), 2, 2, "negative load"),
+        (np.ones((2, 4)), 2, 2, "integer token counts"),
+    ],
+)
 def test_bad_inputs_are_named(history, gpus, slots, match):
     with pytest.raises(ValueError, match=match):
         plan_fsep_layout(history, gpus, slots)

@@ -60,10 +60,18 @@ def _brute_force(history, num_gpus, redundant_slots, gpus_per_node=None, current
     return best
 
 
-@pytest.mark.parametrize("num_experts,num_gpus,redundant_slots,gpus_per_node", [
-    (6, 3, 1, None), (6, 3, 2, None), (8, 4, 1, None), (8, 4, 1, 2), (5, 2, 2, None),
-    (2, 4, 1, None), (3, 4, 1, 2),  # more GPUs than experts: some GPUs hold replicas only
-])
+@pytest.mark.parametrize(
+    "num_experts,num_gpus,redundant_slots,gpus_per_node",
+    [
+        (6, 3, 1, None),
+        (6, 3, 2, None),
+        (8, 4, 1, None),
+        (8, 4, 1, 2),
+        (5, 2, 2, None),
+        (2, 4, 1, None),
+        (3, 4, 1, 2),  # more GPUs than experts: some GPUs hold replicas only
+    ],
+)
 def test_matches_brute_force_optimum_on_small_instances(num_experts, num_gpus, redundant_slots, gpus_per_node):
     rng = np.random.default_rng(_seed())
     history = _random_history(rng, 3, num_experts, scale=40)
@@ -110,8 +118,7 @@ def test_invariants_exact_objective_and_never_worse_than_greedy(gpus_per_node):
     _check_invariants(result.placement, num_experts, num_gpus, redundant_slots, gpus_per_node)
     exact = _expected_max(history, result.placement)
     assert result.expected_max == pytest.approx(exact) and result.objective == pytest.approx(exact)
-    np.testing.assert_array_equal(result.per_sample_max,
-                                  [optimal_max_load(row, result.placement) for row in history])
+    np.testing.assert_array_equal(result.per_sample_max, [optimal_max_load(row, result.placement) for row in history])
     greedy = _expected_max(history, eplb_placement(history, num_gpus, redundant_slots, gpus_per_node))
     assert result.expected_max <= greedy
     assert result.bound <= result.objective
@@ -149,8 +156,9 @@ def test_plan_beats_mean_based_greedy_when_every_sample_is_skewed_but_the_mean_i
     # The hot block visits every position in the history, so mean loads are nearly uniform; only a
     # per-sample objective sees that each micro-batch needs spare copies near its hot block.
     seed = _seed()
-    loads = workloads.expert_loads(workloads.rotating_hotspot(8, 8, 32, 1024, 2, seed, hot_width=4, period=1,
-                                                              hot_factor=4.0))
+    loads = workloads.expert_loads(
+        workloads.rotating_hotspot(8, 8, 32, 1024, 2, seed, hot_width=4, period=1, hot_factor=4.0)
+    )
     result = plan_placement(loads, 8, 2, time_limit_s=3.0)
     greedy = _expected_max(loads, eplb_placement(loads, 8, 2))
     assert result.expected_max < 0.99 * greedy
@@ -172,18 +180,22 @@ def test_current_placement_with_zero_penalty_is_a_start_and_is_validated():
     with pytest.raises(ValueError, match="GPU 3 holds 2 extra copies"):
         plan_placement(history, 4, 1, current=crowded)
     with pytest.raises(ValueError, match="outside its home node"):
-        plan_placement(history, 4, 1, gpus_per_node=2, current=[[home_gpu(e, 8, 4)] + ([3] if e == 0 else [])
-                                                                for e in range(8)])
+        plan_placement(
+            history, 4, 1, gpus_per_node=2, current=[[home_gpu(e, 8, 4)] + ([3] if e == 0 else []) for e in range(8)]
+        )
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(history=[[1, -2, 3, 4]], num_gpus=2, redundant_slots=1), "negative load"),
-    (dict(history=[[1, 2, 3, 4]], num_gpus=2, redundant_slots=3), "redundant_slots=3 exceeds"),
-    (dict(history=[[1, 2, 3, 4]], num_gpus=2, redundant_slots=1, gpus_per_node=3), "divide"),
-    (dict(history=[[1.5, 2, 3, 4]], num_gpus=2, redundant_slots=1), "integer"),
-    (dict(history=[1, 2, 3, 4], num_gpus=2, redundant_slots=1), "matrix"),
-    (dict(history=[[1, 2, 3, 4]], num_gpus=2, redundant_slots=1, move_penalty=-1), "move_penalty"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(history=[[1, -2, 3, 4]], num_gpus=2, redundant_slots=1), "negative load"),
+        (dict(history=[[1, 2, 3, 4]], num_gpus=2, redundant_slots=3), "redundant_slots=3 exceeds"),
+        (dict(history=[[1, 2, 3, 4]], num_gpus=2, redundant_slots=1, gpus_per_node=3), "divide"),
+        (dict(history=[[1.5, 2, 3, 4]], num_gpus=2, redundant_slots=1), "integer"),
+        (dict(history=[1, 2, 3, 4], num_gpus=2, redundant_slots=1), "matrix"),
+        (dict(history=[[1, 2, 3, 4]], num_gpus=2, redundant_slots=1, move_penalty=-1), "move_penalty"),
+    ],
+)
 def test_bad_inputs_are_named(kwargs, message):
     kwargs = dict(kwargs, history=np.asarray(kwargs["history"]))
     with pytest.raises(ValueError, match=message):
@@ -222,8 +234,19 @@ def test_cli_plans_and_writes_the_documented_format(tmp_path, capsys):
     loads = _random_history(rng, 4, 8, scale=50)
     current = [[home_gpu(e, 8, 4)] for e in range(8)]
     current[1].append(1)
-    code, err = _cli(tmp_path, capsys, {"num_gpus": 4, "loads": loads.tolist(), "current": current},
-                     "--redundant-slots", "1", "--gpus-per-node", "2", "--time-limit", "2", "--move-penalty", "1")
+    code, err = _cli(
+        tmp_path,
+        capsys,
+        {"num_gpus": 4, "loads": loads.tolist(), "current": current},
+        "--redundant-slots",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--time-limit",
+        "2",
+        "--move-penalty",
+        "1",
+    )
     assert code == 0, err
     out = json.loads((tmp_path / "placement.json").read_text())
     placement = Placement.from_lists(out["replicas"], 4)
@@ -237,26 +260,29 @@ def test_cli_plans_and_writes_the_documented_format(tmp_path, capsys):
         assert key in out
 
 
-@pytest.mark.parametrize("history,flags,message", [
-    ("{not json", [], "not valid JSON"),
-    ([1, 2], [], "JSON object"),
-    ({"loads": [[1, 2]]}, [], "missing field 'num_gpus'"),
-    ({"num_gpus": 2}, [], "missing field 'loads'"),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "extra": 1}, [], "unknown field 'extra'"),
-    ({"num_gpus": 0, "loads": [[1, 2]]}, [], "positive integer"),
-    ({"num_gpus": 2, "loads": []}, [], "non-empty list"),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4], [1, 2, 3]]}, [], "field 'loads[1]' has 3 entries, expected 4"),
-    ({"num_gpus": 2, "loads": [[1, 2, -3, 4]]}, [], "field 'loads[0][2]' must be non-negative, got -3"),
-    ({"num_gpus": 2, "loads": [[1, 2.5, 3, 4]]}, [], "field 'loads[0][1]' must be an integer, got 2.5"),
-    ({"num_gpus": 2, "loads": [[1, True, 3, 4]]}, [], "field 'loads[0][1]' must be an integer, got True"),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]]}, ["--redundant-slots", "5"], "redundant_slots=5 exceeds"),
-    ({"num_gpus": 4, "loads": [[1, 2, 3, 4]]}, ["--gpus-per-node", "3"], "must be >= 1 and divide num_gpus=4"),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "current": [[0], [0], [1]]}, [], "current placement has 3 experts"),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "current": [[0, 0], [0], [1], [1]]}, [], "two copies on one GPU"),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "current": "x"}, [], '"current" must be a list'),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]]}, ["--time-limit", "0"], "--time-limit must be > 0"),
-    ({"num_gpus": 2, "loads": [[1, 2, 3, 4]]}, ["--move-penalty", "-1"], "move_penalty must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "history,flags,message",
+    [
+        ("{not json", [], "not valid JSON"),
+        ([1, 2], [], "JSON object"),
+        ({"loads": [[1, 2]]}, [], "missing field 'num_gpus'"),
+        ({"num_gpus": 2}, [], "missing field 'loads'"),
+        ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "extra": 1}, [], "unknown field 'extra'"),
+        ({"num_gpus": 0, "loads": [[1, 2]]}, [], "positive integer"),
+        ({"num_gpus": 2, "loads": []}, [], "non-empty list"),
+        ({"num_gpus": 2, "loads": [[1, 2, 3, 4], [1, 2, 3]]}, [], "field 'loads[1]' has 3 entries, expected 4"),
+        ({"num_gpus": 2, "loads": [[1, 2, -3, 4]]}, [], "field 'loads[0][2]' must be non-negative, got -3"),
+        ({"num_gpus": 2, "loads": [[1, 2.5, 3, 4]]}, [], "field 'loads[0][1]' must be an integer, got 2.5"),
+        ({"num_gpus": 2, "loads": [[1, True, 3, 4]]}, [], "field 'loads[0][1]' must be an integer, got True"),
+        ({"num_gpus": 2, "loads": [[1, 2, 3, 4]]}, ["--redundant-slots", "5"], "redundant_slots=5 exceeds"),
+        ({"num_gpus": 4, "loads": [[1, 2, 3, 4]]}, ["--gpus-per-node", "3"], "must be >= 1 and divide num_gpus=4"),
+        ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "current": [[0], [0], [1]]}, [], "current placement has 3 experts"),
+        ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "current": [[0, 0], [0], [1], [1]]}, [], "two copies on one GPU"),
+        ({"num_gpus": 2, "loads": [[1, 2, 3, 4]], "current": "x"}, [], '"current" must be a list'),
+        ({"num_gpus": 2, "loads": [[1, 2, 3, 4]]}, ["--time-limit", "0"], "--time-limit must be > 0"),
+        ({"num_gpus": 2, "loads": [[1, 2, 3, 4]]}, ["--move-penalty", "-1"], "move_penalty must be >= 0"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_a_one_line_message(tmp_path, capsys, history, flags, message):
     flags = flags if "--redundant-slots" in flags else ["--redundant-slots", "1", *flags]
     code, err = _cli(tmp_path, capsys, history, *flags)
@@ -278,13 +304,21 @@ def test_evaluator_placement_matches_from_lists():
     rng = np.random.default_rng(_seed())
     num_experts, num_gpus, redundant_slots = 37, 6, 3
     home = np.array([home_gpu(e, num_experts, num_gpus) for e in range(num_experts)])
-    problem = _Problem(loads=np.ones((1, num_experts), dtype=np.int64), num_gpus=num_gpus,
-                       redundant_slots=redundant_slots, gpus_per_node=None, home=home,
-                       allowed=allowed_replica_gpus(num_experts, num_gpus, None), current_pairs=frozenset(),
-                       move_penalty=0.0)
+    problem = _Problem(
+        loads=np.ones((1, num_experts), dtype=np.int64),
+        num_gpus=num_gpus,
+        redundant_slots=redundant_slots,
+        gpus_per_node=None,
+        home=home,
+        allowed=allowed_replica_gpus(num_experts, num_gpus, None),
+        current_pairs=frozenset(),
+        move_penalty=0.0,
+    )
     for _ in range(20):
-        extra = [[int(g) for g in rng.permutation(np.delete(np.arange(num_gpus), home[e]))[:rng.integers(0, 3)]]
-                 for e in range(num_experts)]
+        extra = [
+            [int(g) for g in rng.permutation(np.delete(np.arange(num_gpus), home[e]))[: rng.integers(0, 3)]]
+            for e in range(num_experts)
+        ]
         fast = _Evaluator(problem).placement(extra)
         slow = Placement.from_lists([[int(home[e])] + extra[e] for e in range(num_experts)], num_gpus)
         assert np.array_equal(fast.ptr, slow.ptr) and np.array_equal(fast.gpus, slow.gpus)

@@ -1,4 +1,5 @@
 """The fast scheduler against the OR-Tools LP reference on fresh random instances, plus edge cases."""
+
 import os
 
 import numpy as np
@@ -38,22 +39,27 @@ def check_assignment(tokens, placement, result):
     np.add.at(assigned, (rows[:, 0], rows[:, 1]), rows[:, 3])
     np.testing.assert_array_equal(assigned, tokens)
     assert (rows[:, 3] > 0).all()
-    for s, e, g, _ in rows:
+    for _, e, g, _ in rows:
         assert g in placement.copies(e), f"tokens of expert {e} sent to GPU {g}, which holds no copy"
     load = np.bincount(rows[:, 2], weights=rows[:, 3], minlength=placement.num_gpus).astype(np.int64)
     np.testing.assert_array_equal(load, result.gpu_load)
     assert result.max_load == load.max(initial=0)
     assert result.remote_tokens == rows[rows[:, 0] != rows[:, 2], 3].sum()
-    np.testing.assert_array_equal(np.bincount(
-        np.concatenate([result.piece_slot, placement.ptr[:-1][placement.replica_counts() == 1]]),
-        weights=np.concatenate([result.piece_count, tokens.sum(0)[placement.replica_counts() == 1]]),
-        minlength=placement.num_slots).astype(np.int64), result.slot_tokens)
+    np.testing.assert_array_equal(
+        np.bincount(
+            np.concatenate([result.piece_slot, placement.ptr[:-1][placement.replica_counts() == 1]]),
+            weights=np.concatenate([result.piece_count, tokens.sum(0)[placement.replica_counts() == 1]]),
+            minlength=placement.num_slots,
+        ).astype(np.int64),
+        result.slot_tokens,
+    )
     slot_expert = np.repeat(np.arange(placement.num_experts), placement.replica_counts())
     sent = np.zeros(placement.num_slots, dtype=np.int64)
     for s in range(placement.num_gpus):
         split = result.source_split(tokens, placement, s)
         np.testing.assert_array_equal(
-            np.bincount(slot_expert, weights=split, minlength=placement.num_experts).astype(np.int64), tokens[s])
+            np.bincount(slot_expert, weights=split, minlength=placement.num_experts).astype(np.int64), tokens[s]
+        )
         sent += split
     np.testing.assert_array_equal(sent, result.slot_tokens)
 
@@ -130,21 +136,27 @@ def test_local_tokens_stay_local_when_balance_allows():
     assert result.max_load == 10 and result.remote_tokens == 0
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.zeros((2, 3), dtype=np.int64), "shape"),
-    (np.full((2, 2), 1.5), "integers"),
-    (np.array([[1, -1], [0, 0]]), "non-negative"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((2, 3), dtype=np.int64), "shape"),
+        (np.full((2, 2), 1.5), "integers"),
+        (np.array([[1, -1], [0, 0]]), "non-negative"),
+    ],
+)
 def test_rejects_bad_tokens(bad, match):
     with pytest.raises(ValueError, match=match):
         schedule(bad, Placement.contiguous(2, 2))
 
 
-@pytest.mark.parametrize("replicas,match", [
-    ([[0], []], "no copy"),
-    ([[0], [2]], "outside"),
-    ([[0, 0], [1]], "two copies"),
-])
+@pytest.mark.parametrize(
+    "replicas,match",
+    [
+        ([[0], []], "no copy"),
+        ([[0], [2]], "outside"),
+        ([[0, 0], [1]], "two copies"),
+    ],
+)
 def test_rejects_bad_placements(replicas, match):
     with pytest.raises(PlacementError, match=match):
         Placement.from_lists(replicas, 2)
@@ -152,6 +164,7 @@ def test_rejects_bad_placements(replicas, match):
 
 def test_route_loads_and_split_by_source_rebuild_the_schedule(rng):
     from megatron_microep.planning.scheduler import route_loads, split_by_source
+
     tokens, placement = random_instance(rng, 8, 24, 2)
     slot_tokens, gpu_load = route_loads(tokens.sum(0), placement)
     assert gpu_load.max() == schedule(tokens, placement).max_load

@@ -58,9 +58,13 @@ def test_sample_counts_realizable_under_extreme_skew():
 
 # Megatron's W0-W7 follow their benchmark's definitions (W0 is deterministic, W4 has ragged sources)
 # and are tested with them.
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=needs_dsv3) if name.startswith("dsv3") else name
-    for name in sorted(set(WORKLOADS) - set(workloads.MEGATRON_WORKLOADS))])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=needs_dsv3) if name.startswith("dsv3") else name
+        for name in sorted(set(WORKLOADS) - set(workloads.MEGATRON_WORKLOADS))
+    ],
+)
 def test_every_workload_is_top_k_realizable_and_seeded(name):
     seed = _seed()
     num_experts = 256 if name.startswith("dsv3") else 24
@@ -99,8 +103,22 @@ def test_dsv3_loader_and_derived_follow_the_recording():
     assert loads.shape == (12, 58, 256) and len(names) == 12
     sums = loads.sum(axis=2)
     np.testing.assert_array_equal(sums % 8, 0)  # top-8: each MoE layer row is tokens x 8
-    derived = expert_loads(generate("dsv3_derived", 4, 8, 256, 4096, 8, _seed(), scenario=names[0], layer=5,
-                                    drift_sigma=0.0, noise_sigma=0.0, source_sigma=0.0)).sum(axis=0)
+    derived = expert_loads(
+        generate(
+            "dsv3_derived",
+            4,
+            8,
+            256,
+            4096,
+            8,
+            _seed(),
+            scenario=names[0],
+            layer=5,
+            drift_sigma=0.0,
+            noise_sigma=0.0,
+            source_sigma=0.0,
+        )
+    ).sum(axis=0)
     recorded = loads[0, 5] / loads[0, 5].sum()
     assert np.corrcoef(derived / derived.sum(), recorded)[0, 1] > 0.95
 

@@ -1,5 +1,6 @@
 """Invariants every balancing policy must keep, on fresh seeded random routing (seeds printed), plus
 each policy's own rules checked against slow references."""
+
 from __future__ import annotations
 
 import itertools
@@ -11,7 +12,13 @@ import pytest
 from megatron_microep.planning import workloads
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies import (
-    POLICIES, HistoryWindow, Layout, PolicyError, check_placement, make_policy, traffic,
+    POLICIES,
+    HistoryWindow,
+    Layout,
+    PolicyError,
+    check_placement,
+    make_policy,
+    traffic,
 )
 from megatron_microep.planning.policies.balancemoe import best_move
 from megatron_microep.planning.policies.base import even_split_assignment, quota_assignment
@@ -27,8 +34,9 @@ def setup_module():
     print(f"policy tests seed: {SEED} (rerun with MICROEP_TEST_SEED={SEED})")
 
 
-def skewed_trace(seed: int, gpus: int = 16, experts: int = 64, micro_batches: int = 12, tokens: int = 2048,
-                 topk: int = 4) -> np.ndarray:
+def skewed_trace(
+    seed: int, gpus: int = 16, experts: int = 64, micro_batches: int = 12, tokens: int = 2048, topk: int = 4
+) -> np.ndarray:
     return workloads.generate("lognormal_drift", micro_batches, gpus, experts, tokens, topk, seed, sigma=1.2)
 
 
@@ -134,9 +142,15 @@ def test_force_balanced_matches_round_robin_reference():
 def test_even_split_matches_slow_reference():
     rng = np.random.default_rng(SEED)
     num_gpus, num_experts = 8, 12
-    replicas = [[e * num_gpus // num_experts] + list(rng.choice([g for g in range(num_gpus) if g != e * num_gpus // num_experts],
-                                                                 size=rng.integers(0, 4), replace=False))
-                for e in range(num_experts)]
+    replicas = [
+        [e * num_gpus // num_experts]
+        + list(
+            rng.choice(
+                [g for g in range(num_gpus) if g != e * num_gpus // num_experts], size=rng.integers(0, 4), replace=False
+            )
+        )
+        for e in range(num_experts)
+    ]
     placement = Placement.from_lists(replicas, num_gpus)
     tokens = rng.integers(0, 40, size=(num_gpus, num_experts))
     for node_size in (None, 4):
@@ -172,7 +186,7 @@ def test_quota_assignment_fills_quotas_local_first():
     np.add.at(check := np.zeros(placement.num_slots, dtype=np.int64), a.piece_slot, a.piece_count)
     multi = np.repeat(placement.replica_counts() > 1, placement.replica_counts())
     assert (check[multi] == quotas[multi]).all()
-    for s, r, n in zip(a.piece_src, a.piece_slot, a.piece_count):
+    for s, r, _n in zip(a.piece_src, a.piece_slot, a.piece_count):
         g = placement.gpus[r]
         if s != g:  # a remote piece only when the copy could not take all of its own GPU's tokens or ran out
             e = np.searchsorted(placement.ptr, r, side="right") - 1
@@ -231,9 +245,9 @@ def test_llep_plain_ep_below_threshold_and_spills_above():
     extra = np.ones(a.placement.num_slots, dtype=bool)
     extra[a.placement.ptr[:-1]] = False
     home = np.repeat(a.placement.gpus[a.placement.ptr[:-1]], a.placement.replica_counts())
-    assert sorted(map(tuple, a.weight_moves.tolist())) == sorted(zip(home[extra].tolist(),
-                                                                     a.placement.gpus[extra].tolist())), \
-        "one weight transfer from the expert's home to every helper"
+    assert sorted(map(tuple, a.weight_moves.tolist())) == sorted(
+        zip(home[extra].tolist(), a.placement.gpus[extra].tolist())
+    ), "one weight transfer from the expert's home to every helper"
     assert (a.slot_tokens[extra] >= 8).all(), "every spilled chunk is at least min_chunk"
     foreign = np.bincount(a.placement.gpus[extra], minlength=8)
     assert foreign.max() <= 2
@@ -255,8 +269,11 @@ def test_balancemoe_knapsack_is_exact():
             moved = int(items[list(subset)].sum())
             return max(heavy - moved, light + moved) + cost * len(subset)
 
-        brute = min(pair_time(s) for k in range(0, min(limit, len(items)) + 1)
-                    for s in itertools.combinations(range(len(items)), k))
+        brute = min(
+            pair_time(s)
+            for k in range(0, min(limit, len(items)) + 1)
+            for s in itertools.combinations(range(len(items)), k)
+        )
         assert pair_time(best) == pytest.approx(brute)
         assert len(best) <= limit
 
@@ -376,8 +393,9 @@ def test_bad_parameters_are_named():
 def test_check_placement_rejects_violations():
     layout = Layout(4, 8, redundant_slots=1)
     with pytest.raises(PolicyError, match="two copies on one GPU"):
-        check_placement(Placement(4, np.array([0, 2, 3, 4, 5, 6, 7, 8, 9]), np.array([0, 0, 0, 1, 1, 2, 2, 3, 3])),
-                        layout, "test")
+        check_placement(
+            Placement(4, np.array([0, 2, 3, 4, 5, 6, 7, 8, 9]), np.array([0, 0, 0, 1, 1, 2, 2, 3, 3])), layout, "test"
+        )
     too_many = Placement.from_lists([[0, 1], [0, 2], [1, 0], [1, 3], [2, 0], [2], [3], [3]], 4)
     with pytest.raises(PolicyError, match="GPU 0 holds 4 experts, limit 3"):
         check_placement(too_many, layout, "test")
@@ -450,10 +468,14 @@ def _reference_greedy_place(load, counts, num_gpus, node_size, slot_limit):
     for e in np.lexsort((-load, -counts)):
         node_copies = [0] * num_nodes
         for _ in range(counts[e]):
+
             def open_gpus(node):
-                return [g for g in range(node * node_size, (node + 1) * node_size) if free[g] > 0 and g not in copies[e]]
+                return [
+                    g for g in range(node * node_size, (node + 1) * node_size) if free[g] > 0 and g not in copies[e]
+                ]
+
             nodes = [n for n in range(num_nodes) if open_gpus(n)]
-            node_load = [gpu_load[n * node_size:(n + 1) * node_size].sum() for n in range(num_nodes)]
+            node_load = [gpu_load[n * node_size : (n + 1) * node_size].sum() for n in range(num_nodes)]
             node = min(nodes, key=lambda n: (node_copies[n], node_load[n], n))
             g = min(open_gpus(node), key=lambda x: (gpu_load[x], x))
             copies[e].append(g)

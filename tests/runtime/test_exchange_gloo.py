@@ -5,6 +5,7 @@ weight fetch (values, reuse within a key, gradient return summed at home), and a
 identity experts -> combine round trip on skewed routing with replicas, forward and backward.
 Seeds are fresh per run and printed.
 """
+
 import os
 import random
 
@@ -31,8 +32,13 @@ def _groups():
     etp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     ep_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     return dispatch.Groups(
-        ep=ep_groups[rank % ETP], etp=etp_groups[rank // ETP], tp_ep=dist.group.WORLD,
-        ep_rank=rank // ETP, ep_size=EP, etp_rank=rank % ETP, etp_size=ETP,
+        ep=ep_groups[rank % ETP],
+        etp=etp_groups[rank // ETP],
+        tp_ep=dist.group.WORLD,
+        ep_rank=rank // ETP,
+        ep_size=EP,
+        etp_rank=rank % ETP,
+        etp_size=ETP,
     )
 
 
@@ -47,8 +53,9 @@ def _check_collectives(groups, seed):
     start = sum(sizes[: groups.etp_rank])
     # Every expert-TP rank used the same weight, so the gradient of my rows is ETP x my slice.
     grad_ok = torch.allclose(mine.grad, ETP * weight[start : start + sizes[groups.etp_rank]])
-    full = torch.randn(sum(sizes), HIDDEN, generator=torch.Generator().manual_seed(seed + dist.get_rank()),
-                       dtype=torch.float64).requires_grad_(True)
+    full = torch.randn(
+        sum(sizes), HIDDEN, generator=torch.Generator().manual_seed(seed + dist.get_rank()), dtype=torch.float64
+    ).requires_grad_(True)
     reduced = reduce_scatter_uneven(full, sizes, groups.etp)
     everyone = [torch.zeros_like(full) for _ in range(ETP)]
     dist.all_gather(everyone, full.detach(), group=groups.etp)
@@ -68,10 +75,13 @@ def _check_replicas(groups, seed):
     layout = PhysicalLayout.build(placement, EXPERTS_PER_RANK, REDUNDANT)
     shapes = [torch.Size([4, HIDDEN]), torch.Size([HIDDEN, 2])]
     gen = torch.Generator().manual_seed(seed + 17 * groups.ep_rank)
-    home = [[torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_(True) for s in shapes]
-            for _ in range(EXPERTS_PER_RANK)]
-    everyone = [[[torch.zeros(s, dtype=torch.float64) for s in shapes] for _ in range(EXPERTS_PER_RANK)]
-                for _ in range(EP)]
+    home = [
+        [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_(True) for s in shapes]
+        for _ in range(EXPERTS_PER_RANK)
+    ]
+    everyone = [
+        [[torch.zeros(s, dtype=torch.float64) for s in shapes] for _ in range(EXPERTS_PER_RANK)] for _ in range(EP)
+    ]
     for e in range(EXPERTS_PER_RANK):
         for i in range(len(shapes)):
             parts = [torch.zeros(shapes[i], dtype=torch.float64) for _ in range(EP)]
@@ -90,8 +100,10 @@ def _check_replicas(groups, seed):
     replicated_here = {0: 0, 1: 3}  # home rank -> my expert that the other rank replicates
     mine = replicated_here[groups.ep_rank] % EXPERTS_PER_RANK
     other_holder = 1 - groups.ep_rank
-    grad_ok = all(torch.equal(home[mine][i].grad, torch.full(shapes[i], float(other_holder + 2), dtype=torch.float64))
-                  for i in range(len(shapes)))
+    grad_ok = all(
+        torch.equal(home[mine][i].grad, torch.full(shapes[i], float(other_holder + 2), dtype=torch.float64))
+        for i in range(len(shapes))
+    )
     untouched_ok = all(home[1 - mine][i].grad is None for i in range(len(shapes)))
     tokens_ok = torch.equal(tokens.grad, torch.ones_like(tokens))
     # Reuse: with the same key the earlier copy is returned even after home weights change.
@@ -103,8 +115,14 @@ def _check_replicas(groups, seed):
     _, fresh = replicate(tokens, exchange, home, key=("step", 1))
     reuse_ok = torch.equal(again[0][0], replicas[0][0].detach())
     refresh_ok = torch.equal(fresh[0][0], everyone[home_rank][local][0] + 1.0)
-    return {"values_ok": values_ok, "grad_ok": grad_ok, "untouched_ok": untouched_ok, "tokens_ok": tokens_ok,
-            "reuse_ok": reuse_ok, "refresh_ok": refresh_ok}
+    return {
+        "values_ok": values_ok,
+        "grad_ok": grad_ok,
+        "untouched_ok": untouched_ok,
+        "tokens_ok": tokens_ok,
+        "reuse_ok": reuse_ok,
+        "refresh_ok": refresh_ok,
+    }
 
 
 def _check_round_trip(groups, seed):
@@ -153,8 +171,15 @@ def _check_replanning(groups):
     events = {}
 
     def run(planner, steps):
-        controller = PlacementController(stock, planner, replan_interval=2, history_window=4, replan_lag=1,
-                                         group=groups.tp_ep, device=torch.device("cpu"))
+        controller = PlacementController(
+            stock,
+            planner,
+            replan_interval=2,
+            history_window=4,
+            replan_lag=1,
+            group=groups.tp_ep,
+            device=torch.device("cpu"),
+        )
         adopted = []
         for step in steps:
             layout = controller.on_step(step)

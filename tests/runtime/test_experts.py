@@ -1,4 +1,5 @@
 """The grouped_mm and te_grouped expert backends against the per-slot loop reference, and backend selection."""
+
 import os
 
 import pytest
@@ -56,8 +57,12 @@ def _leaves(x, probs, weights, dtype, device="cpu"):
     x = x.to(device, dtype).requires_grad_(True)
     probs = probs.to(device, dtype).requires_grad_(True)
     ws = [
-        ExpertWeights(*(t.to(device, dtype).requires_grad_(True) if t is not None else None
-                        for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias)))
+        ExpertWeights(
+            *(
+                t.to(device, dtype).requires_grad_(True) if t is not None else None
+                for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias)
+            )
+        )
         for w in weights
     ]
     return x, probs, ws
@@ -136,9 +141,13 @@ def test_bf16_tokens_with_fp32_probabilities_stay_bf16(backend):
     fn = grouped_mm_experts if backend == "grouped_mm" else loop_experts
     out = fn(x.to(torch.bfloat16), counts, probs.float(), weights, MATHS["swiglu"])
     assert out.dtype == torch.bfloat16
-    ref = loop_experts(x.to(torch.bfloat16).double(), counts, probs.double(),
-                       [ExpertWeights(*(t.double() for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias))) for w in weights],
-                       MATHS["swiglu"])
+    ref = loop_experts(
+        x.to(torch.bfloat16).double(),
+        counts,
+        probs.double(),
+        [ExpertWeights(*(t.double() for t in (w.fc1, w.fc2, w.fc1_bias, w.fc2_bias))) for w in weights],
+        MATHS["swiglu"],
+    )
     assert (out.double() - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
@@ -156,22 +165,64 @@ def _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
 WORKSPACES = [torch.empty(1)]
 
 
-def te_gemm_2_0(A, B, out, out_dtype, workspaces, layout="TN", m_splits=None, gelu=False, grad=False,
-                accumulate=False, bias=None, use_bias=False, use_split_accumulator=False, D_dtype=None,
-                single_output=False):
+def te_gemm_2_0(
+    A,
+    B,
+    out,
+    out_dtype,
+    workspaces,
+    layout="TN",
+    m_splits=None,
+    gelu=False,
+    grad=False,
+    accumulate=False,
+    bias=None,
+    use_bias=False,
+    use_split_accumulator=False,
+    D_dtype=None,
+    single_output=False,
+):
     assert workspaces is WORKSPACES and out_dtype == out[0].dtype and not use_bias
     _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
 
 
-def te_gemm_2_10(A, B, out, out_dtype, layout="TN", m_splits=None, gelu=False, grad=False, accumulate=False,
-                 bias=None, use_bias=False, use_split_accumulator=False, D_dtype=None, single_output=False):
+def te_gemm_2_10(
+    A,
+    B,
+    out,
+    out_dtype,
+    layout="TN",
+    m_splits=None,
+    gelu=False,
+    grad=False,
+    accumulate=False,
+    bias=None,
+    use_bias=False,
+    use_split_accumulator=False,
+    D_dtype=None,
+    single_output=False,
+):
     assert out_dtype == out[0].dtype and not use_bias
     _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
 
 
-def te_gemm_2_11(A, B, out, quantization_params, out_dtype, layout="TN", m_splits=None, gelu=False, grad=False,
-                 accumulate=False, bias=None, use_bias=False, use_split_accumulator=False, D_dtype=None,
-                 single_output=False):
+def te_gemm_2_11(
+    A,
+    B,
+    out,
+    quantization_params,
+    out_dtype,
+    layout="TN",
+    m_splits=None,
+    gelu=False,
+    grad=False,
+    accumulate=False,
+    bias=None,
+    use_bias=False,
+    use_split_accumulator=False,
+    D_dtype=None,
+    single_output=False,
+):
     assert quantization_params == [None] * len(A) and out_dtype == out[0].dtype and not use_bias
     _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
 
@@ -196,8 +247,9 @@ def test_te_grouped_without_tokens_gives_zero_weight_gradients(monkeypatch):
     monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: te_gemm_adapter(te_gemm_2_11, None))
     gen = torch.Generator().manual_seed(SEED + 5)
     x, _, probs, weights = _case(gen, slots=3, hidden=8, ffn=4, gated=False, bias=False)
-    out, grads = _grads(te_grouped_experts, x[:0], [0, 0, 0], probs[:0], weights, MATHS["gelu"],
-                        torch.ones(0, 8), torch.float32)
+    out, grads = _grads(
+        te_grouped_experts, x[:0], [0, 0, 0], probs[:0], weights, MATHS["gelu"], torch.ones(0, 8), torch.float32
+    )
     assert out.shape == (0, 8)
     assert all(g is not None and g.abs().sum() == 0 for g in grads[2:])
 

@@ -6,6 +6,7 @@ copy's gradient per expert; both memory policies (with and without a prefetched 
 expert output and the gradients of tokens, probabilities and shards that full-expert autograd gives;
 the byte counters match the layout; a changed layout changes only what is gathered.
 """
+
 import os
 import random
 
@@ -19,8 +20,16 @@ from megatron_microep.glue.distributed import spawn_gloo
 from megatron_microep.planning.placement import Placement
 from megatron_microep.runtime.experts import ExpertMath, ExpertWeights, loop_experts
 from megatron_microep.runtime.fsep import (
-    GatheredMemory, ShardExchange, ShardSpec, TrafficCounter, fsep_layout, initial_fsep_placement,
-    reference_gather, reference_return, run_sharded_experts, shards_from_experts,
+    GatheredMemory,
+    ShardExchange,
+    ShardSpec,
+    TrafficCounter,
+    fsep_layout,
+    initial_fsep_placement,
+    reference_gather,
+    reference_return,
+    run_sharded_experts,
+    shards_from_experts,
 )
 
 G, E, C = 4, 8, 3
@@ -107,8 +116,9 @@ def _rank(rank, world, seed):
         ex = ShardExchange(layout, rank, group, spec, traffic)
         gathered = ex.gather(shards)
         out["gather_ok"].append(torch.equal(gathered, reference_gather(all_shards, layout, rank)))
-        grads = [torch.randn((int(ex.counts[g]), G, spec.shard_numel), generator=gen, dtype=torch.float64)
-                 for g in range(G)]
+        grads = [
+            torch.randn((int(ex.counts[g]), G, spec.shard_numel), generator=gen, dtype=torch.float64) for g in range(G)
+        ]
         total = ex.return_grads(grads[rank], accumulate_dtype=torch.float64)
         ref = reference_return(grads, layout, E)[rank]
         out["return_ok"].append(torch.allclose(total, ref, rtol=0, atol=1e-12))
@@ -117,7 +127,8 @@ def _rank(rank, world, seed):
         out["bytes_ok"].append(
             traffic.gather_sent == (counts.sum() - counts[rank]) * S8
             and traffic.gather_received == counts[rank] * (G - 1) * S8
-            and traffic.grad_sent == traffic.gather_received and traffic.grad_received == traffic.gather_sent
+            and traffic.grad_sent == traffic.gather_received
+            and traffic.grad_received == traffic.gather_sent
         )
 
     # Both policies, with and without a prefetched gather, against full-expert autograd.
@@ -147,8 +158,9 @@ def _rank(rank, world, seed):
             x, p = x0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
             pending = ex.start_gather(param) if prefetch else None
             regather = (lambda: ex.start_gather(param)) if prefetch else (lambda: None)
-            y = run_sharded_experts(policy, x, p, param, ex, lambda a, b, t: _experts_run(a, b, t, rows),
-                                    pending, regather)
+            y = run_sharded_experts(
+                policy, x, p, param, ex, lambda a, b, t: _experts_run(a, b, t, rows), pending, regather
+            )
             (y * upstream).sum().backward()
             out["policies"][(policy, prefetch)] = (
                 (y.detach() - y_ref.detach()).abs().max().item(),
@@ -178,12 +190,14 @@ def _rank(rank, world, seed):
     traffic = TrafficCounter()
     ex16 = ShardExchange(layout, rank, group, spec, traffic)
     x = x0.to(torch.bfloat16).requires_grad_(True)
-    y = run_sharded_experts("keep", x, p0.to(torch.bfloat16), param, ex16,
-                            lambda a, b, t: _experts_run(a, b, t, rows))
+    y = run_sharded_experts("keep", x, p0.to(torch.bfloat16), param, ex16, lambda a, b, t: _experts_run(a, b, t, rows))
     (y.double() * upstream).sum().backward()
     ref = shard_grad_ref.float()
-    out["bf16"] = (param.main_grad.dtype, ((param.main_grad - ref).abs().max() / ref.abs().max()).item(),
-                   traffic.grad_sent == int(ex16.counts[rank]) * (G - 1) * spec.shard_numel * 2)
+    out["bf16"] = (
+        param.main_grad.dtype,
+        ((param.main_grad - ref).abs().max() / ref.abs().max()).item(),
+        traffic.grad_sent == int(ex16.counts[rank]) * (G - 1) * spec.shard_numel * 2,
+    )
     return out
 
 

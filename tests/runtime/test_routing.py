@@ -6,6 +6,7 @@ then moves labelled tokens through the plan exactly as the collectives would (al
 all-gather over expert-TP, regroup by local slot) and compares what each local slot receives with
 what the reference assigned to it.
 """
+
 import os
 
 import numpy as np
@@ -78,9 +79,7 @@ def test_source_slot_counts_match_token_by_token_reference(rng, trial):
         expected = np.bincount([r for _, _, r in pairs], minlength=layout.placement.num_slots)
         np.testing.assert_array_equal(per_source[t, g], expected, err_msg=f"source ({t}, {g})")
     # Conservation: sources keep their per-expert counts; slots get the scheduled totals.
-    np.testing.assert_array_equal(
-        np.add.reduceat(per_source, layout.placement.ptr[:-1], axis=2), counts
-    )
+    np.testing.assert_array_equal(np.add.reduceat(per_source, layout.placement.ptr[:-1], axis=2), counts)
     np.testing.assert_array_equal(per_source.sum(axis=(0, 1)), sched.slot_tokens)
 
 
@@ -124,9 +123,11 @@ def test_rank_plans_deliver_every_pair_to_its_slot(rng, trial):
             got = sorted(by_slot[start : start + rows])
             start += rows
             slot = layout.local_slot[g, j]
-            expected = sorted(
-                (t2, src, e, tok) for (t2, src), pairs in ref.items() for e, tok, r in pairs if r == slot
-            ) if slot >= 0 else []
+            expected = (
+                sorted((t2, src, e, tok) for (t2, src), pairs in ref.items() for e, tok, r in pairs if r == slot)
+                if slot >= 0
+                else []
+            )
             assert got == expected, f"rank ({t}, {g}) local slot {j}"
         assert start == len(gathered)
 

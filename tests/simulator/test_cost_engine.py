@@ -1,4 +1,5 @@
 """Cost model pieces against hand computations, and the replay engine's bookkeeping."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,12 @@ import pytest
 
 from megatron_microep.planning.policies import Layout, make_policy, traffic
 from megatron_microep.simulator.cost import (
-    CostModel, CostModelError, GemmTable, broadcast_chains, record_cost, replica_sync,
+    CostModel,
+    CostModelError,
+    GemmTable,
+    broadcast_chains,
+    record_cost,
+    replica_sync,
 )
 from megatron_microep.simulator.engine import Downsampler, Simulation
 from megatron_microep.simulator.report import explain_wins, summarize
@@ -45,8 +51,15 @@ def test_gemm_table_default_and_errors(tmp_path):
 
 def test_compute_and_a2a_by_hand():
     flat = GemmTable(np.array([1.0, 1e6]), np.array([0.5, 0.5]), "flat")
-    model = CostModel(hidden_size=1000, ffn_hidden_size=500, peak_tflops=1.0, gemm_table=flat,
-                      intra_node_gbps=10.0, inter_node_gbps=1.0, a2a_latency_s=0.0)
+    model = CostModel(
+        hidden_size=1000,
+        ffn_hidden_size=500,
+        peak_tflops=1.0,
+        gemm_table=flat,
+        intra_node_gbps=10.0,
+        inter_node_gbps=1.0,
+        a2a_latency_s=0.0,
+    )
     layout = Layout(4, 4, gpus_per_node=2)
     tokens = np.array([[10, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 30]])
     a = make_policy("static", layout).assign(tokens, layout.contiguous())
@@ -114,7 +127,9 @@ def run_sim(records, policies=("static", "microep", "ideal"), warmup=1, layout=L
 
 
 def test_engine_layer_order_does_not_matter():
-    _, it = open_trace("gen:lognormal_drift:gpus=16,experts=64,layers=2,micro_batches=12,tokens=1024,topk=4,seed=%d" % (SEED % 1000))
+    _, it = open_trace(
+        f"gen:lognormal_drift:gpus=16,experts=64,layers=2,micro_batches=12,tokens=1024,topk=4,seed={SEED % 1000}"
+    )
     records = list(it)
     step_major = sorted(records, key=lambda r: (r.step, r.micro_batch, r.layer))
     _, a = run_sim(records, ("static", "eplb", "ideal"))
@@ -154,9 +169,15 @@ def test_explain_wins_names_the_components():
     _, it = open_trace("gen:lognormal_drift:gpus=16,experts=64,layers=1,micro_batches=12,tokens=1024,topk=4")
     rows = summarize(run_sim(list(it), ("static", "microep", "ideal"))[1])
     me = next(r for r in rows if r.policy == "microep")
-    rival = type(me)(**{**me.__dict__, "policy": "rival", "share_of_ideal": 2.0,
-                        "max_over_mean_mean": me.max_over_mean_mean - 0.01,
-                        "parts_per_step": {**me.parts_per_step, "a2a": 0.0}})
+    rival = type(me)(
+        **{
+            **me.__dict__,
+            "policy": "rival",
+            "share_of_ideal": 2.0,
+            "max_over_mean_mean": me.max_over_mean_mean - 0.01,
+            "parts_per_step": {**me.parts_per_step, "a2a": 0.0},
+        }
+    )
     notes = explain_wins(rows + [rival])
     assert any("rival has a lower mean max/mean" in n for n in notes)
     assert any("rival has a higher share of ideal" in n and "a2a" in n for n in notes)

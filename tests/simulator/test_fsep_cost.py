@@ -1,4 +1,5 @@
 """The simulator's FSEP charge against the runtime's own byte accounting and the memory policies."""
+
 import numpy as np
 import pytest
 
@@ -51,9 +52,15 @@ def _record(model, placement, tokens_per_copy=4096):
     for e in range(placement.num_experts):
         for g in placement.copies(e):
             tokens[g, e] += tokens_per_copy  # every copy's tokens come from its own GPU (no a2a)
-    a = Assignment(placement=placement, tokens=tokens, slot_tokens=slot_tokens,
-                   piece_src=placement.gpus.copy(), piece_slot=np.arange(placement.num_slots),
-                   piece_count=slot_tokens.copy(), weight_moves=np.zeros((0, 2), dtype=np.int64))
+    a = Assignment(
+        placement=placement,
+        tokens=tokens,
+        slot_tokens=slot_tokens,
+        piece_src=placement.gpus.copy(),
+        piece_slot=np.arange(placement.num_slots),
+        piece_count=slot_tokens.copy(),
+        weight_moves=np.zeros((0, 2), dtype=np.int64),
+    )
     return record_cost(model, a, traffic(a, NODE), NODE, temporary_copies=False, fully_sharded=True, decision_s=0.0)
 
 
@@ -70,4 +77,3 @@ def test_memory_policies_change_gathers_and_recompute():
     assert b.compute_s == pytest.approx(a.compute_s)
     assert b.fsep_exposed_s <= a.fsep_exposed_s
     assert b.weight_bytes < a.weight_bytes == c.weight_bytes
-

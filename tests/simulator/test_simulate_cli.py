@@ -1,4 +1,5 @@
 """``microep simulate`` end to end on every input kind, and its one-line errors."""
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,22 @@ def summary(folder):
 
 def test_generated_trace_full_report(tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(["simulate", GEN, "--report", str(out), "--gpus-per-node", "4", *QUICK,
-                 "--save-trace", str(tmp_path / "saved.mept")]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                GEN,
+                "--report",
+                str(out),
+                "--gpus-per-node",
+                "4",
+                *QUICK,
+                "--save-trace",
+                str(tmp_path / "saved.mept"),
+            ]
+        )
+        == 0
+    )
     rows = summary(out)
     assert set(rows) == set(POLICIES)
     assert float(rows["ideal"]["share_of_ideal"]) == pytest.approx(1.0)
@@ -35,8 +50,13 @@ def test_generated_trace_full_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| microep |" in report and "share of ideal" in report
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["heatmap_layer0.png", "heatmap_layer1.png", "max_over_mean_over_time.png", "step_time.png",
-                    "traffic.png"]
+    assert pngs == [
+        "heatmap_layer0.png",
+        "heatmap_layer1.png",
+        "max_over_mean_over_time.png",
+        "step_time.png",
+        "traffic.png",
+    ]
     for name in pngs:
         image = matplotlib.image.imread(out / name)
         assert image.shape[0] > 200 and image.shape[1] > 400
@@ -44,8 +64,21 @@ def test_generated_trace_full_report(tmp_path, capsys):
     assert "records (8 GPUs x 16 experts)" in capsys.readouterr().out
     # The saved native trace replays to the same figures (the policies are deterministic, timings aside).
     again = tmp_path / "rep2"
-    assert main(["simulate", str(tmp_path / "saved.mept"), "--report", str(again), "--gpus-per-node", "4",
-                 "--no-plots", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                str(tmp_path / "saved.mept"),
+                "--report",
+                str(again),
+                "--gpus-per-node",
+                "4",
+                "--no-plots",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     for name in ("static", "eplb", "laer", "ultraep", "balancemoe"):
         for col in ("max_over_mean_mean", "max_over_mean_p99", "remote_tokens"):
             assert summary(again)[name][col] == rows[name][col]
@@ -55,11 +88,30 @@ def test_jsonl_trace_and_policy_subset(tmp_path):
     _, it = open_trace(GEN)
     with open(tmp_path / "t.jsonl", "w") as f:
         for r in it:
-            f.write(json.dumps({"step": r.step, "micro_batch": r.micro_batch, "layer": r.layer,
-                                "tokens": r.tokens.tolist()}) + "\n")
+            f.write(
+                json.dumps(
+                    {"step": r.step, "micro_batch": r.micro_batch, "layer": r.layer, "tokens": r.tokens.tolist()}
+                )
+                + "\n"
+            )
     out = tmp_path / "rep"
-    assert main(["simulate", str(tmp_path / "t.jsonl"), "--policies", "static,ultraep", "--report", str(out),
-                 "--redundant-slots", "1", "--no-plots", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                str(tmp_path / "t.jsonl"),
+                "--policies",
+                "static,ultraep",
+                "--report",
+                str(out),
+                "--redundant-slots",
+                "1",
+                "--no-plots",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert set(summary(out)) == {"static", "ultraep", "ideal"}
 
 
@@ -74,16 +126,38 @@ def test_megatron_inputs(tmp_path):
             for step in range(3):
                 for _ in range(2):  # two micro-batches per step
                     for layer in (1, 2):
-                        ids = np.stack([rng.choice(8, 2, replace=False, p=np.r_[0.5, [0.5 / 7] * 7])
-                                        for _ in range(64)])
-                        f.write(json.dumps({"step": step, "stage": "pre_dispatch", "block": "decoder", "layer": layer,
-                                            "rank": rank, "num_tokens": 64, "topk": 2,
-                                            "top_indices": ids.tolist()}) + "\n")
+                        ids = np.stack(
+                            [rng.choice(8, 2, replace=False, p=np.r_[0.5, [0.5 / 7] * 7]) for _ in range(64)]
+                        )
+                        f.write(
+                            json.dumps(
+                                {
+                                    "step": step,
+                                    "stage": "pre_dispatch",
+                                    "block": "decoder",
+                                    "layer": layer,
+                                    "rank": rank,
+                                    "num_tokens": 64,
+                                    "topk": 2,
+                                    "top_indices": ids.tolist(),
+                                }
+                            )
+                            + "\n"
+                        )
         with open(tpe / f"rank{rank}.jsonl", "w") as f:
             for it in (1, 2, 3):
                 for layer in (1, 2):
-                    f.write(json.dumps({"iter": it, "block": "decoder", "layer": layer,
-                                        "tpe": rng.integers(0, 300, size=(2, 2)).tolist()}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "iter": it,
+                                "block": "decoder",
+                                "layer": layer,
+                                "tpe": rng.integers(0, 300, size=(2, 2)).tolist(),
+                            }
+                        )
+                        + "\n"
+                    )
     out = tmp_path / "rep_rt"
     assert main(["simulate", str(rt), "--num-experts", "8", "--report", str(out), "--no-plots", *QUICK]) == 0
     assert float(summary(out)["static"]["max_over_mean_mean"]) > 1.2
@@ -92,18 +166,21 @@ def test_megatron_inputs(tmp_path):
     assert "Per-source counts are not in this trace" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["gen:nope"], "unknown workload 'nope'"),
-    ([GEN, "--policies", "static,magic"], "unknown policy 'magic'"),
-    ([GEN, "--policy-param", "llep.lamda=2"], "unknown parameter 'lamda'"),
-    ([GEN, "--policy-param", "static"], "expected POLICY.KEY=VALUE"),
-    ([GEN, "--cost", "inter_node_gbps=fast"], "inter_node_gbps must be a float"),
-    ([GEN, "--cost", "warp=9"], "expected KEY=VALUE with KEY one of"),
-    ([GEN, "--gpus-per-node", "3"], "gpus_per_node=3 must be >= 1 and divide num_gpus=8"),
-    ([GEN, "--redundant-slots", "-1"], "--redundant-slots must be >= 0"),
-    ([GEN, "--warmup-steps", "9"], "no records left to measure"),
-    (["/no/such/trace.jsonl"], "no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["gen:nope"], "unknown workload 'nope'"),
+        ([GEN, "--policies", "static,magic"], "unknown policy 'magic'"),
+        ([GEN, "--policy-param", "llep.lamda=2"], "unknown parameter 'lamda'"),
+        ([GEN, "--policy-param", "static"], "expected POLICY.KEY=VALUE"),
+        ([GEN, "--cost", "inter_node_gbps=fast"], "inter_node_gbps must be a float"),
+        ([GEN, "--cost", "warp=9"], "expected KEY=VALUE with KEY one of"),
+        ([GEN, "--gpus-per-node", "3"], "gpus_per_node=3 must be >= 1 and divide num_gpus=8"),
+        ([GEN, "--redundant-slots", "-1"], "--redundant-slots must be >= 0"),
+        ([GEN, "--warmup-steps", "9"], "no records left to measure"),
+        (["/no/such/trace.jsonl"], "no such file or directory"),
+    ],
+)
 def test_errors_are_one_line(tmp_path, capsys, args, message):
     assert main(["simulate", *args, "--report", str(tmp_path / "r"), "--no-plots", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
@@ -112,7 +189,9 @@ def test_errors_are_one_line(tmp_path, capsys, args, message):
 
 def test_malformed_jsonl_names_record_and_field(tmp_path, capsys):
     path = tmp_path / "t.jsonl"
-    path.write_text('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]}\n'
-                    '{"step": 0, "micro_batch": 1, "layer": 0, "tokens": [[1, 2], [3, "x"]]}\n')
+    path.write_text(
+        '{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]}\n'
+        '{"step": 0, "micro_batch": 1, "layer": 0, "tokens": [[1, 2], [3, "x"]]}\n'
+    )
     assert main(["simulate", str(path), "--report", str(tmp_path / "r"), "--no-plots", "--no-progress"]) == 2
     assert "t.jsonl: line 2: field 'tokens[1][1]' must be an integer, got 'x'" in capsys.readouterr().err

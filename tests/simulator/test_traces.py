@@ -1,4 +1,5 @@
 """Trace readers and writers: round trips, Megatron schemas, and errors that name the record and field."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,16 @@ import pytest
 
 from megatron_microep.planning import workloads
 from megatron_microep.simulator.traces import (
-    MTP_LAYER_BASE, NativeTraceWriter, TraceError, layer_label, open_trace, parse_generator_spec, read_native,
-    spread_over_sources, write_jsonl, TraceRecord,
+    MTP_LAYER_BASE,
+    NativeTraceWriter,
+    TraceError,
+    TraceRecord,
+    layer_label,
+    open_trace,
+    parse_generator_spec,
+    read_native,
+    spread_over_sources,
+    write_jsonl,
 )
 
 SEED = int(os.environ.get("MICROEP_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
@@ -93,22 +102,34 @@ def test_jsonl_round_trip(tmp_path):
     same(records, list(it))
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"step": 0, "micro_batch": 0, "layer": 0}', "line 2: missing field 'tokens'"),
-    ('{"micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]}', "line 2: missing field 'step'"),
-    ('{"step": -1, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]}',
-     "line 2: field 'step' must be a non-negative integer, got -1"),
-    ('{"step": 0, "micro_batch": 1.5, "layer": 0, "tokens": [[1, 2], [3, 4]]}', "field 'micro_batch'"),
-    ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3]]}', r"field 'tokens\[1\]' has 1 entries"),
-    ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4], [5, 6]]}', "has 3 rows, expected 2"),
-    ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2.5], [3, 4]]}',
-     r"field 'tokens\[0\]\[1\]' must be an integer, got 2.5"),
-    ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, true], [3, 4]]}', r"tokens\[0\]\[1\]' must be an integer"),
-    ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, -4]]}',
-     r"field 'tokens\[1\]\[1\]' must be non-negative"),
-    ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]', "line 2: not valid JSON"),
-    ('[1, 2]', "line 2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"step": 0, "micro_batch": 0, "layer": 0}', "line 2: missing field 'tokens'"),
+        ('{"micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]}', "line 2: missing field 'step'"),
+        (
+            '{"step": -1, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]}',
+            "line 2: field 'step' must be a non-negative integer, got -1",
+        ),
+        ('{"step": 0, "micro_batch": 1.5, "layer": 0, "tokens": [[1, 2], [3, 4]]}', "field 'micro_batch'"),
+        ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3]]}', r"field 'tokens\[1\]' has 1 entries"),
+        ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4], [5, 6]]}', "has 3 rows, expected 2"),
+        (
+            '{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2.5], [3, 4]]}',
+            r"field 'tokens\[0\]\[1\]' must be an integer, got 2.5",
+        ),
+        (
+            '{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, true], [3, 4]]}',
+            r"tokens\[0\]\[1\]' must be an integer",
+        ),
+        (
+            '{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, -4]]}',
+            r"field 'tokens\[1\]\[1\]' must be non-negative",
+        ),
+        ('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]', "line 2: not valid JSON"),
+        ("[1, 2]", "line 2: expected a JSON object"),
+    ],
+)
 def test_jsonl_errors_name_line_and_field(tmp_path, line, message):
     path = tmp_path / "t.jsonl"
     path.write_text('{"step": 0, "micro_batch": 0, "layer": 0, "tokens": [[1, 2], [3, 4]]}\n' + line + "\n")
@@ -124,8 +145,16 @@ def write_router_trace(folder, routing, num_tokens, topk, mtp=False):
     for rank, calls in routing.items():
         with open(folder / f"router_trace_rank{rank}.jsonl", "w") as f:
             for step, layer, ids in calls:
-                rec = {"step": step, "stage": "pre_dispatch", "block": "decoder", "layer": layer, "rank": rank,
-                       "num_tokens": num_tokens, "topk": topk, "top_indices": ids.tolist()}
+                rec = {
+                    "step": step,
+                    "stage": "pre_dispatch",
+                    "block": "decoder",
+                    "layer": layer,
+                    "rank": rank,
+                    "num_tokens": num_tokens,
+                    "topk": topk,
+                    "top_indices": ids.tolist(),
+                }
                 if mtp and layer == 99:
                     rec.update(block="mtp", mtp_idx=0, layer=1)
                 f.write(json.dumps(rec) + "\n")
@@ -160,7 +189,9 @@ def test_megatron_router_trace(tmp_path):
     first = next(it)
     assert (first.tokens[0] == expected[(5, 0, 1, 2)]).all()
     _, it = open_trace(str(tmp_path / "rt"), num_experts=4)
-    with pytest.raises(TraceError, match=r"router_trace_rank0.jsonl: line 1: field 'top_indices\[\d+\]\[\d+\]' = \d+ is not"):
+    with pytest.raises(
+        TraceError, match=r"router_trace_rank0.jsonl: line 1: field 'top_indices\[\d+\]\[\d+\]' = \d+ is not"
+    ):
         list(it)
 
 
@@ -198,7 +229,8 @@ def test_megatron_tokens_per_expert(tmp_path):
     assert (info.num_gpus, info.num_experts, info.per_source_known) == (4, 12, False)
     records = list(it)
     assert [(r.step, r.micro_batch, r.layer) for r in records] == [
-        (s, m, l) for s in (10, 20) for l in (0, 1) for m in (0, 1)]
+        (s, m, layer) for s in (10, 20) for layer in (0, 1) for m in (0, 1)
+    ]
     for r in records:
         expert_load = np.concatenate([loads[(r.step, r.layer, rank)][r.micro_batch] for rank in range(4)])
         assert (r.tokens.sum(axis=0) == expert_load).all(), "expert totals are exact"
@@ -229,13 +261,17 @@ def test_spread_over_sources_conserves():
 
 
 def test_generator_specs():
-    info, it = open_trace("gen:megatron_w1:gpus=4,experts=8,layers=2,micro_batches=6,micro_batches_per_step=3,tokens=128,topk=2")
+    info, it = open_trace(
+        "gen:megatron_w1:gpus=4,experts=8,layers=2,micro_batches=6,micro_batches_per_step=3,tokens=128,topk=2"
+    )
     records = list(it)
     assert (info.num_gpus, info.num_experts) == (4, 8)
     assert [(r.step, r.micro_batch, r.layer) for r in records[:4]] == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0)]
     assert len(records) == 12 and all(r.tokens.sum() == 4 * 128 * 2 for r in records)
     assert parse_generator_spec("gen:bursty:burst_factor=4.5,seed=3")[1:] == (
-        {**parse_generator_spec("gen:x")[1], "seed": 3}, {"burst_factor": 4.5})
+        {**parse_generator_spec("gen:x")[1], "seed": 3},
+        {"burst_factor": 4.5},
+    )
     with pytest.raises(TraceError, match="unknown workload 'nope'"):
         open_trace("gen:nope")
     with pytest.raises(TraceError, match="gpus must be a positive integer"):

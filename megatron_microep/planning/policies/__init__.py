@@ -4,14 +4,24 @@
 parameters against the policy's documented ``Params``. The trace simulator and the runtime use the
 same objects.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from megatron_microep.planning.policies.balancemoe import BalanceMoePolicy
 from megatron_microep.planning.policies.base import (
-    Assignment, History, HistoryWindow, Layout, Policy, PolicyError, Traffic, build_params, check_placement,
-    parameter_docs, traffic,
+    Assignment,
+    History,
+    HistoryWindow,
+    Layout,
+    Policy,
+    PolicyError,
+    Traffic,
+    build_params,
+    check_placement,
+    parameter_docs,
+    traffic,
 )
 from megatron_microep.planning.policies.eplb import EplbPolicy
 from megatron_microep.planning.policies.ideal import IdealPolicy
@@ -23,8 +33,16 @@ from megatron_microep.planning.policies.ultraep import UltraEpPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (StaticPolicy, EplbPolicy, LaerPolicy, LlepPolicy, BalanceMoePolicy, UltraEpPolicy,
-                MicroEpPolicy, IdealPolicy)
+    for cls in (
+        StaticPolicy,
+        EplbPolicy,
+        LaerPolicy,
+        LlepPolicy,
+        BalanceMoePolicy,
+        UltraEpPolicy,
+        MicroEpPolicy,
+        IdealPolicy,
+    )
 }
 
 
@@ -38,6 +56,16 @@ def make_policy(name: str, layout: Layout, **params: Any) -> Policy:
 
 
 __all__ = [
-    "POLICIES", "Assignment", "History", "HistoryWindow", "Layout", "Policy", "PolicyError", "Traffic",
-    "check_placement", "make_policy", "parameter_docs", "traffic",
+    "POLICIES",
+    "Assignment",
+    "History",
+    "HistoryWindow",
+    "Layout",
+    "Policy",
+    "PolicyError",
+    "Traffic",
+    "check_placement",
+    "make_policy",
+    "parameter_docs",
+    "traffic",
 ]

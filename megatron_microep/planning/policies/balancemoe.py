@@ -13,6 +13,7 @@ units of one token of expert compute, forward plus backward). Moved experts run 
 tokens; their weights go H -> L before the forward pass and their gradients back after it.
 ``max_moves_per_pair`` defaults to the layout's redundant slots (L's spare memory).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,15 +23,22 @@ import numpy as np
 
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies.base import (
-    Assignment, Policy, PolicyError, param, single_copy_assignment,
+    Assignment,
+    Policy,
+    PolicyError,
+    param,
+    single_copy_assignment,
 )
 
 
 @dataclass(frozen=True)
 class BalanceMoeParams:
     max_moves_per_pair: int = param(-1, "experts one pair may move; -1 means the redundant slots")
-    move_cost_intra: float = param(0.0, "time to move one expert within a node (weights there, gradients back), "
-                                        "in tokens of expert compute; the simulator sets it from its cost model")
+    move_cost_intra: float = param(
+        0.0,
+        "time to move one expert within a node (weights there, gradients back), "
+        "in tokens of expert compute; the simulator sets it from its cost model",
+    )
     move_cost_inter: float = param(0.0, "the same across nodes; the simulator sets it from its cost model")
 
     def validate(self):
@@ -40,7 +48,9 @@ class BalanceMoeParams:
             raise PolicyError("balancemoe: move_cost_intra and move_cost_inter must be >= 0")
 
 
-def best_move(heavy_load: int, light_load: int, item_loads: np.ndarray, max_items: int, move_cost: float) -> tuple[int, ...]:
+def best_move(
+    heavy_load: int, light_load: int, item_loads: np.ndarray, max_items: int, move_cost: float
+) -> tuple[int, ...]:
     """Indices into ``item_loads`` of the exact best set to move (empty if nothing helps)."""
     best_set: tuple[int, ...] = ()
     best_time = float(max(heavy_load, light_load))

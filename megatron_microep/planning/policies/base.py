@@ -11,12 +11,14 @@ Policies are pure numpy (numba where a loop sits on the critical path), so the t
 the training runtime call the same objects. Each policy keeps its parameters in a frozen dataclass
 ``Params`` whose field docs are its documented parameters; ``make_policy`` validates them by name.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numba
 import numpy as np
@@ -132,8 +134,8 @@ class HistoryWindow:
 
     def view(self) -> History:
         return History(
-            expert_loads=self._loads[len(self._loads) - self._num_loads:],
-            step_tokens=self._steps[len(self._steps) - self._num_steps:],
+            expert_loads=self._loads[len(self._loads) - self._num_loads :],
+            step_tokens=self._steps[len(self._steps) - self._num_steps :],
         )
 
 
@@ -162,8 +164,9 @@ class Assignment:
 
     def gpu_load(self) -> np.ndarray:
         """int64 [G]: tokens each GPU processes."""
-        return np.bincount(self.placement.gpus, weights=self.slot_tokens,
-                           minlength=self.placement.num_gpus).astype(np.int64)
+        return np.bincount(self.placement.gpus, weights=self.slot_tokens, minlength=self.placement.num_gpus).astype(
+            np.int64
+        )
 
 
 NO_MOVES = np.zeros((0, 2), dtype=np.int64)
@@ -177,8 +180,9 @@ def single_copy_assignment(tokens: np.ndarray, placement: Placement, weight_move
     return Assignment(tokens, placement, tokens.sum(axis=0), _EMPTY, _EMPTY, _EMPTY, weight_moves)
 
 
-def quota_assignment(tokens: np.ndarray, placement: Placement, slot_tokens: np.ndarray,
-                     weight_moves: np.ndarray = NO_MOVES) -> Assignment:
+def quota_assignment(
+    tokens: np.ndarray, placement: Placement, slot_tokens: np.ndarray, weight_moves: np.ndarray = NO_MOVES
+) -> Assignment:
     """Per-copy quotas ``slot_tokens`` int64 [nnz] -> an Assignment; sources fill quotas local-first
     (a copy takes its own GPU's tokens first), then in source order (the scheduler's split)."""
     src, slot, count, _ = split_by_source(tokens, slot_tokens, placement)
@@ -249,8 +253,10 @@ def check_placement(placement: Placement, layout: Layout, policy: str) -> None:
     """Raise PolicyError if ``placement`` does not fit ``layout``: an expert without a copy, two copies
     on one GPU, or a GPU over the slot limit."""
     if placement.num_gpus != layout.num_gpus or placement.num_experts != layout.num_experts:
-        raise PolicyError(f"{policy}: placement is for {placement.num_gpus} GPUs x {placement.num_experts} experts, "
-                          f"layout is {layout.num_gpus} x {layout.num_experts}")
+        raise PolicyError(
+            f"{policy}: placement is for {placement.num_gpus} GPUs x {placement.num_experts} experts, "
+            f"layout is {layout.num_gpus} x {layout.num_experts}"
+        )
     counts = placement.replica_counts()
     if (counts < 1).any():
         raise PolicyError(f"{policy}: expert {int(np.flatnonzero(counts < 1)[0])} has no copy")
@@ -287,7 +293,7 @@ class Policy(ABC):
     class Params:
         pass
 
-    def __init__(self, layout: Layout, params: "Policy.Params"):
+    def __init__(self, layout: Layout, params: Policy.Params):
         self.layout = layout
         self.params = params
 
@@ -307,8 +313,7 @@ class Policy(ABC):
         return current
 
     @abstractmethod
-    def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
-        ...
+    def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment: ...
 
 
 def build_params(cls: type[Policy], values: Mapping[str, Any]) -> Policy.Params:
@@ -413,5 +418,14 @@ def traffic(assignment: Assignment, node_size: int) -> Traffic:
     """Per-GPU all-to-all token counts of ``assignment``; GPUs ``[k*node_size, (k+1)*node_size)`` share a
     node. Single-copy experts send all their tokens to their one copy; multi-copy experts by pieces."""
     placement = assignment.placement
-    return Traffic(*_traffic(np.ascontiguousarray(assignment.tokens, dtype=np.int64), placement.ptr, placement.gpus,
-                             assignment.piece_src, assignment.piece_slot, assignment.piece_count, node_size))
+    return Traffic(
+        *_traffic(
+            np.ascontiguousarray(assignment.tokens, dtype=np.int64),
+            placement.ptr,
+            placement.gpus,
+            assignment.piece_src,
+            assignment.piece_slot,
+            assignment.piece_count,
+            node_size,
+        )
+    )

@@ -6,6 +6,7 @@ the highest load per copy, one copy at a time; pack copies largest first onto th
 with a free slot; home copies stay on Megatron's contiguous layout). Every micro-batch, each source
 splits its tokens of an expert evenly over the expert's copies, as EPLB's inference engines do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,12 @@ import numpy as np
 from megatron_microep.planning.eplb import eplb_placement
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies.base import (
-    Assignment, History, Policy, PolicyError, even_split_assignment, param,
+    Assignment,
+    History,
+    Policy,
+    PolicyError,
+    even_split_assignment,
+    param,
 )
 
 
@@ -42,12 +48,13 @@ class EplbPolicy(Policy):
         return (self.params.history_micro_batches, 1)
 
     def place(self, history: History, current: Placement) -> Placement:
-        loads = history.expert_loads[-self.params.history_micro_batches:]
+        loads = history.expert_loads[-self.params.history_micro_batches :]
         if len(loads) == 0:
             return current
         lay = self.layout
-        return eplb_placement(loads, lay.num_gpus, lay.redundant_slots,
-                              lay.gpus_per_node if self.params.node_confined else None)
+        return eplb_placement(
+            loads, lay.num_gpus, lay.redundant_slots, lay.gpus_per_node if self.params.node_confined else None
+        )
 
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
         return even_split_assignment(tokens, placement)

@@ -7,13 +7,17 @@ mean. With more GPUs than experts, each expert runs on its own block of ``G / E`
 cost nothing) and is split evenly over them. Nothing moves, nothing is planned. It changes the
 routing itself, so it is a bound, not a policy one could deploy without changing the model.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies.base import (
-    Assignment, Policy, even_split_assignment, single_copy_assignment,
+    Assignment,
+    Policy,
+    even_split_assignment,
+    single_copy_assignment,
 )
 
 
@@ -28,9 +32,11 @@ def force_balanced(tokens: np.ndarray) -> np.ndarray:
     end = np.cumsum(rows)
     start = end - rows
     e = np.arange(num_experts)[None, :]
+
     # Positions t < x with t mod E == e: ceil((x - e) / E) for x >= e, else 0.
     def below(x):
         return np.maximum(-(-(x[:, None] - e) // num_experts), 0)
+
     return (below(end) - below(start)).astype(np.int64)
 
 
@@ -44,8 +50,7 @@ class IdealPolicy(Policy):
         if lay.num_gpus <= lay.num_experts:
             return lay.contiguous()
         owner = np.arange(lay.num_gpus) * lay.num_experts // lay.num_gpus
-        return Placement.from_lists([np.flatnonzero(owner == e).tolist() for e in range(lay.num_experts)],
-                                    lay.num_gpus)
+        return Placement.from_lists([np.flatnonzero(owner == e).tolist() for e in range(lay.num_experts)], lay.num_gpus)
 
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
         balanced = force_balanced(tokens)

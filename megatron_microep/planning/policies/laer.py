@@ -18,6 +18,7 @@ per-(GPU, expert) counts of the last ``history_steps`` steps:
 Tokens: each source splits its tokens of an expert evenly over that expert's copies in its own
 node, or over all copies when its node has none.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -28,7 +29,13 @@ import numpy as np
 
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies.base import (
-    Assignment, History, Policy, PolicyError, even_split_assignment, param, traffic,
+    Assignment,
+    History,
+    Policy,
+    PolicyError,
+    even_split_assignment,
+    param,
+    traffic,
 )
 
 
@@ -36,10 +43,14 @@ from megatron_microep.planning.policies.base import (
 class LaerParams:
     replan_interval: int = param(1, "steps between re-plans (the paper re-plans every iteration)")
     history_steps: int = param(5, "steps of per-(GPU, expert) counts the planner reads (paper: last <= 5)")
-    intra_cost: float = param(0.33, "cost of one token sent or received within a node, in units of one "
-                                    "token of expert compute (the simulator sets it from its cost model)")
-    inter_cost: float = param(3.0, "cost of one token sent or received across nodes, same units "
-                                   "(the simulator sets it from its cost model)")
+    intra_cost: float = param(
+        0.33,
+        "cost of one token sent or received within a node, in units of one "
+        "token of expert compute (the simulator sets it from its cost model)",
+    )
+    inter_cost: float = param(
+        3.0, "cost of one token sent or received across nodes, same units (the simulator sets it from its cost model)"
+    )
 
     def validate(self):
         if self.replan_interval < 1:
@@ -81,10 +92,13 @@ def greedy_place(load: np.ndarray, counts: np.ndarray, num_gpus: int, node_size:
     the node with the fewest copies of the expert (ties: least loaded node), then to the least-loaded
     GPU of that node with a free slot and no copy of the expert. Load per copy is ``load[e] / counts[e]``."""
     order = np.lexsort((-load, -counts)).astype(np.int64)
-    expert, gpu = _greedy_place(np.asarray(load, dtype=np.float64), np.asarray(counts, dtype=np.int64), order,
-                                num_gpus, node_size, slot_limit)
+    expert, gpu = _greedy_place(
+        np.asarray(load, dtype=np.float64), np.asarray(counts, dtype=np.int64), order, num_gpus, node_size, slot_limit
+    )
     if len(expert) < counts.sum():
-        raise PolicyError(f"laer: no free slot left for a copy of expert {int(order[_first_short(expert, counts, order)])}")
+        raise PolicyError(
+            f"laer: no free slot left for a copy of expert {int(order[_first_short(expert, counts, order)])}"
+        )
     ptr = np.zeros(len(load) + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
     by_expert = np.argsort(expert, kind="stable")
@@ -124,8 +138,11 @@ def _greedy_place(load, counts, order, num_gpus, node_size, slot_limit):
                         break
                 if not open_gpu:
                     continue
-                if best_node < 0 or node_copies[node] < node_copies[best_node] or (
-                        node_copies[node] == node_copies[best_node] and node_load[node] < node_load[best_node]):
+                if (
+                    best_node < 0
+                    or node_copies[node] < node_copies[best_node]
+                    or (node_copies[node] == node_copies[best_node] and node_load[node] < node_load[best_node])
+                ):
                     best_node = node
             if best_node < 0:
                 return out_expert[:n], out_gpu[:n]
@@ -157,14 +174,15 @@ class LaerPolicy(Policy):
     def _cost(self, counts: np.ndarray, placement: Placement) -> float:
         assignment = even_split_assignment(counts, placement, self.layout.node_size)
         flow = traffic(assignment, self.layout.node_size)
-        comm = (self.params.intra_cost * (flow.send_intra + flow.recv_intra)
-                + self.params.inter_cost * (flow.send_inter + flow.recv_inter))
+        comm = self.params.intra_cost * (flow.send_intra + flow.recv_intra) + self.params.inter_cost * (
+            flow.send_inter + flow.recv_inter
+        )
         return 4.0 * float(comm.max()) + 3.0 * float(assignment.gpu_load().max())
 
     def place(self, history: History, current: Placement) -> Placement:
         if len(history.step_tokens) == 0:
             return current
-        counts = history.step_tokens[-self.params.history_steps:].sum(axis=0)
+        counts = history.step_tokens[-self.params.history_steps :].sum(axis=0)
         load = counts.sum(axis=0).astype(np.float64)
         lay = self.layout
         slots = lay.num_gpus * lay.slot_limit

@@ -9,6 +9,7 @@ are sent point-to-point to every helper (its gradients come back after the backw
 hosts at most ``max_foreign_experts`` spilled experts (default: the layout's redundant slots, the
 memory budget every policy shares).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +19,12 @@ import numpy as np
 
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies.base import (
-    Assignment, Policy, PolicyError, param, quota_assignment, single_copy_assignment,
+    Assignment,
+    Policy,
+    PolicyError,
+    param,
+    quota_assignment,
+    single_copy_assignment,
 )
 
 
@@ -62,9 +68,9 @@ class LlepPolicy(Policy):
         if total == 0 or native.max() < self.params.imbalance_threshold * mean or foreign_limit == 0:
             return single_copy_assignment(tokens, placement)
         order = np.argsort(-load, kind="stable").astype(np.int64)
-        keep, rep_expert, rep_gpu, rep_tokens = _spill(load, home, order, lay.num_gpus,
-                                                       self.params.capacity_factor * mean,
-                                                       self.params.min_chunk, foreign_limit)
+        keep, rep_expert, rep_gpu, rep_tokens = _spill(
+            load, home, order, lay.num_gpus, self.params.capacity_factor * mean, self.params.min_chunk, foreign_limit
+        )
         counts = 1 + np.bincount(rep_expert, minlength=lay.num_experts)
         ptr = np.zeros(lay.num_experts + 1, dtype=np.int64)
         np.cumsum(counts, out=ptr[1:])

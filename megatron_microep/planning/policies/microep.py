@@ -12,6 +12,7 @@ tokens over its copies with the exact min-max solve, local copies first.
 ``planner="eplb"`` places replicas with the EPLB-style greedy instead (same scheduler), a cheaper
 planner for very large layouts; reports label it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ class MicroEpParams:
     history_micro_batches: int = param(16, "micro-batches of expert loads the planner scores plans on")
     forecast_samples: int = param(32, "forecast samples scored with the history (0: the history alone)")
     forecast_recent: int = param(4, "latest micro-batches whose mean is the forecast's level")
-    forecast_burst: float = param(3.0, "cap on the burst each expert gets once in the forecast, a multiple of its "
-                                        "level (0: off)")
+    forecast_burst: float = param(
+        3.0, "cap on the burst each expert gets once in the forecast, a multiple of its level (0: off)"
+    )
     time_limit_s: float = param(0.5, "planner wall-time limit per layer and re-plan")
     use_solver: bool = param(True, "run CP-SAT after the greedy starts and local search")
     move_penalty: float = param(0.0, "tokens of expected max load one moved replica is worth")
@@ -46,8 +48,12 @@ class MicroEpParams:
         if self.replan_interval < 1:
             raise PolicyError(f"microep: replan_interval must be >= 1, got {self.replan_interval}")
         try:
-            check_settings(self.forecast_samples, self.forecast_recent, self.forecast_burst,
-                           ("forecast_samples", "forecast_recent", "forecast_burst"))
+            check_settings(
+                self.forecast_samples,
+                self.forecast_recent,
+                self.forecast_burst,
+                ("forecast_samples", "forecast_recent", "forecast_burst"),
+            )
         except ValueError as err:
             raise PolicyError(f"microep: {err}") from None
         if self.history_micro_batches < 1:
@@ -69,7 +75,7 @@ class MicroEpPolicy(Policy):
         return (self.params.history_micro_batches, 1)
 
     def place(self, history: History, current: Placement) -> Placement:
-        loads = history.expert_loads[-self.params.history_micro_batches:]
+        loads = history.expert_loads[-self.params.history_micro_batches :]
         if len(loads) == 0:
             return current
         lay = self.layout
@@ -79,13 +85,27 @@ class MicroEpPolicy(Policy):
         if p.planner == "eplb":
             return eplb_placement(loads, lay.num_gpus, lay.redundant_slots, node_size)
         try:
-            return plan_placement(loads, lay.num_gpus, lay.redundant_slots, node_size,
-                                  time_limit_s=p.time_limit_s, current=current, move_penalty=p.move_penalty,
-                                  use_solver=p.use_solver).placement
+            return plan_placement(
+                loads,
+                lay.num_gpus,
+                lay.redundant_slots,
+                node_size,
+                time_limit_s=p.time_limit_s,
+                current=current,
+                move_penalty=p.move_penalty,
+                use_solver=p.use_solver,
+            ).placement
         except ValueError as err:
             raise PolicyError(f"microep planner: {err}") from None
 
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
         result = schedule(tokens, placement)
-        return Assignment(tokens, placement, result.slot_tokens, result.piece_src, result.piece_slot,
-                          result.piece_count, np.zeros((0, 2), dtype=np.int64))
+        return Assignment(
+            tokens,
+            placement,
+            result.slot_tokens,
+            result.piece_src,
+            result.piece_slot,
+            result.piece_count,
+            np.zeros((0, 2), dtype=np.int64),
+        )

@@ -1,4 +1,5 @@
 """``static``: stock Megatron expert parallelism. Contiguous layout, one copy per expert, no balancing."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,6 +13,7 @@ T is feasible when no GPU is left over it.
 Replicas found for one micro-batch stay cached for the next ones; weights are pushed (home -> GPU)
 only for replicas not already cached, and the cost model refreshes cached replicas after each step.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,12 @@ import numpy as np
 
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies.base import (
-    Assignment, Policy, PolicyError, param, quota_assignment, single_copy_assignment,
+    Assignment,
+    Policy,
+    PolicyError,
+    param,
+    quota_assignment,
+    single_copy_assignment,
 )
 
 
@@ -111,8 +117,9 @@ class UltraEpPolicy(Policy):
 
     def quotas(self, load: np.ndarray, cap: int):
         lay = self.layout
-        return _greedy_quotas(load, self._home_ptr, self._home_experts, lay.num_gpus, lay.node_size,
-                              lay.redundant_slots, cap)
+        return _greedy_quotas(
+            load, self._home_ptr, self._home_experts, lay.num_gpus, lay.node_size, lay.redundant_slots, cap
+        )
 
     def min_cap(self, load: np.ndarray) -> int:
         """The smallest cap the greedy check accepts (fast path first), as the policy searches it."""
