@@ -1,108 +1,27 @@
-"""MicroEP settings, how they reach each MoE layer, and which Megatron configurations they accept.
+"""How MicroEP settings reach each MoE layer, and which Megatron configurations they accept.
 
-Settings travel as a ``MicroEPConfig``. A layer finds them, in this order: the ``microep`` argument
-of its spec (``swap_moe_layers(..., microep=...)``); ``config.microep`` (set by
-``attach_microep_config`` or ``microep_config_from_args``); the ``--microep-*`` flags of the running
-Megatron-LM job (``megatron.training`` global args). Validation runs when settings are built from
+Settings travel as a ``MicroEPConfig`` (declared once, in ``megatron_microep.settings``). A layer
+finds them, in this order: the ``microep`` argument of its spec (``swap_moe_layers(...,
+microep=...)``); ``config.microep`` (set by ``attach_microep_config`` or
+``microep_config_from_args``); the ``--microep-*`` flags of the running Megatron-LM job
+(``megatron.training`` global args). Validation runs when settings are built from
 flags and again when a layer is built, and names the offending flag.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
 
-from megatron_microep.planning.forecast import check_settings
-from megatron_microep.runtime.experts import EXPERT_BACKENDS as _RUNTIME_EXPERT_BACKENDS
-from megatron_microep.runtime.fsep import MEMORY_POLICIES as FSEP_MEMORY_POLICIES
+from megatron_microep.settings import DISPATCHER_TYPE, MicroEPConfig, MicroEPConfigError
 
-DISPATCHER_TYPE = "microep"
-PLANNERS = ("ortools", "greedy")
-EXPERT_BACKENDS = ("auto", *_RUNTIME_EXPERT_BACKENDS)
-EXPERT_SHARDINGS = ("none", "fsep")  # none: Megatron's experts; fsep: fully sharded (docs/fsep.md)
-
-
-class MicroEPConfigError(ValueError):
-    """An invalid MicroEP setting or an unsupported combination with Megatron's settings."""
-
-
-@dataclass(frozen=True)
-class MicroEPConfig:
-    """Per-layer MicroEP settings; each field is the flag ``--microep-<field with dashes>``."""
-
-    redundant_slots: int = 0  # R: replica slots per EP rank, besides its home experts
-    replan_interval: int = 0  # re-plan the placement every N optimizer steps (0: never)
-    planner: str = "ortools"
-    history_window: int = 50  # optimizer steps of routing history the planner sees
-    planner_time_limit_s: float = 10.0
-    replan_lag: int = 1  # a plan started at step s takes effect at step s + lag on all ranks
-    move_penalty: float = 0.0  # planner cost per replica moved relative to the current placement
-    forecast_samples: int = 32  # planner: forecast samples scored with the history (0: the history alone)
-    forecast_recent: int = 4  # planner: latest micro-batches whose mean is the forecast's level
-    forecast_burst: float = 3.0  # planner: cap on each expert's forecast burst, a multiple of its level (0: off)
-    gpus_per_node: int | None = None  # planner: prefer replicas inside the node (None: flat)
-    expert_backend: str = "auto"
-    trace_dir: str | None = None
-    expert_sharding: str = "none"
-    fsep_memory_policy: str = "keep"
-
-    def validate(self) -> MicroEPConfig:
-        """Checks that need no Megatron settings; returns self."""
-        if self.redundant_slots < 0:
-            raise MicroEPConfigError(f"--microep-redundant-slots must be >= 0, got {self.redundant_slots}")
-        if self.replan_interval < 0:
-            raise MicroEPConfigError(f"--microep-replan-interval must be >= 0, got {self.replan_interval}")
-        if self.planner not in PLANNERS:
-            raise MicroEPConfigError(f"--microep-planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
-        if self.history_window < 1:
-            raise MicroEPConfigError(f"--microep-history-window must be >= 1, got {self.history_window}")
-        if self.planner_time_limit_s <= 0:
-            raise MicroEPConfigError(f"--microep-planner-time-limit-s must be > 0, got {self.planner_time_limit_s}")
-        if self.replan_lag < 1:
-            raise MicroEPConfigError(f"--microep-replan-lag must be >= 1, got {self.replan_lag}")
-        if self.move_penalty < 0:
-            raise MicroEPConfigError(f"--microep-move-penalty must be >= 0, got {self.move_penalty}")
-        try:
-            check_settings(
-                self.forecast_samples,
-                self.forecast_recent,
-                self.forecast_burst,
-                ("--microep-forecast-samples", "--microep-forecast-recent", "--microep-forecast-burst"),
-            )
-        except ValueError as err:
-            raise MicroEPConfigError(str(err)) from None
-        if self.gpus_per_node is not None and self.gpus_per_node < 1:
-            raise MicroEPConfigError(f"--microep-gpus-per-node must be >= 1, got {self.gpus_per_node}")
-        if self.expert_backend not in EXPERT_BACKENDS:
-            raise MicroEPConfigError(
-                f"--microep-expert-backend must be one of {', '.join(EXPERT_BACKENDS)}, got {self.expert_backend!r}"
-            )
-        if self.expert_sharding not in EXPERT_SHARDINGS:
-            raise MicroEPConfigError(
-                f"--microep-expert-sharding must be one of {', '.join(EXPERT_SHARDINGS)}, got {self.expert_sharding!r}"
-            )
-        if self.fsep_memory_policy not in FSEP_MEMORY_POLICIES:
-            raise MicroEPConfigError(
-                f"--microep-fsep-memory-policy must be one of {', '.join(FSEP_MEMORY_POLICIES)}, "
-                f"got {self.fsep_memory_policy!r}"
-            )
-        # Under FSEP a re-plan also moves the experts' own copies, so it needs no replica slot.
-        if self.replan_interval > 0 and self.redundant_slots == 0 and self.expert_sharding == "none":
-            raise MicroEPConfigError(
-                "--microep-replan-interval > 0 needs --microep-redundant-slots >= 1 (nothing to place)"
-            )
-        return self
-
-    @classmethod
-    def from_args(cls, args) -> MicroEPConfig:
-        """From an argparse namespace carrying the ``microep_*`` attributes of ``add_microep_args``."""
-        missing = [f.name for f in fields(cls) if not hasattr(args, f"microep_{f.name}")]
-        if missing:
-            raise MicroEPConfigError(
-                f"arguments lack --microep-{missing[0].replace('_', '-')}: register the flags with "
-                "megatron_microep.glue.args.add_microep_args (extra_args_provider)"
-            )
-        return cls(**{f.name: getattr(args, f"microep_{f.name}") for f in fields(cls)}).validate()
+__all__ = [
+    "DISPATCHER_TYPE",
+    "MicroEPConfig",
+    "MicroEPConfigError",
+    "attach_microep_config",
+    "check_megatron_compatibility",
+    "resolve_microep_config",
+]
 
 
 def flag(name: str) -> str:

@@ -53,21 +53,13 @@ from megatron_microep.glue.config_schema import (
     LaunchConfig,
     embedded_unsupported,
 )
+from megatron_microep.settings import simulator_params
 
 CHECKPOINT_FORMAT = 1
 KEEP_CHECKPOINTS = 2  # older complete checkpoints are deleted after a save
 STOP_FILE = "STOP"
 # Megatron's flag names that differ from the TransformerConfig field they set.
 _TRANSFORMER_FIELD = {"num_experts": "num_moe_experts", "norm_epsilon": "layernorm_epsilon"}
-_EMBEDDED_DEFAULTS = {
-    "processes": 4,
-    "threads_per_rank": 1,
-    "corpus_megabytes": 3.0,
-    "tokenizer_vocab_size": 4096,
-    "validation_fraction": 0.05,
-    "report_policies": ["all"],
-    "timeout_minutes": 60.0,
-}
 
 
 class TrainError(RuntimeError):
@@ -88,7 +80,7 @@ class RunSpec:
     world_size: int
 
     def embedded(self, key: str):
-        return self.config.get("embedded", key, _EMBEDDED_DEFAULTS[key])
+        return self.config.value("embedded", key)
 
 
 def check_embedded_support(config: LaunchConfig) -> list[str]:
@@ -312,9 +304,9 @@ def _manifest(spec: RunSpec, corpus_key: str) -> dict:
         "moe": cfg.sections.get("moe", {}),
         "parallel": cfg.sections.get("parallel", {}),
         "batch": [cfg.get("training", "micro_batch_size"), cfg.get("training", "global_batch_size")],
-        "seed": cfg.get("training", "seed", 1234),
+        "seed": cfg.value("training", "seed"),
         # Saved placements have this many replica slots per rank.
-        "redundant_slots": cfg.get("microep", "redundant_slots", 0) if cfg.dispatcher == DISPATCHER_TYPE else None,
+        "redundant_slots": cfg.microep_section().redundant_slots if cfg.dispatcher == DISPATCHER_TYPE else None,
     }
 
 
@@ -449,7 +441,7 @@ def train_rank(spec: RunSpec) -> dict:
             f"(--set embedded.processes={world})"
         )
     torch.set_num_threads(spec.embedded("threads_per_rank"))
-    seed = cfg.get("training", "seed", 1234)
+    seed = cfg.value("training", "seed")
     ep = cfg.get("parallel", "expert_model_parallel_size")
     init_megatron_parallel(expert_model_parallel_size=ep, seed=seed)
     dp_group = parallel_state.get_data_parallel_group()
@@ -765,7 +757,7 @@ def _under_torchrun() -> bool:
 def report_policies(config: LaunchConfig) -> list[str]:
     from megatron_microep.planning.policies import POLICIES
 
-    names = config.get("embedded", "report_policies", _EMBEDDED_DEFAULTS["report_policies"])
+    names = config.value("embedded", "report_policies")
     if names == ["all"]:
         return list(POLICIES)
     unknown = [n for n in names if n not in POLICIES]
@@ -788,7 +780,7 @@ def write_balance_report(output_dir: Path, config: LaunchConfig):
     from megatron_microep.simulator.cost import CostModel
 
     cost = CostModel()
-    redundant = config.get("microep", "redundant_slots", 1)
+    redundant = config.microep_section().redundant_slots
     return simulate(
         str(output_dir / "routing" / "trace.mept"),
         report_policies(config),
@@ -812,21 +804,9 @@ def replayed_microep_params(config: LaunchConfig) -> dict[str, dict]:
     if settings.replan_interval == 0:
         return {}  # never re-planned in the run: the simulator's defaults show what re-planning would do
     micro_batches = config.get("training", "global_batch_size") // (
-        config.get("training", "micro_batch_size")
-        * config.get("embedded", "processes", _EMBEDDED_DEFAULTS["processes"])
+        config.get("training", "micro_batch_size") * config.value("embedded", "processes")
     )
-    return {
-        "microep": {
-            "replan_interval": settings.replan_interval,
-            "history_micro_batches": settings.history_window * micro_batches,
-            "time_limit_s": settings.planner_time_limit_s,
-            "move_penalty": settings.move_penalty,
-            "forecast_samples": settings.forecast_samples,
-            "forecast_recent": settings.forecast_recent,
-            "forecast_burst": settings.forecast_burst,
-            "planner": {"ortools": "ortools", "greedy": "eplb"}[settings.planner],
-        }
-    }
+    return {"microep": simulator_params(settings, micro_batches)}
 
 
 def run(
@@ -857,9 +837,9 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / STOP_FILE).unlink(missing_ok=True)
     cache = Path(cache_dir or os.environ.get("MICROEP_CACHE_DIR") or Path.home() / ".cache" / "megatron-microep")
-    world = config.get("embedded", "processes", _EMBEDDED_DEFAULTS["processes"])
-    seed = config.get("training", "seed", 1234)
-    get = lambda key: config.get("embedded", key, _EMBEDDED_DEFAULTS[key])  # noqa: E731
+    world = config.value("embedded", "processes")
+    seed = config.value("training", "seed")
+    get = lambda key: config.value("embedded", key)  # noqa: E731
 
     def corpus():
         return prepare_corpus(
