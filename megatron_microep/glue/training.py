@@ -789,11 +789,13 @@ def write_balance_report(output_dir: Path, config: LaunchConfig):
 
     cost = CostModel()
     redundant = config.get("microep", "redundant_slots", 1)
+    # The run's node size when its planner confined replicas to nodes (the microep row replays that).
+    gpus_per_node = config.get("microep", "gpus_per_node", None) if config.dispatcher == DISPATCHER_TYPE else None
     return simulate(
         str(output_dir / "routing" / "trace.mept"),
         report_policies(config),
         redundant,
-        None,
+        gpus_per_node,
         output_dir / "report",
         cost,
         policy_params=replayed_microep_params(config),
@@ -805,7 +807,10 @@ def write_balance_report(output_dir: Path, config: LaunchConfig):
 
 def replayed_microep_params(config: LaunchConfig) -> dict[str, dict]:
     """The simulator's ``microep`` policy set up as the run's MicroEP layers were (re-plan interval,
-    history window, planner and its limits), so the report's microep row replays what trained."""
+    history window, the shared planner's settings), so the report's microep row replays what trained."""
+    from megatron_microep.glue.layer import planner_settings
+    from megatron_microep.planning.policies.microep import replay_params
+
     if config.dispatcher != DISPATCHER_TYPE:
         return {}
     settings = config.microep_settings()
@@ -816,16 +821,9 @@ def replayed_microep_params(config: LaunchConfig) -> dict[str, dict]:
         * config.get("embedded", "processes", _EMBEDDED_DEFAULTS["processes"])
     )
     return {
-        "microep": {
-            "replan_interval": settings.replan_interval,
-            "history_micro_batches": settings.history_window * micro_batches,
-            "time_limit_s": settings.planner_time_limit_s,
-            "move_penalty": settings.move_penalty,
-            "forecast_samples": settings.forecast_samples,
-            "forecast_recent": settings.forecast_recent,
-            "forecast_burst": settings.forecast_burst,
-            "planner": {"ortools": "ortools", "greedy": "eplb"}[settings.planner],
-        }
+        "microep": replay_params(
+            planner_settings(settings), settings.replan_interval, settings.history_window * micro_batches
+        )
     }
 
 

@@ -32,6 +32,24 @@ from megatron_microep.planning.scheduler import schedule
 PLANNER_METHODS = {"ortools": "ortools", "eplb": "greedy"}
 
 
+def replay_params(settings: PlannerSettings, replan_interval: int, history_micro_batches: int) -> dict:
+    """The ``microep`` parameters that plan as a runtime layer planning with ``settings`` every
+    ``replan_interval`` steps from ``history_micro_batches`` micro-batches does (the layout's
+    ``gpus_per_node`` must be ``settings.gpus_per_node`` when that is set)."""
+    return {
+        "replan_interval": replan_interval,
+        "history_micro_batches": history_micro_batches,
+        "forecast_samples": settings.forecast_samples,
+        "forecast_recent": settings.forecast_recent,
+        "forecast_burst": settings.forecast_burst,
+        "time_limit_s": settings.time_limit_s,
+        "use_solver": settings.use_solver,
+        "move_penalty": settings.move_penalty,
+        "node_confined": settings.gpus_per_node is not None,
+        "planner": {method: name for name, method in PLANNER_METHODS.items()}[settings.method],
+    }
+
+
 @dataclass(frozen=True)
 class MicroEpParams:
     replan_interval: int = param(1, "steps between re-plans")
