@@ -218,7 +218,11 @@ class PlannerProcess:
                     answer = (False, f"cannot send the job to the planner process:\n{traceback.format_exc()}")
                 else:
                     writer.send_bytes(request)
-                    answer = reader.recv()
+                    answer = reader.recv_bytes()
+                    try:
+                        answer = pickle.loads(answer)
+                    except Exception:  # noqa: BLE001 - e.g. a result class this process cannot import
+                        answer = (False, f"cannot read the planner process's answer:\n{traceback.format_exc()}")
                 with self._lock:
                     if job in self._pending:
                         self._pending.remove(job)

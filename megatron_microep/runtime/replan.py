@@ -218,7 +218,10 @@ class PlacementController:
     def _start(self, step: int) -> None:
         job = None
         if self.is_planner:
-            plans = sum(1 for c in list(_CONTROLLERS) if c.replan_interval > 0 and c.is_planner)
+            # Every MoE layer of a process has the same domain group; others (e.g. tests) are not counted.
+            plans = sum(
+                1 for c in list(_CONTROLLERS) if c.group is self.group and c.replan_interval > 0 and c.is_planner
+            )
             lag_seconds = None if self.step_seconds is None else self.replan_lag * self.step_seconds
             limit = fitted_time_limit(self.planner.time_limit_s, lag_seconds, plans)
             try:

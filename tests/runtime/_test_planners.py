@@ -1,5 +1,6 @@
 """Planners for the planner-process tests; importable (and light) in the planner process."""
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,3 +19,8 @@ class SleepingPlanner:
     def __call__(self, window, current, time_limit_s=None):
         time.sleep(self.sleep_s)
         return Placement.from_lists([list(copies) for copies in self.lists], self.num_gpus)
+
+
+def loaded(module: str) -> bool:
+    """Whether ``module`` is imported in the process this runs in."""
+    return module in sys.modules

@@ -193,17 +193,22 @@ def test_time_limits_fit_the_lag():
 
 
 def test_the_planner_process_exits_with_the_training_process():
+    # The planner process, asked whether torch is loaded there, answers (it is not), then exits with
+    # the process that started it (at its exit: the pipes are closed, the process is waited for).
     script = (
+        "import torch\n"
+        "from _test_planners import loaded\n"
         "from megatron_microep.runtime.planner_pool import planner_process\n"
         "p = planner_process()\n"
-        "job = p.submit(sum, ([1, 2],), 1.0)\n"
+        "job = p.submit(loaded, ('torch',), 1.0)\n"
         "p.wait(job)\n"
         "print(p.pid, job.result(), flush=True)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    pid, answer = done.stdout.split()
-    assert answer == "3"
+    pid, torch_loaded = done.stdout.split()
+    assert torch_loaded == "False"
     assert _gone(int(pid))
 
 
