@@ -35,10 +35,6 @@ class LoadHistory:
         self._blocks: deque[np.ndarray] = deque(maxlen=steps)
         self._rows: list[np.ndarray] = []
 
-    @property
-    def steps(self) -> int | None:
-        return self._blocks.maxlen
-
     def record(self, load) -> None:
         """Expert loads int [E] of one micro-batch of the step in progress."""
         row = np.asarray(load, dtype=np.int64)

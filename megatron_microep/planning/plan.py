@@ -19,7 +19,7 @@ into a picklable callable, which is what the runtime ships to its planner proces
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -152,9 +152,6 @@ class HistoryPlanner:
 
     def __call__(self, window, current: Placement | None = None, time_limit_s: float | None = None) -> Placement:
         return plan_from_history(window, self.target, self.settings, current, time_limit_s)
-
-    def with_settings(self, **changes) -> HistoryPlanner:
-        return HistoryPlanner(self.target, replace(self.settings, **changes))
 
 
 def warm_up() -> None:

@@ -120,10 +120,6 @@ class PlacementController:
         self.name = f" layer {layer_number}"
 
     @property
-    def history_window(self) -> int:
-        return self.loads.steps
-
-    @property
     def planner_rank(self) -> int:
         """The rank of ``group`` that plans this layer."""
         return (self.layer_number - 1) % dist.get_world_size(self.group) if self.layer_number else 0
