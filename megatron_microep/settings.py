@@ -88,7 +88,7 @@ class MicroEPConfig:
     )
     planner_time_limit_s: float = setting(
         10.0,
-        "wall-clock limit of one planning run (it runs off the training thread)",
+        "wall-clock limit of one planning run, at most (planning runs in a planner process; the limit is fitted to the step time, docs/dispatcher.md)",
         above=0,
         metavar="T",
         simulator="time_limit_s",
@@ -135,6 +135,7 @@ class MicroEPConfig:
         "planner: keep replicas inside their home expert's node of K EP ranks (none: anywhere)",
         minimum=1,
         metavar="K",
+        simulator="node_confined",
     )
     expert_backend: str = setting(
         "auto",
@@ -235,6 +236,8 @@ def _number(value: float) -> str:
 _TO_SIMULATOR: dict[str, Callable[[Any, int], Any]] = {
     "planner": lambda value, _: {"ortools": "ortools", "greedy": "eplb"}[value],
     "history_window": lambda steps, micro_batches_per_step: steps * micro_batches_per_step,
+    # The node size itself is the replay's layout (``simulate(gpus_per_node=...)``).
+    "gpus_per_node": lambda value, _: value is not None,
 }
 
 

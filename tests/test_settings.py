@@ -99,6 +99,26 @@ def test_simulator_params_name_real_policy_parameters_and_carry_the_values():
     MicroEpParams(**params).validate()
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"planner": "greedy", "planner_time_limit_s": 2.5, "move_penalty": 3.0, "forecast_samples": 0},
+        {"gpus_per_node": 2, "forecast_burst": 0.0, "forecast_recent": 5},
+    ],
+)
+def test_the_simulator_replays_with_the_runtime_planner_settings(overrides):
+    from megatron_microep.glue.layer import planner_settings
+    from megatron_microep.planning.policies import make_policy
+    from megatron_microep.planning.policies.base import Layout
+
+    config = MicroEPConfig(redundant_slots=2, replan_interval=3, history_window=5, **overrides).validate()
+    layout = Layout(num_gpus=4, num_experts=16, redundant_slots=2, gpus_per_node=config.gpus_per_node)
+    policy = make_policy("microep", layout, **simulator_params(config, micro_batches_per_step=8))
+    assert policy.planner_settings() == planner_settings(config)
+    assert policy.replan_interval == 3 and policy.history_needs() == (40, 1)
+
+
 def test_docs_flag_table_is_the_generated_one():
     doc = (ROOT / "docs" / "dispatcher.md").read_text(encoding="utf-8")
     assert settings_table() in doc, "docs/dispatcher.md is stale: run python scripts/update_settings_table.py"

@@ -4,8 +4,8 @@
 unchanged) whose experts are fully sharded (``runtime.fsep``): after Megatron builds and initialises
 the stock experts, one all-to-all turns them into shards and the stock module is dropped. The
 layout (C = experts per rank + ``--microep-redundant-slots`` slots per rank, any expert anywhere)
-is re-planned from routing history by the FSEP planner (``planning.fsep_layout``) in a background
-thread, as often as every step, and adopted at a step boundary on every rank; the scheduler
+is re-planned from routing history by the FSEP planner (``planning.fsep_layout``) in a planner
+process, as often as every step, and adopted at a step boundary on every rank; the scheduler
 balances every micro-batch over it. Changing it moves nothing but the next gathers.
 
 Parameters, gradients, optimizer. ``experts.shards`` [E, S] is one ordinary expert parameter
@@ -51,8 +51,9 @@ from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from megatron_microep.glue import compat
 from megatron_microep.glue.config import MicroEPConfig, MicroEPConfigError
-from megatron_microep.glue.layer import MicroEPMoELayer
+from megatron_microep.glue.layer import MicroEPMoELayer, planner_settings
 from megatron_microep.planning.placement import Placement, PlacementError
+from megatron_microep.planning.plan import HistoryPlanner, PlanTarget
 from megatron_microep.runtime.experts import choose_backend, run_experts
 from megatron_microep.runtime.fsep import (
     GatheredMemory,
@@ -225,7 +226,7 @@ class FSEPMoELayer(MicroEPMoELayer):
         layout = fsep_layout(
             initial_fsep_placement(num_experts, groups.ep_size, self.slots_per_rank), self.slots_per_rank
         )
-        planner = FSEP_PLANNERS[settings.planner](settings.planner_time_limit_s, self.slots_per_rank)
+        planner = HistoryPlanner(PlanTarget("fsep", groups.ep_size, self.slots_per_rank), planner_settings(settings))
         self.placement_controller = FSEPPlacementController(
             layout,
             planner,
@@ -235,6 +236,7 @@ class FSEPMoELayer(MicroEPMoELayer):
             group=self.placement_controller.group,
             device=shards.device,
             name=f" layer {layer_number}",
+            layer_number=layer_number,
         )
         self.fsep_traffic = TrafficCounter()
         self.prefetch_hits = 0  # gathers that had been started by a neighbouring layer
@@ -291,7 +293,12 @@ class FSEPMoELayer(MicroEPMoELayer):
             metadata[LAYOUT_STATE_MARKER] = True
         # Equal on every rank of the layer's expert domain; the planner rank's copy (which knows a
         # pending plan's outcome) is the one written.
-        replica_id = (0, dist.get_rank(self.placement_controller.group), self._expt_dp_rank)
+        controller = self.placement_controller
+        replica_id = (
+            0,
+            (dist.get_rank(controller.group) - controller.planner_rank) % dist.get_world_size(controller.group),
+            self._expt_dp_rank,
+        )
         key = f"{prefix}{LAYOUT_STATE_KEY}"
         out[key] = make_sharded_object_for_checkpoint(self.layout_state(), key, sharded_offsets, replica_id)
         return out
@@ -515,27 +522,6 @@ class FSEPPlacementController(PlacementController):
         applies = (state["num_ranks"], state["slots_per_rank"]) == (self.layout.num_ranks, self.layout.local_slots)
         self.load_state(state, self.build_layout(state["placement"]) if applies else None)
         return applies
-
-
-def ortools_fsep_planner(time_limit_s: float, slots_per_rank: int):
-    def plan(history, num_gpus, redundant_slots, current):
-        from megatron_microep.planning.fsep_layout import plan_fsep_layout
-
-        return plan_fsep_layout(history, num_gpus, slots_per_rank, time_limit_s=time_limit_s, current=current).placement
-
-    return plan
-
-
-def greedy_fsep_planner(time_limit_s: float, slots_per_rank: int):
-    def plan(history, num_gpus, redundant_slots, current):
-        from megatron_microep.planning.fsep_layout import greedy_layout, placement_from_holds
-
-        return placement_from_holds(greedy_layout(np.asarray(history, dtype=np.int64), num_gpus, slots_per_rank))
-
-    return plan
-
-
-FSEP_PLANNERS = {"ortools": ortools_fsep_planner, "greedy": greedy_fsep_planner}
 
 
 def fsep_layers(model) -> list[FSEPMoELayer]:

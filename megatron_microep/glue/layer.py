@@ -37,6 +37,7 @@ from megatron_microep.glue.config import (
     resolve_microep_config,
 )
 from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.plan import HistoryPlanner, PlannerSettings, PlanTarget
 from megatron_microep.runtime.dispatch import (
     Groups,
     MicroBatchRouting,
@@ -50,7 +51,7 @@ from megatron_microep.runtime.dispatch import (
 )
 from megatron_microep.runtime.experts import choose_backend, run_experts
 from megatron_microep.runtime.layout import PhysicalLayout
-from megatron_microep.runtime.replan import PLANNERS, PlacementController
+from megatron_microep.runtime.replan import PlacementController
 from megatron_microep.runtime.replicas import ReplicaExchange, replicate
 from megatron_microep.runtime.telemetry import TelemetryLog, micro_batch_stats, summarize
 
@@ -84,6 +85,20 @@ STEP_CLOCK = _StepClock()
 def set_training_step(step: int) -> None:
     """Declare that the following forwards belong to optimizer step ``step`` (call on every rank)."""
     STEP_CLOCK.manual = int(step)
+
+
+def planner_settings(settings: MicroEPConfig) -> PlannerSettings:
+    """The shared planner's settings from a layer's MicroEP settings (the runtime plans with CP-SAT)."""
+    return PlannerSettings(
+        method=settings.planner,
+        time_limit_s=settings.planner_time_limit_s,
+        move_penalty=settings.move_penalty,
+        gpus_per_node=settings.gpus_per_node,
+        forecast_samples=settings.forecast_samples,
+        forecast_recent=settings.forecast_recent,
+        forecast_burst=settings.forecast_burst,
+        use_solver=True,
+    )
 
 
 class _TraceSink:
@@ -221,23 +236,17 @@ class MicroEPMoELayer(MoELayer):
         )
         self._expt_dp_rank = dist.get_rank(pg_collection.expt_dp) if pg_collection.expt_dp is not None else 0
         layout = PhysicalLayout.stock(self.microep_groups.ep_size, self.num_local_experts, settings.redundant_slots)
-        planner = PLANNERS[settings.planner](
-            settings.planner_time_limit_s,
-            settings.move_penalty,
-            settings.gpus_per_node,
-            settings.forecast_samples,
-            settings.forecast_recent,
-            settings.forecast_burst,
-        )
+        target = PlanTarget("replicas", self.microep_groups.ep_size, settings.redundant_slots)
         self.placement_controller = PlacementController(
             layout,
-            planner,
+            HistoryPlanner(target, planner_settings(settings)),
             settings.replan_interval,
             settings.history_window,
             settings.replan_lag,
             group=pg_collection.tp_ep,
             device=home[0][0].device,
             name=f" layer {layer_number}",
+            layer_number=layer_number,
         )
         self.token_dispatcher = MicroEPTokenDispatcher(
             self.num_local_experts,
@@ -256,7 +265,7 @@ class MicroEPMoELayer(MoELayer):
     def set_layer_number(self, layer_number: int) -> None:
         # Megatron numbers a layer after constructing it; the planner's log lines name it.
         super().set_layer_number(layer_number)
-        self.placement_controller.name = f" layer {layer_number}"
+        self.placement_controller.set_layer_number(layer_number)
 
     # --- placement ------------------------------------------------------------------------------
     @property

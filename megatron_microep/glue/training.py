@@ -780,12 +780,14 @@ def write_balance_report(output_dir: Path, config: LaunchConfig):
     from megatron_microep.simulator.cost import CostModel
 
     cost = CostModel()
-    redundant = config.microep_section().redundant_slots
+    microep = config.microep_section()
+    # The run's node size when its planner confined replicas to nodes (the microep row replays that).
+    gpus_per_node = microep.gpus_per_node if config.dispatcher == DISPATCHER_TYPE else None
     return simulate(
         str(output_dir / "routing" / "trace.mept"),
         report_policies(config),
-        redundant,
-        None,
+        microep.redundant_slots,
+        gpus_per_node,
         output_dir / "report",
         cost,
         policy_params=replayed_microep_params(config),
@@ -797,7 +799,7 @@ def write_balance_report(output_dir: Path, config: LaunchConfig):
 
 def replayed_microep_params(config: LaunchConfig) -> dict[str, dict]:
     """The simulator's ``microep`` policy set up as the run's MicroEP layers were (re-plan interval,
-    history window, planner and its limits), so the report's microep row replays what trained."""
+    history window, the shared planner's settings), so the report's microep row replays what trained."""
     if config.dispatcher != DISPATCHER_TYPE:
         return {}
     settings = config.microep_settings()

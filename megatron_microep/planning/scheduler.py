@@ -73,10 +73,10 @@ def _ceil_div(num: int, den: int) -> int:
     return -(-num // den)
 
 
-_ceil_div_jit = numba.njit(cache=True)(_ceil_div)
+_ceil_div_jit = numba.njit(cache=True, nogil=True)(_ceil_div)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _find_path(
     excess,
     spare,
@@ -132,7 +132,7 @@ def _find_path(
     return -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _route(load, local, ptr, gpus, num_gpus, start_cap):
     """Exact min-max routing of per-expert loads over their copies.
 
@@ -314,7 +314,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
     return slot_tokens, gpu_load, bound_num, bound_den, raised
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _split_by_source(tokens, slot_tokens, ptr, gpus):
     """Per-source pieces for replicated experts: local tokens first, then sources in order.
 

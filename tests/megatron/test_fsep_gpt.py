@@ -8,7 +8,7 @@ is elementwise, so stepping on shards is stepping on experts).
 
 Launch 1 (EP = 4). The stock model (alltoall dispatcher) and the FSEP model start from the same
 weights and train 20 steps on skewed routing. The FSEP layers re-plan every step with the OR-Tools
-FSEP planner in a background thread (a plan identical to the current layout is perturbed by a slot
+FSEP planner in a planner process (a plan identical to the current layout is perturbed by a slot
 swap, so the layout really changes every step) under the ``keep`` memory policy. Checked every
 step: losses (1e-4), every main gradient including the experts' (1e-5 relative, shards against the
 same slices of stock's expert gradients), the clipping norm; bytes: the adoption of a new layout
@@ -42,6 +42,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
+from _changing_planner import ChangingPlanner  # noqa: E402
 from _gpt_case import gpt_model, synthetic_batches  # noqa: E402
 
 from megatron_microep.glue.distributed import RankFailedError, init_megatron_parallel, spawn_gloo  # noqa: E402
@@ -327,31 +328,6 @@ class _CollectiveBytes:
                 setattr(self.dist, name, fn)
 
 
-def _changing_planner(layer, seed):
-    """The layer's OR-Tools FSEP planner; a plan equal to the current layout gets one slot swap."""
-    from megatron_microep.planning.fsep_layout import placement_from_holds
-
-    real = layer.placement_controller.planner
-
-    def plan(history, num_gpus, redundant_slots, current):
-        placement = real(history, num_gpus, redundant_slots, current)
-        if placement.to_lists() != current.to_lists():
-            return placement
-        holds = np.zeros((placement.num_experts, num_gpus), dtype=bool)
-        holds[np.repeat(np.arange(placement.num_experts), placement.replica_counts()), placement.gpus] = True
-        rng = np.random.default_rng(seed + len(history))
-        while True:
-            g, h = rng.choice(num_gpus, 2, replace=False)
-            a = np.flatnonzero(holds[:, g] & ~holds[:, h])
-            b = np.flatnonzero(holds[:, h] & ~holds[:, g])
-            if a.size and b.size:
-                ea, eb = rng.choice(a), rng.choice(b)
-                holds[ea, g], holds[eb, h], holds[ea, h], holds[eb, g] = False, False, True, True
-                return placement_from_holds(holds)
-
-    return plan
-
-
 def _step(ddp, optimizer, seed, step, fsep):
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -386,7 +362,7 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
     stock, fsep = _build(stock_config, seed), _build(fsep_config, seed)
     layers = fsep_layers(fsep)
     for layer in layers:
-        layer.placement_controller.planner = _changing_planner(layer, seed)
+        layer.placement_controller.planner = ChangingPlanner(layer.placement_controller.planner, seed)
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_microep.glue import compat

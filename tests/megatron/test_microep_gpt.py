@@ -6,7 +6,7 @@ microep_layer_spec``: the object Megatron-LM would import), with the same weight
 20 optimizer steps through Megatron's DistributedDataParallel (gradient buffers, overlapped
 reduction), 2 micro-batches per step with deferred gradient sync, and finalize_model_grads. Routing
 is skewed with a fixed router expert bias; the MicroEP model re-plans its placement every 4 steps
-(greedy planner, background thread) so replicas appear during training and must carry tokens.
+(greedy planner, planner process) so replicas appear during training and must carry tokens.
 
 Then a MicroEP checkpoint (Megatron distributed checkpoint) is loaded into a fresh stock model and a
 stock checkpoint into a fresh MicroEP model, strictly (no missing or unexpected key), and the loaded

@@ -16,10 +16,12 @@ import torch.distributed as dist
 
 from megatron_microep.glue.distributed import spawn_gloo
 from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.plan import HistoryPlanner, PlannerSettings, PlanTarget
 from megatron_microep.runtime import dispatch
 from megatron_microep.runtime.collectives import all_gather_uneven, reduce_scatter_uneven
 from megatron_microep.runtime.layout import PhysicalLayout
-from megatron_microep.runtime.replan import PlacementController, decode_placement, encode_placement, greedy_planner
+from megatron_microep.runtime.planner_pool import planner_process
+from megatron_microep.runtime.replan import PlacementController, decode_placement, encode_placement
 from megatron_microep.runtime.replicas import ReplicaExchange, replicate
 
 ETP, EP = 2, 2
@@ -164,8 +166,12 @@ def _check_round_trip(groups, seed):
     }
 
 
+GREEDY = PlannerSettings("greedy", 1.0, 0.0, None, 0, 1, 0.0, True)
+
+
 def _check_replanning(groups):
-    """Controller over the whole expert domain (tp_ep): plan from history, adopt on every rank."""
+    """Controller over the whole expert domain (tp_ep): plan from history in the planner rank's
+    planner process (layer 2: rank 1 of tp_ep), adopt on every rank."""
     stock = PhysicalLayout.stock(EP, EXPERTS_PER_RANK, REDUNDANT)
     hot = np.array([90, 5, 5, 0], dtype=np.int64)  # expert 0 (EP rank 0) is hot
     events = {}
@@ -179,6 +185,7 @@ def _check_replanning(groups):
             replan_lag=1,
             group=groups.tp_ep,
             device=torch.device("cpu"),
+            layer_number=2,
         )
         adopted = []
         for step in steps:
@@ -188,14 +195,15 @@ def _check_replanning(groups):
                 controller.record(hot)
         return controller, adopted
 
-    controller, adopted = run(greedy_planner(1.0, 0.0, None), [1, 2, 3, 4, 5])
+    controller, adopted = run(HistoryPlanner(PlanTarget("replicas", EP, REDUNDANT), GREEDY), [1, 2, 3, 4, 5])
     events["adopted"] = adopted
     events["version"] = controller.version
     events["history_rows"] = controller.history().shape[0]
+    events["planner_rank"] = controller.is_planner
+    events["planner_process"] = planner_process().pid is not None
 
-    def broken(history, num_gpus, redundant_slots, current):
-        raise ValueError("planner exploded")
-
+    # More replica slots than any GPU can use: the planner process raises.
+    broken = HistoryPlanner(PlanTarget("replicas", EP, EP * EXPERTS_PER_RANK), GREEDY)
     controller, adopted = run(broken, [1, 2, 3])
     events["after_failure"] = (adopted, controller.version, controller.layout.placement.to_lists())
     return events
@@ -216,7 +224,7 @@ def _exchange_rank(rank, world_size, seed):
 def results():
     seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
     print(f"exchange test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
-    return spawn_gloo(_exchange_rank, ETP * EP, seed, timeout_s=120)
+    return spawn_gloo(_exchange_rank, ETP * EP, seed, timeout_s=300)
 
 
 def test_uneven_collectives_and_gradients(results):
@@ -254,6 +262,9 @@ def test_replanning_adopts_one_placement_everywhere_at_the_step_boundary(results
     assert adopted[2][0] == [0, 1]  # the hot expert got its replica on the other EP rank
     assert all(e["version"] == 2 for e in events)
     assert all(e["history_rows"] == 8 for e in events)  # 4 completed steps x 2 micro-batches, on every rank
+    # Layer 2 is planned by rank 1 of the domain; only that rank started a planner process.
+    assert [e["planner_rank"] for e in events] == [False, True, False, False]
+    assert [e["planner_process"] for e in events] == [False, True, False, False]
 
 
 def test_failed_planning_keeps_the_placement_on_every_rank(results):

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numba
 import numpy as np
 
+from megatron_microep.planning.history import LoadHistory
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.scheduler import split_by_source
 
@@ -91,35 +92,37 @@ class History:
 
     expert_loads int64 [S, E]: per-micro-batch expert totals of the last S micro-batches.
     step_tokens int64 [T, G, E]: per-source counts summed over each of the last T complete steps.
+    loads: the expert totals in per-step blocks (the runtime's history type).
     """
 
     expert_loads: np.ndarray
     step_tokens: np.ndarray
+    loads: LoadHistory
 
 
 class HistoryWindow:
-    """Bounded record of one layer's routing: the last ``micro_batches`` expert-load vectors and the
-    per-source sums of the last ``steps`` completed steps. Memory is O((micro_batches + steps) * G * E)."""
+    """Bounded record of one layer's routing: the last ``micro_batches`` expert-load vectors (a
+    ``planning.history.LoadHistory``, the runtime's history type, in whole steps) and the per-source
+    sums of the last ``steps`` completed steps. Memory is O((micro_batches + steps) * G * E)."""
 
     def __init__(self, num_gpus: int, num_experts: int, micro_batches: int, steps: int):
         if micro_batches < 1 or steps < 1:
             raise PolicyError(f"history window must keep >= 1 micro-batch and step, got {micro_batches}, {steps}")
-        self._loads = np.zeros((micro_batches, num_experts), dtype=np.int64)
+        self.micro_batches = micro_batches
+        self.loads = LoadHistory(num_experts, micro_batches=micro_batches)
         self._steps = np.zeros((steps, num_gpus, num_experts), dtype=np.int64)
-        self._num_loads = 0
         self._num_steps = 0
         self._current = np.zeros((num_gpus, num_experts), dtype=np.int64)
         self._current_used = False
 
     def push(self, tokens: np.ndarray) -> None:
         """Record one micro-batch's int64 [G, E] counts."""
-        self._loads = np.roll(self._loads, -1, axis=0)
-        self._loads[-1] = tokens.sum(axis=0)
-        self._num_loads = min(self._num_loads + 1, len(self._loads))
+        self.loads.record(tokens.sum(axis=0))
         self._current += tokens
         self._current_used = True
 
     def end_step(self) -> None:
+        self.loads.end_step()
         if not self._current_used:
             return
         self._steps = np.roll(self._steps, -1, axis=0)
@@ -130,12 +133,16 @@ class HistoryWindow:
 
     @property
     def empty(self) -> bool:
-        return self._num_loads == 0
+        return len(self.loads) == 0 and len(self.loads.current()) == 0
 
     def view(self) -> History:
+        """The completed steps and the rows of the step in progress (policies plan at step boundaries,
+        where the step in progress has none)."""
+        rows = np.concatenate([self.loads.window(), self.loads.current()])
         return History(
-            expert_loads=self._loads[len(self._loads) - self._num_loads :],
+            expert_loads=rows[len(rows) - min(self.micro_batches, len(rows)) :],
             step_tokens=self._steps[len(self._steps) - self._num_steps :],
+            loads=self.loads,
         )
 
 

@@ -1,16 +1,19 @@
 """``microep``: MicroEP. OR-Tools replica placement from history, exact min-max scheduling per micro-batch.
 
-Every ``replan_interval`` steps ``planning.planner.plan_placement`` chooses the replicas that
-minimise the scheduler's expected optimal max load over the last ``history_micro_batches``
-micro-batches plus ``forecast_samples`` samples drawn from them by
-``planning.forecast.forecast_samples`` (level of the last ``forecast_recent``, noise of the whole
-window, every expert once at its level times the level rule's largest error in the window, at most
-``forecast_burst``), starting from the
-current placement, ``move_penalty`` tokens per moved copy, within ``time_limit_s``. Every micro-batch ``planning.scheduler.schedule`` splits each expert's
-tokens over its copies with the exact min-max solve, local copies first.
+Every ``replan_interval`` steps the runtime's own planning path, ``planning.plan.plan_from_history``,
+plans the layer from the last ``history_micro_batches`` micro-batches of its history (the runtime's
+history type, ``planning.history.LoadHistory``): ``planning.planner.plan_placement`` chooses the
+replicas that minimise the scheduler's expected optimal max load over those micro-batches plus
+``forecast_samples`` samples drawn from them by ``planning.forecast.forecast_samples`` (level of the
+last ``forecast_recent``, noise of the whole window, every expert once at its level times the level
+rule's largest error in the window, at most ``forecast_burst``), starting from the current
+placement, ``move_penalty`` tokens per moved copy, within ``time_limit_s``. Every micro-batch
+``planning.scheduler.schedule`` splits each expert's tokens over its copies with the exact min-max
+solve, local copies first.
 
-``planner="eplb"`` places replicas with the EPLB-style greedy instead (same scheduler), a cheaper
-planner for very large layouts; reports label it.
+``planner="eplb"`` places replicas with the EPLB-style greedy instead (the runtime's
+``--microep-planner greedy``; same scheduler), a cheaper planner for very large layouts; reports
+label it.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_microep.planning.eplb import eplb_placement
-from megatron_microep.planning.forecast import check_settings, planner_input
+from megatron_microep.planning.forecast import check_settings
 from megatron_microep.planning.placement import Placement
-from megatron_microep.planning.planner import plan_placement
+from megatron_microep.planning.plan import PlannerSettings, PlanTarget, plan_from_history
 from megatron_microep.planning.policies.base import Assignment, History, Policy, PolicyError, param
 from megatron_microep.planning.scheduler import schedule
+
+# The policy's planner names -> the shared planner's methods.
+PLANNER_METHODS = {"ortools": "ortools", "eplb": "greedy"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class MicroEpParams:
     planner: str = param("ortools", "'ortools' (plan_placement) or 'eplb' (EPLB-style greedy placement)")
 
     def validate(self):
-        if self.planner not in ("ortools", "eplb"):
+        if self.planner not in PLANNER_METHODS:
             raise PolicyError(f"microep: planner must be 'ortools' or 'eplb', got {self.planner!r}")
         if self.replan_interval < 1:
             raise PolicyError(f"microep: replan_interval must be >= 1, got {self.replan_interval}")
@@ -74,27 +79,27 @@ class MicroEpPolicy(Policy):
     def history_needs(self) -> tuple[int, int]:
         return (self.params.history_micro_batches, 1)
 
+    def planner_settings(self) -> PlannerSettings:
+        """The shared planner's settings for these parameters."""
+        p = self.params
+        return PlannerSettings(
+            method=PLANNER_METHODS[p.planner],
+            time_limit_s=p.time_limit_s,
+            move_penalty=p.move_penalty,
+            gpus_per_node=self.layout.gpus_per_node if p.node_confined else None,
+            forecast_samples=p.forecast_samples,
+            forecast_recent=p.forecast_recent,
+            forecast_burst=p.forecast_burst,
+            use_solver=p.use_solver,
+        )
+
     def place(self, history: History, current: Placement) -> Placement:
-        loads = history.expert_loads[-self.params.history_micro_batches :]
+        loads = history.loads.window(self.params.history_micro_batches)
         if len(loads) == 0:
             return current
-        lay = self.layout
-        p = self.params
-        loads = planner_input(loads, p.forecast_samples, p.forecast_recent, p.forecast_burst)
-        node_size = lay.gpus_per_node if p.node_confined else None
-        if p.planner == "eplb":
-            return eplb_placement(loads, lay.num_gpus, lay.redundant_slots, node_size)
+        target = PlanTarget("replicas", self.layout.num_gpus, self.layout.redundant_slots)
         try:
-            return plan_placement(
-                loads,
-                lay.num_gpus,
-                lay.redundant_slots,
-                node_size,
-                time_limit_s=p.time_limit_s,
-                current=current,
-                move_penalty=p.move_penalty,
-                use_solver=p.use_solver,
-            ).placement
+            return plan_from_history(loads, target, self.planner_settings(), current)
         except ValueError as err:
             raise PolicyError(f"microep planner: {err}") from None
 
