@@ -133,6 +133,40 @@ def _find_path(
 
 
 @numba.njit(cache=True)
+def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert):
+    """Push the bottleneck amount along the search tree's path to GPU ``target`` (``_find_path``'s,
+    or ``planning.burst``'s search).
+
+    Walks back to the root expert measuring the bottleneck (spare of the target, excess of the
+    root, flow above ``keep`` on every backward edge), then moves that much along the path.
+    """
+    push = spare[target]
+    g = target
+    while True:
+        e = slot_expert[via_slot_gpu[g]]
+        back = via_slot_expert[e]
+        if back < 0:
+            if excess[e] < push:
+                push = excess[e]
+            break
+        if slot_tokens[back] - keep[back] < push:
+            push = slot_tokens[back] - keep[back]
+        g = gpus[back]
+    g = target
+    while True:
+        r = via_slot_gpu[g]
+        slot_tokens[r] += push
+        e = slot_expert[r]
+        back = via_slot_expert[e]
+        if back < 0:
+            excess[e] -= push
+            break
+        slot_tokens[back] -= push
+        g = gpus[back]
+    spare[target] -= push
+
+
+@numba.njit(cache=True)
 def _route(load, local, ptr, gpus, num_gpus, start_cap):
     """Exact min-max routing of per-expert loads over their copies.
 
@@ -283,29 +317,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
             cap = new_cap
             raised = True
             continue
-        # Walk back to the root expert, measuring the bottleneck, then push along the path.
-        push = spare[target]
-        g = target
-        while True:
-            e = slot_expert[via_slot_gpu[g]]
-            back = via_slot_expert[e]
-            if back < 0:
-                push = min(push, excess[e])
-                break
-            push = min(push, slot_tokens[back] - keep[back])
-            g = gpus[back]
-        g = target
-        while True:
-            r = via_slot_gpu[g]
-            slot_tokens[r] += push
-            e = slot_expert[r]
-            back = via_slot_expert[e]
-            if back < 0:
-                excess[e] -= push
-                break
-            slot_tokens[back] -= push
-            g = gpus[back]
-        spare[target] -= push
+        _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert)
 
     gpu_load = fixed.copy()
     for r in range(nnz):
@@ -416,8 +428,17 @@ def schedule(tokens: np.ndarray, placement: Placement) -> Schedule:
     """Exact min-max assignment of ``tokens`` int [G, E] to the copies in ``placement``."""
     tokens = _check_tokens(tokens, placement)
     load = tokens.sum(axis=0)
+    return _complete(
+        tokens, placement, load, _route(load, tokens, placement.ptr, placement.gpus, placement.num_gpus, 0)
+    )
+
+
+def _complete(tokens: np.ndarray, placement: Placement, load: np.ndarray, routed: tuple) -> Schedule:
+    """The Schedule of ``_route``'s local-first result ``routed`` for checked ``tokens`` int64 [G, E]
+    with per-expert totals ``load`` (``planning.burst`` routes first and completes only when it adds
+    no copy)."""
     ptr, gpus, num_gpus = placement.ptr, placement.gpus, placement.num_gpus
-    slot_tokens, gpu_load, num, den, raised = _route(load, tokens, ptr, gpus, num_gpus, 0)
+    slot_tokens, gpu_load, num, den, raised = routed
     if raised:
         # The local-first fill ran below the optimal capacity; routing again at the optimum from the
         # start keeps more tokens local (same max load, same certificate).
