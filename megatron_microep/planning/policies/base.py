@@ -152,6 +152,10 @@ class Assignment:
     run on copy ``piece_slot[p]``.
     ``weight_moves`` int64 [K, 2]: (from GPU, to GPU) of every expert's weights sent for this
     micro-batch before its experts run (LLEP spills, BalanceMoE moves, UltraEP replica pushes).
+    ``step_copies`` int64 [K, 2]: (expert, gpu) of the copies in ``placement`` that are kept until
+    the end of the step (MicroEP's burst copies); the ones the previous micro-batch of the step did
+    not hold are pushed from their expert's home GPU beside the dispatch all-to-all, and their
+    gradients go home once per step.
     """
 
     tokens: np.ndarray
@@ -161,6 +165,7 @@ class Assignment:
     piece_slot: np.ndarray
     piece_count: np.ndarray
     weight_moves: np.ndarray
+    step_copies: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     def gpu_load(self) -> np.ndarray:
         """int64 [G]: tokens each GPU processes."""
@@ -314,6 +319,11 @@ class Policy(ABC):
 
     @abstractmethod
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment: ...
+
+    def assign_in_step(self, tokens: np.ndarray, placement: Placement, held: np.ndarray) -> Assignment:
+        """``assign`` inside a step: ``held`` int64 [K, 2] is the ``step_copies`` of the previous
+        micro-batch of the same step (empty at its first). Policies without step copies ignore it."""
+        return self.assign(tokens, placement)
 
 
 def build_params(cls: type[Policy], values: Mapping[str, Any]) -> Policy.Params:
