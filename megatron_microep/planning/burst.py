@@ -294,8 +294,8 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
     load int64 [E]; flow int64 [nnz]: tokens per copy of (ptr int64 [E+1], gpus int64 [nnz]) placing
     every expert's load (the scheduler's slot_tokens); free int64 [G]: burst slots left per GPU
     (decremented in place); anchor int64 [E]: the GPU whose node an expert's new copies must share
-    (node_size 0: any GPU). Returns (ptr, gpus, slot_tokens, new_expert int64 [N], new_gpu int64 [N],
-    bound_num, bound_den): the extended placement (new copies after their expert's others, in the
+    (node_size 0: any GPU). Returns (ptr, gpus, slot_tokens, gpu_load, new int64 [N, 2], bound_num,
+    bound_den): the extended placement (new copies (expert, gpu) after their expert's others, in the
     order chosen) and its flow, whose max load is at most max(cap, ceil(bound_num / bound_den)), a
     lower bound proven for the extended placement (total / G, or the last violator no copy could help).
     """
@@ -334,8 +334,7 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
     queue = np.empty(num_experts, np.int64)
     targets = np.empty(num_gpus, np.int64)
     limit = free.sum()
-    new_expert = np.empty(limit, np.int64)
-    new_gpu = np.empty(limit, np.int64)
+    new = np.empty((limit, 2), np.int64)
     keep = np.zeros(nnz + limit, np.int64)  # nothing is protected; sized for every copy added
     n = 0
     bound_num = 0
@@ -371,7 +370,10 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
                 pending = True
                 break
         if not pending:
-            return ptr, gpus, slot_tokens, new_expert[:n], new_gpu[:n], bound_num, bound_den
+            gpu_load[:] = 0
+            for r in range(gpus.size):
+                gpu_load[gpus[r]] += slot_tokens[r]
+            return ptr, gpus, slot_tokens, gpu_load, new[:n], bound_num, bound_den
         # Hall violator (S = seen experts, U = seen GPUs): the certificate names what binds.
         e = _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor, node_size)
         if e < 0:
@@ -396,8 +398,8 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
         excess[e] -= take
         gpu_ptr, gpu_slot = _reverse(gpus, num_gpus)
         free[t] -= 1
-        new_expert[n] = e
-        new_gpu[n] = t
+        new[n, 0] = e
+        new[n, 1] = t
         n += 1
 
 
@@ -440,15 +442,13 @@ def plan_burst(
     if routed[1].max(initial=0) <= cap or not free.any():
         return BurstPlan(current, held, len(held), NO_COPIES, _complete(tokens, current, load, routed))
     home = placement.gpus[placement.ptr[:-1]]
-    ptr, gpus, slot_tokens, new_expert, new_gpu, num, den = _burst_copies(
+    ptr, gpus, slot_tokens, gpu_load, new, num, den = _burst_copies(
         load, routed[0], current.ptr, current.gpus, num_gpus, cap, free, home, node_size or 0
     )
-    if len(new_expert) == 0:
+    if len(new) == 0:
         return BurstPlan(current, held, len(held), NO_COPIES, _complete(tokens, current, load, routed))
     src, slot, count, remote = _split_by_source(tokens, slot_tokens, ptr, gpus)
-    gpu_load = np.bincount(gpus, weights=slot_tokens, minlength=num_gpus).astype(np.int64)
     flow = Schedule(int(gpu_load.max()), gpu_load, num / den, int(remote), slot_tokens, src, slot, count)
-    new = np.stack([new_expert, new_gpu], axis=1)
-    pushes = np.stack([home[new_expert], new_gpu], axis=1)
+    pushes = np.stack([home[new[:, 0]], new[:, 1]], axis=1)
     extended = Placement(num_gpus=num_gpus, ptr=ptr, gpus=gpus)
     return BurstPlan(extended, np.concatenate([held, new]), len(held), pushes, flow)
