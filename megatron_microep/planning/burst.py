@@ -11,15 +11,16 @@ Method. The tolerance cap is ``T = max(ceil(total / G), floor(tolerance * total 
 scheduler routes the micro-batch over the persistent copies plus the copies already held this step;
 if its max load is within T, that is the schedule and nothing is added. Otherwise its flow is
 stripped down to T on every GPU (the stripped tokens become unplaced load of their experts) and a
-max-flow at cap T continues from there (residual BFS, the scheduler's path push). When no augmenting
-path is left, the reached sets are the scheduler's certificate, a Hall violator: experts S with
-unplaced load, every copy of which sits on a full GPU of U, so the optimum is above T. A copy of the
-heaviest expert of S on the least-loaded eligible GPU outside U (no copy of it yet, a burst slot
-free, and by default in the expert's home node, so the push stays on NVLink) gives S a way out; the
-flow continues from where it stood, the new copy being one more edge. When no expert of S has an
-eligible GPU, no later copy can help S either, so its bound ``load(S) / |U|`` holds for the final
-placement and the cap rises to it, as in the scheduler. The result: max load <= T when copies can
-bring it there, else the exact optimum over the extended placement (the last raise certifies it).
+max-flow at cap T continues from there with the scheduler's residual search and path push. When no
+augmenting path is left, the reached sets are the scheduler's certificate, a Hall violator: experts
+S with unplaced load, every copy of which sits on a full GPU of U, so the optimum is above T. A copy
+of the expert of S with the most load per copy, on the least-loaded eligible GPU outside U (no copy
+of it yet, a burst slot free, and by default in the expert's home node, so the push stays on
+NVLink), gives S a way out; the flow continues from where it stood, the new copy being one more
+edge. When no expert of S has an eligible GPU, no later copy can help S either, so its bound
+``load(S) / |U|`` holds for the final placement and the cap rises to it, as in the scheduler. The
+result: max load <= T when copies can bring it there, else the exact optimum over the extended
+placement (the last raise certifies it).
 
 Every rank that calls ``plan_burst`` with the same counts, placement and held copies gets the same
 copies and schedule: integer arithmetic (the tolerance is rounded to 1/1000), fixed iteration order,
@@ -39,6 +40,7 @@ from megatron_microep.planning.scheduler import (
     Schedule,
     _check_tokens,
     _complete,
+    _find_path,
     _push_path,
     _route,
     _split_by_source,
@@ -227,67 +229,6 @@ def _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor,
 
 
 @numba.njit(cache=True)
-def _search(
-    excess,
-    spare,
-    slot_tokens,
-    ptr,
-    gpus,
-    slot_expert,
-    gpu_ptr,
-    gpu_slot,
-    seen_expert,
-    seen_gpu,
-    via_slot_gpu,
-    via_slot_expert,
-    queue,
-    targets,
-):
-    """``scheduler._find_path``'s residual BFS (nothing protected), run to the end instead of
-    stopping at the first GPU with spare, so that one search serves many augmentations.
-
-    Returns how many GPUs with spare it reached, listed in ``targets`` int64 [G] in BFS order; the
-    search tree is left in ``via_slot_*`` for ``scheduler._push_path``. When it reaches none, the
-    reached sets ``seen_*`` are a Hall violator: experts S with unplaced load, every copy of which
-    sits on a full GPU of U.
-    """
-    num_experts = excess.size
-    seen_expert[:] = False
-    seen_gpu[:] = False
-    tail = 0
-    for e in range(num_experts):
-        if excess[e] > 0:
-            seen_expert[e] = True
-            via_slot_expert[e] = -1
-            queue[tail] = e
-            tail += 1
-    found = 0
-    head = 0
-    while head < tail:
-        e = queue[head]
-        head += 1
-        for r in range(ptr[e], ptr[e + 1]):
-            g = gpus[r]
-            if seen_gpu[g]:
-                continue
-            seen_gpu[g] = True
-            via_slot_gpu[g] = r
-            if spare[g] > 0:
-                targets[found] = g
-                found += 1
-                continue
-            for i in range(gpu_ptr[g], gpu_ptr[g + 1]):
-                r2 = gpu_slot[i]
-                e2 = slot_expert[r2]
-                if slot_tokens[r2] > 0 and not seen_expert[e2]:
-                    seen_expert[e2] = True
-                    via_slot_expert[e2] = r2
-                    queue[tail] = e2
-                    tail += 1
-    return found
-
-
-@numba.njit(cache=True)
 def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size):
     """Add copies until ``load`` fits under ``cap`` or no copy helps (see the module doc).
 
@@ -342,10 +283,11 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
         bound_num += load[e]
     bound_den = num_gpus
     while True:
-        found = _search(
+        found = _find_path(
             excess,
             spare,
             slot_tokens,
+            keep,
             ptr,
             gpus,
             slot_expert,

@@ -92,12 +92,15 @@ def _find_path(
     via_slot_gpu,
     via_slot_expert,
     queue,
+    targets,
 ):
-    """BFS from every expert with unplaced load to a GPU with spare capacity.
+    """BFS from every expert with unplaced load to GPUs with spare capacity.
 
     Forward edges expert -> GPU are unbounded; backward edges GPU -> expert carry the flow of a
-    copy above its ``keep`` amount. Returns the GPU reached (-1 if none) and leaves the search
-    tree in ``via_slot_*`` and the reached sets in ``seen_*``.
+    copy above its ``keep`` amount. Lists the GPUs with spare it reaches in ``targets`` (BFS order,
+    stopping once ``targets`` is full) and returns how many; leaves the search tree in
+    ``via_slot_*`` and the reached sets in ``seen_*``. When it finds none, the reached sets are a
+    Hall violator: experts S with unplaced load whose copies all sit on full GPUs U.
     """
     num_experts = excess.size
     seen_expert[:] = False
@@ -109,6 +112,7 @@ def _find_path(
             via_slot_expert[e] = -1
             queue[tail] = e
             tail += 1
+    found = 0
     head = 0
     while head < tail:
         e = queue[head]
@@ -120,7 +124,11 @@ def _find_path(
             seen_gpu[g] = True
             via_slot_gpu[g] = r
             if spare[g] > 0:
-                return g
+                targets[found] = g
+                found += 1
+                if found == targets.size:
+                    return found
+                continue
             for i in range(gpu_ptr[g], gpu_ptr[g + 1]):
                 r2 = gpu_slot[i]
                 e2 = slot_expert[r2]
@@ -129,13 +137,12 @@ def _find_path(
                     via_slot_expert[e2] = r2
                     queue[tail] = e2
                     tail += 1
-    return -1
+    return found
 
 
 @numba.njit(cache=True)
 def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert):
-    """Push the bottleneck amount along the search tree's path to GPU ``target`` (``_find_path``'s,
-    or ``planning.burst``'s search).
+    """Push the bottleneck amount along ``_find_path``'s search tree to GPU ``target``.
 
     Walks back to the root expert measuring the bottleneck (spare of the target, excess of the
     root, flow above ``keep`` on every backward edge), then moves that much along the path.
@@ -254,6 +261,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
     via_slot_gpu = np.empty(num_gpus, np.int64)  # slot whose forward edge reached this GPU
     via_slot_expert = np.empty(num_experts, np.int64)  # slot whose flow was walked back to this expert
     queue = np.empty(num_experts, np.int64)
+    target = np.empty(1, np.int64)  # the first GPU with spare a search reaches
     no_protection = np.zeros(nnz, np.int64)
     while True:
         pending = False
@@ -263,7 +271,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
                 break
         if not pending:
             break
-        target = _find_path(
+        found = _find_path(
             excess,
             spare,
             slot_tokens,
@@ -278,11 +286,12 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
             via_slot_gpu,
             via_slot_expert,
             queue,
+            target,
         )
         keep = protected
-        if target < 0:
+        if not found:
             keep = no_protection
-            target = _find_path(
+            found = _find_path(
                 excess,
                 spare,
                 slot_tokens,
@@ -297,8 +306,9 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
                 via_slot_gpu,
                 via_slot_expert,
                 queue,
+                target,
             )
-        if target < 0:
+        if not found:
             # Hall violator: experts S (seen) only reach GPUs U (seen), all full.
             num = 0
             den = 0
@@ -317,7 +327,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
             cap = new_cap
             raised = True
             continue
-        _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert)
+        _push_path(target[0], excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert)
 
     gpu_load = fixed.copy()
     for r in range(nnz):
