@@ -19,9 +19,10 @@ Prints figures for docs/benchmarks.md ("## Simulator"):
    against forecast samples without bursts (``forecast_burst=0``) and the history alone
    (``forecast_samples=0``, the baseline), max/mean over three seeds per workload.
 6. burst: the policy tables of part 3 on the bursty, drifting, DeepSeek-V3-derived and LAER-derived
-   workloads with one more row, microep with ``BURST_SLOTS`` burst slots per GPU (planning/burst.py),
-   and, since those slots are memory the other policies do not get, ultraep and llep again with
-   ``2 + BURST_SLOTS`` redundant slots (the same copies per GPU) against the same ideal.
+   workloads (and rotating_hotspot) with two more rows, microep with ``BURST_SLOTS`` burst slots per
+   GPU (planning/burst.py), inside the home node (the default) and anywhere; and, since those slots
+   are memory the other policies do not get, ultraep and llep again with ``2 + BURST_SLOTS``
+   redundant slots (the same copies per GPU) against the same ideal.
 
 Usage: python scripts/bench_simulator.py [--parts replay,scale,tables,tail,forecast,burst] [--out DIR] [--quick]
 """
@@ -207,6 +208,7 @@ def forecast(out: Path, quick: bool) -> None:
 def burst(out: Path, quick: bool) -> None:
     shape = table_shape(quick)
     label = f"microep, burst_slots={BURST_SLOTS}"
+    variants = {label: {}, f"{label}, any node": {"burst_node_confined": False}}
     for workload in BURST_WORKLOADS:
         started = time.perf_counter()
         info, records = open_trace(f"gen:{workload}:{shape}")
@@ -215,9 +217,12 @@ def burst(out: Path, quick: bool) -> None:
         names = list(POLICIES)
         params = resolve_policy_params(names, {}, cost)
         policies = [make_policy(n, layout, **params[n]) for n in names]
-        policies.insert(names.index("microep") + 1, make_policy("microep", layout, burst_slots=BURST_SLOTS))
+        at = names.index("microep") + 1
+        for i, extra in enumerate(variants.values()):
+            policies.insert(at + i, make_policy("microep", layout, burst_slots=BURST_SLOTS, **extra))
         results = Simulation(layout, policies, cost).run(records)
-        results[names.index("microep") + 1].name = label
+        for i, name in enumerate(variants):
+            results[at + i].name = name
         rows = summarize(results)
         print(f"### {workload} with burst slots ({shape}; {time.perf_counter() - started:.0f} s)")
         print(markdown_table(rows))

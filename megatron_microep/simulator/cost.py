@@ -24,7 +24,7 @@ Per (micro-batch, layer), forward and backward:
   ``fsep_recompute`` (MicroEP's ``regather``) adds one expert forward to the backward. Each GPU's
   transfer time is its slowest link over its send and receive sides; prefetch hides each transfer
   behind that pass's compute, so only the excess is charged.
-* the policy's per-micro-batch decision, when it sits on the critical path (measured wall time).
+* the policy's per-micro-batch decision, when it sits on the critical path (measured CPU time).
 
 Per step and layer: persistent replicas are refreshed from their home after the optimizer step by a
 pipelined broadcast chain per expert (hidden behind the layer's first forward compute of the step,
