@@ -24,7 +24,8 @@ placement (the last raise certifies it).
 
 Every rank that calls ``plan_burst`` with the same counts, placement and held copies gets the same
 copies and schedule: integer arithmetic (the tolerance is rounded to 1/1000), fixed iteration order,
-so nothing is broadcast. The runtime calls it once per micro-batch and layer after the count read.
+so nothing is broadcast: the runtime can call it on every rank once per micro-batch and layer, after
+the count read (the simulator's ``microep`` policy does, with ``burst_slots``).
 ``planning.burst_reference`` gives the best choice of copies exactly (a MIP) for comparison.
 """
 
