@@ -12,6 +12,10 @@ Per (micro-batch, layer), forward and backward:
 * weight moves decided per micro-batch (LLEP spills, BalanceMoE moves, UltraEP pushes): the
   receiving GPU waits for them before computing (not overlapped, as those papers describe);
   temporary copies send their gradients back after the backward pass.
+* MicroEP's burst copies (``Assignment.step_copies``): weights pushed from the home GPU in one
+  all-to-all issued with the dispatch all-to-all, sharing each GPU's links with it, so only the
+  time the pair takes beyond the dispatch alone is charged; a copy is pushed once per step (later
+  micro-batches reuse it) and its gradient goes home once per step with the replicas' (below).
 * FSEP (LAER, and MicroEP's ``--microep-expert-sharding fsep``): every copy in a GPU's layout is
   gathered by an all-to-all of shards (1/G of the expert from every GPU) before the forward, and
   again before the backward when ``fsep_backward_gather`` (LAER's FSDP-style freeing, MicroEP's
@@ -20,12 +24,12 @@ Per (micro-batch, layer), forward and backward:
   ``fsep_recompute`` (MicroEP's ``regather``) adds one expert forward to the backward. Each GPU's
   transfer time is its slowest link over its send and receive sides; prefetch hides each transfer
   behind that pass's compute, so only the excess is charged.
-* the policy's per-micro-batch decision, when it sits on the critical path (measured wall time).
+* the policy's per-micro-batch decision, when it sits on the critical path (measured CPU time).
 
 Per step and layer: persistent replicas are refreshed from their home after the optimizer step by a
 pipelined broadcast chain per expert (hidden behind the layer's first forward compute of the step,
 the excess charged) and return their gradients by the reversed chain (hidden behind the last
-backward compute); a re-plan that moves an expert's home copy
+backward compute), burst copies their gradients along the same chains; a re-plan that moves an expert's home copy
 moves its parameters and optimizer state (charged in full). Bytes on a link are not slowed by other
 traffic on it (no contention model); compute and all-to-all of one layer do not overlap.
 """
@@ -175,9 +179,9 @@ class CostModel:
 
     def a2a_s(self, flow: Traffic) -> float:
         """One all-to-all's time: the busiest GPU's slowest link, plus launch latency."""
-        intra = np.maximum(flow.send_intra, flow.recv_intra) * self.token_bytes / (self.intra_node_gbps * 1e9)
-        inter = np.maximum(flow.send_inter, flow.recv_inter) * self.token_bytes / (self.inter_node_gbps * 1e9)
-        return float(np.maximum(intra, inter).max(initial=0.0)) + self.a2a_latency_s
+        b = self.token_bytes
+        seconds = self.link_s(flow.send_intra * b, flow.send_inter * b, flow.recv_intra * b, flow.recv_inter * b)
+        return seconds + self.a2a_latency_s
 
     def transfer_s(self, moves: np.ndarray, bytes_each: float, num_gpus: int, node_size: int) -> float:
         """Time for point-to-point transfers ``moves`` int [K, 2] (src, dst) of ``bytes_each``:
@@ -194,6 +198,29 @@ class CostModel:
                 )
                 worst = max(worst, float(per_gpu.max()) * bytes_each / (gbps * 1e9))
         return worst
+
+    def link_s(self, send_intra, send_inter, recv_intra, recv_inter) -> float:
+        """Seconds of one exchange of these bytes per GPU (float [G] each): the busiest GPU's slowest link."""
+        intra = np.maximum(send_intra, recv_intra) / (self.intra_node_gbps * 1e9)
+        inter = np.maximum(send_inter, recv_inter) / (self.inter_node_gbps * 1e9)
+        return float(np.maximum(intra, inter).max(initial=0.0))
+
+    def pushes_beside_dispatch_s(self, flow: Traffic, pushes: np.ndarray, num_gpus: int, node_size: int) -> float:
+        """Exposed seconds of expert weights ``pushes`` int [K, 2] (src, dst) sent in one all-to-all
+        issued together with the dispatch all-to-all ``flow``: both share every GPU's links, so the
+        pair takes the busiest GPU's slowest link over tokens and weights together; what exceeds the
+        dispatch alone is charged (no launch latency: the two run concurrently)."""
+        if len(pushes) == 0:
+            return 0.0
+        src, dst = pushes[:, 0], pushes[:, 1]
+        intra = src // node_size == dst // node_size
+        weights = {}
+        for side, gpu in (("send", src), ("recv", dst)):
+            for link, mask in (("intra", intra), ("inter", ~intra)):
+                weights[f"{side}_{link}"] = np.bincount(gpu[mask], minlength=num_gpus) * self.expert_param_bytes
+        tokens = {name: getattr(flow, name) * self.token_bytes for name in weights}
+        alone = self.link_s(**tokens)
+        return self.link_s(**{name: tokens[name] + weights[name] for name in weights}) - alone
 
     def fsep_shard_traffic(self, placement: Placement, node_size: int) -> dict[str, np.ndarray]:
         """Bytes of one FSEP gather per GPU (float64 [G] each): ``send_intra``, ``send_inter``,
@@ -213,10 +240,7 @@ class CostModel:
 
     def fsep_gather_s(self, placement: Placement, node_size: int) -> float:
         """Seconds of one FSEP gather (or gradient return): the busiest GPU's slowest link."""
-        t = self.fsep_shard_traffic(placement, node_size)
-        intra = np.maximum(t["send_intra"], t["recv_intra"]) / (self.intra_node_gbps * 1e9)
-        inter = np.maximum(t["send_inter"], t["recv_inter"]) / (self.inter_node_gbps * 1e9)
-        return float(np.maximum(intra, inter).max(initial=0.0))
+        return self.link_s(**self.fsep_shard_traffic(placement, node_size))
 
     @property
     def fsep_gathers(self) -> int:
@@ -260,7 +284,9 @@ def record_cost(
     temporary_copies: bool,
     fully_sharded: bool,
     decision_s: float,
+    step_pushes: np.ndarray | None = None,
 ) -> RecordCost:
+    """``step_pushes`` int [K, 2] (home, gpu): burst copies this micro-batch pushes (none held before)."""
     placement = assignment.placement
     per_gpu = model.compute_s(assignment.slot_tokens, placement)
     fwd = float(per_gpu.max(initial=0.0))
@@ -268,6 +294,9 @@ def record_cost(
     moves = assignment.weight_moves
     move_s = model.transfer_s(moves, model.expert_param_bytes, placement.num_gpus, node_size)
     weight_bytes = len(moves) * model.expert_param_bytes
+    if step_pushes is not None and len(step_pushes):
+        move_s += model.pushes_beside_dispatch_s(flow, step_pushes, placement.num_gpus, node_size)
+        weight_bytes += len(step_pushes) * model.expert_param_bytes
     if temporary_copies and len(moves):
         move_s += model.transfer_s(moves[:, ::-1], model.expert_grad_bytes, placement.num_gpus, node_size)
         weight_bytes += len(moves) * model.expert_grad_bytes
@@ -328,17 +357,21 @@ def replica_sync(
     node_size: int,
     first_fwd_s: float,
     last_bwd_s: float,
+    refreshed: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """(exposed seconds, bytes) of one step's replica refresh (broadcast from home) and gradient
     return (reduction to home) for replicas ``(expert, home, replica)`` int [K] each, hidden behind
-    ``first_fwd_s`` and ``last_bwd_s`` of compute."""
+    ``first_fwd_s`` and ``last_bwd_s`` of compute. ``refreshed`` bool [K] (default all): copies the
+    refresh covers; the others (burst copies, dropped at the step's end) only return gradients."""
     if len(expert) == 0:
         return 0.0, 0.0
-    edges = broadcast_chains(expert, home, replica, node_size)
+    refreshed = np.ones(len(expert), dtype=bool) if refreshed is None else np.asarray(refreshed, dtype=bool)
+    edges = broadcast_chains(expert[refreshed], home[refreshed], replica[refreshed], node_size)
     refresh = model.transfer_s(edges, model.expert_param_bytes, num_gpus, node_size)
+    edges = broadcast_chains(expert, home, replica, node_size)
     grads = model.transfer_s(edges[:, ::-1], model.expert_grad_bytes, num_gpus, node_size)
     exposed = max(0.0, refresh - first_fwd_s) + max(0.0, grads - last_bwd_s)
-    return exposed, len(expert) * (model.expert_param_bytes + model.expert_grad_bytes)
+    return exposed, int(refreshed.sum()) * model.expert_param_bytes + len(expert) * model.expert_grad_bytes
 
 
 def home_moves(model: CostModel, before: Placement, after: Placement, node_size: int) -> tuple[float, float]:

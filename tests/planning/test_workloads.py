@@ -13,8 +13,17 @@ def _dsv3_available() -> bool:
     return True
 
 
-# The DeepSeek-V3 recording is third-party data beside the checkout (shared/), not part of the package.
+def _laer_available() -> bool:
+    try:
+        workloads.load_laer_rank_counts()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# The recordings are third-party data beside the checkout (shared/), not part of the package.
 needs_dsv3 = pytest.mark.skipif(not _dsv3_available(), reason="shared/data/routing beside the checkout is absent")
+needs_laer = pytest.mark.skipif(not _laer_available(), reason="shared/data/routing beside the checkout is absent")
 
 
 def _seed():
@@ -121,6 +130,31 @@ def test_dsv3_loader_and_derived_follow_the_recording():
     ).sum(axis=0)
     recorded = loads[0, 5] / loads[0, 5].sum()
     assert np.corrcoef(derived / derived.sum(), recorded)[0, 1] > 0.95
+
+
+@needs_laer
+def test_laer_derived_reproduces_the_recorded_rank_fluctuation():
+    """A rank's load over the mean of its previous three iterations, p90 and p99: the generator (steps
+    of 4 micro-batches, ranks = GPUs under the contiguous layout, 64 GPUs x 256 experts) lands inside
+    the range the recording's FSDP (static layout) and LAER runs span, about 1.22-1.29 and 1.6-1.8."""
+    recorded = workloads.load_laer_rank_counts()
+    p90, p99 = [], []
+    for method, model in recorded:
+        if method in ("FSDP", "LAER"):
+            ratios = np.concatenate([workloads.rank_fluctuation(a) for a in recorded[method, model]])
+            p90.append(np.percentile(ratios, 90))
+            p99.append(np.percentile(ratios, 99))
+    assert len(p90) == 4
+    steps = 120
+    tokens = generate("laer_derived", 4 * steps, 64, 256, 1024, 8, _seed())
+    rank_loads = expert_loads(tokens).reshape(steps, 4, 64, 4).sum(axis=(1, 3))
+    ratios = workloads.rank_fluctuation(rank_loads)
+    got = np.percentile(ratios, 90), np.percentile(ratios, 99)
+    print(
+        f"recorded p90 {min(p90):.3f}-{max(p90):.3f}, p99 {min(p99):.3f}-{max(p99):.3f}; derived {got[0]:.3f}, {got[1]:.3f}"
+    )
+    assert min(p90) <= got[0] <= max(p90)
+    assert min(p99) <= got[1] <= max(p99)
 
 
 def test_bad_arguments_are_named():

@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from megatron_microep.planning.policies import Layout, make_policy, traffic
+from megatron_microep.planning.burst import with_copies
+from megatron_microep.planning.policies import Layout, Policy, make_policy, traffic
+from megatron_microep.planning.policies.base import Assignment
 from megatron_microep.simulator.cost import (
     CostModel,
     CostModelError,
@@ -108,6 +110,82 @@ def test_replica_sync_hidden_behind_compute():
     exposed, _ = replica_sync(model, expert, home, replica, 16, 8, first_fwd_s=0.0, last_bwd_s=0.0)
     inter = (model.expert_param_bytes + model.expert_grad_bytes) / (model.inter_node_gbps * 1e9)
     assert exposed == pytest.approx(inter)
+
+
+def test_replica_sync_burst_copies_return_gradients_only():
+    model = CostModel()
+    expert, home, replica = np.array([0, 1]), np.array([0, 8]), np.array([9, 9])
+    exposed, nbytes = replica_sync(model, expert, home, replica, 16, 8, 0.0, 0.0, np.array([True, False]))
+    assert nbytes == model.expert_param_bytes + 2 * model.expert_grad_bytes
+    param_s = model.expert_param_bytes / (model.inter_node_gbps * 1e9)
+    grad_s = model.expert_grad_bytes / (model.intra_node_gbps * 1e9)  # GPU 9 -> 8 and 9 -> 0 (inter) overlap
+    grad_s = max(grad_s, model.expert_grad_bytes / (model.inter_node_gbps * 1e9))
+    assert exposed == pytest.approx(param_s + grad_s)
+
+
+def test_pushes_beside_dispatch_by_hand():
+    """Weights share the links with the dispatch: an NVLink push hides behind an inter-node-bound
+    dispatch; what exceeds it, or a push on the busy link, is charged."""
+    flat = GemmTable(np.array([1.0, 1e6]), np.array([0.5, 0.5]), "flat")
+    model = CostModel(hidden_size=1000, ffn_hidden_size=500, gemm_table=flat, intra_node_gbps=10.0, inter_node_gbps=1.0)
+    layout = Layout(4, 4, gpus_per_node=2)
+    tokens = np.zeros((4, 4), dtype=np.int64)
+    tokens[0, 2] = 1000  # GPU 0 -> GPU 2 (other node): 2 MB over 1 GB/s
+    flow = traffic(make_policy("static", layout).assign(tokens, layout.contiguous()), 2)
+    dispatch_s = model.a2a_s(flow) - model.a2a_latency_s
+    weights = model.expert_param_bytes  # 3 MB
+    assert model.pushes_beside_dispatch_s(flow, np.zeros((0, 2), dtype=np.int64), 4, 2) == 0.0
+    # NVLink push 0 -> 1: 3 MB over 10 GB/s = 0.3 ms, hidden behind the 2 ms dispatch.
+    assert model.pushes_beside_dispatch_s(flow, np.array([[0, 1]]), 4, 2) == 0.0
+    # Ten pushes out of GPU 0 inside the node: 3 ms on NVLink, 1 ms beyond the dispatch.
+    ten = np.array([[0, 1]] * 10)
+    assert model.pushes_beside_dispatch_s(flow, ten, 4, 2) == pytest.approx(10 * weights / 10e9 - dispatch_s)
+    # A push on the dispatch's own link adds its whole time.
+    assert model.pushes_beside_dispatch_s(flow, np.array([[0, 3]]), 4, 2) == pytest.approx(weights / 1e9)
+    a = make_policy("static", layout).assign(tokens, layout.contiguous())
+    rc = record_cost(model, a, flow, 2, temporary_copies=False, fully_sharded=False, decision_s=0.0, step_pushes=ten)
+    assert rc.weight_move_s == pytest.approx(10 * weights / 10e9 - dispatch_s)
+    assert rc.weight_bytes == 10 * weights
+
+
+class StepCopies(Policy):
+    """Adds a scripted copy per micro-batch and keeps it for the step (runs no tokens on it): lets the
+    test see what the engine hands back and charges."""
+
+    name = "stepcopies"
+    summary = "test stub"
+    decides_per_micro_batch = True
+
+    def __init__(self, layout):
+        super().__init__(layout, Policy.Params())
+        self.seen = []
+
+    def assign(self, tokens, placement):
+        raise AssertionError("the engine calls assign_in_step")
+
+    def assign_in_step(self, tokens, placement, held):
+        self.seen.append(held.copy())
+        new = np.array([[len(held), 8 + len(held)]])  # expert k on GPU 8 + k: inter-node from its home
+        copies = np.concatenate([held, new])
+        extended = with_copies(placement, copies)
+        slot_tokens = np.zeros(extended.num_slots, dtype=np.int64)
+        slot_tokens[extended.ptr[:-1]] = tokens.sum(axis=0)
+        empty = np.zeros(0, dtype=np.int64)
+        return Assignment(tokens, extended, slot_tokens, empty, empty, empty, np.zeros((0, 2), np.int64), copies)
+
+
+def test_engine_hands_back_step_copies_and_charges_them_once():
+    layout = Layout(16, 64, 0, 8)
+    _, it = open_trace("gen:lognormal_drift:gpus=16,experts=64,layers=1,micro_batches=8,tokens=1024,topk=4")
+    stub = StepCopies(layout)
+    cost = CostModel()
+    results = Simulation(layout, [stub, make_policy("ideal", layout)], cost, warmup_steps=0).run(it)
+    sizes = [len(h) for h in stub.seen]
+    assert sizes == [0, 1, 2, 3, 0, 1, 2, 3], "held copies grow within a step and start empty in the next"
+    # 4 pushes per step (one new copy per micro-batch), 4 gradient returns per step, no refresh.
+    per_step = 4 * cost.expert_param_bytes + 4 * cost.expert_grad_bytes
+    assert results[0].weight_bytes == pytest.approx(2 * per_step)
+    assert results[0].parts["weight_moves"] > 0 and results[0].parts["replica_sync"] >= 0
 
 
 def test_downsampler_bounds_rows_and_keeps_means():

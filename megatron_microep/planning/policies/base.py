@@ -159,6 +159,10 @@ class Assignment:
     run on copy ``piece_slot[p]``.
     ``weight_moves`` int64 [K, 2]: (from GPU, to GPU) of every expert's weights sent for this
     micro-batch before its experts run (LLEP spills, BalanceMoE moves, UltraEP replica pushes).
+    ``step_copies`` int64 [K, 2]: (expert, gpu) of the copies in ``placement`` that are kept until
+    the end of the step (MicroEP's burst copies); the ones the previous micro-batch of the step did
+    not hold are pushed from their expert's home GPU beside the dispatch all-to-all, and their
+    gradients go home once per step.
     """
 
     tokens: np.ndarray
@@ -168,6 +172,7 @@ class Assignment:
     piece_slot: np.ndarray
     piece_count: np.ndarray
     weight_moves: np.ndarray
+    step_copies: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     def gpu_load(self) -> np.ndarray:
         """int64 [G]: tokens each GPU processes."""
@@ -196,7 +201,7 @@ def quota_assignment(
     return Assignment(tokens, placement, slot_tokens, src, slot, count, weight_moves)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _even_split(tokens, ptr, gpus, node_size):
     """Pieces of the even split (see ``even_split_assignment``); node_size 0 means one node.
     Returns (piece_src, piece_slot, piece_count, slot_tokens)."""
@@ -322,6 +327,11 @@ class Policy(ABC):
     @abstractmethod
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment: ...
 
+    def assign_in_step(self, tokens: np.ndarray, placement: Placement, held: np.ndarray) -> Assignment:
+        """``assign`` inside a step: ``held`` int64 [K, 2] is the ``step_copies`` of the previous
+        micro-batch of the same step (empty at its first). Policies without step copies ignore it."""
+        return self.assign(tokens, placement)
+
 
 def build_params(cls: type[Policy], values: Mapping[str, Any]) -> Policy.Params:
     """Validate ``values`` against ``cls.Params``: unknown names and wrong types raise PolicyError."""
@@ -385,7 +395,7 @@ class Traffic:
         return int(self.send_inter.sum())
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _traffic(tokens, ptr, gpus, piece_src, piece_slot, piece_count, node_size):
     num_gpus, num_experts = tokens.shape
     send_intra = np.zeros(num_gpus, np.int64)

@@ -14,6 +14,12 @@ solve, local copies first.
 ``planner="eplb"`` places replicas with the EPLB-style greedy instead (the runtime's
 ``--microep-planner greedy``; same scheduler), a cheaper planner for very large layouts; reports
 label it.
+
+With ``burst_slots`` D > 0, every GPU also has D burst slots per step (beyond the redundant slots):
+``planning.burst.plan_burst`` adds temporary copies from the micro-batch's own counts while the exact
+optimum is above ``burst_tolerance`` times the mean, inside the expert's home node unless
+``burst_node_confined`` is false; copies made earlier in the step are reused, and all are dropped
+at the step's end (``Assignment.step_copies``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_microep.planning.burst import NO_COPIES, plan_burst
 from megatron_microep.planning.forecast import check_settings
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.plan import PlannerSettings, PlanTarget, plan_from_history
@@ -46,6 +53,9 @@ class MicroEpParams:
     move_penalty: float = param(0.0, "tokens of expected max load one moved replica is worth")
     node_confined: bool = param(False, "keep replicas in their home expert's node (needs --gpus-per-node)")
     planner: str = param("ortools", "'ortools' (plan_placement) or 'eplb' (EPLB-style greedy placement)")
+    burst_slots: int = param(0, "burst slots per GPU and step for copies chosen per micro-batch (0: off)")
+    burst_tolerance: float = param(1.02, "add burst copies while max load > this times the mean (>= 1)")
+    burst_node_confined: bool = param(True, "burst copies stay in their expert's home node (NVLink pushes)")
 
     def validate(self):
         if self.planner not in PLANNER_METHODS:
@@ -67,6 +77,10 @@ class MicroEpParams:
             raise PolicyError(f"microep: time_limit_s must be > 0, got {self.time_limit_s}")
         if self.move_penalty < 0:
             raise PolicyError(f"microep: move_penalty must be >= 0, got {self.move_penalty}")
+        if self.burst_slots < 0:
+            raise PolicyError(f"microep: burst_slots must be >= 0, got {self.burst_slots}")
+        if self.burst_tolerance < 1.0:
+            raise PolicyError(f"microep: burst_tolerance must be >= 1, got {self.burst_tolerance}")
 
 
 class MicroEpPolicy(Policy):
@@ -104,7 +118,17 @@ class MicroEpPolicy(Policy):
             raise PolicyError(f"microep planner: {err}") from None
 
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment:
-        result = schedule(tokens, placement)
+        return self.assign_in_step(tokens, placement, NO_COPIES)
+
+    def assign_in_step(self, tokens: np.ndarray, placement: Placement, held: np.ndarray) -> Assignment:
+        p = self.params
+        copies = NO_COPIES
+        if p.burst_slots == 0:
+            result = schedule(tokens, placement)
+        else:
+            node_size = self.layout.node_size if p.burst_node_confined else None
+            plan = plan_burst(tokens, placement, held, p.burst_slots, node_size, p.burst_tolerance)
+            placement, result, copies = plan.placement, plan.schedule, plan.copies
         return Assignment(
             tokens,
             placement,
@@ -113,4 +137,5 @@ class MicroEpPolicy(Policy):
             result.piece_slot,
             result.piece_count,
             np.zeros((0, 2), dtype=np.int64),
+            copies,
         )
