@@ -507,6 +507,9 @@ def _reference_greedy_place(load, counts, num_gpus, node_size, slot_limit):
     """Slow transcription of LAER's greedy placement (module doc) for the numba version."""
     num_nodes = num_gpus // node_size
     gpu_load = np.zeros(num_gpus)
+    # A node's load is the running sum of the shares placed on it, in placement order (summing its
+    # GPUs' loads instead rounds differently and flips exact ties between nodes).
+    node_load = [0.0] * num_nodes
     free = np.full(num_gpus, slot_limit)
     copies = [[] for _ in load]
     for e in np.lexsort((-load, -counts)):
@@ -519,12 +522,12 @@ def _reference_greedy_place(load, counts, num_gpus, node_size, slot_limit):
                 ]
 
             nodes = [n for n in range(num_nodes) if open_gpus(n)]
-            node_load = [gpu_load[n * node_size : (n + 1) * node_size].sum() for n in range(num_nodes)]
             node = min(nodes, key=lambda n: (node_copies[n], node_load[n], n))
             g = min(open_gpus(node), key=lambda x: (gpu_load[x], x))
             copies[e].append(g)
             free[g] -= 1
             gpu_load[g] += load[e] / counts[e]
+            node_load[node] += load[e] / counts[e]
             node_copies[node] += 1
     return copies
 
