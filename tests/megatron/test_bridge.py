@@ -27,6 +27,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
+from test_microep_telemetry import _Recorder as TelemetryRecorder  # noqa: E402
 
 from megatron_microep.glue.config import MicroEPConfig, MicroEPConfigError  # noqa: E402
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
@@ -73,23 +74,13 @@ def _provider_class():
 
 
 def _provider(**overrides):
+    from _gpt_case import SMALL_MOE
+
     fields = dict(
+        SMALL_MOE,
         num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=32,
         num_moe_experts=4,
-        moe_router_topk=2,
         expert_model_parallel_size=EP,
-        add_bias_linear=False,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_load_balancing_type="none",
         mtp_num_layers=1,
         moe_token_dispatcher_type="flex",  # what a recipe's apply_flex_dispatcher_backend leaves
         moe_flex_dispatcher_backend="deepep",
@@ -143,17 +134,8 @@ def test_apply_microep_rejects_before_changing_the_provider(overrides, ddp, mess
     )
 
 
-class _Recorder:
-    """Stands in for TensorBoard's SummaryWriter, the W&B module, an MLflow/Comet client."""
-
-    def __init__(self):
-        self.calls = []
-
-    def add_scalar(self, tag, value, step):
-        self.calls.append(("add_scalar", tag, float(value), step))
-
-    def log(self, values, step):
-        self.calls.append(("log", dict(values), step))
+class _Recorder(TelemetryRecorder):
+    """Stands in for TensorBoard's SummaryWriter, the W&B module, and MLflow/Comet clients."""
 
     def log_metrics(self, values, step):
         self.calls.append(("log_metrics", dict(values), step))

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-from _gpt_case import forward_step, gpt_model, synthetic_batches  # noqa: E402
+from _gpt_case import forward_step, gpt_model, moe_config, synthetic_batches  # noqa: E402
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
@@ -39,36 +39,19 @@ MODES = ("replicas", "fsep")
 
 
 def _config(dispatcher: str, mode: str):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron_microep.glue.config import MicroEPConfig
 
-    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
-
-    config = TransformerConfig(
+    sharding = "fsep" if mode == "fsep" else "none"
+    return moe_config(
+        dispatcher,
+        MicroEPConfig(redundant_slots=1, expert_sharding=sharding),
         num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
-        moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=EP,
-        add_bias_linear=False,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_load_balancing_type="none",
         gated_linear_unit=True,
         mtp_num_layers=1,
         mtp_loss_scaling_factor=0.5,
     )
-    if dispatcher == "microep":
-        sharding = "fsep" if mode == "fsep" else "none"
-        attach_microep_config(config, MicroEPConfig(redundant_slots=1, expert_sharding=sharding))
-    return config
 
 
 def _model(dispatcher: str, mode: str, seed: int):

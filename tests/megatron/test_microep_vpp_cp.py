@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-from _gpt_case import forward_step, skew_router, synthetic_batches  # noqa: E402
+from _gpt_case import forward_step, moe_config, skew_router, synthetic_batches  # noqa: E402
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
@@ -34,7 +34,7 @@ EP, PP, VP, CP = 2, 2, 2, 2
 NUM_EXPERTS = 4
 PATTERN = [1, 0, 1, 1]  # MoE, dense, MoE, MoE: one layer per virtual stage
 PLACEMENT = [[0, 1], [0], [1], [1]]  # expert 0 (home EP rank 0, hot) also on EP rank 1
-VOCAB, SEQ_LEN, MICRO_BATCH, HIDDEN = 64, 16, 2, 32
+VOCAB, SEQ_LEN, MICRO_BATCH = 64, 16, 2
 MICRO_BATCHES = 4  # a multiple of PP, as the interleaved schedule needs
 STEPS = 2
 LOSS_TOL = 1e-5
@@ -42,35 +42,18 @@ PARAM_REL_TOL = 1e-5
 
 
 def _config(dispatcher: str, **parallel):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron_microep.glue.config import MicroEPConfig
 
-    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
-
-    config = TransformerConfig(
+    return moe_config(
+        dispatcher,
+        MicroEPConfig(redundant_slots=1),
         num_layers=len(PATTERN),
-        hidden_size=HIDDEN,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
         moe_layer_freq=PATTERN,
-        moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=EP,
-        add_bias_linear=False,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_load_balancing_type="none",
         pipeline_dtype=torch.float32,
         **parallel,
     )
-    if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=1))
-    return config
 
 
 def _without_attention(block):
