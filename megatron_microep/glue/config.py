@@ -112,8 +112,9 @@ def flag(name: str) -> str:
 
 
 def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
-    """Reject Megatron settings MicroEP cannot honour. ``config`` is a TransformerConfig, an args-like
-    namespace or a DistributedDataParallelConfig (any object; absent attributes count as unset).
+    """Reject Megatron settings MicroEP cannot honour. ``config`` is a TransformerConfig or an args-like
+    namespace (absent attributes count as unset); ``check_unsupported_settings`` alone takes any
+    object, e.g. a DistributedDataParallelConfig (Megatron-FSDP lives there).
 
     Reads ``num_moe_experts`` (or ``num_experts``), ``expert_model_parallel_size`` and
     ``expert_tensor_parallel_size``, then every setting of ``UNSUPPORTED_SETTINGS``.
