@@ -138,10 +138,16 @@ def _wrap(chunks, config):
 
 def _cp_forward_step(data_iterator, model):
     """``forward_step`` on this context-parallel rank's part of the sequence (Megatron's split)."""
+    import inspect
+
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     tokens, labels, positions, mask = next(data_iterator)
-    part = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "position_ids": positions})
+    # From 0.19 the function also serves hybrid CP and asks which one it is.
+    hybrid = (
+        {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
+    )
+    part = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "position_ids": positions}, **hybrid)
     return forward_step(iter([(part["tokens"], part["labels"], part["position_ids"], mask)]), model)
 
 
