@@ -13,6 +13,36 @@ import torch
 
 HOT_BIAS = 0.6  # router expert bias of a hot expert: most tokens pick it
 
+# A small MoE GPT with local modules, no dropout, and routing steered only by skew_router's fixed expert bias.
+SMALL_MOE = dict(
+    hidden_size=32,
+    num_attention_heads=4,
+    ffn_hidden_size=64,
+    moe_ffn_hidden_size=32,
+    moe_router_topk=2,
+    add_bias_linear=False,
+    transformer_impl="local",
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_router_bias_update_rate=0.0,
+    moe_router_load_balancing_type="none",
+)
+
+
+def moe_config(dispatcher: str, microep=None, **fields):
+    """TransformerConfig of ``SMALL_MOE`` plus ``fields``, the dispatcher set; for ``microep`` the
+    ``microep`` settings (a MicroEPConfig) attached."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_microep.glue.config import attach_microep_config
+
+    config = TransformerConfig(moe_token_dispatcher_type=dispatcher, **{**SMALL_MOE, **fields})
+    if dispatcher == "microep":
+        attach_microep_config(config, microep)
+    return config
+
 
 def skew_router(model, hot_experts: Iterable[int]) -> None:
     """Route most tokens to ``hot_experts``: a fixed router expert bias (bias update rate 0 keeps it)."""

@@ -89,7 +89,6 @@ def test_unknown_planner_is_rejected_by_argparse():
         (("--microep-replan-lag", "0"), "--microep-replan-lag must be >= 1"),
         (("--microep-forecast-burst", "0.5"), "--microep-forecast-burst must be 0 \\(off\\) or >= 1"),
         (("--moe-expert-capacity-factor", "1.5"), "--moe-expert-capacity-factor cannot be used"),
-        (("--mtp-num-layers", "1"), "--mtp-num-layers cannot be used"),
     ],
 )
 def test_invalid_combinations_name_the_flag(argv, flag):
