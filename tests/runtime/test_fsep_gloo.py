@@ -416,7 +416,7 @@ def _rank(rank, world, seed):
 def fsep_run():
     seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
     print(f"FSEP runtime test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
-    return spawn_gloo(_rank, G, seed, timeout_s=180)
+    return spawn_gloo(_rank, G, seed, timeout_s=300)
 
 
 def test_shard_traffic_has_a_group_of_its_own(fsep_run):
