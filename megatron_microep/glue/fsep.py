@@ -3,8 +3,7 @@
 ``FSEPMoELayer`` is a ``MicroEPMoELayer`` (router, dispatcher, scheduler, telemetry, step clock
 unchanged) whose experts are fully sharded (``runtime.fsep``): Megatron builds and initialises the
 stock experts, one all-to-all turns them into shards (see Construction) and the stock module is
-dropped. The
-layout (C = experts per rank + ``--microep-redundant-slots`` slots per rank, any expert anywhere)
+dropped. The layout (C = experts per rank + ``--microep-redundant-slots`` slots per rank, any expert anywhere)
 is re-planned from routing history by the FSEP planner (``planning.fsep_layout``) in a background
 thread, as often as every step, and adopted at a step boundary on every rank; the scheduler
 balances every micro-batch over it. Changing it moves nothing but the next gathers.
@@ -13,8 +12,10 @@ Parameters, gradients, optimizer. ``experts.shards`` [E, S] is one ordinary expe
 (``allreduce = False``): Megatron's DDP gives it an fp32 main gradient in the expert buffers,
 reduces it over expert-data-parallel ranks and clips it with the other expert parameters, and any
 optimizer over the model's parameters (Megatron's, with fp32 main params for bf16/fp16 models, or a
-torch optimizer on ``main_grad``) steps on shards only. The gradient return adds the summed copies'
-gradients to ``main_grad`` in fp32 directly when DDP provides one.
+torch optimizer on ``main_grad``) steps on shards only. The gradient return adds the copies'
+gradients to ``main_grad`` in fp32 directly when DDP provides one, in the backward of a node the
+layer puts on its tokens before their dispatch (``dispatch``), so the return overlaps the
+dispatch's backward all-to-all. Gathers and returns use their own process group over the EP ranks.
 
 Checkpoints. ``sharded_state_dict`` writes every shard piece as a block of the stock expert
 tensors (``{prefix}experts.linear_fc1.weight`` [E, F1, H], ...), the layout of Megatron's
@@ -257,6 +258,11 @@ class _Prefetched:
     exchange: ShardExchange
     pending: PendingGather
 
+    def drop(self) -> None:
+        """Unused: let the collective every rank started finish, free its buffers, count it."""
+        self.layer.prefetch_dropped += 1
+        self.pending.wait()
+
 
 # direction ("forward", "backward") -> the one prefetched gather in flight in this process
 _IN_FLIGHT: dict[str, _Prefetched] = {}
@@ -418,8 +424,9 @@ class FSEPMoELayer(MicroEPMoELayer):
         """This layer's virtual pipeline stage (0 without virtual pipelining), from its layer number."""
         if self._chunk is None:
             stages = getattr(self.config, "virtual_pipeline_model_parallel_size", None) or 1
-            offsets = [compat.layer_offset(self.config, v, self._pp_rank) if stages > 1 else 0 for v in range(stages)]
-            self._chunk = max(v for v in range(stages) if offsets[v] < self.layer_number)
+            # Chunk v of this pipeline rank starts after the layers of offset(v); offsets grow with v.
+            offsets = [compat.layer_offset(self.config, v, self._pp_rank) for v in range(stages)] if stages > 1 else [0]
+            self._chunk = max(v for v, offset in enumerate(offsets) if offset < self.layer_number)
         return self._chunk
 
     def _neighbour(self, offset: int) -> FSEPMoELayer | None:
@@ -447,8 +454,7 @@ class FSEPMoELayer(MicroEPMoELayer):
         if found.layer is self and found.exchange is exchange:
             self.prefetch_hits += 1
             return found.pending
-        found.layer.prefetch_dropped += 1
-        found.pending.wait()
+        found.drop()
         return None
 
     def make_current(self) -> None:
@@ -471,9 +477,7 @@ class FSEPMoELayer(MicroEPMoELayer):
             if exchange is None or exchange.layout is not target.layout:
                 return
         if direction in _IN_FLIGHT:
-            stale = _IN_FLIGHT.pop(direction)
-            stale.layer.prefetch_dropped += 1
-            stale.pending.wait()
+            _IN_FLIGHT.pop(direction).drop()
         _IN_FLIGHT[direction] = _Prefetched(target, exchange, exchange.start_gather(target.experts.shards))
         target.prefetch_started += 1
 
