@@ -81,30 +81,28 @@ def _config(model: str):
     return config
 
 
-def _build(model: str, seed: int):
-    """GPTModel (the same seed: the same weights) in DDP with the distributed optimizer, overlapped."""
+def wrap_chunks(config, gpts, lr: float):
+    """Model chunks in Megatron's DDP (overlapped reduction, small buckets, in the first chunk only as
+    Megatron-LM's get_model does), the distributed optimizer with overlapped parameter all-gather over
+    all of them, and the config's hooks as Megatron-LM's training loop sets them."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    config = _config(model)
-    gpt = gpt_model(config, seed, VOCAB, SEQ_LEN, [0])  # expert 0 (home: EP rank 0) is hot
-    gpt.cpu()  # as Megatron-LM's model.cuda(): the FSEP shards are cut here
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=True,
-            use_distributed_optimizer=True,
-            overlap_param_gather=True,
-            bucket_size=2000,  # several buckets: the all-gathers interleave with the forward
-        ),
-        gpt,
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=True,
+        use_distributed_optimizer=True,
+        overlap_param_gather=True,
+        bucket_size=2000,  # several buckets: the all-gathers interleave with the forward
     )
+    for gpt in gpts:
+        gpt.cpu()  # as Megatron-LM's model.cuda(): the FSEP shards are cut here
+    chunks = [DistributedDataParallel(config, ddp_config, gpt, disable_bucketing=v > 0) for v, gpt in enumerate(gpts)]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
-            lr=LR,
+            lr=lr,
             adam_eps=ADAM_EPS,
             weight_decay=0.0,
             clip_grad=1.0,
@@ -112,13 +110,44 @@ def _build(model: str, seed: int):
             use_distributed_optimizer=True,
             overlap_param_gather=True,
         ),
-        [ddp],
+        chunks,
     )
-    config.no_sync_func = ddp.no_sync
-    config.grad_sync_func = ddp.start_grad_sync
+    one = len(chunks) == 1
+    config.no_sync_func = chunks[0].no_sync if one else [c.no_sync for c in chunks]
+    config.grad_sync_func = chunks[0].start_grad_sync if one else [c.start_grad_sync for c in chunks]
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    return ddp, optimizer
+    return chunks, optimizer
+
+
+def all_params(chunks, layers):
+    """Every parameter of this rank after the last step's all-gather: dense ones by chunk and name,
+    experts as full tensors per MoE layer (FSEP's gathered from the shards, stock's over EP)."""
+    import torch.distributed as dist
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_microep.glue import compat
+    from megatron_microep.glue.fsep import full_experts
+
+    for chunk in chunks:
+        chunk.start_param_sync(force_sync=True)  # as Megatron-LM does before saving
+    out = {}
+    for v, chunk in enumerate(chunks):
+        for n, p in chunk.module.named_parameters():
+            if getattr(p, "allreduce", True):
+                out[f"chunk{v}.{n}"] = p.detach().clone()
+    for layer in layers:
+        for i, tensor in enumerate(full_experts(layer)):
+            out[f"experts{layer.layer_number}.{i}"] = tensor
+    if layers:
+        return out
+    for moe in [m for chunk in chunks for m in chunk.module.modules() if isinstance(m, MoELayer)]:
+        for i, mine in enumerate(zip(*compat.expert_tensors(moe.experts))):
+            local = torch.stack([t.detach() for t in mine])
+            everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(moe.ep_group))]
+            dist.all_gather(everyone, local, group=moe.ep_group)
+            out[f"experts{moe.layer_number}.{i}"] = torch.cat(everyone)
+    return out
 
 
 class _GatheredWhenWaited:
@@ -201,7 +230,8 @@ def _train(model: str, seed: int, steps: int, check: _GatherCheck) -> dict:
     from megatron_microep.glue import fsep
     from megatron_microep.glue.layer import set_training_step
 
-    ddp, optimizer = _build(model, seed)
+    config = _config(model)
+    (ddp,), optimizer = wrap_chunks(config, [gpt_model(config, seed, VOCAB, SEQ_LEN, [0])], LR)  # expert 0 hot
     layers = fsep.fsep_layers(ddp)
     check.layers, check.checked, check.stale = layers, 0, []
     rng = np.random.default_rng(seed)  # the same layouts on every rank
@@ -231,36 +261,11 @@ def _train(model: str, seed: int, steps: int, check: _GatherCheck) -> dict:
         assert update_successful
         out["losses"].append([r["lm loss"].item() for r in results])
         out["in_flight_after_step"].append(sorted(fsep._IN_FLIGHT))
-    ddp.start_param_sync(force_sync=True)  # the last step's parameters, as Megatron-LM does before saving
     out["optimizers"] = sorted({type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])})
     out["pre_hooks"] = bool(ddp.use_forward_hook)
     out["checked"], out["stale"] = check.checked, list(check.stale)
     out["prefetch"] = [(layer.prefetch_started, layer.prefetch_hits, layer.prefetch_dropped) for layer in layers]
-    out["params"] = _params(ddp, layers)
-    return out
-
-
-def _params(ddp, layers):
-    """Every parameter of this rank: dense ones by name, experts as full tensors per MoE layer."""
-    import torch.distributed as dist
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    from megatron_microep.glue import compat
-    from megatron_microep.glue.fsep import full_experts
-
-    out = {n: p.detach().clone() for n, p in ddp.module.named_parameters() if getattr(p, "allreduce", True)}
-    if layers:
-        for layer in layers:
-            for i, tensor in enumerate(full_experts(layer)):
-                out[f"experts{layer.layer_number}.{i}"] = tensor
-        return out
-    for moe in [m for m in ddp.module.modules() if isinstance(m, MoELayer)]:
-        group = moe.ep_group
-        for i, mine in enumerate(zip(*compat.expert_tensors(moe.experts))):
-            local = torch.stack([t.detach() for t in mine])
-            everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(everyone, local, group=group)
-            out[f"experts{moe.layer_number}.{i}"] = torch.cat(everyone)
+    out["params"] = all_params([ddp], layers)
     return out
 
 

@@ -33,6 +33,8 @@ from test_fsep_training_stack import (  # noqa: E402
     _param_gathers_complete_when_waited,
     _random_layout,
     _rel,
+    all_params,
+    wrap_chunks,
 )
 
 from megatron_microep.glue.distributed import spawn_gloo  # noqa: E402
@@ -41,7 +43,7 @@ PP, VPP, EP = 2, 2, 2
 NUM_EXPERTS, SLOTS = 4, 3
 VOCAB, SEQ_LEN, MICRO_BATCH, HIDDEN = 64, 16, 2, 32
 MICRO_BATCHES, STEPS = 4, 20
-LR, ADAM_EPS = 3e-3, 1e-4  # eps: see test_fsep_training_stack
+LR = 3e-3
 LOSS_TOL, PARAM_REL_TOL = 1e-4, 1e-5
 MODELS = ("stock", "keep", "regather")
 
@@ -82,34 +84,23 @@ def _config(model: str):
     return config
 
 
-def _build(model: str, seed: int):
-    """The rank's two model chunks (same seeds: same weights), each in DDP, one distributed optimizer."""
+def _chunks(config, seed: int):
+    """The rank's two model chunks (the same seeds: the same weights in every model)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_microep.glue import compat
     from megatron_microep.glue.spec import microep_decoder_block_spec
 
-    config = _config(model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=True,
-        use_distributed_optimizer=True,
-        overlap_param_gather=True,
-        bucket_size=2000,
-    )
-    chunks = []
+    out = []
     for v in range(VPP):
         torch.manual_seed(seed + v)
         model_parallel_cuda_manual_seed(seed + v)
-        if model == "stock":
-            spec = compat.stock_decoder_block_spec(config, False, vp_stage=v)
-        else:
+        if config.moe_token_dispatcher_type == "microep":
             spec = microep_decoder_block_spec(config, vp_stage=v, use_transformer_engine=False)
+        else:
+            spec = compat.stock_decoder_block_spec(config, False, vp_stage=v)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -121,53 +112,7 @@ def _build(model: str, seed: int):
             vp_stage=v,
         )
         skew_router(gpt, [0])
-        gpt.cpu()  # as Megatron-LM's model.cuda(): the FSEP shards are cut here
-        # As Megatron-LM's get_model: buckets only in the first chunk's DDP.
-        chunks.append(DistributedDataParallel(config, ddp_config, gpt, disable_bucketing=v > 0))
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=LR,
-            adam_eps=ADAM_EPS,
-            weight_decay=0.0,
-            clip_grad=1.0,
-            params_dtype=torch.float32,
-            use_distributed_optimizer=True,
-            overlap_param_gather=True,
-        ),
-        chunks,
-    )
-    config.no_sync_func = [c.no_sync for c in chunks]
-    config.grad_sync_func = [c.start_grad_sync for c in chunks]
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    return chunks, optimizer
-
-
-def _params(chunks, layers):
-    import torch.distributed as dist
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    from megatron_microep.glue import compat
-    from megatron_microep.glue.fsep import full_experts
-
-    out = {}
-    for v, chunk in enumerate(chunks):
-        for n, p in chunk.module.named_parameters():
-            if getattr(p, "allreduce", True):
-                out[f"chunk{v}.{n}"] = p.detach().clone()
-    for layer in layers:
-        for i, tensor in enumerate(full_experts(layer)):
-            out[f"experts{layer.layer_number}.{i}"] = tensor
-    if layers:
-        return out
-    for chunk in chunks:
-        for moe in [m for m in chunk.module.modules() if isinstance(m, MoELayer)]:
-            for i, mine in enumerate(zip(*compat.expert_tensors(moe.experts))):
-                local = torch.stack([t.detach() for t in mine])
-                everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(moe.ep_group))]
-                dist.all_gather(everyone, local, group=moe.ep_group)
-                out[f"experts{moe.layer_number}.{i}"] = torch.cat(everyone)
+        out.append(gpt)
     return out
 
 
@@ -178,7 +123,8 @@ def _train(model: str, seed: int, check: _GatherCheck) -> dict:
     from megatron_microep.glue import fsep
     from megatron_microep.glue.layer import set_training_step
 
-    chunks, optimizer = _build(model, seed)
+    config = _config(model)
+    chunks, optimizer = wrap_chunks(config, _chunks(config, seed), LR)
     layers = fsep.fsep_layers(chunks)
     check.layers, check.checked, check.stale = layers, 0, []
     rng = np.random.default_rng(seed)
@@ -209,14 +155,12 @@ def _train(model: str, seed: int, check: _GatherCheck) -> dict:
         assert update_successful
         out["losses"].append([r["lm loss"].item() for r in results])
         out["in_flight_after_step"].append(sorted(fsep._IN_FLIGHT))
-    for chunk in chunks:
-        chunk.start_param_sync(force_sync=True)
     out["layers"] = [(layer.layer_number, layer.model_chunk()) for layer in layers]
     out["prefetch"] = {
         layer.layer_number: (layer.prefetch_started, layer.prefetch_hits, layer.prefetch_dropped) for layer in layers
     }
     out["checked"], out["stale"] = check.checked, list(check.stale)
-    out["params"] = _params(chunks, layers)
+    out["params"] = all_params(chunks, layers)
     return out
 
 
