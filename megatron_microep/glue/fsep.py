@@ -35,7 +35,7 @@ Construction. Megatron builds and initialises the stock experts as usual; the la
 tensors (moved and cast with the module) and cuts them into shards with one all-to-all on the
 first of: a move or cast of the module onto a device its EP ranks communicate on
 (``model.cuda()``, which Megatron-LM's ``get_model`` calls before wrapping), the first forward, or
-a save. Construction itself runs no collective, so a model may be built on the CPU and moved, or
+a (sharded) state-dict call. Construction itself runs no collective, so a model may be built on the CPU and moved, or
 built on the meta device (nothing to cut: Megatron-LM loads a checkpoint into such a model). A
 16-bit model wrapped by DDP before its shards were cut is refused (the optimizer would have copied
 placeholder values into its fp32 main parameters).
