@@ -247,12 +247,25 @@ class CostModel:
         """Gathers per layer and micro-batch (the gradient return is one more transfer of that size)."""
         return 2 if self.fsep_backward_gather else 1
 
+    def fsep_rank_bytes(self, placement: Placement) -> dict[str, np.ndarray]:
+        """Bytes each GPU sends (``sent``) and receives (``received``) for one micro-batch of one FSEP
+        layer, float64 [G] each: ``fsep_gathers`` gathers and one gradient return (the gather's
+        traffic reversed, in the parameter dtype). What MicroEP's runtime hands to its all-to-alls."""
+        t = self.fsep_shard_traffic(placement, node_size=placement.num_gpus)
+        send, recv = t["send_intra"], t["recv_intra"]
+        return {"sent": self.fsep_gathers * send + recv, "received": self.fsep_gathers * recv + send}
+
     def fsep_bytes(self, placement: Placement) -> float:
         """Bytes moved by one micro-batch of FSEP on one layer (all GPUs): the gathers and the
         gradient return, each sending (G-1)/G of every copy."""
-        num_gpus = placement.num_gpus
-        share = (num_gpus - 1) / num_gpus
-        return placement.num_slots * share * self.expert_param_bytes * (self.fsep_gathers + 1)
+        return float(self.fsep_rank_bytes(placement)["sent"].sum())
+
+
+# MicroEP's --microep-fsep-memory-policy as cost-model settings (``dataclasses.replace(model, **...)``).
+FSEP_MEMORY_POLICY_CHARGES = {
+    "keep": {"fsep_backward_gather": False, "fsep_recompute": False},
+    "regather": {"fsep_backward_gather": True, "fsep_recompute": True},
+}
 
 
 @dataclass(frozen=True)
