@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("megatron.core")
-
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 PACKAGES = ("slurm-wlm", "munge")

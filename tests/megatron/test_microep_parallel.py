@@ -10,13 +10,10 @@ import os
 import random
 
 import pytest
+import torch
+from test_microep_parity import HIDDEN, HOT, MICRO_BATCH, NUM_EXPERTS, REL_TOL, SEQ_LEN, _build, _configs, _rel, _run
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from test_microep_parity import HIDDEN, HOT, MICRO_BATCH, NUM_EXPERTS, REL_TOL, SEQ_LEN, _build, _configs, _rel, _run  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 # name: (parallel sizes, stock dispatcher, config overrides)
 CASES = {

@@ -11,13 +11,10 @@ import os
 import random
 
 import pytest
+import torch
+from test_microep_parity import REL_TOL, _rel
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from test_microep_parity import REL_TOL, _rel  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 PP, EP = 2, 2
 NUM_EXPERTS = 4
