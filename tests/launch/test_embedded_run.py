@@ -28,6 +28,7 @@ import torch
 from megatron_microep.simulator.traces import open_trace
 
 STEPS = 6
+LOWERED = "MicroEP's scheduling lowered the busiest EP rank's load in the live run."
 COMMON = [
     "--steps",
     str(STEPS),
@@ -207,7 +208,7 @@ def test_microep_trains_like_stock_ep(runs):
 def test_balance_report_leads_with_what_the_run_measured(runs):
     out = runs["dirs"]["reference"]
     text = (out / "report" / "report.md").read_text()
-    assert text.index("MicroEP balanced the live run") < text.index("## What the run measured")
+    assert text.index(LOWERED) < text.index("## What the run measured")
     assert text.index("## What the run measured") < text.index("## Replay of the recorded routing")
     assert "What it cannot say" in text and "## Projection" in text and "A projection, not a measurement" in text
     # The measured table carries the metrics' own figures: layer 1's mean after scheduling over the
@@ -227,78 +228,53 @@ def test_balance_report_leads_with_what_the_run_measured(runs):
         assert [line.split(",")[0] for line in summary[1:]] == ["static", "microep", "ideal"]
     assert list((out / "report" / "replay").glob("*.png"))
     output = runs["reference"][1]
-    assert "MicroEP balanced the live run" in output and "balance report (measured figures" in output
+    assert LOWERED in output and "balance report (measured figures" in output
 
 
-def test_report_headline_for_stock_and_replica_free_runs():
+def test_report_headline_says_what_the_run_did():
     from megatron_microep.glue.embedded.report import LayerFigures, Measured, headline
 
-    layer = LayerFigures(1, 1.8, None, None, 1.7, None, None, None)
-    common = dict(steps=10, layers=[layer], loss_first=8.0, loss_last=7.0, valid_loss=None, tokens_per_s=1.0)
-    stock = headline(Measured(dispatcher="alltoall", first_replica_step=None, s_per_step=1.0, **common))
+    def measured(dispatcher, first_replica_step, before, after):
+        layer = LayerFigures(1, 1.8, before, after, 1.7, after, 100.0 if after else None, 0.5)
+        return Measured(10, dispatcher, first_replica_step, [layer], 8.0, 7.0, None, 1.0, 1.0)
+
+    stock = headline(measured("alltoall", None, None, None))
     assert "stock Megatron EP (`alltoall` dispatcher)" in stock and "1.80x the mean load" in stock
-    idle = headline(Measured(dispatcher="microep", first_replica_step=None, s_per_step=1.0, **common))
-    assert "without replicas" in idle and "balanced" not in idle
+    idle = headline(measured("microep", None, None, None))
+    assert "without replicas" in idle and "lowered" not in idle
+    lowered = headline(measured("microep", 4, 1.9, 1.1))
+    assert lowered.startswith(f"**{LOWERED}**") and "1.10x the mean load after scheduling, against 1.90x" in lowered
+    assert "did not lower" in headline(measured("microep", 4, 1.5, 1.5))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``microep train ARGS`` for a command that must stop before training."""
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_microep", "train", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_rejects_what_the_run_cannot_do(tmp_path):
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "megatron_microep", "train", *args], capture_output=True, text=True, timeout=120
-        )
-
-    result = cli("--config", "deepseek-v3", "--output", str(tmp_path / "x"))
+    result = _cli("--config", "deepseek-v3", "--output", str(tmp_path / "x"))
     assert (
         result.returncode == 2 and "cannot honour" in result.stderr and "model.multi_latent_attention" in result.stderr
     )
-    result = cli("--output", str(tmp_path / "empty"), "--resume")
+    result = _cli("--output", str(tmp_path / "empty"), "--resume")
     assert result.returncode == 2 and "no complete checkpoint" in result.stderr
-    result = cli("--steps", "0")
+    result = _cli("--steps", "0")
     assert result.returncode == 2 and "--steps must be >= 1" in result.stderr
-    result = cli("--set", "embedded.report_policies=[static,nope]", "--output", str(tmp_path / "y"))
+    result = _cli("--set", "embedded.report_policies=[static,nope]", "--output", str(tmp_path / "y"))
     assert result.returncode == 2 and "unknown policy 'nope'" in result.stderr
 
 
 def test_resume_refuses_an_incompatible_config(runs):
     out = runs["dirs"]["interrupted"]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_microep",
-            "train",
-            "--output",
-            str(out),
-            "--resume",
-            "--cache-dir",
-            str(out.parent / "cache"),
-            *COMMON,
-            "--set",
-            "model.hidden_size=64",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    cache = ["--cache-dir", str(out.parent / "cache")]
+    result = _cli("--output", str(out), "--resume", *cache, *COMMON, "--set", "model.hidden_size=64")
     assert result.returncode == 2
     assert "checkpoint was written with model = " in result.stderr and "resume with the same config" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_microep",
-            "train",
-            "--output",
-            str(out),
-            "--cache-dir",
-            str(out.parent / "cache"),
-            *COMMON,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _cli("--output", str(out), *cache, *COMMON)
     assert result.returncode == 2 and "already holds checkpoints: pass --resume" in result.stderr
 
 
@@ -308,23 +284,8 @@ def test_resume_refuses_a_checkpoint_of_the_old_format(runs, tmp_path):
     shutil.copytree(runs["dirs"]["interrupted"], out)
     newest = sorted((out / "checkpoints").glob("step_*"))[-1] / "manifest.json"
     newest.write_text(json.dumps({**json.loads(newest.read_text()), "format": 1}))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_microep",
-            "train",
-            "--output",
-            str(out),
-            "--resume",
-            "--cache-dir",
-            str(runs["dirs"]["interrupted"].parent / "cache"),
-            *COMMON,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    cache = ["--cache-dir", str(runs["dirs"]["interrupted"].parent / "cache")]
+    result = _cli("--output", str(out), "--resume", *cache, *COMMON)
     assert result.returncode == 2, result.stderr
     assert "checkpoint format 1, this version reads format 2" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -13,7 +13,6 @@ import json
 import math
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from megatron_microep.glue.embedded.model import (
     build_model,
     moe_layers,
     optimizer_names,
+    quiet_megatron_warnings,
     training_stack,
     transformer_config,
 )
@@ -158,8 +158,7 @@ def train_rank(spec: RunSpec) -> dict:
     """One rank of the run (the default process group is initialised). Returns a summary dict."""
     cfg, out = spec.config, Path(spec.output_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
-    # A CPU run has neither by design; megatron-core would say so once per import in every rank.
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed")
+    quiet_megatron_warnings()
     if world != spec.world_size:
         raise TrainError(
             f"{world} ranks were started, the config asks for embedded.processes = {spec.world_size} "

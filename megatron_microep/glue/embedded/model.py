@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 
@@ -18,6 +19,10 @@ from megatron_microep.glue.config_schema import (
     embedded_unsupported,
 )
 from megatron_microep.glue.embedded import TrainError
+
+# Warnings megatron-core gives every CPU process of this run, about nothing the config could change:
+# TransformerEngine and apex are absent by design, and 0.16's own default CUDA-graph scope is deprecated.
+QUIET_WARNINGS = (r".*(Apex|Transformer Engine and Apex) (is|are) not installed", r"full scope is deprecated")
 
 # Megatron's flag names that differ from the TransformerConfig field they set.
 _TRANSFORMER_FIELD = {"num_experts": "num_moe_experts", "norm_epsilon": "layernorm_epsilon"}
@@ -66,6 +71,12 @@ def check_embedded_support(config: LaunchConfig) -> list[str]:
             "(the balance report still uses microep.redundant_slots)"
         )
     return notes
+
+
+def quiet_megatron_warnings() -> None:
+    """Silence ``QUIET_WARNINGS`` in this process (call before megatron-core is imported)."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def transformer_config(config: LaunchConfig):

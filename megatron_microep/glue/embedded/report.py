@@ -94,18 +94,23 @@ def replayed_microep_params(config: LaunchConfig) -> dict[str, dict]:
     settings = config.microep_settings()
     if settings is None or settings.replan_interval == 0:
         return {}  # never re-planned in the run: the simulator's defaults show what re-planning would do
-    micro_batches = config.get("training", "global_batch_size") // (
+    return {"microep": simulator_params(settings, micro_batches_per_step(config))}
+
+
+def micro_batches_per_step(config: LaunchConfig) -> int:
+    """Micro-batches per optimizer step and data-parallel rank (every rank is a data-parallel rank here)."""
+    return config.get("training", "global_batch_size") // (
         config.get("training", "micro_batch_size") * config.value("embedded", "processes")
     )
-    return {"microep": simulator_params(settings, micro_batches)}
 
 
 def run_shape_cost_model(config: LaunchConfig):
     """The simulator's cost model with this run's experts: hidden size, expert FFN width, gating, fp32
     weights, activations and gradients, Adam moments as the only extra optimizer state."""
-    from megatron_microep.glue.embedded.model import transformer_config
+    from megatron_microep.glue.embedded.model import quiet_megatron_warnings, transformer_config
     from megatron_microep.simulator.cost import CostModel
 
+    quiet_megatron_warnings()
     tconfig = transformer_config(config)
     return CostModel(
         hidden_size=tconfig.hidden_size,
@@ -175,13 +180,19 @@ def headline(m: Measured) -> str:
             f"{m.steps} steps), so its schedule could not move tokens off their home ranks: max/mean "
             f"{m.mean('before'):.2f} before scheduling."
         )
+    before, after = m.mean("before_with_replicas"), m.mean("after_with_replicas")
+    verdict = (
+        "MicroEP's scheduling lowered the busiest EP rank's load in the live run."
+        if after < before
+        else "MicroEP's scheduling did not lower the busiest EP rank's load in this run."
+    )
     return (
-        f"**MicroEP balanced the live run.** From step {m.first_replica_step} on, with replicas placed, the "
-        f"busiest EP rank carried {m.mean('after_with_replicas'):.2f}x the mean load after scheduling, against "
-        f"{m.mean('before_with_replicas'):.2f}x under stock EP on the same routing (mean over MoE layers and "
-        f"logged intervals); replicas carried {sum(f.replica_tokens or 0.0 for f in m.layers):,.0f} routed "
-        f"(token, expert) pairs per micro-batch over all layers, and scheduling took "
-        f"{m.mean('scheduling_ms'):.2f} ms per layer and micro-batch on this CPU."
+        f"**{verdict}** In the logged intervals with replicas placed (the first ends at step "
+        f"{m.first_replica_step}), the busiest EP rank carried {after:.2f}x the mean load after scheduling, against "
+        f"{before:.2f}x under stock EP on the same routing (mean over MoE layers and logged intervals); replicas "
+        f"carried {sum(f.replica_tokens or 0.0 for f in m.layers):,.0f} routed (token, expert) pairs per "
+        f"micro-batch over all layers, and scheduling took {m.mean('scheduling_ms'):.2f} ms per layer and "
+        "micro-batch on this CPU."
     )
 
 
@@ -227,6 +238,8 @@ def _cost_line(cost) -> str:
 def write_markdown(path: Path, config: LaunchConfig, m: Measured, replay, projection) -> None:
     replayed = replayed_microep_params(config)
     replay_ms = {r.policy: r.modeled_step_time - r.parts_per_step.get("planner", 0.0) for r in replay.rows}
+    # Four all-to-alls per layer and micro-batch (dispatch and combine, forward and backward).
+    latency_s = 4 * run_shape_cost_model(config).a2a_latency_s * len(m.layers) * micro_batches_per_step(config)
     lines = [
         f"# Balance report: `{config.name}`, {m.steps} steps",
         "",
@@ -252,7 +265,7 @@ def write_markdown(path: Path, config: LaunchConfig, m: Measured, replay, projec
             if replayed
             else "with the simulator's defaults (the run did not re-plan)"
         )
-        + f". Cost model: {_cost_line(replay_cost(config))}.",
+        + f". Cost model: {_cost_line(run_shape_cost_model(config))}.",
         "",
         *_replay_table(replay.rows),
         "",
@@ -261,14 +274,15 @@ def write_markdown(path: Path, config: LaunchConfig, m: Measured, replay, projec
         "routing. MicroEP's max/mean here is the replayed schedule; the measured table above is what the live "
         "layers did.",
         "",
-        "**What it cannot say.** Modeled times put this model's tiny experts on H100-class GPUs, where a whole "
-        f"step's MoE work is modeled at about {1e3 * replay_ms.get('ideal', 0.0):.2f} ms and is mostly fixed "
-        "latency: differences between policies there are not a speed verdict for real models. Planning runs off "
+        "**What it cannot say.** Modeled times put this run's experts on H100-class GPUs, where a whole step's "
+        f"MoE work is modeled at about {1e3 * replay_ms.get('ideal', 0.0):.2f} ms for the force-balanced ideal, "
+        f"of which {1e3 * latency_s:.2f} ms is the all-to-alls' fixed launch latency: at such sizes the "
+        "differences between policies' modeled times are not a speed verdict for real models. Planning runs off "
         "the training thread; the simulator charges its measured wall time (last column, on this CPU) against "
         "the modeled steps between a re-plan and its adoption, which at this scale are far too short to hide "
-        f"it, while in this run each step took {m.s_per_step:.2f} s and training waits only if a plan is late "
-        "(the log says so when it happens). The full replay report, whose step times and share of ideal "
-        f"include that charge, is [{REPLAY_DIR}/report.md]({REPLAY_DIR}/report.md).",
+        f"it, while in this run each step took {m.s_per_step:.2f} s and training waits only for a plan that is "
+        "late at its adoption step (MicroEP logs a warning then). The full replay report, whose step times and "
+        f"share of ideal include that charge, is [{REPLAY_DIR}/report.md]({REPLAY_DIR}/report.md).",
         "",
     ]
     if projection is not None:
@@ -285,10 +299,6 @@ def write_markdown(path: Path, config: LaunchConfig, m: Measured, replay, projec
             "",
         ]
     path.write_text("\n".join(lines), encoding="utf-8")
-
-
-def replay_cost(config: LaunchConfig):
-    return run_shape_cost_model(config)
 
 
 def projection_cost():
@@ -320,7 +330,7 @@ def write_balance_report(output_dir: Path, config: LaunchConfig, projection: boo
             progress=None,
         )
 
-    at_run_shapes = replay(replay_cost(config), REPLAY_DIR, plots=True)
+    at_run_shapes = replay(run_shape_cost_model(config), REPLAY_DIR, plots=True)
     projected = replay(projection_cost(), PROJECTION_DIR, plots=False) if projection else None
     path = report_dir / "report.md"
     write_markdown(path, config, measured, at_run_shapes, projected)
