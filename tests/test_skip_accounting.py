@@ -58,28 +58,28 @@ def test_expected_skips_pass(tmp_path):
     assert "3 skips, all expected" in output
 
 
-def test_an_unlisted_skip_fails_the_session(tmp_path):
-    code, output = _session(tmp_path, EXPECTED, SKIP_MAYBE="1")
+@pytest.mark.parametrize(
+    "expected, env, message",
+    [
+        (EXPECTED, {"SKIP_MAYBE": "1"}, "unexpected skip: test_a.py::test_maybe (Skipped: probe says no)"),
+        (
+            {**EXPECTED, "test_a.py::test_gpu[*]": "transformer_engine"},
+            {},
+            "test_a.py::test_gpu[1] skipped for another reason than expected",
+        ),
+        (
+            {**EXPECTED, "test_a.py::test_runs": "anything"},
+            {},
+            "expected to skip but ran (passed): test_a.py::test_runs",
+        ),
+        ({**EXPECTED, "test_gone.py::*": "anything"}, {}, "expected skip matched no test: test_gone.py::*"),
+    ],
+    ids=["unlisted skip", "other reason", "listed test ran", "pattern matched nothing"],
+)
+def test_the_session_fails(tmp_path, expected, env, message):
+    code, output = _session(tmp_path, expected, **env)
     assert code == 1, output
-    assert "unexpected skip: test_a.py::test_maybe (Skipped: probe says no)" in output
-
-
-def test_a_skip_for_another_reason_fails(tmp_path):
-    code, output = _session(tmp_path, {**EXPECTED, "test_a.py::test_gpu[*]": "transformer_engine"})
-    assert code == 1, output
-    assert "test_a.py::test_gpu[1] skipped for another reason than expected" in output
-
-
-def test_an_expected_skip_that_ran_fails(tmp_path):
-    code, output = _session(tmp_path, {**EXPECTED, "test_a.py::test_runs": "anything"})
-    assert code == 1, output
-    assert "expected to skip but ran (passed): test_a.py::test_runs" in output
-
-
-def test_a_pattern_that_matches_nothing_fails(tmp_path):
-    code, output = _session(tmp_path, {**EXPECTED, "test_gone.py::*": "anything"})
-    assert code == 1, output
-    assert "expected skip matched no test: test_gone.py::*" in output
+    assert message in output
 
 
 def test_an_undeclared_session_is_a_usage_error(tmp_path):
