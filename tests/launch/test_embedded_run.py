@@ -86,9 +86,13 @@ def _losses(out: Path):
     return torch.load(final / "rank00000.pt", map_location="cpu", weights_only=False)["losses"]
 
 
-def _trace(out: Path):
-    info, records = open_trace(str(out / "routing" / "trace.mept"))
+def _trace_file(path: Path):
+    info, records = open_trace(str(path))
     return info, [(r.step, r.micro_batch, r.layer, np.asarray(r.tokens)) for r in records]
+
+
+def _trace(out: Path):
+    return _trace_file(out / "routing" / "trace.mept")
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +227,13 @@ def test_balance_report_leads_with_what_the_run_measured(runs):
     assert "hidden size 7168 and FFN width 2048 (SwiGLU, bf16)" in text
     # The microep row replays the run's own settings.
     assert "replan_interval=2" in text and "history_micro_batches=8" in text and "planner=eplb" in text
+    # The projection: the same routing at the deepseek-v3 preset's volume per rank and micro-batch
+    # (4096 x 1 x top-8 = 32,768 routed pairs; this run 128 x 4 x top-2 = 1,024).
+    assert "every count multiplied by 32, so that a rank routes 32,768 (token, expert) pairs" in text
+    _, projected = _trace_file(out / "report" / "projection" / "trace.mept")
+    _, recorded = _trace(out)
+    assert [r[:3] for r in projected] == [r[:3] for r in recorded]
+    assert all(np.array_equal(p[3], 32 * r[3]) for p, r in zip(projected, recorded))
     for directory in ("replay", "projection"):
         summary = (out / "report" / directory / "summary.csv").read_text().splitlines()
         assert [line.split(",")[0] for line in summary[1:]] == ["static", "microep", "ideal"]

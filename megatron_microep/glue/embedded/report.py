@@ -9,8 +9,10 @@ simulator's replay of its recorded routing.
    policy, with a cost model of this run's own experts (hidden size, expert FFN width, gating, fp32)
    on H100-class GPUs, and the ``microep`` policy set up as the run's MicroEP layers were
    (``settings.simulator_params``).
-3. **Projection** (``report/projection/``): the same routing and settings on DeepSeek-V3-sized
-   experts in bf16 (the simulator's default cost model), labelled as a projection.
+3. **Projection** (``report/projection/``): the same routing and settings at production scale,
+   labelled as a projection: every recorded count multiplied so that a rank routes as many
+   (token, expert) pairs per micro-batch as the ``deepseek-v3`` preset does, on DeepSeek-V3-sized
+   experts in bf16 (the simulator's default cost model).
 
 The report says what the modeled figures can and cannot mean at this scale: balance figures do not
 depend on the cost model; modeled times of a tiny model on H100s are dominated by fixed costs, and
@@ -32,6 +34,7 @@ from megatron_microep.glue.embedded import TrainError
 from megatron_microep.settings import simulator_params
 
 REPLAY_DIR, PROJECTION_DIR = "replay", "projection"
+PRODUCTION_PRESET = "deepseek-v3"  # the projection's token volume per rank and micro-batch
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,18 @@ class Measured:
 
 
 @dataclass(frozen=True)
+class Projection:
+    output: object  # simulator.SimulationOutput
+    scale: int  # every recorded count multiplied by this
+    pairs_per_rank: int  # routed (token, expert) pairs per rank and micro-batch of the preset
+
+
+@dataclass(frozen=True)
 class BalanceReport:
     path: Path
     measured: Measured
     replay: object  # simulator.SimulationOutput at this run's shapes
-    projection: object | None  # the same on DeepSeek-V3-sized experts
+    projection: Projection | None
 
 
 def report_policies(config: LaunchConfig) -> list[str]:
@@ -276,8 +286,10 @@ def write_markdown(path: Path, config: LaunchConfig, m: Measured, replay, projec
         "",
         "**What it cannot say.** Modeled times put this run's experts on H100-class GPUs, where a whole step's "
         f"MoE work is modeled at about {1e3 * replay_ms.get('ideal', 0.0):.2f} ms for the force-balanced ideal, "
-        f"of which {1e3 * latency_s:.2f} ms is the all-to-alls' fixed launch latency: at such sizes the "
-        "differences between policies' modeled times are not a speed verdict for real models. Planning runs off "
+        f"of which {1e3 * latency_s:.2f} ms is the all-to-alls' fixed launch latency, and each policy's "
+        "per-micro-batch decision is charged at the wall time this implementation took on this CPU: at such "
+        "sizes the differences between policies' modeled times are not a speed verdict for real models. Planning "
+        "runs off "
         "the training thread; the simulator charges its measured wall time (last column, on this CPU) against "
         "the modeled steps between a re-plan and its adoption, which at this scale are far too short to hide "
         f"it, while in this run each step took {m.s_per_step:.2f} s and training waits only for a plan that is "
@@ -287,13 +299,16 @@ def write_markdown(path: Path, config: LaunchConfig, m: Measured, replay, projec
     ]
     if projection is not None:
         lines += [
-            "## Projection: the same routing on DeepSeek-V3-sized experts (modeled)",
+            "## Projection: the same routing at production scale (modeled)",
             "",
-            "A projection, not a measurement: the routing and MicroEP settings of this run with the simulator's "
-            f"production cost model ({_cost_line(projection_cost())}). Token counts stay this run's, far fewer "
-            "per expert than a production micro-batch routes, so GEMM efficiency is low for every policy alike.",
+            "A projection, not a measurement: this run's routing with every count multiplied by "
+            f"{projection.scale}, so that a rank routes {projection.pairs_per_rank:,} (token, expert) pairs per "
+            f"micro-batch as the `{PRODUCTION_PRESET}` preset does (sequence x micro-batch x top-k), replayed with "
+            f"this run's MicroEP settings and the simulator's production cost model ({_cost_line(projection_cost())}"
+            "). The routing's shares are this tiny model's, not a production model's; decision times are still "
+            "this CPU's.",
             "",
-            *_replay_table(projection.rows),
+            *_replay_table(projection.output.rows),
             "",
             f"Full report: [{PROJECTION_DIR}/report.md]({PROJECTION_DIR}/report.md).",
             "",
@@ -307,6 +322,26 @@ def projection_cost():
     return CostModel()
 
 
+def routed_pairs_per_rank(config: LaunchConfig) -> int:
+    """(token, expert) pairs one rank routes per micro-batch: sequence x micro-batch x top-k."""
+    return (
+        config.get("model", "seq_length")
+        * config.get("training", "micro_batch_size")
+        * config.get("moe", "moe_router_topk", 2)
+    )
+
+
+def scaled_trace(source: Path, target: Path, scale: int) -> None:
+    """``source`` with every count multiplied by ``scale`` (the same routing shares at another volume)."""
+    from megatron_microep.simulator.traces import NativeTraceWriter, open_trace
+
+    info, records = open_trace(str(source))
+    meta = {"source": f"{source} x {scale}"}
+    with NativeTraceWriter(target, info.num_gpus, info.num_experts, meta=meta) as writer:
+        for r in records:
+            writer.write(r.step, r.micro_batch, r.layer, scale * np.asarray(r.tokens, dtype=np.int64))
+
+
 def write_balance_report(output_dir: Path, config: LaunchConfig, projection: bool = True) -> BalanceReport:
     """Write ``report/report.md`` (and the replays under it) for a finished run; see the module docstring."""
     from megatron_microep.simulator import simulate
@@ -316,9 +351,9 @@ def write_balance_report(output_dir: Path, config: LaunchConfig, projection: boo
     measured = measured_figures(output_dir, config)
     settings = config.microep_settings()
 
-    def replay(cost, directory: str, plots: bool):
+    def replay(trace: Path, cost, directory: str, plots: bool):
         return simulate(
-            str(output_dir / "routing" / "trace.mept"),
+            str(trace),
             report_policies(config),
             config.microep_section().redundant_slots,
             settings.gpus_per_node if settings is not None else None,
@@ -330,8 +365,18 @@ def write_balance_report(output_dir: Path, config: LaunchConfig, projection: boo
             progress=None,
         )
 
-    at_run_shapes = replay(run_shape_cost_model(config), REPLAY_DIR, plots=True)
-    projected = replay(projection_cost(), PROJECTION_DIR, plots=False) if projection else None
+    trace = output_dir / "routing" / "trace.mept"
+    at_run_shapes = replay(trace, run_shape_cost_model(config), REPLAY_DIR, plots=True)
+    projected = None
+    if projection:
+        from megatron_microep.glue.config_schema import load_config, preset_path
+
+        pairs = routed_pairs_per_rank(load_config(preset_path(PRODUCTION_PRESET)))
+        scale = max(1, round(pairs / routed_pairs_per_rank(config)))
+        (report_dir / PROJECTION_DIR).mkdir(parents=True, exist_ok=True)
+        scaled = report_dir / PROJECTION_DIR / "trace.mept"
+        scaled_trace(trace, scaled, scale)
+        projected = Projection(replay(scaled, projection_cost(), PROJECTION_DIR, plots=False), scale, pairs)
     path = report_dir / "report.md"
     write_markdown(path, config, measured, at_run_shapes, projected)
     return BalanceReport(path, measured, at_run_shapes, projected)
