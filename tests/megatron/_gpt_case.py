@@ -11,6 +11,10 @@ from collections.abc import Iterable
 
 import torch
 
+# Megatron's ``forward_step_func`` as the embedded run passes it to the schedules: the next batch
+# through the model, its mean token loss reported as "lm loss".
+from megatron_microep.glue.embedded.loop import forward_step  # noqa: F401 - re-exported for the GPT tests
+
 HOT_BIAS = 0.6  # router expert bias of a hot expert: most tokens pick it
 
 # A small MoE GPT with local modules, no dropout, and routing steered only by skew_router's fixed expert bias.
@@ -92,16 +96,3 @@ def synthetic_batches(seed: int, vocab: int, seq_len: int, micro_batch: int, mic
         tokens = (start + torch.arange(seq_len + 1)) % vocab
         out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
     return out
-
-
-def forward_step(data_iterator, model):
-    """Megatron's ``forward_step_func``: the next batch through ``model``; the loss reported as "lm loss"."""
-    tokens, labels, positions, mask = next(data_iterator)
-    output = model(tokens, positions, mask, labels=labels)
-
-    def loss_func(output_tensor):
-        loss = output_tensor.float().mean()
-        # A copy: the schedule divides the returned loss in place by the number of micro-batches.
-        return loss, {"lm loss": loss.detach().clone()}
-
-    return output, loss_func

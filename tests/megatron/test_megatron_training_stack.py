@@ -23,19 +23,18 @@ import os
 import random
 
 import pytest
+import torch
+from _expert_rows import count_expert_rows
+from _gpt_case import forward_step, skew_router, synthetic_batches
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import forward_step, skew_router, synthetic_batches  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 WORLD = 4
 NUM_EXPERTS = 4
 PLACEMENT = [[0, 1], [0], [1], [1]]  # expert 0 (home EP rank 0, hot) also on EP rank 1
 VOCAB, SEQ_LEN, MICRO_BATCH, HIDDEN = 64, 16, 2, 32
 MICRO_BATCHES = 3
+TOPK = 2
 STEPS = 4
 LOSS_TOL = 1e-4
 PARAM_REL_TOL = 1e-5
@@ -63,7 +62,7 @@ def _config(dispatcher: str, ep: int, pp: int, layers: int, dtype=torch.float32)
         ffn_hidden_size=64,
         moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
+        moe_router_topk=TOPK,
         moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=ep,
         pipeline_model_parallel_size=pp,
@@ -269,10 +268,28 @@ def _state(model):
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
 
 
-def _replica_stats(ddp):
-    from megatron_microep.glue.layer import microep_layers
+def _ep_rank() -> int:
+    from megatron.core import parallel_state
 
-    return [(s.replicas, s.replica_tokens) for layer in microep_layers(ddp) for s in layer.telemetry.drain()]
+    return parallel_state.get_expert_model_parallel_rank()
+
+
+def _assert_expert_rows(results, label):
+    """On the rows the experts processed (a spy on the expert call, per rank), not the telemetry: the
+    EP rank holding expert 0's replica (``PLACEMENT``) ran replica rows in every training micro-batch,
+    the other EP rank none; over all ranks every routed (token, expert) pair ran exactly once."""
+    calls = 0
+    for rank, res in enumerate(results):
+        rows = res["expert_rows"]
+        training = [call["replica"] for call in rows if call["training"]]
+        assert len(training) >= STEPS * MICRO_BATCHES, f"{label} rank {rank}: {len(training)} expert calls"
+        if res["ep_rank"] == 1:
+            assert all(training), f"{label} rank {rank}: replica idle in some micro-batch: {training}"
+        else:
+            assert not any(training), f"{label} rank {rank}: replica rows on a rank without replicas"
+        calls += len(rows)
+    processed = sum(call["rows"] for res in results for call in res["expert_rows"])
+    assert processed == calls * MICRO_BATCH * SEQ_LEN * TOPK, f"{label}: {processed} rows for {calls} calls"
 
 
 def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica_grads=False):
@@ -286,7 +303,7 @@ def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica
     stock_eval = _evaluate(stock_ddp, seed)
     micro_ddp, micro_opt = _wrap(micro, micro_config, overlap, distributed_optimizer)
     guard = _replica_gradients_dropped() if drop_replica_grads else contextlib.nullcontext()
-    with guard:
+    with guard, count_expert_rows() as expert_rows:
         micro_losses, micro_pre = _train(micro_ddp, micro_opt, micro_config, seed, capture_pre_reduction=not overlap)
         micro_eval = _evaluate(micro_ddp, seed)
     stock_params, micro_params = _params(stock_ddp), _params(micro_ddp)
@@ -300,7 +317,8 @@ def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica
         "same_names": sorted(stock_params) == sorted(micro_params),
         "moved": max((p - start[n]).abs().max().item() for n, p in stock_params.items()),
         "pre_reduction_rel": [{n: _rel(m[n], s[n]) for n in s} for s, m in zip(stock_pre, micro_pre)],
-        "replica_stats": _replica_stats(micro_ddp),
+        "expert_rows": expert_rows,
+        "ep_rank": _ep_rank(),
         "eval": (stock_eval, micro_eval),
     }
 
@@ -328,9 +346,10 @@ def _run_bf16(seed, distributed_optimizer):
         model, config = _build(dispatcher, 2, 1, 2, state=state, dtype=dtype)
         initial = _state(model)
         ddp, optimizer = _wrap(model, config, False, distributed_optimizer)
-        losses, _ = _train(ddp, optimizer, config, seed, capture_pre_reduction=False)
+        with count_expert_rows() as expert_rows:
+            losses, _ = _train(ddp, optimizer, config, seed, capture_pre_reduction=False)
         optimizers = sorted({type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])})
-        runs[name] = (initial, losses, _params(ddp), _replica_stats(ddp), optimizers)
+        runs[name] = (initial, losses, _params(ddp), expert_rows, optimizers)
     reference = runs["fp32"][2]
 
     def error(params):  # relative to the fp32 run, over all parameters of this rank
@@ -340,7 +359,8 @@ def _run_bf16(seed, distributed_optimizer):
     return {
         "losses": {name: run[1] for name, run in runs.items()},
         "error": {name: error(runs[name][2]) for name in ("stock", "microep")},
-        "replica_stats": runs["microep"][3],
+        "expert_rows": runs["microep"][3],
+        "ep_rank": _ep_rank(),
         "optimizers": runs["microep"][4],
     }
 
@@ -381,15 +401,11 @@ def _assert_parity(rank, res, label):
     worst = max(res["param_rel"].items(), key=lambda kv: kv[1])
     print(
         f"{label} rank {rank}: losses stock {res['stock_losses']} microep {res['micro_losses']}; worst "
-        f"parameter {worst[0]} {worst[1]:.1e}; moved {res['moved']:.2e}; replica tokens "
-        f"{[tokens for _, tokens in res['replica_stats']]}"
+        f"parameter {worst[0]} {worst[1]:.1e}; moved {res['moved']:.2e}; replica rows "
+        f"{[call['replica'] for call in res['expert_rows']]}"
     )
     assert worst[1] <= PARAM_REL_TOL, f"{label} rank {rank}: parameter {worst[0]} differs by {worst[1]:.2e}"
     assert res["moved"] > 1e-3, f"{label} rank {rank}: training did not change the weights"
-    stats = res["replica_stats"]
-    assert stats and all(replicas > 0 and tokens > 0 for replicas, tokens in stats), (
-        f"{label} rank {rank}: replicas idle in some micro-batch: {stats}"
-    )
 
 
 @pytest.mark.parametrize("case", ["plain", "distopt", "overlap_distopt"])
@@ -400,6 +416,7 @@ def test_microep_matches_stock_through_ddp_optimizer_and_schedule(ep2_edp2_run, 
         assert res[case]["optimizers"] == [expected_optimizer]
         assert res[case]["param_gather_pre_hooks"] == (case == "overlap_distopt")
         _assert_parity(rank, res[case], case)
+    _assert_expert_rows([res[case] for res in ep2_edp2_run], case)
 
 
 @pytest.mark.parametrize("case", ["plain", "distopt"])
@@ -413,9 +430,9 @@ def test_expert_dp_reduction_starts_from_folded_replica_gradients(ep2_edp2_run, 
 
 
 def test_parity_breaks_without_replica_gradient_return(ep2_edp2_run):
+    _assert_expert_rows([res["no_replica_grads"] for res in ep2_edp2_run], "no_replica_grads")
     for rank, res in enumerate(ep2_edp2_run):
         control = res["no_replica_grads"]
-        assert all(tokens > 0 for _, tokens in control["replica_stats"])
         worst = max(rel for step in control["pre_reduction_rel"] for rel in step.values())
         print(
             f"rank {rank}: replica gradients dropped: expert gradient {worst:.1e}, parameters "
@@ -428,11 +445,12 @@ def test_parity_breaks_without_replica_gradient_return(ep2_edp2_run):
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
 def test_bf16_microep_as_close_to_fp32_as_stock(ep2_edp2_run, distributed_optimizer):
     expected_optimizer = "DistributedOptimizer" if distributed_optimizer else "Float16OptimizerWithFloat16Params"
+    key = f"bf16_distopt={distributed_optimizer}"
+    _assert_expert_rows([res[key] for res in ep2_edp2_run], key)
     for rank, res in enumerate(ep2_edp2_run):
         res = res[f"bf16_distopt={distributed_optimizer}"]
         print(f"bf16 rank {rank}: losses {res['losses']}; parameters vs fp32 run: {res['error']}")
         assert res["optimizers"] == [expected_optimizer]
-        assert res["replica_stats"] and all(tokens > 0 for _, tokens in res["replica_stats"])
         losses = res["losses"]
         assert losses["microep"][0] == pytest.approx(losses["stock"][0], abs=LOSS_TOL)  # same weights, same data
         assert losses["microep"][-1] < losses["microep"][0]
@@ -458,3 +476,4 @@ def test_pipeline_1f1b_matches_stock(pp2_ep2_run):
         _assert_parity(rank, res, "pp2_ep2")
         if res["stage"] == 1:
             assert all(loss is not None for loss in res["stock_losses"])
+    _assert_expert_rows(pp2_ep2_run, "pp2_ep2")

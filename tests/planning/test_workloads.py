@@ -1,29 +1,20 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from megatron_microep.planning import workloads
 from megatron_microep.planning.workloads import WORKLOADS, expert_loads, generate, sample_counts
 
-
-def _dsv3_available() -> bool:
-    try:
-        workloads.load_dsv3_expert_loads()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _laer_available() -> bool:
-    try:
-        workloads.load_laer_rank_counts()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-# The recordings are third-party data beside the checkout (shared/), not part of the package.
-needs_dsv3 = pytest.mark.skipif(not _dsv3_available(), reason="shared/data/routing beside the checkout is absent")
-needs_laer = pytest.mark.skipif(not _laer_available(), reason="shared/data/routing beside the checkout is absent")
+# The recordings are third-party data beside the checkout (shared/), not part of the package. Whether
+# they are there is decided from the file system, not by the loaders under test: a loader that stops
+# finding them fails these tests instead of skipping them.
+_ROUTING_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routing"
+_DSV3_FILE = Path(os.environ.get("MICROEP_DSV3_LOADS") or _ROUTING_DIR / "sglang_dsv3_logical_count.npz")
+_LAER_FILE = Path(os.environ.get("MICROEP_LAER_COUNTS") or _ROUTING_DIR / workloads.LAER_FILE_NAME)
+needs_dsv3 = pytest.mark.skipif(not _DSV3_FILE.is_file(), reason="shared/data/routing beside the checkout is absent")
+needs_laer = pytest.mark.skipif(not _LAER_FILE.is_file(), reason="shared/data/routing beside the checkout is absent")
 
 
 def _seed():
