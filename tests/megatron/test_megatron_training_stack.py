@@ -7,15 +7,24 @@ alltoall dispatcher and once with ``microep_layer_spec`` from the same weights. 
 towards expert 0 and MicroEP holds a replica of it on the other EP rank, so replicas carry tokens in
 every micro-batch and their gradients must come home before Megatron reduces expert gradients.
 
+The placement changes at every step boundary (the replica moves between two experts), so replica
+weights are refreshed and gradients returned for a new layout each step.
+
 Launch 1 (4 ranks, EP = 2, expert data parallelism 2, no pipelining):
-- DDP without overlap, non-distributed and distributed optimizer: losses within 1e-4, parameters
-  within 1e-5 relative; the expert gradients that Megatron's expert-DP reduction starts from
-  (captured on entry to ``finalize_model_grads``) already equal stock's, replicas' included;
-- DDP with overlapped reduction, distributed optimizer with overlapped parameter all-gather: the
-  same parity;
-- control: with the replica-gradient return removed, parity breaks (the checks can fail);
+- DDP without overlap, non-distributed and distributed optimizer, 3 micro-batches: losses within
+  1e-4, parameters within 1e-5 relative; the expert gradients that Megatron's expert-DP reduction
+  starts from (captured on entry to ``finalize_model_grads``) already equal stock's, replicas'
+  included;
+- DDP with overlapped reduction, distributed optimizer with overlapped parameter all-gather, with 3
+  micro-batches and with 1; overlapped reduction with 8 micro-batches and full activation
+  recompute: the same parity;
+- controls (the checks can fail): with the replica-gradient return removed, parity breaks; with
+  the replica refresh started before DDP's pre-hooks finish the overlapped parameter all-gather
+  (stale home weights), parity breaks;
 - bf16 (both optimizers): MicroEP at most 1.5x as far from an fp32 run as stock is.
-Launch 2 (4 ranks, PP = 2 x EP = 2): Megatron's 1F1B schedule, same parity per stage.
+Launch 2 (4 ranks, PP = 2 x EP = 2): Megatron's 1F1B schedule, same parity per stage, without and
+with overlapped reduction (then ``config.grad_sync_func`` starts the last stage's reduction after
+its last backward, which ran inside ``no_sync``).
 """
 
 import contextlib
@@ -33,7 +42,9 @@ from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 WORLD = 4
 NUM_EXPERTS = 4
-PLACEMENT = [[0, 1], [0], [1], [1]]  # expert 0 (home EP rank 0, hot) also on EP rank 1
+# Step s uses PLACEMENTS[s % 2]: expert 0 (home EP rank 0, hot) or expert 1 (same home, so its tokens
+# move off the overloaded rank 0) also on EP rank 1.
+PLACEMENTS = ([[0, 1], [0], [1], [1]], [[0], [0, 1], [1], [1]])
 VOCAB, SEQ_LEN, MICRO_BATCH, HIDDEN = 64, 16, 2, 32
 MICRO_BATCHES = 3
 STEPS = 4
@@ -51,7 +62,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def _config(dispatcher: str, ep: int, pp: int, layers: int, dtype=torch.float32):
+def _config(dispatcher: str, ep: int, pp: int, layers: int, dtype=torch.float32, recompute=False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
@@ -79,13 +90,18 @@ def _config(dispatcher: str, ep: int, pp: int, layers: int, dtype=torch.float32)
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
+        **(
+            {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+            if recompute
+            else {}
+        ),
     )
     if dispatcher == "microep":
         attach_microep_config(config, MicroEPConfig(redundant_slots=1))
     return config
 
 
-def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None, dtype=torch.float32):
+def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None, dtype=torch.float32, recompute=False):
     """A GPTModel for this pipeline stage; stock weights skewed towards expert 0, or ``state``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -95,7 +111,7 @@ def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None, dtype=tor
     from megatron_microep.glue.spec import microep_layer_spec
     from megatron_microep.planning.placement import Placement
 
-    config = _config(dispatcher, ep, pp, layers, dtype)
+    config = _config(dispatcher, ep, pp, layers, dtype, recompute)
     spec = (
         microep_layer_spec
         if dispatcher == "microep"
@@ -119,7 +135,7 @@ def _build(dispatcher: str, ep: int, pp: int, layers: int, state=None, dtype=tor
     else:
         model.load_state_dict(state, strict=True)
     for layer in microep_layers(model):
-        layer.set_placement(Placement.from_lists(PLACEMENT, ep))
+        layer.set_placement(Placement.from_lists(PLACEMENTS[1], ep))
     return model, config
 
 
@@ -168,12 +184,12 @@ def _wrap(model, config, overlap: bool, distributed_optimizer: bool):
     return ddp, optimizer
 
 
-def _micro_batches(seed: int, step: int):
+def _micro_batches(seed: int, step: int, count: int = MICRO_BATCHES):
     from megatron.core import parallel_state
 
     # Same data on the pipeline stages of one data-parallel rank, different across them.
     dp_rank = parallel_state.get_data_parallel_rank()
-    return synthetic_batches(seed + 1000 * step + dp_rank, VOCAB, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES)
+    return synthetic_batches(seed + 1000 * step + dp_rank, VOCAB, SEQ_LEN, MICRO_BATCH, count)
 
 
 def _expert_main_grads(ddp):
@@ -182,12 +198,14 @@ def _expert_main_grads(ddp):
     }
 
 
-def _train(ddp, optimizer, config, seed: int, capture_pre_reduction: bool):
+def _train(ddp, optimizer, config, seed: int, capture_pre_reduction: bool, micro_batches: int = MICRO_BATCHES):
     """STEPS optimizer steps through get_forward_backward_func; per step the mean micro-batch loss
-    (last stage; None elsewhere), and the expert gradients as finalize_model_grads receives them."""
+    (last stage; None elsewhere), and the expert gradients as finalize_model_grads receives them.
+    MicroEP layers switch placement at every step boundary."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_microep.glue.layer import set_training_step
+    from megatron_microep.glue.layer import microep_layers, set_training_step
+    from megatron_microep.planning.placement import Placement
 
     finalize = config.finalize_model_grads_func
     pre_reduction = []
@@ -201,14 +219,16 @@ def _train(ddp, optimizer, config, seed: int, capture_pre_reduction: bool):
     forward_backward = get_forward_backward_func()
     losses = []
     for step in range(1, STEPS + 1):
+        for layer in microep_layers(ddp):
+            layer.set_placement(Placement.from_lists(PLACEMENTS[step % 2], layer.microep_groups.ep_size))
         set_training_step(step)
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         results = forward_backward(
             forward_step_func=forward_step,
-            data_iterator=iter(_micro_batches(seed, step)),
+            data_iterator=iter(_micro_batches(seed, step, micro_batches)),
             model=[ddp],
-            num_microbatches=MICRO_BATCHES,
+            num_microbatches=micro_batches,
             seq_length=SEQ_LEN,
             micro_batch_size=MICRO_BATCH,
             forward_only=False,
@@ -246,16 +266,30 @@ def _replica_gradients_dropped():
     """The bug the parity checks must catch: replica gradients never reach their home expert."""
     from megatron_microep.runtime.replicas import ReplicaExchange
 
-    original = ReplicaExchange.return_grads
+    original = ReplicaExchange.deliver
 
-    def dropped(self, grad):
-        return [[None] * len(self.shapes) for _ in range(self.layout.experts_per_rank)]
+    def dropped(self, returned, into):
+        pass
 
-    ReplicaExchange.return_grads = dropped
+    ReplicaExchange.deliver = dropped
     try:
         yield
     finally:
-        ReplicaExchange.return_grads = original
+        ReplicaExchange.deliver = original
+
+
+@contextlib.contextmanager
+def _refresh_before_param_gather():
+    """The bug the overlapped-param-gather case must catch: replica weights read at the start of the
+    step, before DDP's forward pre-hooks have all-gathered the updated home weights."""
+    from megatron_microep.glue import replica_sync
+
+    original = replica_sync.params_current
+    replica_sync.params_current = lambda module: True
+    try:
+        yield
+    finally:
+        replica_sync.params_current = original
 
 
 def _params(model):
@@ -275,21 +309,51 @@ def _replica_stats(ddp):
     return [(s.replicas, s.replica_tokens) for layer in microep_layers(ddp) for s in layer.telemetry.drain()]
 
 
-def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica_grads=False):
+# Stock runs by (overlap, distributed optimizer, micro-batches, recompute), shared by the cases of one launch.
+_STOCK_RUNS: dict[tuple, dict] = {}
+
+
+def _stock_run(seed, ep, pp, layers, overlap, distributed_optimizer, micro_batches, recompute):
+    key = (ep, pp, layers, overlap, distributed_optimizer, micro_batches, recompute)
+    if key not in _STOCK_RUNS:
+        stock, config = _build("alltoall", ep, pp, layers, recompute=recompute)
+        state, start = _state(stock), _params(stock)
+        ddp, opt = _wrap(stock, config, overlap, distributed_optimizer)
+        losses, pre = _train(ddp, opt, config, seed, capture_pre_reduction=not overlap, micro_batches=micro_batches)
+        _STOCK_RUNS[key] = {
+            "state": state,
+            "start": start,
+            "losses": losses,
+            "pre": pre,
+            "eval": _evaluate(ddp, seed),
+            "params": _params(ddp),
+        }
+    return _STOCK_RUNS[key]
+
+
+def _run_pair(
+    seed,
+    ep,
+    pp,
+    layers,
+    overlap,
+    distributed_optimizer,
+    micro_batches=MICRO_BATCHES,
+    recompute=False,
+    control=contextlib.nullcontext,
+):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    stock, stock_config = _build("alltoall", ep, pp, layers)
-    micro, micro_config = _build("microep", ep, pp, layers, state=_state(stock))
-    start = _params(stock)
-    stock_ddp, stock_opt = _wrap(stock, stock_config, overlap, distributed_optimizer)
-    stock_losses, stock_pre = _train(stock_ddp, stock_opt, stock_config, seed, capture_pre_reduction=not overlap)
-    stock_eval = _evaluate(stock_ddp, seed)
+    stock = _stock_run(seed, ep, pp, layers, overlap, distributed_optimizer, micro_batches, recompute)
+    start, stock_losses, stock_pre, stock_eval = stock["start"], stock["losses"], stock["pre"], stock["eval"]
+    micro, micro_config = _build("microep", ep, pp, layers, state=stock["state"], recompute=recompute)
     micro_ddp, micro_opt = _wrap(micro, micro_config, overlap, distributed_optimizer)
-    guard = _replica_gradients_dropped() if drop_replica_grads else contextlib.nullcontext()
-    with guard:
-        micro_losses, micro_pre = _train(micro_ddp, micro_opt, micro_config, seed, capture_pre_reduction=not overlap)
+    with control():
+        micro_losses, micro_pre = _train(
+            micro_ddp, micro_opt, micro_config, seed, capture_pre_reduction=not overlap, micro_batches=micro_batches
+        )
         micro_eval = _evaluate(micro_ddp, seed)
-    stock_params, micro_params = _params(stock_ddp), _params(micro_ddp)
+    stock_params, micro_params = stock["params"], _params(micro_ddp)
     return {
         "schedule": get_forward_backward_func().__name__,
         "param_gather_pre_hooks": bool(getattr(micro_ddp, "use_forward_hook", False)),
@@ -306,11 +370,14 @@ def _run_pair(seed, ep, pp, layers, overlap, distributed_optimizer, drop_replica
 
 
 CASES = {
-    # name: (DDP overlap, distributed optimizer, drop replica gradients)
-    "plain": (False, False, False),
-    "distopt": (False, True, False),
-    "overlap_distopt": (True, True, False),
-    "no_replica_grads": (False, False, True),
+    # name: _run_pair keywords
+    "plain": {"overlap": False, "distributed_optimizer": False},
+    "distopt": {"overlap": False, "distributed_optimizer": True},
+    "overlap_distopt": {"overlap": True, "distributed_optimizer": True},
+    "overlap_distopt_m1": {"overlap": True, "distributed_optimizer": True, "micro_batches": 1},
+    "overlap_m8_recompute": {"overlap": True, "distributed_optimizer": False, "micro_batches": 8, "recompute": True},
+    "no_replica_grads": {"overlap": False, "distributed_optimizer": False, "control": _replica_gradients_dropped},
+    "stale_refresh": {"overlap": True, "distributed_optimizer": True, "control": _refresh_before_param_gather},
 }
 
 
@@ -347,7 +414,7 @@ def _run_bf16(seed, distributed_optimizer):
 
 def _ep2_edp2_rank(rank, world_size, seed):
     init_megatron_parallel(expert_model_parallel_size=2, seed=seed)
-    results = {name: _run_pair(seed, 2, 1, 2, *flags) for name, flags in CASES.items()}
+    results = {name: _run_pair(seed, 2, 1, 2, **kwargs) for name, kwargs in CASES.items()}
     for distributed_optimizer in (False, True):
         results[f"bf16_distopt={distributed_optimizer}"] = _run_bf16(seed, distributed_optimizer)
     return results
@@ -357,9 +424,11 @@ def _pp2_ep2_rank(rank, world_size, seed):
     from megatron.core import parallel_state
 
     init_megatron_parallel(pipeline_model_parallel_size=2, expert_model_parallel_size=2, seed=seed)
-    result = _run_pair(seed, 2, 2, 4, overlap=False, distributed_optimizer=False)
-    result["stage"] = parallel_state.get_pipeline_model_parallel_rank()
-    return result
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    return {
+        overlap: {**_run_pair(seed, 2, 2, 4, overlap=overlap, distributed_optimizer=False), "stage": stage}
+        for overlap in (False, True)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -392,13 +461,15 @@ def _assert_parity(rank, res, label):
     )
 
 
-@pytest.mark.parametrize("case", ["plain", "distopt", "overlap_distopt"])
+@pytest.mark.parametrize("case", ["plain", "distopt", "overlap_distopt", "overlap_distopt_m1", "overlap_m8_recompute"])
 def test_microep_matches_stock_through_ddp_optimizer_and_schedule(ep2_edp2_run, case):
-    expected_optimizer = "DistributedOptimizer" if CASES[case][1] else "FP32Optimizer"
+    distributed_optimizer = CASES[case]["distributed_optimizer"]
+    expected_optimizer = "DistributedOptimizer" if distributed_optimizer else "FP32Optimizer"
     for rank, res in enumerate(ep2_edp2_run):
         assert res[case]["schedule"] == "forward_backward_no_pipelining"
         assert res[case]["optimizers"] == [expected_optimizer]
-        assert res[case]["param_gather_pre_hooks"] == (case == "overlap_distopt")
+        assert res[case]["param_gather_pre_hooks"] == (CASES[case]["overlap"] and distributed_optimizer)
+        assert len(res[case]["replica_stats"]) == STEPS * CASES[case].get("micro_batches", MICRO_BATCHES) * 2
         _assert_parity(rank, res[case], case)
 
 
@@ -423,6 +494,15 @@ def test_parity_breaks_without_replica_gradient_return(ep2_edp2_run):
         )
         assert worst > 1e-2, f"rank {rank}: dropping replica gradients went unnoticed ({worst:.2e})"
         assert max(control["param_rel"].values()) > 10 * PARAM_REL_TOL
+
+
+def test_parity_breaks_with_replica_weights_read_before_the_parameter_all_gather(ep2_edp2_run):
+    for rank, res in enumerate(ep2_edp2_run):
+        control = res["stale_refresh"]
+        assert control["param_gather_pre_hooks"]
+        worst = max(control["param_rel"].values())
+        print(f"rank {rank}: replica weights read before the all-gather: parameters {worst:.1e}")
+        assert worst > 10 * PARAM_REL_TOL, f"rank {rank}: stale replica weights went unnoticed ({worst:.2e})"
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
@@ -451,10 +531,12 @@ def test_evaluation_after_a_step_matches_stock(ep2_edp2_run):
         assert max(diffs) <= LOSS_TOL, f"rank {rank}: evaluation loss diffs {diffs}"
 
 
-def test_pipeline_1f1b_matches_stock(pp2_ep2_run):
-    assert sorted(res["stage"] for res in pp2_ep2_run) == [0, 0, 1, 1]
+@pytest.mark.parametrize("overlap", [False, True])
+def test_pipeline_1f1b_matches_stock(pp2_ep2_run, overlap):
+    assert sorted(res[overlap]["stage"] for res in pp2_ep2_run) == [0, 0, 1, 1]
     for rank, res in enumerate(pp2_ep2_run):
+        res = res[overlap]
         assert res["schedule"] == "forward_backward_pipelining_without_interleaving"
-        _assert_parity(rank, res, "pp2_ep2")
+        _assert_parity(rank, res, f"pp2_ep2 overlap={overlap}")
         if res["stage"] == 1:
             assert all(loss is not None for loss in res["stock_losses"])
