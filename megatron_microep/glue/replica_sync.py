@@ -144,7 +144,7 @@ def _owners(fn) -> list:
     fns = fn if isinstance(fn, (list, tuple)) else [fn]
     out = []
     for f in fns:
-        while getattr(f, "__wrapped__", None) is not None:
+        if getattr(f, "_microep_counts", False):  # our counting wrapper (a bound method's own __wrapped__ is unbound)
             f = f.__wrapped__
         owner = getattr(f, "__self__", None)
         if hasattr(owner, "param_to_bucket_group"):

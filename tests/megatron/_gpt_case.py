@@ -23,6 +23,37 @@ def skew_router(model, hot_experts: Iterable[int]) -> None:
                 buffer[list(hot_experts)] = HOT_BIAS
 
 
+def tiny_moe_config(dispatcher: str, ep: int, num_experts: int, dtype=torch.float32, **overrides):
+    """A small MoE TransformerConfig for CPU (local spec, no dropout, fp32 or bf16 weights) whose routing
+    comes from a fixed router expert bias (``skew_router``): 2 layers, hidden 32, 4 heads, expert FFN
+    32, top-2; ``overrides`` replace or add TransformerConfig fields."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        moe_ffn_hidden_size=32,
+        num_moe_experts=num_experts,
+        moe_router_topk=2,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        add_bias_linear=False,
+        transformer_impl="local",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_load_balancing_type="none",
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+    )
+    return TransformerConfig(**{**fields, **overrides})
+
+
 def gpt_model(config, seed: int, vocab: int, seq_len: int, hot_experts: Iterable[int], **gpt_kwargs):
     """GPTModel with MicroEP's block spec when the config's dispatcher is microep (the layer class follows
     --microep-expert-sharding), else the stock local spec; the same seed gives the same weights."""

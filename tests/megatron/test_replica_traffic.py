@@ -27,7 +27,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-from _gpt_case import forward_step, skew_router, synthetic_batches  # noqa: E402
+from _gpt_case import forward_step, skew_router, synthetic_batches, tiny_moe_config  # noqa: E402
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
@@ -73,34 +73,12 @@ class _AllToAllSpy:
 def _model(seed, dtype, trace_dir, dispatcher="microep", microep=None, hot=(0, 2)):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_microep.glue import compat
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
     from megatron_microep.glue.spec import microep_layer_spec
 
-    config = TransformerConfig(
-        num_layers=LAYERS,
-        hidden_size=HIDDEN,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=FFN,
-        num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
-        moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=2,
-        add_bias_linear=False,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_load_balancing_type="none",
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-    )
+    config = tiny_moe_config(dispatcher, 2, NUM_EXPERTS, dtype, num_layers=LAYERS, moe_ffn_hidden_size=FFN)
     if dispatcher == "microep":
         settings = microep or MicroEPConfig(redundant_slots=1, replan_interval=0, trace_dir=trace_dir)
         attach_microep_config(config, settings)
@@ -216,6 +194,8 @@ def _train(
                 "has_replicas": layer.layout.has_replicas,
                 "replica_group": layer._replicas.group is not None,
                 "version": layer.placement_controller.version,
+                # DDP found: every home expert's bucket group waits for the replica gradients.
+                "guarded": all(p in layer.replica_buckets for p in layer.replica_home_params()),
             }
             for layer in layers
         ],
@@ -266,6 +246,7 @@ def test_replica_bytes_per_step_do_not_depend_on_micro_batches(traffic_run):
                 assert counts["replica_calls"] == 2 * LAYERS  # one refresh, one gradient return per layer
                 assert counts["replica_bytes"] == counts["expected"] > 0
             assert m2["replica_bytes"] == m4["replica_bytes"]
+        assert all(layer["guarded"] for run in ("m2", "m4", "bf16") for layer in res[run]["layers"])
         # Same weights in the first step, identical micro-batches: the token traffic scales with M.
         assert res["m4"]["steps"][1]["token_bytes"] == 2 * res["m2"]["steps"][1]["token_bytes"] > 0
 
