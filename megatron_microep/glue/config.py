@@ -29,8 +29,9 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
-    """Reject Megatron settings MicroEP cannot honour. ``config`` is a TransformerConfig or args-like.
+def check_megatron_compatibility(settings: MicroEPConfig, config) -> MicroEPConfig:
+    """Reject Megatron settings MicroEP cannot honour; returns ``settings`` with the model-dependent
+    defaults resolved (``MicroEPConfig.for_model``). ``config`` is a TransformerConfig or args-like.
 
     Reads ``num_moe_experts`` (or ``num_experts``), ``expert_model_parallel_size`` and
     ``expert_tensor_parallel_size`` plus the MoE options named below.
@@ -43,6 +44,7 @@ def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
     if num_experts % ep:
         raise MicroEPConfigError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}")
     per_rank = num_experts // ep
+    settings = settings.for_model(num_experts, ep)
     if settings.redundant_slots > 0 and ep == 1:
         raise MicroEPConfigError(
             "--microep-redundant-slots > 0 needs --expert-model-parallel-size > 1 "
@@ -85,6 +87,7 @@ def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
             "--recompute-modules moe_act cannot be used with --moe-token-dispatcher-type microep "
             "(the MicroEP experts do not recompute activations)"
         )
+    return settings
 
 
 def attach_microep_config(config, settings: MicroEPConfig):
@@ -115,5 +118,4 @@ def resolve_microep_config(config, explicit: MicroEPConfig | None = None) -> Mic
                 "--microep-* flags with megatron_microep.glue.args.add_microep_args"
             )
         settings = MicroEPConfig.from_args(args)
-    check_megatron_compatibility(settings, config)
-    return settings
+    return check_megatron_compatibility(settings, config)
