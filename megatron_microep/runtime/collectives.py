@@ -4,6 +4,10 @@ Split sizes are Python ints known on every rank (they follow from the shared sch
 collective is spent exchanging them. Uneven all-gather and reduce-scatter are done by padding every
 chunk to the largest one: gloo rejects uneven ``all_gather`` lists, and the padded form is the one
 implementation that runs, and is tested, everywhere.
+
+Also: ``start_all_to_all`` (an asynchronous flat all-to-all, ``Pending.wait()`` for its output) and
+``dedicated_group`` (a communicator of a group's ranks for one kind of traffic), which replica
+weights and gradients use.
 """
 
 from __future__ import annotations
