@@ -82,7 +82,7 @@ class ReplicaExchange:
     def deliver(self, returned: torch.Tensor, into: Deliver) -> None:
         """Hand every returned gradient to ``into``, in a fixed order: holder rank, then replica slot."""
         for j, expert in enumerate(self.send_experts):
-            for i, part in enumerate(self.unflatten(returned[j * self.numel : (j + 1) * self.numel])):
+            for i, part in enumerate(self.unflatten(returned.narrow(0, j * self.numel, self.numel))):
                 into(expert, i, part)
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -93,7 +93,7 @@ class ReplicaExchange:
         """Per replica index (R of them): the tensors of the expert it holds, None if empty."""
         out: list[list[torch.Tensor] | None] = [None] * self.layout.redundant_slots
         for j, slot in enumerate(self.recv_slots):
-            out[slot] = self.unflatten(flat[j * self.numel : (j + 1) * self.numel])
+            out[slot] = self.unflatten(flat.narrow(0, j * self.numel, self.numel))
         return out
 
 

@@ -11,7 +11,8 @@ expert 3; EP rank 1 homes 2, 3 and holds a replica of expert 0. A spy on
   passes, one in the last; the home rank receives the fp32 sum of the three bf16 replica
   gradients, equal bit for bit to summing them in fp32 in micro-batch order (a bf16 running sum
   differs), and autograd gives the home parameters nothing from the replica;
-- at most one return in flight: starting a second finishes (delivers) the first.
+- at most one return in flight: starting a second finishes (delivers) the first;
+- on a CUDA device (fake tensors, no launch): accumulating and delivering stay on the device.
 """
 
 import os
@@ -200,3 +201,25 @@ def test_gradients_accumulate_in_fp32_and_go_home_once(run):
 def test_one_return_in_flight(run):
     for res in run:
         assert res["first_finished_by_second"] and res["all_finished"]
+
+
+def test_gradient_accumulation_and_delivery_stay_on_the_device():
+    """On a CUDA device (fake tensors: no GPU needed), accumulating a step's replica gradients and
+    delivering the returned ones into fp32 main grads neither synchronises with the host nor mixes
+    CPU and CUDA tensors: FakeTensorMode raises on either (data-dependent results, device mixes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layout = PhysicalLayout.build(Placement.from_lists(PLACEMENT, EP), PER_RANK, REDUNDANT)
+    exchange = ReplicaExchange(layout, 1, SHAPES)  # EP rank 1: holds a replica of expert 0, homes expert 3
+    numel = len(exchange.recv_slots) * exchange.numel
+    with FakeTensorMode():
+        cuda = torch.device("cuda")
+        replicas = Replicas()
+        replicas.accumulate(exchange, torch.randn(numel, device=cuda, dtype=torch.bfloat16))
+        replicas.accumulate(exchange, torch.randn(numel, device=cuda, dtype=torch.bfloat16))
+        accumulated = replicas._grads[1]
+        main = [[torch.zeros(s, device=cuda) for s in SHAPES] for _ in range(PER_RANK)]
+        returned = torch.randn(len(exchange.send_experts) * exchange.numel, device=cuda)
+        exchange.deliver(returned, lambda e, i, g: main[e][i].add_(g))
+    assert accumulated.device.type == "cuda" and accumulated.dtype == torch.float32
+    assert exchange.send_experts == [REPLICATED[1]]
