@@ -42,6 +42,8 @@ class Setting:
     metavar: str | None = None
     # The simulator's ``microep`` parameter this setting replays as (None: the simulator has none).
     simulator: str | None = None
+    # Shown instead of the default in the docs table ("auto": None is resolved per model, see the help).
+    default_label: str | None = None
 
     def all_choices(self) -> tuple[str, ...]:
         if self.registry is None:
@@ -59,19 +61,25 @@ def setting(default: Any, help: str, **kwargs: Any) -> Any:
 class MicroEPConfig:
     """Per-layer MicroEP settings; each field is the flag ``--microep-<field with dashes>``."""
 
-    redundant_slots: int = setting(
-        0,
-        "replica slots per EP rank besides its home experts; R < experts per EP rank; R > 0 needs EP > 1",
+    redundant_slots: int | None = setting(
+        None,
+        "replica slots per EP rank besides its home experts; R < experts per EP rank; R > 0 needs EP > 1 "
+        "(auto: min(2, experts per EP rank - 1) with EP > 1, else 0; 0 under FSEP, whose layout moves "
+        "experts itself; 0: stock Megatron EP)",
         minimum=0,
         metavar="R",
+        default_label="auto",
     )
-    replan_interval: int = setting(
-        0,
+    replan_interval: int | None = setting(
+        None,
         "re-plan the replica placement every N optimizer steps from the recorded routing history "
-        "(0: never, the placement stays stock; needs R >= 1 unless experts are FSEP-sharded)",
+        "(0: never, the placement stays stock; needs R >= 1 unless experts are FSEP-sharded; auto: 1 "
+        "when there is something to place, else 0: replicas are refreshed every step anyway, so a "
+        "new placement moves no more bytes)",
         minimum=0,
         metavar="N",
         simulator="replan_interval",
+        default_label="auto",
     )
     planner: str = setting(
         "ortools",
@@ -87,8 +95,10 @@ class MicroEPConfig:
         simulator="history_micro_batches",
     )
     planner_time_limit_s: float = setting(
-        10.0,
-        "wall-clock limit of one planning run, at most (planning runs in a planner process; the limit is fitted to the step time, docs/dispatcher.md)",
+        0.5,
+        "wall-clock limit of one planning run, at most (planning runs in a planner process, and the limit is "
+        "fitted to the step time, docs/dispatcher.md); the default lets a plan started in one step be adopted "
+        "in the next of any production step time",
         above=0,
         metavar="T",
         simulator="time_limit_s",
@@ -132,7 +142,9 @@ class MicroEPConfig:
     )
     gpus_per_node: int | None = setting(
         None,
-        "planner: keep replicas inside their home expert's node of K EP ranks (none: anywhere)",
+        "planner: keep replicas inside their home expert's node of K EP ranks (none: anywhere, the default: "
+        "confining them to nodes cost 7-17 points of modeled share of ideal on the drifting workloads of "
+        "docs/benchmarks.md, replica upkeep included)",
         minimum=1,
         metavar="K",
         simulator="node_confined",
@@ -168,11 +180,24 @@ class MicroEPConfig:
         for f, spec in settings():
             _check(flag_of(f.name), getattr(self, f.name), f, spec)
         # Under FSEP a re-plan also moves the experts' own copies, so it needs no replica slot.
-        if self.replan_interval > 0 and self.redundant_slots == 0 and self.expert_sharding == "none":
+        if self.replan_interval and self.redundant_slots == 0 and self.expert_sharding == "none":
             raise MicroEPConfigError(
                 f"{flag_of('replan_interval')} > 0 needs {flag_of('redundant_slots')} >= 1 (nothing to place)"
             )
         return self
+
+    def for_model(self, num_experts: int, ep_size: int) -> MicroEPConfig:
+        """These settings with the model-dependent defaults (``auto``, held as None) resolved for
+        ``num_experts`` experts over ``ep_size`` EP ranks (``gpus_per_node`` needs the ranks' places
+        and is resolved where the layer's groups are known). Validated."""
+        slots = self.redundant_slots
+        if slots is None:
+            per_rank = num_experts // ep_size
+            slots = min(2, per_rank - 1) if ep_size > 1 and self.expert_sharding == "none" else 0
+        interval = self.replan_interval
+        if interval is None:
+            interval = 1 if slots > 0 or (self.expert_sharding != "none" and ep_size > 1) else 0
+        return dataclasses.replace(self, redundant_slots=slots, replan_interval=interval).validate()
 
     @classmethod
     def from_args(cls, args) -> MicroEPConfig:
@@ -236,9 +261,13 @@ def _number(value: float) -> str:
 _TO_SIMULATOR: dict[str, Callable[[Any, int], Any]] = {
     "planner": lambda value, _: {"ortools": "ortools", "greedy": "eplb"}[value],
     "history_window": lambda steps, micro_batches_per_step: steps * micro_batches_per_step,
-    # The node size itself is the replay's layout (``simulate(gpus_per_node=...)``).
+    # auto re-plans every step where there is something to place (the simulator's microep always has).
+    "replan_interval": lambda value, _: 1 if value is None else value,
+    # The node size itself is the replay's layout (``simulate(gpus_per_node=...)``); K confines replicas to nodes.
     "gpus_per_node": lambda value, _: value is not None,
 }
+# Settings whose simulator value depends on the micro-batches per step, so their default has no fixed counterpart.
+_PER_MICRO_BATCH = {"history_window"}
 
 
 def simulator_params(config: MicroEPConfig, micro_batches_per_step: int) -> dict[str, Any]:
@@ -249,6 +278,17 @@ def simulator_params(config: MicroEPConfig, micro_batches_per_step: int) -> dict
             value = getattr(config, f.name)
             convert = _TO_SIMULATOR.get(f.name)
             out[spec.simulator] = convert(value, micro_batches_per_step) if convert else value
+    return out
+
+
+def simulator_defaults() -> dict[str, Any]:
+    """The simulator ``microep`` parameters the settings' defaults replay as (all but those that
+    depend on the micro-batches per step): the simulator's own defaults for them."""
+    out = {}
+    for f, spec in settings():
+        if spec.simulator is not None and f.name not in _PER_MICRO_BATCH:
+            convert = _TO_SIMULATOR.get(f.name)
+            out[spec.simulator] = convert(f.default, 0) if convert else f.default
     return out
 
 
@@ -265,6 +305,8 @@ def settings_table() -> str:
     for f, spec in settings():
         choices = spec.all_choices()
         arg = "{" + ",".join(choices) + "}" if choices else (spec.metavar or f.name.upper())
-        default = "none" if f.default is None else _number(f.default) if isinstance(f.default, float) else f.default
+        default = spec.default_label or (
+            "none" if f.default is None else _number(f.default) if isinstance(f.default, float) else f.default
+        )
         rows.append(f"| `{flag_of(f.name)} {arg}` | {default} | {spec.help} |")
     return "\n".join(rows) + "\n"

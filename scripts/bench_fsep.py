@@ -231,8 +231,8 @@ def _measure_rank(rank: int, world: int, shape: Shape, seed: int):
         for j in range(shape.redundant):
             lists[((g + 1) % G * n + j) % shape.experts].append(g)
     layout = PhysicalLayout.build(Placement.from_lists(lists, G), n, shape.redundant)
-    exchange = ReplicaExchange(layout, rank, dist.group.WORLD, [torch.Size(s) for s in shapes])
-    replicas = exchange.fetch(home, key=None)
+    exchange = ReplicaExchange(layout, rank, [torch.Size(s) for s in shapes])
+    replicas = exchange.start_fetch(home, dist.group.WORLD).wait()
     out["replica_weights"] = replicas.nbytes
 
     # FSEP: shards, their persistent state, and a step of `layers` layers per policy.

@@ -24,7 +24,10 @@ Prints figures for docs/benchmarks.md ("## Simulator"):
    are memory the other policies do not get, ultraep and llep again with ``2 + BURST_SLOTS``
    redundant slots (the same copies per GPU) against the same ideal.
 
-Usage: python scripts/bench_simulator.py [--parts replay,scale,tables,tail,forecast,burst] [--out DIR] [--quick]
+7. replicas: microep on the three drifting workloads with the runtime's default of replicas anywhere
+   and with replicas inside their home node, replica upkeep and wall-time parts printed apart.
+
+Usage: python scripts/bench_simulator.py [--parts replay,scale,tables,tail,forecast,burst,replicas] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -247,16 +250,59 @@ def burst(out: Path, quick: bool) -> None:
         sys.stdout.flush()
 
 
+def replicas(out: Path, quick: bool) -> None:
+    """microep with the runtime's defaults (replicas anywhere) and with replicas kept in their home
+    expert's node (``--microep-gpus-per-node 8``) on the three drifting workloads, replica upkeep charged as
+    the runtime moves it (one refresh and one fp32 gradient return per replica and step, straight
+    from the home GPU). Wall-time parts (planner, per-micro-batch decision) are printed apart: they
+    are measured on this machine and grow with its load."""
+    shape = table_shape(quick)
+    print(f"## replicas: microep, replicas anywhere (default) or in the home node; {shape}, R=2, 8 GPUs per node")
+    print(
+        "| workload | replicas | max/mean mean | max/mean p99 | replica upkeep (ms/step) | planner + decision "
+        "(ms/step) | modeled step (ms) | share of ideal |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for workload in TABLE_WORKLOADS[:3]:
+        for label, confined in (("anywhere (default)", False), ("home node", True)):
+            result = simulate(
+                f"gen:{workload}:{shape}",
+                ["microep"],
+                2,
+                8,
+                out / f"replicas_{workload}_{'node' if confined else 'anywhere'}",
+                CostModel(),
+                policy_params={"microep": {"node_confined": confined}},
+                plots=False,
+            )
+            row = next(r for r in result.rows if r.policy == "microep")
+            parts = row.parts_per_step
+            print(
+                f"| {workload} | {label} | {row.max_over_mean_mean:.3f} | {row.max_over_mean_p99:.3f} | "
+                f"{1e3 * parts['replica_sync']:.1f} | {1e3 * (parts['planner'] + parts['decision']):.1f} | "
+                f"{1e3 * row.modeled_step_time:.2f} | {100 * row.share_of_ideal:.1f}% |"
+            )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="replay,scale,tables,tail,forecast,burst")
+    parser.add_argument("--parts", default="replay,scale,tables,tail,forecast,burst,replicas")
     parser.add_argument("--out", default="runs/bench_simulator")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"# bench_simulator ({time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}, numpy {np.__version__})\n")
-    parts = {"replay": replay, "scale": scale, "tables": tables, "tail": tail, "forecast": forecast, "burst": burst}
+    parts = {
+        "replay": replay,
+        "scale": scale,
+        "tables": tables,
+        "tail": tail,
+        "forecast": forecast,
+        "burst": burst,
+        "replicas": replicas,
+    }
     for name in args.parts.split(","):
         if name not in parts:
             parser.error(f"unknown part {name!r}; choose from {', '.join(parts)}")

@@ -58,9 +58,10 @@ def test_each_range_is_checked_and_the_error_names_the_flag(name):
     bound = spec.minimum if spec.minimum is not None else spec.above
     below = value_type(f)(bound - 1)
     if below == spec.off:  # the value that switches the feature off is allowed: test between it and the range
-        below = (bound + spec.off) / 2
-    with pytest.raises(MicroEPConfigError, match=f"^{flag_of(name)} must be .*>"):
-        MicroEPConfig(**{name: below}).validate()
+        below = value_type(f)((bound + spec.off) / 2)
+    if below != spec.off:  # (an int range that starts right after its off value has nothing between)
+        with pytest.raises(MicroEPConfigError, match=f"^{flag_of(name)} must be .*>"):
+            MicroEPConfig(**{name: below}).validate()
     if spec.off is not None:
         MicroEPConfig(**{name: value_type(f)(spec.off)}).validate()
     if spec.above is None:  # the inclusive bound itself is allowed (unless a relation rule forbids it)
@@ -117,6 +118,14 @@ def test_the_simulator_replays_with_the_runtime_planner_settings(overrides):
     policy = make_policy("microep", layout, **simulator_params(config, micro_batches_per_step=8))
     assert policy.planner_settings() == planner_settings(config)
     assert policy.replan_interval == 3 and policy.history_needs() == (40, 1)
+
+
+def test_simulator_microep_defaults_are_the_runtime_defaults():
+    runtime = simulator_params(MicroEPConfig(), micro_batches_per_step=4)
+    simulator = MicroEpParams()
+    mapped = {name: value for name, value in runtime.items() if name != "history_micro_batches"}
+    assert mapped == {name: getattr(simulator, name) for name in mapped}
+    assert mapped["replan_interval"] == 1 and mapped["node_confined"] is False and mapped["time_limit_s"] == 0.5
 
 
 def test_docs_flag_table_is_the_generated_one():

@@ -53,12 +53,11 @@ def add_microep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def validate_microep_args(args) -> MicroEPConfig | None:
-    """Settings from parsed ``args`` when the job uses MicroEP (else None); raises MicroEPConfigError."""
+    """Settings from parsed ``args`` when the job uses MicroEP, model-dependent defaults resolved (else
+    None); raises MicroEPConfigError."""
     if getattr(args, "moe_token_dispatcher_type", None) != DISPATCHER_TYPE:
         return None
-    settings = MicroEPConfig.from_args(args)
-    check_megatron_compatibility(settings, args)
-    return settings
+    return check_megatron_compatibility(MicroEPConfig.from_args(args), args)
 
 
 def microep_config_from_args(args, config):

@@ -31,8 +31,9 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
-    """Reject Megatron settings MicroEP cannot honour. ``config`` is a TransformerConfig or an args-like
+def check_megatron_compatibility(settings: MicroEPConfig, config) -> MicroEPConfig:
+    """Reject Megatron settings MicroEP cannot honour; returns ``settings`` with the model-dependent
+    defaults resolved (``MicroEPConfig.for_model``). ``config`` is a TransformerConfig or an args-like
     namespace (absent attributes count as unset); ``check_unsupported_settings`` alone takes any
     object, e.g. a DistributedDataParallelConfig (Megatron-FSDP lives there).
 
@@ -47,6 +48,7 @@ def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
     if num_experts % ep:
         raise MicroEPConfigError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}")
     per_rank = num_experts // ep
+    settings = settings.for_model(num_experts, ep)
     if settings.redundant_slots > 0 and ep == 1:
         raise MicroEPConfigError(
             "--microep-redundant-slots > 0 needs --expert-model-parallel-size > 1 "
@@ -69,6 +71,7 @@ def check_megatron_compatibility(settings: MicroEPConfig, config) -> None:
     if ffn is not None and ffn % etp:
         raise MicroEPConfigError(f"--expert-tensor-parallel-size {etp} must divide --moe-ffn-hidden-size {ffn}")
     check_unsupported_settings(config)
+    return settings
 
 
 def check_unsupported_settings(config) -> None:
@@ -261,5 +264,4 @@ def resolve_microep_config(config, explicit: MicroEPConfig | None = None) -> Mic
                 "--microep-* flags with megatron_microep.glue.args.add_microep_args"
             )
         settings = MicroEPConfig.from_args(args)
-    check_megatron_compatibility(settings, config)
-    return settings
+    return check_megatron_compatibility(settings, config)

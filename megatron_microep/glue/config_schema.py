@@ -337,8 +337,15 @@ class LaunchConfig:
         return self.microep_section()
 
     def microep_section(self) -> MicroEPConfig:
-        """The ``microep`` section with the settings' defaults, whichever dispatcher the run selects."""
-        return MicroEPConfig(**self.sections.get("microep", {}))
+        """The ``microep`` section with the settings' defaults (the model-dependent ones resolved for
+        this model), whichever dispatcher the run selects."""
+        section = MicroEPConfig(**self.sections.get("microep", {}))
+        num_experts = self.get("moe", "num_experts")
+        return (
+            section.for_model(num_experts, self.value("parallel", "expert_model_parallel_size"))
+            if num_experts
+            else section
+        )
 
     def megatron_flags(self) -> list[str]:
         """Megatron-LM command-line arguments for this config (``microep`` flags only with its dispatcher)."""

@@ -26,11 +26,15 @@ Per (micro-batch, layer), forward and backward:
   behind that pass's compute, so only the excess is charged.
 * the policy's per-micro-batch decision, when it sits on the critical path (measured CPU time).
 
-Per step and layer: persistent replicas are refreshed from their home after the optimizer step by a
-pipelined broadcast chain per expert (hidden behind the layer's first forward compute of the step,
-the excess charged) and return their gradients by the reversed chain (hidden behind the last
-backward compute), burst copies their gradients along the same chains; a re-plan that moves an expert's home copy
-moves its parameters and optimizer state (charged in full). Bytes on a link are not slowed by other
+Per step and layer, as the runtime does it (``planning/replica_traffic.py`` counts the bytes):
+every persistent replica is refreshed once, straight from its home GPU (one all-to-all, issued at
+the start of the step and waited for at the layer's first expert compute: hidden behind the layer's
+first forward compute, the excess charged), and returns its gradient once, accumulated over the
+step's micro-batches in fp32, along the same pairs reversed (issued after the layer's last expert
+backward and waited for before the gradient reduction: hidden behind one backward compute, the
+excess charged); each transfer takes as long as its busiest GPU's slowest link. Burst copies
+return their gradients the same way; they are pushed, not refreshed. A re-plan that moves
+an expert's home copy moves its parameters and optimizer state (charged in full). Bytes on a link are not slowed by other
 traffic on it (no contention model); compute and all-to-all of one layer do not overlap.
 """
 
@@ -44,6 +48,7 @@ import numpy as np
 
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies import Assignment, Traffic
+from megatron_microep.planning.replica_traffic import replica_step_traffic
 
 DEFAULT_GEMM_TABLE = Path(__file__).resolve().parent.parent / "data" / "gemm_efficiency_h100.csv"
 
@@ -335,56 +340,28 @@ def record_cost(
     )
 
 
-def broadcast_chains(expert: np.ndarray, home: np.ndarray, replica: np.ndarray, node_size: int) -> np.ndarray:
-    """int64 [K, 2] edges of pipelined broadcast chains: per expert, home -> its replicas, those in the
-    home's node first, then node by node, so each chain crosses each node boundary once. A pipelined
-    chain moves the weights in about one transfer time whatever its length (NCCL-style broadcast);
-    the reversed chain is the gradient reduction.
-
-    expert, home, replica: int [K] (one row per replica; ``home`` is the expert's home GPU).
-    """
-    if len(expert) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    experts = np.unique(expert)
-    home_of = dict(zip(expert.tolist(), home.tolist()))
-    homes = np.array([home_of[e] for e in experts.tolist()], dtype=np.int64)
-    all_expert = np.concatenate([experts, expert])
-    all_gpu = np.concatenate([homes, replica])
-    home_node = np.concatenate([homes, home]) // node_size
-    node = all_gpu // node_size
-    is_home = np.concatenate([np.ones(len(experts), bool), np.zeros(len(expert), bool)])
-    # Order within an expert: home, then its node, then other nodes in order.
-    key = np.where(is_home, -1, np.where(node == home_node, 0, 1 + node))
-    order = np.lexsort((all_gpu, key, all_expert))
-    e_sorted, g_sorted = all_expert[order], all_gpu[order]
-    link = e_sorted[1:] == e_sorted[:-1]
-    return np.stack([g_sorted[:-1][link], g_sorted[1:][link]], axis=1).astype(np.int64)
-
-
 def replica_sync(
     model: CostModel,
-    expert: np.ndarray,
     home: np.ndarray,
-    replica: np.ndarray,
+    holder: np.ndarray,
     num_gpus: int,
     node_size: int,
     first_fwd_s: float,
     last_bwd_s: float,
     refreshed: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """(exposed seconds, bytes) of one step's replica refresh (broadcast from home) and gradient
-    return (reduction to home) for replicas ``(expert, home, replica)`` int [K] each, hidden behind
-    ``first_fwd_s`` and ``last_bwd_s`` of compute. ``refreshed`` bool [K] (default all): copies the
-    refresh covers; the others (burst copies, dropped at the step's end) only return gradients."""
-    if len(expert) == 0:
+    """(exposed seconds, bytes) of one step's replica refresh and gradient return for copies
+    ``(home, holder)`` int [K] each, hidden behind ``first_fwd_s`` and ``last_bwd_s`` of compute.
+    ``refreshed`` bool [K] (default all): the persistent replicas; the others (burst copies, dropped
+    at the step's end) only return gradients."""
+    traffic = replica_step_traffic(home, holder, model.params_per_expert, model.param_bytes, refreshed=refreshed)
+    if len(traffic.home) == 0:
         return 0.0, 0.0
-    refreshed = np.ones(len(expert), dtype=bool) if refreshed is None else np.asarray(refreshed, dtype=bool)
-    edges = broadcast_chains(expert[refreshed], home[refreshed], replica[refreshed], node_size)
-    refresh = model.transfer_s(edges, model.expert_param_bytes, num_gpus, node_size)
-    edges = broadcast_chains(expert, home, replica, node_size)
-    grads = model.transfer_s(edges[:, ::-1], model.expert_grad_bytes, num_gpus, node_size)
+    pairs = np.stack([traffic.home, traffic.holder], axis=1)
+    refresh = model.transfer_s(pairs[traffic.refreshed], traffic.refresh_bytes, num_gpus, node_size)
+    grads = model.transfer_s(pairs[:, ::-1], traffic.gradient_bytes, num_gpus, node_size)
     exposed = max(0.0, refresh - first_fwd_s) + max(0.0, grads - last_bwd_s)
-    return exposed, int(refreshed.sum()) * model.expert_param_bytes + len(expert) * model.expert_grad_bytes
+    return exposed, traffic.total
 
 
 def home_moves(model: CostModel, before: Placement, after: Placement, node_size: int) -> tuple[float, float]:

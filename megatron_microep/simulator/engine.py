@@ -70,6 +70,7 @@ class PolicyResult:
     inter_node_tokens: int = 0
     total_tokens: int = 0
     weight_bytes: float = 0.0
+    replica_bytes: dict[int, float] = field(default_factory=dict)  # every step: replica refresh + gradient return
     step_seconds: dict[int, float] = field(default_factory=dict)  # every step, warm-up included
     measured_steps: set[int] = field(default_factory=set)
     planner_seconds: dict[int, float] = field(default_factory=dict)  # step planned for -> slowest layer's seconds
@@ -276,7 +277,6 @@ class Simulation:
                 home = ps.placement.gpus[ps.placement.ptr[:-1]]
                 seconds, nbytes = replica_sync(
                     self.cost,
-                    expert,
                     home[expert],
                     gpu,
                     lay.num_gpus,
@@ -286,6 +286,7 @@ class Simulation:
                     refreshed,
                 )
                 result.step_seconds[state.step] = result.step_seconds.get(state.step, 0.0) + seconds
+                result.replica_bytes[state.step] = result.replica_bytes.get(state.step, 0.0) + nbytes
                 if measured:
                     result.weight_bytes += nbytes
                     result.parts["replica_sync"] += seconds

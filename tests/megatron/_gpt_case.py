@@ -57,6 +57,24 @@ def skew_router(model, hot_experts: Iterable[int]) -> None:
                 buffer[list(hot_experts)] = HOT_BIAS
 
 
+def tiny_moe_config(dispatcher: str, ep: int, num_experts: int, dtype=torch.float32, **overrides):
+    """``SMALL_MOE`` as a TransformerConfig of 2 layers, ``num_experts`` experts over ``ep`` EP ranks,
+    fp32 or bf16 weights; ``overrides`` replace or add TransformerConfig fields (no settings attached)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        SMALL_MOE,
+        num_layers=2,
+        num_moe_experts=num_experts,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+    )
+    return TransformerConfig(**{**fields, **overrides})
+
+
 def gpt_model(config, seed: int, vocab: int, seq_len: int, hot_experts: Iterable[int], **gpt_kwargs):
     """GPTModel with MicroEP's block spec when the config's dispatcher is microep (the layer class follows
     --microep-expert-sharding), else the stock local spec; the same seed gives the same weights."""

@@ -14,7 +14,6 @@ from megatron_microep.simulator.cost import (
     CostModel,
     CostModelError,
     GemmTable,
-    broadcast_chains,
     record_cost,
     replica_sync,
 )
@@ -78,38 +77,43 @@ def test_compute_and_a2a_by_hand():
     assert model.a2a_s(flow) == pytest.approx(12 * 1000 * 2 / 1e9)
 
 
-def test_broadcast_chains_reach_every_replica_once():
+def test_replica_traffic_counts_each_replica_once_per_step():
+    from megatron_microep.planning.placement import Placement
+    from megatron_microep.planning.replica_traffic import replica_step_traffic, replicas_of
+
     rng = np.random.default_rng(SEED)
-    experts = rng.integers(0, 6, size=20)
-    pairs = {(int(e), int(g)) for e, g in zip(experts, rng.integers(0, 16, size=20))}
-    home = {e: (e * 16) // 6 for e, _ in pairs}
-    pairs = sorted((e, g) for e, g in pairs if g != home[e])
-    expert = np.array([e for e, _ in pairs])
-    replica = np.array([g for _, g in pairs])
-    homes = np.array([home[e] for e in expert])
-    edges = broadcast_chains(expert, homes, replica, 4)
-    assert len(edges) == len(pairs)
-    assert sorted(edges[:, 1].tolist()) == sorted(replica.tolist()), "each replica receives exactly once"
-    for e in set(expert.tolist()):
-        nodes = {g // 4 for g in replica[expert == e].tolist()} | {home[e] // 4}
-        crossing = 0
-        reached = {home[e]}
-        for src, dst in edges.tolist():
-            if src in reached and dst in set(replica[expert == e].tolist()) - reached:
-                reached.add(dst)
-                crossing += src // 4 != dst // 4
-        assert reached == set(replica[expert == e].tolist()) | {home[e]}
-        assert crossing == len(nodes) - 1, "a chain crosses each node boundary once"
+    num_gpus, num_experts = 8, 16
+    lists = [[e // 2] for e in range(num_experts)]  # homes: two experts per GPU
+    for _ in range(10):
+        e, g = int(rng.integers(num_experts)), int(rng.integers(num_gpus))
+        if g not in lists[e]:
+            lists[e].append(g)
+    placement = Placement.from_lists(lists, num_gpus)
+    expert, home, holder = replicas_of(placement)
+    assert sorted(zip(expert.tolist(), holder.tolist())) == sorted(
+        (e, g) for e, gpus in enumerate(lists) for g in gpus[1:]
+    )
+    assert (home == expert // 2).all()
+    t = replica_step_traffic(home, holder, params_per_expert=1000, param_bytes=2)
+    sent = t.sent(num_gpus)
+    for gpu in range(num_gpus):  # weights of its replicated home experts out, fp32 gradients of its replicas out
+        copies_of_mine = sum(len(gpus) - 1 for e, gpus in enumerate(lists) if e // 2 == gpu)
+        held = sum(gpu in gpus[1:] for gpus in lists)
+        assert sent[gpu] == copies_of_mine * 2000 + held * 4000
+    assert t.total == sent.sum() == len(expert) * 6000
 
 
 def test_replica_sync_hidden_behind_compute():
     model = CostModel()
-    expert, home, replica = np.array([0, 0]), np.array([0, 0]), np.array([1, 9])
-    exposed, nbytes = replica_sync(model, expert, home, replica, 16, 8, first_fwd_s=10.0, last_bwd_s=10.0)
-    assert exposed == 0.0 and nbytes == 2 * (model.expert_param_bytes + model.expert_grad_bytes)
-    exposed, _ = replica_sync(model, expert, home, replica, 16, 8, first_fwd_s=0.0, last_bwd_s=0.0)
-    inter = (model.expert_param_bytes + model.expert_grad_bytes) / (model.inter_node_gbps * 1e9)
+    home, replica = np.array([0, 0]), np.array([1, 9])
+    exposed, nbytes = replica_sync(model, home, replica, 16, 8, first_fwd_s=10.0, last_bwd_s=10.0)
+    assert exposed == 0.0 and nbytes == 2 * (model.expert_param_bytes + model.params_per_expert * 4)
+    exposed, _ = replica_sync(model, home, replica, 16, 8, first_fwd_s=0.0, last_bwd_s=0.0)
+    inter = (model.expert_param_bytes + model.params_per_expert * 4) / (model.inter_node_gbps * 1e9)
     assert exposed == pytest.approx(inter)
+    # Straight from the home GPU: two replicas in another node cost its link twice.
+    exposed, _ = replica_sync(model, home, np.array([8, 9]), 16, 8, first_fwd_s=0.0, last_bwd_s=0.0)
+    assert exposed == pytest.approx(2 * inter)
 
 
 def test_replica_sync_burst_copies_return_gradients_only():

@@ -34,6 +34,10 @@ from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.plan import PlannerSettings, PlanTarget, plan_from_history
 from megatron_microep.planning.policies.base import Assignment, History, Policy, PolicyError, param
 from megatron_microep.planning.scheduler import schedule
+from megatron_microep.settings import simulator_defaults
+
+# The runtime's defaults (megatron_microep.settings), so the simulator replays what a MicroEP run does by default.
+_RUNTIME = simulator_defaults()
 
 # The policy's planner names -> the shared planner's methods.
 PLANNER_METHODS = {"ortools": "ortools", "eplb": "greedy"}
@@ -41,18 +45,23 @@ PLANNER_METHODS = {"ortools": "ortools", "eplb": "greedy"}
 
 @dataclass(frozen=True)
 class MicroEpParams:
-    replan_interval: int = param(1, "steps between re-plans")
+    replan_interval: int = param(_RUNTIME["replan_interval"], "steps between re-plans")
     history_micro_batches: int = param(16, "micro-batches of expert loads the planner scores plans on")
-    forecast_samples: int = param(32, "forecast samples scored with the history (0: the history alone)")
-    forecast_recent: int = param(4, "latest micro-batches whose mean is the forecast's level")
-    forecast_burst: float = param(
-        3.0, "cap on the burst each expert gets once in the forecast, a multiple of its level (0: off)"
+    forecast_samples: int = param(
+        _RUNTIME["forecast_samples"], "forecast samples scored with the history (0: the history alone)"
     )
-    time_limit_s: float = param(0.5, "planner wall-time limit per layer and re-plan")
+    forecast_recent: int = param(_RUNTIME["forecast_recent"], "latest micro-batches whose mean is the forecast's level")
+    forecast_burst: float = param(
+        _RUNTIME["forecast_burst"],
+        "cap on the burst each expert gets once in the forecast, a multiple of its level (0: off)",
+    )
+    time_limit_s: float = param(_RUNTIME["time_limit_s"], "planner wall-time limit per layer and re-plan")
     use_solver: bool = param(True, "run CP-SAT after the greedy starts and local search")
-    move_penalty: float = param(0.0, "tokens of expected max load one moved replica is worth")
-    node_confined: bool = param(False, "keep replicas in their home expert's node (needs --gpus-per-node)")
-    planner: str = param("ortools", "'ortools' (plan_placement) or 'eplb' (EPLB-style greedy placement)")
+    move_penalty: float = param(_RUNTIME["move_penalty"], "tokens of expected max load one moved replica is worth")
+    node_confined: bool = param(
+        _RUNTIME["node_confined"], "keep replicas in their home expert's node (needs --gpus-per-node)"
+    )
+    planner: str = param(_RUNTIME["planner"], "'ortools' (plan_placement) or 'eplb' (EPLB-style greedy placement)")
     burst_slots: int = param(0, "burst slots per GPU and step for copies chosen per micro-batch (0: off)")
     burst_tolerance: float = param(1.02, "add burst copies while max load > this times the mean (>= 1)")
     burst_node_confined: bool = param(True, "burst copies stay in their expert's home node (NVLink pushes)")
