@@ -139,6 +139,8 @@ def _parity(mode: str, seed: int) -> dict:
         "moe_layers": [type(m).__name__ for m in micro.modules() if isinstance(m, MoELayer)],
         "mtp_moe_layers": [type(m).__name__ for m in mtp_layers],
         "mtp_replica_tokens": sum(s.replica_tokens for m in mtp_layers for s in m.telemetry.drain()),
+        "layer_ids": [m.model_layer_id for m in micro.modules() if isinstance(m, MicroEPMoELayer)],
+        "mtp_layer_ids": [m.model_layer_id for m in mtp_layers],
     }
     stock_params, micro_params = _params(stock_ddp), _params(micro_ddp)
     if mode == "replicas":
@@ -213,6 +215,9 @@ def test_mtp_block_is_built_with_microep_layers(mtp_run, mode):
     for res in mtp_run:
         assert res[mode]["moe_layers"] == [expected] * 3  # two decoder layers and the MTP layer
         assert res[mode]["mtp_moe_layers"] == [expected]
+        # Telemetry tags, traces and FSEP's prefetch chain tell the MTP layer from decoder layer 1
+        # (from core_r0.19 both carry layer number 1): the MTP layer comes after the decoder's two.
+        assert sorted(res[mode]["layer_ids"]) == [1, 2, 3] and res[mode]["mtp_layer_ids"] == [3]
     assert sum(res[mode]["mtp_replica_tokens"] for res in mtp_run) > 0  # the MTP layer's copies carried tokens
 
 
