@@ -177,3 +177,13 @@ def calls_across_ranks(rows_per_rank, routed_per_rank, layer, num_experts: int) 
             }
         )
     return calls
+
+
+def assert_each_routed_pair_ran_once(calls: list[dict], pairs_per_call: int, label: str) -> list[bool]:
+    """For ``calls_across_ranks``' calls: each expert ran exactly the tokens the router sent it (over
+    its copies) and the router chose ``pairs_per_call`` (token, expert) pairs in each call. Returns,
+    per call, whether some expert's tokens were split over copies."""
+    for i, call in enumerate(calls):
+        assert call["ran"].tolist() == call["routed"].tolist(), f"{label} call {i}: {call}"
+        assert call["routed"].sum() == pairs_per_call, f"{label} call {i}: {call['routed'].sum()} routed pairs"
+    return [bool((call["copies"] > 1).any()) for call in calls]

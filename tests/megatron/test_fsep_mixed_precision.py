@@ -32,7 +32,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from _expert_rows import calls_across_ranks, count_expert_rows, count_routed_tokens, name_slot_experts
+from _expert_rows import (
+    assert_each_routed_pair_ran_once,
+    calls_across_ranks,
+    count_expert_rows,
+    count_routed_tokens,
+    name_slot_experts,
+)
 from _gpt_case import gpt_model, synthetic_batches
 from test_fsep_gpt import _expert_grads_as_shards, _rel
 
@@ -313,10 +319,9 @@ def test_16_bit_fsep_runs_every_routed_token_once_and_splits_over_copies(mixed_p
             [res["expert_rows"] for res in results], [res["routed"] for res in results], layer, NUM_EXPERTS
         )
         assert len(calls) == STEPS * MICRO_BATCHES
-        for i, call in enumerate(calls):
-            assert call["ran"].tolist() == call["routed"].tolist(), f"layer {layer} call {i}: {call}"
-            assert call["routed"].sum() == EP * MICRO_BATCH * SEQ_LEN * 2  # top-2 of every token
-            split[i // MICRO_BATCHES] |= bool((call["copies"] > 1).any())
+        pairs = EP * MICRO_BATCH * SEQ_LEN * 2  # top-2 of every token
+        split_calls = assert_each_routed_pair_ran_once(calls, pairs, f"layer {layer}")
+        split |= np.reshape(split_calls, (STEPS, MICRO_BATCHES)).any(axis=1)
     assert split.all(), f"no expert's tokens were split over copies in steps {np.flatnonzero(~split) + 1}"
 
 
