@@ -19,13 +19,10 @@ import random
 import types
 
 import pytest
+import torch
+from _gpt_case import forward_step, gpt_model, moe_config, synthetic_batches
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import forward_step, gpt_model, moe_config, synthetic_batches  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 WORLD = EP = 2
 NUM_EXPERTS = 4

@@ -21,13 +21,10 @@ import os
 import random
 
 import pytest
+import torch
+from _gpt_case import forward_step, moe_config, skew_router, synthetic_batches
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import forward_step, moe_config, skew_router, synthetic_batches  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 WORLD = 4
 EP, PP, VP, CP = 2, 2, 2, 2
