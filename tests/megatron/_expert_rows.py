@@ -74,7 +74,7 @@ def count_expert_rows(keep_fc1: bool = False):
             output = original(backend, x, rows, probs, weights, math)
             assert output.shape[0] == x.shape[0], f"{x.shape[0]} rows in, {output.shape[0]} out"
             record = {
-                "layer": layer.layer_number if layer is not None else None,
+                "layer": layer.model_layer_id if layer is not None else None,
                 "training": layer.training if layer is not None else True,
                 "backward": backward,
                 "rows": int(x.shape[0]),
@@ -106,7 +106,7 @@ def name_slot_experts(records: list[dict], layers) -> None:
     Gathers every FSEP layer's experts over its EP group: call on every rank of it, the same layers."""
     from megatron_microep.glue.fsep import full_experts
 
-    fc1 = {layer.layer_number: full_experts(layer)[0] for layer in layers}
+    fc1 = {layer.model_layer_id: full_experts(layer)[0] for layer in layers}
     for record in records:
         if "slot_fc1" not in record:
             continue
@@ -133,7 +133,13 @@ def count_routed_tokens():
     def route(self, *args, **kwargs):
         probs, routing_map = original(self, *args, **kwargs)
         per_expert = routing_map.reshape(-1, routing_map.shape[-1]).sum(0)
-        records.append({"layer": self.layer_number, "backward": _in_backward(), "per_expert": per_expert.tolist()})
+        records.append(
+            {
+                "layer": getattr(self, "model_layer_id", self.layer_number),
+                "backward": _in_backward(),
+                "per_expert": per_expert.tolist(),
+            }
+        )
         return probs, routing_map
 
     glue_layer.MicroEPMoELayer.route = route
