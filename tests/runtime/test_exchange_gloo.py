@@ -138,14 +138,14 @@ def _check_round_trip(groups, seed):
     probs = (torch.softmax(logits, dim=1) * routing_map).double().requires_grad_(True)
     x = torch.randn(num_tokens, HIDDEN, generator=gen, dtype=torch.float64, requires_grad=True)
 
-    routing = dispatch.route(routing_map, layout, groups)
+    routing = dispatch.route(routing_map, layout, groups, topk)
     tokens, p = dispatch.permute(x, probs, routing)
     tokens, p = dispatch.exchange(tokens, p, routing, groups)
     tokens, per_slot, p = dispatch.regroup(tokens, p, routing, groups)
     out = tokens * p.unsqueeze(-1)  # identity experts, probabilities applied as Megatron does
     out = dispatch.ungroup(out, routing, groups, torch.float64)
     out = dispatch.exchange_back(out, routing, groups)
-    out = dispatch.unpermute(out, routing, num_tokens)
+    out = dispatch.unpermute(out, routing)
     upstream = torch.randn(num_tokens, HIDDEN, generator=gen, dtype=torch.float64)
     (out * upstream).sum().backward()
     # Every expert-TP rank runs the (identity) expert on all rows; their partial sums add up.
@@ -155,9 +155,9 @@ def _check_round_trip(groups, seed):
         "out_err": (out.detach() - ETP * x.detach() * mass).abs().max().item(),
         "x_grad_err": (x.grad - ETP * upstream * mass).abs().max().item(),
         "prob_grad_err": (probs.grad - expected_prob_grad).abs().max().item(),
-        "rows_here": int(per_slot.sum()),
-        "per_slot": per_slot.tolist(),
-        "replica_rows": int(per_slot[EXPERTS_PER_RANK:].sum()),
+        "rows_here": sum(per_slot),
+        "per_slot": per_slot,
+        "replica_rows": sum(per_slot[EXPERTS_PER_RANK:]),
         "routed_here": int(routing_map.sum()),
         "max_before": int(routing.counts.sum(axis=0).sum(axis=0).reshape(EP, -1).sum(axis=1).max()),
         "max_after": int(routing.schedule.max_load),

@@ -16,6 +16,7 @@ from megatron_microep.runtime.experts import (
     te_gemm_adapter,
     te_grouped_experts,
 )
+from megatron_microep.runtime.te_reference import general_grouped_gemm
 
 SEED = int(os.environ.get("MICROEP_TEST_SEED", torch.seed() % 2**31))
 
@@ -153,13 +154,19 @@ def test_bf16_tokens_with_fp32_probabilities_stay_bf16(backend):
 
 # --- te_grouped ---------------------------------------------------------------------------------
 def _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate):
-    """TransformerEngine's general_grouped_gemm as read from its sources, in torch: "TN" out_i =
-    B_i A_i^T, "NN" out_i = B_i A_i, "NT" out_i = B_i^T A_i; single_output splits out[0] by rows."""
-    assert not accumulate
-    outs = list(torch.split(out[0], m_splits)) if single_output else out
-    assert len(A) == len(B) == len(outs) == len(m_splits)
-    for a, b, o in zip(A, B, outs):
-        o.copy_({"TN": lambda: b @ a.t(), "NN": lambda: b @ a, "NT": lambda: b.t() @ a}[layout]())
+    """TransformerEngine's general_grouped_gemm as read from its sources, in torch (runtime.te_reference)."""
+    general_grouped_gemm(
+        A,
+        B,
+        out,
+        [None] * len(A),
+        out[0].dtype,
+        layout=layout,
+        m_splits=m_splits,
+        grad=grad,
+        accumulate=accumulate,
+        single_output=single_output,
+    )
 
 
 WORKSPACES = [torch.empty(1)]
@@ -206,25 +213,7 @@ def te_gemm_2_10(
     _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
 
 
-def te_gemm_2_11(
-    A,
-    B,
-    out,
-    quantization_params,
-    out_dtype,
-    layout="TN",
-    m_splits=None,
-    gelu=False,
-    grad=False,
-    accumulate=False,
-    bias=None,
-    use_bias=False,
-    use_split_accumulator=False,
-    D_dtype=None,
-    single_output=False,
-):
-    assert quantization_params == [None] * len(A) and out_dtype == out[0].dtype and not use_bias
-    _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
+te_gemm_2_11 = general_grouped_gemm  # the reference has the 2.11-on signature
 
 
 @pytest.mark.parametrize("gemm", [te_gemm_2_0, te_gemm_2_10, te_gemm_2_11], ids=lambda f: f.__name__)
@@ -284,7 +273,9 @@ def test_te_grouped_selection(monkeypatch):
     monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: missing)
     with pytest.raises(ValueError, match="te_grouped unavailable: TransformerEngine not usable"):
         choose_backend("te_grouped", cuda, torch.bfloat16, [16])
-    assert choose_backend("auto", cuda, torch.bfloat16, [16]) != "te_grouped"
+    # Without TE nothing grouped runs on CUDA here: auto refuses the loop instead of picking it.
+    with pytest.raises(ValueError, match="--microep-expert-backend loop"):
+        choose_backend("auto", cuda, torch.bfloat16, [16])
 
     monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: te_gemm_adapter(te_gemm_2_11, None))
     assert choose_backend("auto", cuda, torch.bfloat16, [16]) == "te_grouped"
