@@ -164,6 +164,20 @@ def _check_round_trip(groups, seed):
     }
 
 
+def _check_conservation(groups):
+    """A routing map with a token on fewer than top-k experts (rank 1 only) stops every rank."""
+    layout = PhysicalLayout.stock(EP, EXPERTS_PER_RANK, REDUNDANT)
+    routing_map = torch.zeros(5, EP * EXPERTS_PER_RANK, dtype=torch.bool)
+    routing_map[:, :2] = True
+    if dist.get_rank() == 1:
+        routing_map[3, 1] = False
+    try:
+        dispatch.route(routing_map, layout, groups, 2)
+    except dispatch.TokenConservationError as err:
+        return str(err)
+    return None
+
+
 def _check_replanning(groups):
     """Controller over the whole expert domain (tp_ep): plan from history, adopt on every rank."""
     stock = PhysicalLayout.stock(EP, EXPERTS_PER_RANK, REDUNDANT)
@@ -208,6 +222,7 @@ def _exchange_rank(rank, world_size, seed):
         "collectives": _check_collectives(groups, seed),
         "replicas": _check_replicas(groups, seed),
         "round_trip": _check_round_trip(groups, seed),
+        "conservation": _check_conservation(groups),
         "replanning": _check_replanning(groups),
     }
 
@@ -243,6 +258,12 @@ def test_round_trip_conserves_tokens_and_uses_the_replica(results):
     assert results[ETP]["round_trip"]["replica_rows"] > 0  # EP rank 1 ran tokens of expert 0
     rt = results[0]["round_trip"]
     assert rt["max_after"] < rt["max_before"]
+
+
+def test_token_conservation_error_on_every_rank(results):
+    for rank, res in enumerate(results):
+        assert res["conservation"] is not None, f"rank {rank} did not raise"
+        assert "(etp 1, ep 0): 1 tokens" in res["conservation"], res["conservation"]
 
 
 def test_replanning_adopts_one_placement_everywhere_at_the_step_boundary(results):
