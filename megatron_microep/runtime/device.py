@@ -34,7 +34,8 @@ class _SynchronousTransfers:
         return HostCopy(lambda: tensor.detach().cpu().numpy())
 
     def to_device(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(array).to(device, non_blocking=True)
+        tensor = torch.from_numpy(array)
+        return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
 
 
 class _CudaTransfers:

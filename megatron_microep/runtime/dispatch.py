@@ -131,14 +131,17 @@ def exchange_counts(routing_map: torch.Tensor, topk: int, groups: Groups) -> Cou
 @dataclass(frozen=True)
 class IndexMaps:
     """This rank's device index maps for one micro-batch. P pairs (send rows), N tokens, k = topk,
-    ``rows`` rows after the expert-TP all-gather, L row groups (local slots in group order)."""
+    ``rows`` rows after the expert-TP all-gather, L row groups (local slots in group order).
 
-    send_tokens: torch.Tensor  # int64 [P]: token of each send row
-    token_rows: torch.Tensor  # int64 [k, N]: send row of each token's j-th expert (ascending expert)
-    probs_index: torch.Tensor  # int64 [P]: token * E + expert of each send row
-    to_grouped: torch.Tensor  # int64 [rows]: arrival row of each grouped row
-    from_grouped: torch.Tensor  # int64 [rows]: inverse of to_grouped
-    group_offsets: torch.Tensor  # int32 [L]: rows up to the end of each group (grouped GEMM offsets)
+    int32 (gather indices; autograd keeps them for backward, so half the bytes of int64 count).
+    """
+
+    send_tokens: torch.Tensor  # [P]: token of each send row
+    token_rows: torch.Tensor  # [k, N]: send row of each token's j-th expert (ascending expert)
+    probs_index: torch.Tensor  # [P]: token * E + expert of each send row
+    to_grouped: torch.Tensor  # [rows]: arrival row of each grouped row
+    from_grouped: torch.Tensor  # [rows]: inverse of to_grouped
+    group_offsets: torch.Tensor  # [L]: rows up to the end of each group (grouped GEMM offsets)
 
 
 def build_index_maps(order: PairOrder, tables: RankTables, num_experts: int) -> IndexMaps:
@@ -163,13 +166,15 @@ def build_index_maps(order: PairOrder, tables: RankTables, num_experts: int) -> 
     expert_of_row = order.experts.reshape(-1).index_select(0, pair_of_row)
     arange_rows = torch.arange(rows, device=device)
     to_grouped = arange_rows + torch.repeat_interleave(shift, sizes, output_size=rows)
+    from_grouped = torch.empty_like(to_grouped).scatter_(0, to_grouped, arange_rows)
+    index = torch.int32
     return IndexMaps(
-        send_tokens=send_tokens,
-        token_rows=row_of_pair.view(num_tokens, topk).t().contiguous(),
-        probs_index=send_tokens * num_experts + expert_of_row,
-        to_grouped=to_grouped,
-        from_grouped=torch.empty_like(to_grouped).scatter_(0, to_grouped, arange_rows),
-        group_offsets=ends.to(torch.int32),
+        send_tokens=send_tokens.to(index),
+        token_rows=row_of_pair.view(num_tokens, topk).t().to(index, memory_format=torch.contiguous_format),
+        probs_index=(send_tokens * num_experts + expert_of_row).to(index),
+        to_grouped=to_grouped.to(index),
+        from_grouped=from_grouped.to(index),
+        group_offsets=ends.to(index),
     )
 
 
@@ -287,7 +292,7 @@ class _TakeProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
-        flat = grad.new_zeros(ctx.shape[0] * ctx.shape[1]).scatter_(0, index, grad)
+        flat = grad.new_zeros(ctx.shape[0] * ctx.shape[1]).index_put_((index,), grad)
         return flat.view(ctx.shape), None
 
 

@@ -96,9 +96,8 @@ class OpRecorder(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in SYNC_OPS:
             self.violations.append(f"sync-class op {func}")
-        if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and kwargs.get("output_size") is None:
-            if len(args) < 3 or args[2] is None:
-                self.violations.append(f"{func} without output_size")
+        if name == "repeat_interleave" and func._overloadname != "self_int" and kwargs.get("output_size") is None:
+            self.violations.append(f"{func} without output_size")
         if name in ATOMIC_OPS or (name in ACCUMULATING and (kwargs.get("accumulate") or (len(args) > 3 and args[3]))):
             self.violations.append(f"atomics-based op {func}")
         out = func(*args, **kwargs)

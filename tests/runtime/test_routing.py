@@ -205,17 +205,17 @@ def test_rank_tables_and_index_maps_match_the_numpy_reference(rng, trial):
         maps_ = dispatch.build_index_maps(dispatch.order_pairs(routing_map, topk), tables, E)
         pairs = routing_map.t().nonzero()  # the reference's numbering: (expert, token)
         sent = pairs[torch.from_numpy(ref.send_pairs)]
-        assert torch.equal(maps_.send_tokens, sent[:, 1])
-        assert torch.equal(maps_.probs_index, sent[:, 1] * E + sent[:, 0])
+        assert torch.equal(maps_.send_tokens.long(), sent[:, 1])
+        assert torch.equal(maps_.probs_index.long(), sent[:, 1] * E + sent[:, 0])
         # token_rows[j, i]: the send row of token i's j-th expert in ascending order.
         for i in range(routing_map.shape[0]):
             rows = torch.nonzero(sent[:, 1] == i).flatten()
             rows = rows[torch.argsort(sent[rows, 0])]
-            assert torch.equal(maps_.token_rows[:, i], rows)
+            assert torch.equal(maps_.token_rows[:, i].long(), rows)
         # Grouped order: the reference's slot-major segments, taken in group order.
         ends = np.cumsum(ref.tokens_per_slot)
         segments = [ref.to_slot_major[e - c : e] for e, c in zip(ends, ref.tokens_per_slot)]
         expected = np.concatenate([segments[j] for j in order]) if segments else np.zeros(0, np.int64)
         np.testing.assert_array_equal(maps_.to_grouped.numpy(), expected)
-        assert torch.equal(maps_.to_grouped[maps_.from_grouped], torch.arange(tables.rows))
+        assert torch.equal(maps_.to_grouped[maps_.from_grouped.long()].long(), torch.arange(tables.rows))
         np.testing.assert_array_equal(maps_.group_offsets.numpy(), np.cumsum(ref.tokens_per_slot[order]))
