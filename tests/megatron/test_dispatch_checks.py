@@ -7,6 +7,8 @@ replicas carry tokens) runs every check:
   aten ops, the CPU harness's stand-ins for CUDA event/stream synchronisation): per MicroEP layer
   forward exactly one boundary call (the count exchange) and no other read; none in backward. Stock
   alltoall is counted the same way, for the record;
+- Megatron's fused weighted SwiGLU (``bias_activation_fusion``) selected and matching stock at 1e-5;
+  MicroEP's weighted quick-GEGLU call bitwise equal to Megatron's impl, forward and backward;
 - determinism: two runs from the same state and input (deterministic algorithms on) give bitwise
   equal outputs and gradients;
 - memory: bytes kept for backward (``saved_tensors_hooks``, each storage a saved tensor keeps alive,
@@ -63,7 +65,7 @@ def _layer_config(dispatcher, **overrides):
 
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
-    config = TransformerConfig(
+    settings = dict(
         num_layers=1,
         hidden_size=HIDDEN,
         num_attention_heads=2,
@@ -77,14 +79,14 @@ def _layer_config(dispatcher, **overrides):
         use_cpu_initialization=False,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
-        **overrides,
     )
+    config = TransformerConfig(**{**settings, **overrides})
     if dispatcher == "microep":
         attach_microep_config(config, MicroEPConfig(redundant_slots=REDUNDANT_SLOTS))
     return config
 
 
-def _layer(dispatcher, pg, state=None):
+def _layer(dispatcher, pg, state=None, **overrides):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -158,6 +160,26 @@ def _saved_bytes(layer, x):
     return sum(storages.values())
 
 
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _quick_geglu_matches_megatron(gen):
+    """compat's weighted quick-GEGLU (offset filled on the device) against Megatron's impl, bitwise."""
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu, weighted_bias_quick_geglu_impl
+
+    from megatron_microep.glue import compat
+
+    config = _layer_config("alltoall", activation_func=quick_gelu, bias_activation_fusion=True, glu_linear_offset=1.0)
+    config.activation_func_clamp_value = 0.5
+    h = torch.randn(12, 2 * FFN, generator=gen, requires_grad=True)
+    probs = torch.rand(12, 1, generator=gen, requires_grad=True)
+    ours = compat.weighted_activation(config)(h, probs)
+    theirs = weighted_bias_quick_geglu_impl(h, None, probs, False, 1.0, 0.5)
+    grads = torch.autograd.grad(ours.sum(), (h, probs)), torch.autograd.grad(theirs.sum(), (h, probs))
+    return torch.equal(ours, theirs) and all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def _layer_checks(pg, seed):
     from megatron_microep.runtime.replicas import ReplicaExchange
 
@@ -186,6 +208,19 @@ def _layer_checks(pg, seed):
         and all(torch.equal(first[2][n], second[2][n]) for n in first[2]),
     }
     results["stock_parity"] = (first[0] - _run(stock, x, upstream)[0]).abs().max().item()
+
+    # Megatron's fused weighted SwiGLU (bias_activation_fusion): MicroEP calls the same function.
+    fused_stock = _layer("alltoall", pg, bias_activation_fusion=True)
+    fused_state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fused_stock.state_dict().items()}
+    fused_micro = _layer("microep", pg, fused_state, bias_activation_fusion=True)
+    ref, got = _run(fused_stock, x, upstream), _run(fused_micro, x, upstream)
+    results["fused"] = {
+        "uses_megatron_function": fused_micro._math.weighted_activation is not None,
+        "output": _rel(got[0], ref[0]),
+        "input grad": _rel(got[1], ref[1]),
+        "grads": max(_rel(got[2][n], g) for n, g in ref[2].items()),
+    }
+    results["quick_geglu"] = _quick_geglu_matches_megatron(gen)
 
     shapes = [
         p.shape
@@ -349,8 +384,15 @@ def _bf16_checks(seed):
                     for n, p in ddp.named_parameters():
                         p.copy_(weights[_name(n)])
                 got = _forward_backward(ddp, seed, step)
-                diff = sum((got[n] - g).norm() ** 2 for n, g in expected.items()) ** 0.5
-                errors[name].append((diff / sum(g.norm() ** 2 for g in expected.values()) ** 0.5).item())
+                # Over the whole EP group: a rank whose experts got no tokens has zero gradients.
+                sums = torch.stack(
+                    [
+                        sum((got[n] - g).norm() ** 2 for n, g in expected.items()),
+                        sum(g.norm() ** 2 for g in expected.values()),
+                    ]
+                )
+                torch.distributed.all_reduce(sums)
+                errors[name].append((sums[0] / sums[1]).sqrt().item())
                 if name != "stock":
                     replica_tokens += [
                         s.replica_tokens for layer in microep_layers(ddp) for s in layer.telemetry.drain()
@@ -361,6 +403,8 @@ def _bf16_checks(seed):
 
 
 def _rank(rank, world_size, seed):
+    # Megatron's fused activations are torch.compile'd; eager here (CPU, no compiler round trip).
+    torch._dynamo.config.disable = True
     pg = init_megatron_parallel(expert_model_parallel_size=world_size, seed=seed)
     return {"layer": _layer_checks(pg, seed), "bf16": _bf16_checks(seed)}
 
@@ -386,6 +430,14 @@ def test_two_runs_are_bitwise_equal(results):
         assert res["layer"]["stock_parity"] < 1e-5
 
 
+def test_megatron_fused_activations(results):
+    for rank, res in enumerate(results):
+        fused = res["layer"]["fused"]
+        assert fused.pop("uses_megatron_function"), f"rank {rank}: fused SwiGLU not selected"
+        assert all(err < 1e-5 for err in fused.values()), f"rank {rank}: {fused}"
+        assert res["layer"]["quick_geglu"], f"rank {rank}: weighted quick-GEGLU differs from Megatron's"
+
+
 def test_saved_tensor_bytes_at_most_stock_plus_replica_weights(results):
     """Per rank the schedule moves rows (and their activations) from the hot rank to the replica
     holders, so the same input is compared over the EP group: in total, and at the fullest rank."""
@@ -400,7 +452,7 @@ def test_saved_tensor_bytes_at_most_stock_plus_replica_weights(results):
 def test_bf16_expert_gradients_no_farther_from_fp32_than_stock_every_step(results):
     for rank, res in enumerate(results):
         errors = res["bf16"]["errors"]
-        print(f"rank {rank} expert main_grad relative error vs fp32, per step: {errors}")
+        print(f"rank {rank} expert main_grad relative error vs fp32 (EP group), per step: {errors}")
         assert res["bf16"]["replica_tokens"] and all(t > 0 for t in res["bf16"]["replica_tokens"])
         stock = errors["stock"]
         assert all(0 < e < 0.05 for e in stock)  # bf16 rounding shows and stays small
