@@ -13,7 +13,7 @@ Per micro-batch (``route``):
    (``runtime.routing.rank_tables``): its per-slot send counts, the rows arriving at its slots,
    the split sizes of the collectives (host ints, no further agreement), and a small int table.
 4. Device: that table arrives with one non-blocking copy and the index maps are built from it
-   with cumsum-free vector ops (``repeat_interleave`` with ``output_size``, ``scatter`` for
+   with fixed-size device ops (``repeat_interleave`` with ``output_size``, ``scatter`` for
    inverses).
 
 Tokens then travel as in Megatron's all-to-all dispatcher, but addressed to physical slots (home
@@ -188,11 +188,6 @@ class MicroBatchRouting:
     tables: RankTables
     maps: IndexMaps
     phase_seconds: tuple[float, float, float]  # host: count exchange (incl. the wait), solve, own tables
-    index_map_seconds: float  # host time to queue the index-map construction
-
-    @property
-    def scheduling_seconds(self) -> float:
-        return sum(self.phase_seconds)
 
     @property
     def group_rows(self) -> list[int]:
@@ -223,15 +218,13 @@ def route(
     solved = time.perf_counter()
     tables = rank_tables(counts, sched, layout, groups.etp_rank, groups.ep_rank, group_order)
     planned = time.perf_counter()
-    maps = build_index_maps(order, tables, routing_map.shape[1])
     return MicroBatchRouting(
         layout=layout,
         counts=counts,
         schedule=sched,
         tables=tables,
-        maps=maps,
+        maps=build_index_maps(order, tables, routing_map.shape[1]),
         phase_seconds=(gathered - start, solved - gathered, planned - solved),
-        index_map_seconds=time.perf_counter() - planned,
     )
 
 

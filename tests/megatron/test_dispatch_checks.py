@@ -96,7 +96,7 @@ def _layer(dispatcher, pg, state=None, **overrides):
     spec = get_moe_module_spec(use_te=False, num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
     if dispatcher == "microep":
         spec = swap_moe_mlp(spec, MicroEPMoELayer)
-    config = _layer_config(dispatcher)
+    config = _layer_config(dispatcher, **overrides)
     layer = (
         build_module(spec, config=config, pg_collection=pg)
         if isinstance(spec, ModuleSpec)
