@@ -256,7 +256,15 @@ def _weight_runs(weights: Sequence[ExpertWeights]) -> list[tuple[int, int]]:
 
 
 def _torch_grouped_linear(x: torch.Tensor, groups: RowGroups, weights: list[torch.Tensor]) -> torch.Tensor:
-    return F.grouped_mm(x, stacked_view(weights).transpose(1, 2), offs=groups.ends)
+    out = F.grouped_mm(x, stacked_view(weights).transpose(1, 2), offs=groups.ends)
+    if out.requires_grad:
+        out.register_hook(_dense_gradient)
+    return out
+
+
+def _dense_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's backward rejects broadcast gradients (zero strides, e.g. from a sum), also empty ones."""
+    return grad.contiguous() if grad.numel() else grad.new_zeros(grad.shape)
 
 
 def grouped_mm_experts(
