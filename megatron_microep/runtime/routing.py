@@ -170,9 +170,25 @@ def _rank_tables(
             for t in range(T):
                 total += counts[t, g_me, e]
             agg_row[ptr[e]] = total
-    for p in range(piece_src.size):
+    # Arrivals need every copy's quota of the experts held locally: one column per such copy.
+    column = np.full(nnz, -1, np.int64)
+    num_columns = 0
+    for j in range(L):
+        r = local_slots[j]
+        if r >= 0:
+            e = slot_expert[r]
+            if ptr[e + 1] - ptr[e] > 1:
+                for r2 in range(ptr[e], ptr[e + 1]):
+                    if column[r2] < 0:
+                        column[r2] = num_columns
+                        num_columns += 1
+    quota = np.zeros((G, num_columns), np.int64)
+    for p in range(piece_src.size):  # one pass: this EP rank's row and the local copies' columns
         if piece_src[p] == g_me:
             agg_row[piece_slot[p]] += piece_count[p]
+        c = column[piece_slot[p]]
+        if c >= 0:
+            quota[piece_src[p], c] += piece_count[p]
     # This source's prefix range of each expert's numbering, cut by the slots' ranges.
     send = np.zeros(nnz, np.int64)
     for e in range(E):
@@ -186,23 +202,7 @@ def _rank_tables(
             send[r] = max(0, min(hi, slot_hi) - max(lo, slot_lo))
             slot_lo = slot_hi
 
-    # Arrivals: per local slot, every source's share; replicated experts need all copies' quotas.
-    column = np.full(nnz, -1, np.int64)
-    num_columns = 0
-    for j in range(L):
-        r = local_slots[j]
-        if r >= 0:
-            e = slot_expert[r]
-            if ptr[e + 1] - ptr[e] > 1:
-                for r2 in range(ptr[e], ptr[e + 1]):
-                    if column[r2] < 0:
-                        column[r2] = num_columns
-                        num_columns += 1
-    quota = np.zeros((G, num_columns), np.int64)
-    for p in range(piece_src.size):
-        c = column[piece_slot[p]]
-        if c >= 0:
-            quota[piece_src[p], c] += piece_count[p]
+    # Arrivals: per local slot, every source's share (replicated experts: cut by all copies' quotas).
     received = np.zeros((T, G, L), np.int64)
     for j in range(L):
         r = local_slots[j]
