@@ -78,7 +78,9 @@ def order_pairs(routing_map: torch.Tensor, topk: int) -> PairOrder:
     """Fixed-size replacement of ``routing_map.T.nonzero()``: top-k of a descending expert score
     picks each token's experts in ascending order; a stable sort by expert orders the pairs."""
     num_experts = routing_map.shape[1]
-    score = routing_map.to(torch.int32) * torch.arange(num_experts, 0, -1, dtype=torch.int32, device=routing_map.device)
+    # float32 holds these small integers exactly (up to 2**24 experts) and its top-k is the fast one.
+    descending = torch.arange(num_experts, 0, -1, dtype=torch.float32, device=routing_map.device)
+    score = routing_map.to(torch.float32) * descending
     experts = torch.topk(score, topk, dim=1, sorted=True).indices
     by_expert = torch.sort(experts.reshape(-1), stable=True).indices
     return PairOrder(experts=experts, by_expert=by_expert)
