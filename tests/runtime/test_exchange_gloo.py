@@ -1,8 +1,9 @@
 """Token and weight exchange on 4 CPU ranks (2 expert-TP x 2 EP, gloo), without Megatron.
 
 One launch runs every check: uneven all-gather / reduce-scatter and their gradients, the replica
-weight fetch (values, reuse within a key, gradient return summed at home), and a full dispatch ->
-identity experts -> combine round trip on skewed routing with replicas, forward and backward.
+weight fetch (values, reuse within a key, gradient return summed at home), a full dispatch ->
+identity experts -> combine round trip on skewed routing with replicas, forward and backward, and a
+routing map with a token short of top-k experts stopping every rank at the count exchange.
 Seeds are fresh per run and printed.
 """
 
