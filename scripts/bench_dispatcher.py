@@ -26,7 +26,7 @@ micro-batch (the slowest rank counts, as in a collective). Printed (medians over
 and MicroEP layer time, the scheduling overhead (count exchange + solve + this rank's tables, also per
 phase) and its share of the MicroEP layer time, GPU max/mean load before (stock placement) and after
 (MicroEP schedule), remote tokens and replica tokens, and host reads per layer forward and backward
-for both layers (``runtime.host_reads``). On an oversubscribed CPU the ranks share cores, so layer
+for both layers (``runtime.audit``). On an oversubscribed CPU the ranks share cores, so layer
 times measure total work, not the slowest GPU: the balance figures are the ones to read for speed-ups.
 """
 
@@ -283,10 +283,10 @@ def _timed(layer, x, upstream):
 
 
 def _host_reads(layer, x, upstream):
-    """Host reads in one forward and one backward of ``layer`` (see runtime.host_reads)."""
+    """Host reads in one forward and one backward of ``layer`` (see runtime.audit)."""
     from megatron_microep.glue import cpu
+    from megatron_microep.runtime.audit import HostReads
     from megatron_microep.runtime.dispatch import CountExchange
-    from megatron_microep.runtime.host_reads import HostReads
 
     def counter():
         syncs = [(cpu._CpuEvent, "synchronize"), (torch.cuda, "synchronize")]

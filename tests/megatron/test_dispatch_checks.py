@@ -1,9 +1,10 @@
 """GPU-grade properties of the MicroEP layer, checked on CPU ranks against stock Megatron.
 
-One gloo launch (2 ranks, EP = 2, the hot experts of EP rank 0 replicated on EP rank 1, so
-replicas carry tokens) runs every check:
+One child process on torch's fake process group runs the layer's device path on fake devices (see
+``test_layer_device_path_on_fake_devices``). One gloo launch (2 ranks, EP = 2, the hot experts of
+EP rank 0 replicated on EP rank 1, so replicas carry tokens) runs every other check:
 
-- host reads (``runtime.host_reads.HostReads``: Python-level reads of tensor values, data-dependent
+- host reads (``runtime.audit.HostReads``: Python-level reads of tensor values, data-dependent
   aten ops, the CPU harness's stand-ins for CUDA event/stream synchronisation): per MicroEP layer
   forward exactly one boundary call (the count exchange) and no other read; none in backward. Stock
   alltoall is counted the same way, for the record;
@@ -114,8 +115,8 @@ def _layer(dispatcher, pg, state=None, **overrides):
 
 def _host_reads():
     from megatron_microep.glue import cpu
+    from megatron_microep.runtime.audit import HostReads
     from megatron_microep.runtime.dispatch import CountExchange
-    from megatron_microep.runtime.host_reads import HostReads
 
     return HostReads(
         boundaries=[(CountExchange, "wait")], syncs=[(cpu._CpuEvent, "synchronize"), (torch.cuda, "synchronize")]
@@ -407,6 +408,137 @@ def _rank(rank, world_size, seed):
     torch._dynamo.config.disable = True
     pg = init_megatron_parallel(expert_model_parallel_size=world_size, seed=seed)
     return {"layer": _layer_checks(pg, seed), "bf16": _bf16_checks(seed)}
+
+
+# --- the layer's device path on fake devices ------------------------------------------------------
+
+
+class _KnownCounts:
+    """Stands in for the count exchange (the one host boundary): the counts are already known."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def wait(self):
+        return self.counts
+
+
+def _layer_device_path(layer, hidden, routing_map, probs):
+    """MoELayer.forward after the router, as Megatron calls the dispatcher and routed experts."""
+    dispatcher = layer.token_dispatcher
+    tokens, probs = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
+    tokens, probs = dispatcher.token_dispatch(tokens, probs)
+    output, _ = layer.routed_experts_compute(tokens, probs)
+    return dispatcher.combine_postprocess(dispatcher.token_combine(output))
+
+
+def _fake_layer_runs(seed):
+    """In a child process: Megatron's parallel state on torch's fake process group, a MicroEP layer
+    built for real, its parameters turned into fake tensors, its device path run (see the test)."""
+    import numpy as np
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megatron_microep.glue import compat
+    from megatron_microep.glue.cpu import enable_cpu_megatron
+    from megatron_microep.runtime import device, dispatch
+    from megatron_microep.runtime.audit import DeviceAudit, cuda_fake_bindings
+
+    torch.set_num_threads(1)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    enable_cpu_megatron()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD, create_gloo_process_groups=False)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    device.TRANSFERS.pop("cuda", None)  # pinned memory and streams need a CUDA runtime
+    cuda_fake_bindings()
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((1, WORLD, NUM_EXPERTS), dtype=np.int64)
+    for g in range(WORLD):
+        for _ in range(SEQ_LEN * MICRO_BATCH):
+            counts[0, g, rng.choice(NUM_EXPERTS, TOPK, replace=False)] += 1
+    dispatch.exchange_counts = lambda routing_map, topk, groups: _KnownCounts(counts)
+    results = {}
+    with _te_grouped_on_cpu():
+        for name, where, backend in (
+            ("cuda forward, grouped_mm", "cuda", "grouped_mm"),
+            ("cuda forward, te_grouped", "cuda", "te_grouped"),
+            ("meta forward+backward, grouped_mm", "meta", "grouped_mm"),
+            ("meta forward+backward, te_grouped fused", "meta", "te_grouped"),
+        ):
+            layer = _layer("microep", pg)
+            layer._backend = backend  # the backend probe runs real ops; the choice is not under test
+            with_grad = where == "meta"
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            with mode:
+                # aten's copy, not Tensor.to: a CPU-only torch's binding of .to("cuda") needs a CUDA runtime.
+                to_fake = torch.ops.aten._to_copy.default
+                layer._apply(lambda t: to_fake(mode.from_tensor(t), dtype=torch.bfloat16, device=torch.device(where)))
+                for param in layer.parameters():
+                    param.requires_grad_(with_grad)
+                if backend == "te_grouped":  # what Megatron's DDP gives expert weights
+                    for param in (t for expert in compat.expert_tensors(layer.experts) for t in expert):
+                        param.main_grad = torch.zeros(param.shape, dtype=torch.float32, device=where)
+                        param.grad_added_to_main_grad = False
+                layer._math = dataclasses.replace(layer._math, accumulate_into_main_grad=backend == "te_grouped")
+                routing_map = torch.rand(SEQ_LEN * MICRO_BATCH, NUM_EXPERTS, device=where) > 0.5
+                probs = torch.rand(SEQ_LEN * MICRO_BATCH, NUM_EXPERTS, device=where, requires_grad=with_grad)
+                hidden = torch.randn(
+                    SEQ_LEN, MICRO_BATCH, HIDDEN, device=where, dtype=torch.bfloat16, requires_grad=with_grad
+                )
+                forward, backward = DeviceAudit(), DeviceAudit()
+                with forward:
+                    out = _layer_device_path(layer, hidden, routing_map, probs)
+                if with_grad:
+                    with backward:
+                        out.backward(torch.ones_like(out))
+                experts_main_grad = [
+                    getattr(t, "grad_added_to_main_grad", None)
+                    for expert in compat.expert_tensors(layer.experts)
+                    for t in expert
+                ]
+                results[name] = {
+                    "out": (tuple(out.shape), out.device.type),
+                    "placeholders": experts_main_grad,
+                    "forward": forward.violations,
+                    "backward": backward.violations,
+                    "host_to_device": forward.host_to_device + backward.host_to_device,
+                    "grads": with_grad and hidden.grad is not None and probs.grad is not None,
+                }
+    dist.destroy_process_group()
+    return results
+
+
+@pytest.fixture(scope="module")
+def fake_layer_results():
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_fake_layer_runs, (_seed(),))
+
+
+def test_layer_device_path_on_fake_devices(fake_layer_results):
+    """The MicroEP layer's dispatcher and routed experts (Megatron's calls after the router) under
+    FakeTensorMode with a fake process group and the count exchange answered: forward on CUDA-device
+    fake tensors (a CPU-only torch records no autograd for them), forward and backward on meta-device
+    ones. Data-dependent ops, host reads and CPU/device mixes raise there; the audit finds no
+    sync-class op, device-to-host copy, blocking host-to-device copy or atomics-based op, and one
+    non-blocking host-to-device copy (the rank's tables)."""
+    assert len(fake_layer_results) == 4
+    for name, res in fake_layer_results.items():
+        where = name.split()[0]
+        assert res["out"] == ((SEQ_LEN, MICRO_BATCH, HIDDEN), where), name
+        assert res["forward"] == [] and res["backward"] == [], f"{name}: {res}"
+        assert res["host_to_device"] == [True], f"{name}: {res['host_to_device']}"
+        assert res["grads"] == (where == "meta"), name
+    # Under gradient_accumulation_fusion, home experts 0 and 1 (replicated on EP rank 1) leave autograd
+    # a zero gradient; experts 2 and 3 Megatron's placeholder (fc1 and fc2 each).
+    assert fake_layer_results["meta forward+backward, te_grouped fused"]["placeholders"] == [False] * 4 + [True] * 4
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ FakeTensorMode with the count exchange replaced by known counts:
 Both with replicas in the placement (the replica fetch and its gradient return run).
 
 There, data-dependent ops (``nonzero``, ``.item()``, ``.tolist()``, ``repeat_interleave`` without
-``output_size``) and host reads raise, and so do CPU/device mixes. A dispatch-mode recorder also
+``output_size``) and host reads raise, and so do CPU/device mixes. ``runtime.audit.DeviceAudit`` also
 lists every sync-class op, device-to-host copy, blocking host-to-device copy and atomics-based op
 (``index_add``, ``scatter_add``, accumulating ``index_put``, ...) it sees in either direction: the
 test allows none, and exactly one non-blocking host-to-device copy (the rank's tables) per forward.
@@ -34,10 +34,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_microep.planning.placement import Placement
 from megatron_microep.runtime import dispatch, experts
+from megatron_microep.runtime.audit import DeviceAudit, cuda_fake_bindings
 from megatron_microep.runtime.experts import ExpertMath, ExpertWeights, RowGroups, run_experts, storage_order
 from megatron_microep.runtime.layout import PhysicalLayout
 from megatron_microep.runtime.replicas import ReplicaExchange, replicate
@@ -50,71 +50,6 @@ PLACEMENTS = {
     4: [[0, 1], [0], [1], [1, 0], [2], [2, 3], [3], [3]],
     2: [[0, 1], [0], [0], [0], [1, 0], [1], [1], [1]],
 }
-
-SYNC_OPS = {
-    "_local_scalar_dense",
-    "nonzero",
-    "nonzero_numpy",
-    "masked_select",
-    "unique",
-    "_unique",
-    "_unique2",
-    "unique_dim",
-    "unique_consecutive",
-    "bincount",
-    "item",
-    "is_nonzero",
-    "equal",
-    "allclose",
-}
-ATOMIC_OPS = {
-    "index_add",
-    "index_add_",
-    "scatter_add",
-    "scatter_add_",
-    "scatter_reduce",
-    "scatter_reduce_",
-    "index_reduce",
-    "index_reduce_",
-    "embedding_dense_backward",
-    "_embedding_bag_backward",
-    "put_",
-}
-ACCUMULATING = {"index_put", "index_put_", "_index_put_impl", "_index_put_impl_"}
-
-
-class OpRecorder(TorchDispatchMode):
-    """Every op that would wait for the device, move values to the host, or scatter with atomics."""
-
-    def __init__(self):
-        super().__init__()
-        self.violations: list[str] = []
-        self.host_to_device: list[bool] = []  # non_blocking flag of each host-to-device copy
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.__name__.split(".")[0]
-        if name in SYNC_OPS:
-            self.violations.append(f"sync-class op {func}")
-        if name == "repeat_interleave" and func._overloadname != "self_int" and kwargs.get("output_size") is None:
-            self.violations.append(f"{func} without output_size")
-        if name in ATOMIC_OPS or (name in ACCUMULATING and (kwargs.get("accumulate") or (len(args) > 3 and args[3]))):
-            self.violations.append(f"atomics-based op {func}")
-        out = func(*args, **kwargs)
-        if name in ("_to_copy", "copy_"):
-            src = args[1] if name == "copy_" else args[0]
-            dst = args[0] if name == "copy_" else out
-            if isinstance(src, torch.Tensor) and src.device != dst.device:
-                if dst.device.type == "cpu":
-                    self.violations.append(f"device-to-host copy {func}")
-                elif src.device.type == "cpu":
-                    non_blocking = bool(
-                        kwargs.get("non_blocking", False) or (name == "copy_" and len(args) > 2 and args[2])
-                    )
-                    self.host_to_device.append(non_blocking)
-                    if not non_blocking:
-                        self.violations.append(f"blocking host-to-device copy {func}")
-        return out
 
 
 class KnownCounts:
@@ -213,7 +148,7 @@ def _fake_case(device, backend, etp, bias, with_grad, seed):
     layout = PhysicalLayout.build(placement, placement.num_experts // ep, R)
     counts = synthetic_counts(rng, etp, placement.num_experts)[:, :ep]
     math = ExpertMath(activation=torch.nn.functional.silu, gated=True, accumulate_into_main_grad=True)
-    forward, backward = OpRecorder(), OpRecorder()
+    forward, backward = DeviceAudit(), DeviceAudit()
     original = dispatch.exchange_counts
     dispatch.exchange_counts = lambda routing_map, topk, groups: KnownCounts(counts)
     try:
@@ -268,55 +203,22 @@ def _controls(device):
             caught["host read raises"] = True
         rows = torch.randn(2 * TOKENS, HIDDEN, device=device, requires_grad=device == "meta")
         index = torch.randint(0, TOKENS, (2 * TOKENS,), device=device)
-        recorder = OpRecorder()
+        recorder = DeviceAudit()
         with recorder:
             torch.zeros(TOKENS, HIDDEN, device=device).index_add(0, index, rows)
         caught["index_add flagged"] = any("index_add" in v for v in recorder.violations)
-        recorder = OpRecorder()
+        recorder = DeviceAudit()
         with recorder:
             torch.ops.aten._to_copy.default(torch.arange(3), device=torch.device(device))  # what .to(device) runs
         caught["blocking host-to-device copy flagged"] = bool(recorder.violations)
         if device == "meta":
             x = torch.randn(TOKENS, HIDDEN, device=device, requires_grad=True)
             gathered = x.index_select(0, index)
-            recorder = OpRecorder()
+            recorder = DeviceAudit()
             with recorder:
                 gathered.sum().backward()
             caught["index_select backward flagged"] = any("index_add" in v for v in recorder.violations)
     return caught
-
-
-def _shim_cuda_python_bindings():
-    """A CPU-only torch's Python bindings of ``Tensor.contiguous``, ``copy_`` and ``[...]`` set a
-    CUDA device guard, which that build lacks; for CUDA tensors, send them to the same aten ops
-    directly (same semantics, still seen by dispatch modes). Test process only."""
-    getitem, contiguous, copy_ = torch.Tensor.__getitem__, torch.Tensor.contiguous, torch.Tensor.copy_
-
-    def shim_getitem(self, index):
-        if self.device.type != "cuda":
-            return getitem(self, index)
-        out, dim = self, 0
-        for i in index if isinstance(index, tuple) else (index,):
-            if isinstance(i, int):
-                out = out.select(dim, i)
-            elif isinstance(i, slice):
-                start, stop, step = i.indices(out.shape[dim])
-                out, dim = torch.ops.aten.slice.Tensor(out, dim, start, max(start, stop), step), dim + 1
-            else:
-                raise NotImplementedError(f"index {i!r} on a CUDA fake tensor")
-        return out
-
-    def shim_contiguous(self, memory_format=torch.contiguous_format):
-        if self.device.type != "cuda" or self.is_contiguous(memory_format=memory_format):
-            return contiguous(self, memory_format=memory_format) if self.device.type != "cuda" else self
-        return torch.clone(self, memory_format=memory_format)
-
-    def shim_copy_(self, src, non_blocking=False):
-        if self.device.type != "cuda":
-            return copy_(self, src, non_blocking)
-        return torch.ops.aten.copy_.default(self, src, non_blocking)
-
-    torch.Tensor.__getitem__, torch.Tensor.contiguous, torch.Tensor.copy_ = shim_getitem, shim_contiguous, shim_copy_
 
 
 def _fake_runs(seed):
@@ -329,7 +231,7 @@ def _fake_runs(seed):
     from megatron_microep.runtime import device as device_module
 
     device_module.TRANSFERS.pop("cuda", None)
-    _shim_cuda_python_bindings()
+    cuda_fake_bindings()
     results = {}
     for device, with_grad in (("cuda", False), ("meta", True)):
         for backend in ("te_grouped", "grouped_mm"):
