@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_microep.planning.scheduler import Schedule, schedule
+from megatron_microep.planning.scheduler import Schedule, schedule_quotas
 from megatron_microep.runtime.collectives import (
     all_gather_rows,
     all_gather_uneven,
@@ -205,7 +205,7 @@ def route(
     layout: PhysicalLayout,
     groups: Groups,
     topk: int,
-    solver: Solver = schedule,
+    solver: Solver = schedule_quotas,
     group_order: np.ndarray | None = None,
 ) -> MicroBatchRouting:
     """Agree on counts, solve, and build this rank's index maps. ``routing_map`` bool [tokens, E]

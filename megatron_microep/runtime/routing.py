@@ -11,10 +11,10 @@ of ``routing_map.T.nonzero()``). Copies of an expert are consecutive slots, so t
 ``r`` are the contiguous range ``[cum[r] - x[r], cum[r])`` of that numbering, ``x`` being the
 source's per-slot counts: no per-token search is needed.
 
-Two implementations. ``rank_tables`` (the runtime's) computes only what one rank needs: its own
-row of per-slot send counts and the columns of its own local slots (rows arriving from every
-source), in O(pieces + nnz + T*G*L), plus the small tables from which the device builds the index
-maps (``runtime.dispatch``). ``source_slot_counts`` + ``rank_plan`` compute every source's plan and
+Two implementations. ``rank_tables`` (the runtime's) computes only what one rank needs from the
+schedule's slot quotas, by the scheduler's own split rule: its own row of per-slot send counts and
+the columns of its own local slots (rows arriving from every source), in O(G*E + T*G*L), plus the
+small tables from which the device builds the index maps (``runtime.dispatch``). ``source_slot_counts`` + ``rank_plan`` compute every source's plan and
 the full index maps in numpy: the slow reference the tests compare against.
 """
 
@@ -155,40 +155,89 @@ class RankTables:
         return int(sum(self.etp_sizes))
 
 
-@numba.njit(cache=True)
-def _rank_tables(
-    counts, piece_src, piece_slot, piece_count, ptr, gpus, slot_expert, slot_local, local_slots, group_order, t_me, g_me
-):
+@numba.njit(cache=True, nogil=True)
+def _overlap(lo_a, hi_a, lo_b, hi_b):
+    return max(0, min(hi_a, hi_b) - max(lo_a, lo_b))
+
+
+@numba.njit(cache=True, nogil=True)
+def _tokens(counts, s, e):
+    """Tokens of EP rank ``s`` (all its expert-TP sources) for expert ``e``."""
+    total = 0
+    for t in range(counts.shape[0]):
+        total += counts[t, s, e]
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _rank_tables(counts, slot_tokens, ptr, gpus, slot_expert, slot_local, local_slots, group_order, t_me, g_me):
     T, G, E = counts.shape
     nnz = gpus.size
     L = local_slots.size
-    # This EP rank's tokens per slot (all its expert-TP sources): single-copy experts, then pieces.
+    # The scheduler's split of each replicated expert's quotas over EP ranks (planning.scheduler,
+    # _split_by_source): every copy first keeps its own rank's tokens (``kept``); the other tokens
+    # fill the copies' remaining quotas with EP ranks in order, copies in slot order. So EP rank s
+    # takes the interval [A_s, A_s + left_s) of the expert's remote tokens, A_s the sum of left over
+    # ranks before s, and copy r covers [B_r, B_r + rest_r): their overlap is what s sends to r.
+    kept = np.zeros(nnz, np.int64)
+    for r in range(nnz):
+        kept[r] = min(_tokens(counts, gpus[r], slot_expert[r]), slot_tokens[r])
+    before = np.zeros(E, np.int64)  # A of this EP rank per expert (row by row: memory order)
+    for t in range(T):
+        for s in range(g_me):
+            for e in range(E):
+                before[e] += counts[t, s, e]
+    own_kept = np.zeros(E, np.int64)
+    for r in range(nnz):
+        if ptr[slot_expert[r] + 1] - ptr[slot_expert[r]] > 1:
+            if gpus[r] < g_me:
+                before[slot_expert[r]] -= kept[r]
+            elif gpus[r] == g_me:
+                own_kept[slot_expert[r]] = kept[r]
+    # This EP rank's tokens per slot (all its expert-TP sources).
     agg_row = np.zeros(nnz, np.int64)
     for e in range(E):
         if ptr[e + 1] - ptr[e] == 1:
-            total = 0
-            for t in range(T):
-                total += counts[t, g_me, e]
-            agg_row[ptr[e]] = total
-    # Arrivals need every copy's quota of the experts held locally: one column per such copy.
+            agg_row[ptr[e]] = _tokens(counts, g_me, e)
+            continue
+        start = before[e]
+        end = start + _tokens(counts, g_me, e) - own_kept[e]
+        covered = 0
+        for r in range(ptr[e], ptr[e + 1]):
+            rest = slot_tokens[r] - kept[r]
+            agg_row[r] = (kept[r] if gpus[r] == g_me else 0) + _overlap(start, end, covered, covered + rest)
+            covered += rest
+    # Arrivals need every EP rank's share of each copy of the replicated experts held here.
     column = np.full(nnz, -1, np.int64)
     num_columns = 0
     for j in range(L):
         r = local_slots[j]
-        if r >= 0:
+        if r >= 0 and ptr[slot_expert[r] + 1] - ptr[slot_expert[r]] > 1 and column[r] < 0:
             e = slot_expert[r]
-            if ptr[e + 1] - ptr[e] > 1:
-                for r2 in range(ptr[e], ptr[e + 1]):
-                    if column[r2] < 0:
-                        column[r2] = num_columns
-                        num_columns += 1
+            for r2 in range(ptr[e], ptr[e + 1]):
+                column[r2] = num_columns
+                num_columns += 1
     quota = np.zeros((G, num_columns), np.int64)
-    for p in range(piece_src.size):  # one pass: this EP rank's row and the local copies' columns
-        if piece_src[p] == g_me:
-            agg_row[piece_slot[p]] += piece_count[p]
-        c = column[piece_slot[p]]
-        if c >= 0:
-            quota[piece_src[p], c] += piece_count[p]
+    holder = np.full(G, -1, np.int64)
+    for j in range(L):  # a rank holds at most one copy of an expert: each expert once
+        r0 = local_slots[j]
+        if r0 < 0 or column[r0] < 0:
+            continue
+        e = slot_expert[r0]
+        for r in range(ptr[e], ptr[e + 1]):
+            holder[gpus[r]] = r
+        start = 0
+        for s in range(G):
+            left = _tokens(counts, s, e) - (kept[holder[s]] if holder[s] >= 0 else 0)
+            covered = 0
+            for r in range(ptr[e], ptr[e + 1]):
+                rest = slot_tokens[r] - kept[r]
+                share = _overlap(start, start + left, covered, covered + rest)
+                quota[s, column[r]] = (kept[r] if gpus[r] == s else 0) + share
+                covered += rest
+            start += left
+        for r in range(ptr[e], ptr[e + 1]):
+            holder[gpus[r]] = -1
     # This source's prefix range of each expert's numbering, cut by the slots' ranges.
     send = np.zeros(nnz, np.int64)
     for e in range(E):
@@ -289,15 +338,14 @@ def rank_tables(
     group_order: np.ndarray | None = None,
 ) -> RankTables:
     """This rank's ``RankTables`` from ``counts`` int64 [T, G, E] and the schedule solved for
-    ``counts.sum(0)``; ``group_order`` int64 [L] (default: local slot order)."""
+    ``counts.sum(0)`` (its slot quotas; per-source pieces are not needed, ``schedule_quotas`` gives
+    none); ``group_order`` int64 [L] (default: local slot order)."""
     if group_order is None:
         group_order = np.arange(layout.local_slots, dtype=np.int64)
     placement = layout.placement
     send, received, input_splits, output_splits, etp_sizes, group_rows, table = _rank_tables(
         counts,
-        schedule.piece_src,
-        schedule.piece_slot,
-        schedule.piece_count,
+        schedule.slot_tokens,
         placement.ptr,
         placement.gpus,
         layout.slot_expert,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_microep.planning.placement import Placement, PlacementError, home_gpu
-from megatron_microep.planning.scheduler import schedule
+from megatron_microep.planning.scheduler import schedule, schedule_quotas
 from megatron_microep.runtime import dispatch
 from megatron_microep.runtime.layout import PhysicalLayout
 from megatron_microep.runtime.routing import concat_ranges, rank_plan, rank_tables, source_slot_counts
@@ -202,6 +202,12 @@ def test_rank_tables_and_index_maps_match_the_numpy_reference(rng, trial):
         assert tables.etp_sizes == ref.etp_sizes.tolist()
         assert tables.group_rows == ref.tokens_per_slot[order].tolist()
 
+        # The runtime solves without every source's pieces: same quotas, same tables.
+        quotas = schedule_quotas(counts.sum(axis=0), layout.placement)
+        fast = rank_tables(counts, quotas, layout, t, g, order)
+        np.testing.assert_array_equal(fast.device_table, tables.device_table)
+        assert fast.received.tolist() == tables.received.tolist()
+
         maps_ = dispatch.build_index_maps(dispatch.order_pairs(routing_map, topk), tables, E)
         pairs = routing_map.t().nonzero()  # the reference's numbering: (expert, token)
         sent = pairs[torch.from_numpy(ref.send_pairs)]
@@ -219,3 +225,19 @@ def test_rank_tables_and_index_maps_match_the_numpy_reference(rng, trial):
         np.testing.assert_array_equal(maps_.to_grouped.numpy(), expected)
         assert torch.equal(maps_.to_grouped[maps_.from_grouped.long()].long(), torch.arange(tables.rows))
         np.testing.assert_array_equal(maps_.group_offsets.numpy(), np.cumsum(ref.tokens_per_slot[order]))
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_schedule_quotas_is_schedule_without_pieces(rng, trial):
+    G = int(rng.integers(1, 9))
+    n = int(rng.integers(1, 5))
+    layout, counts = random_case(rng, G, n, int(rng.integers(0, n)), 1)
+    full, quotas = schedule(counts[0], layout.placement), schedule_quotas(counts[0], layout.placement)
+    assert (full.max_load, full.lower_bound, full.remote_tokens) == (
+        quotas.max_load,
+        quotas.lower_bound,
+        quotas.remote_tokens,
+    )
+    np.testing.assert_array_equal(full.slot_tokens, quotas.slot_tokens)
+    np.testing.assert_array_equal(full.gpu_load, quotas.gpu_load)
+    assert quotas.piece_src.size == 0
