@@ -227,7 +227,7 @@ def _layer_checks(pg, seed):
         p.shape
         for p in (micro.experts.local_experts[0].linear_fc1.weight, micro.experts.local_experts[0].linear_fc2.weight)
     ]
-    exchange = ReplicaExchange(micro.layout, micro.microep_groups.ep_rank, micro.microep_groups.ep, shapes)
+    exchange = ReplicaExchange(micro.layout, micro.microep_groups.ep_rank, shapes)
     replica_bytes = sum(exchange.recv_splits) * stock.experts.local_experts[0].linear_fc1.weight.element_size()
     results["saved"] = {"stock": _saved_bytes(stock, x), "microep": _saved_bytes(micro, x), "replicas": replica_bytes}
     return results
