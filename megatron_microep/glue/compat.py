@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 
 import torch
 from megatron.core import package_info
@@ -24,6 +25,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_microep.glue.config import MicroEPConfigError
 from megatron_microep.runtime.experts import ExpertMath, ExpertWeights
 
 
@@ -104,6 +106,11 @@ def bind_mlp_process_groups(submodules, pg_collection):
     return dataclasses.replace(submodules, mlp=bound)
 
 
+def reads_stock_experts(experts: torch.nn.Module) -> bool:
+    """Whether ``expert_tensors`` reads ``experts`` (Megatron's SequentialMLP or TEGroupedMLP)."""
+    return isinstance(experts, (SequentialMLP, TEGroupedMLP))
+
+
 def expert_tensors(experts: torch.nn.Module) -> list[list[torch.Tensor]]:
     """Per local expert: [fc1 weight, fc2 weight] + [fc1 bias, fc2 bias] when the model has biases.
 
@@ -133,21 +140,69 @@ def expert_tensors(experts: torch.nn.Module) -> list[list[torch.Tensor]]:
     )
 
 
-def expert_weights(tensors: list[torch.Tensor]) -> ExpertWeights:
-    """``ExpertWeights`` from the tensor list of ``expert_tensors`` (or a replica copy of it)."""
+def expert_weights(tensors: list[torch.Tensor], feeds_replicas: bool = False) -> ExpertWeights:
+    """``ExpertWeights`` from the tensor list of ``expert_tensors`` (or a replica copy of it);
+    ``feeds_replicas``: copies of this expert run elsewhere (see ``ExpertWeights``)."""
     if len(tensors) == 4:
-        return ExpertWeights(fc1=tensors[0], fc2=tensors[1], fc1_bias=tensors[2], fc2_bias=tensors[3])
-    return ExpertWeights(fc1=tensors[0], fc2=tensors[1])
+        return ExpertWeights(tensors[0], tensors[1], tensors[2], tensors[3], feeds_replicas)
+    return ExpertWeights(fc1=tensors[0], fc2=tensors[1], feeds_replicas=feeds_replicas)
 
 
 def expert_math(config) -> ExpertMath:
+    """How Megatron's grouped expert MLP (``TEGroupedMLP``) computes for ``config``: its fused
+    weighted activation where ``bias_activation_fusion`` selects one, and weight gradients into
+    ``main_grad`` under ``gradient_accumulation_fusion``."""
+    if getattr(config, "gated_linear_unit", False) and getattr(config, "moe_mlp_glu_interleave_size", None):
+        raise MicroEPConfigError(
+            "--moe-mlp-glu-interleave-size cannot be used with --moe-token-dispatcher-type microep "
+            "(MicroEP's experts do not de-interleave fc1)"
+        )
     return ExpertMath(
         activation=config.activation_func,
         gated=bool(config.gated_linear_unit),
         clamp=getattr(config, "activation_func_clamp_value", None),
         glu_offset=float(getattr(config, "glu_linear_offset", 0.0) or 0.0),
         probs_on_input=bool(getattr(config, "moe_apply_probs_on_input", False)),
+        weighted_activation=weighted_activation(config),
+        accumulate_into_main_grad=bool(getattr(config, "gradient_accumulation_fusion", False)),
     )
+
+
+def weighted_activation(config):
+    """Megatron's fused probability-weighted activation ``(h [N, F1], probs [N, 1]) -> [N, F]``
+    that ``TEGroupedMLP`` uses for ``config`` (same branches: fused SwiGLU or quick-GEGLU under
+    ``bias_activation_fusion``, fused squared ReLU under ``use_fused_weighted_squared_relu``), or
+    None where it computes unfused (``runtime.experts`` then computes the same unfused math)."""
+    import torch.nn.functional as F
+    from megatron.core.activations import squared_relu
+    from megatron.core.fusions.fused_bias_geglu import WeightedQuickGeGLUFunction, quick_gelu
+    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+    from megatron.core.fusions.fused_weighted_squared_relu import weighted_squared_relu_impl
+
+    func, gated = config.activation_func, bool(config.gated_linear_unit)
+    fp8_store = bool(getattr(config, "activation_func_fp8_input_store", False))
+    clamp = getattr(config, "activation_func_clamp_value", None)
+    if getattr(config, "bias_activation_fusion", False) and gated and func is F.silu:
+        # megatron-core 0.20 clamps inside the fused SwiGLU; 0.16-0.19 do not (their experts pass no clamp).
+        if "clamp_value" in inspect.signature(weighted_bias_swiglu_impl).parameters:
+            return lambda h, probs: weighted_bias_swiglu_impl(h, None, probs, fp8_store, clamp)
+        return lambda h, probs: weighted_bias_swiglu_impl(h, None, probs, fp8_store)
+    if getattr(config, "bias_activation_fusion", False) and gated and func is quick_gelu:
+        offset = float(getattr(config, "glu_linear_offset", 0.0) or 0.0)
+
+        def quick_geglu(h, probs):
+            # weighted_bias_quick_geglu_impl without its torch.tensor(offset, device=...), a blocking
+            # host-to-device copy; the offset is filled on the device instead.
+            if clamp is not None:
+                gate, linear = h.chunk(2, -1)
+                h = torch.cat((gate.clamp(min=None, max=clamp), linear.clamp(min=-clamp, max=clamp)), -1)
+            offset_tensor = torch.full((), offset, dtype=h.dtype, device=h.device)
+            return WeightedQuickGeGLUFunction.apply(h, probs, fp8_store, offset_tensor)
+
+        return quick_geglu
+    if func is squared_relu and getattr(config, "use_fused_weighted_squared_relu", False):
+        return weighted_squared_relu_impl
+    return None
 
 
 def sync_expert_params(experts: torch.nn.Module) -> None:

@@ -53,7 +53,7 @@ from megatron_microep.runtime.dispatch import (
     ungroup,
     unpermute,
 )
-from megatron_microep.runtime.experts import choose_backend, run_experts
+from megatron_microep.runtime.experts import RowGroups, choose_backend, run_experts, storage_order
 from megatron_microep.runtime.layout import PhysicalLayout
 from megatron_microep.runtime.replan import PlacementController
 from megatron_microep.runtime.replicas import EVERY_BACKWARD, GradientReturn, ReplicaExchange, Replicas, replicate
@@ -165,8 +165,9 @@ class MicroEPTokenDispatcher(MoETokenDispatcher):
         return exchange(hidden_states, probs, self.routing, self.groups)
 
     def dispatch_postprocess(self, hidden_states, probs):
-        tokens, per_slot, probs = regroup(hidden_states, probs, self.routing, self.groups)
-        return tokens, torch.from_numpy(per_slot), probs
+        tokens, group_rows, probs = regroup(hidden_states, probs, self.routing, self.groups)
+        # Rows per local slot in the routing's group order (host values: nothing waits for the device).
+        return tokens, torch.tensor(group_rows, dtype=torch.int64), probs
 
     def combine_preprocess(self, hidden_states):
         return ungroup(hidden_states, self.routing, self.groups, self.probs_dtype)
@@ -175,8 +176,7 @@ class MicroEPTokenDispatcher(MoETokenDispatcher):
         return exchange_back(hidden_states, self.routing, self.groups)
 
     def combine_postprocess(self, hidden_states):
-        num_tokens = int(np.prod(self.hidden_shape[:-1]))
-        out = unpermute(hidden_states, self.routing, num_tokens)
+        out = unpermute(hidden_states, self.routing)
         self.routing = None
         return out.view(self.hidden_shape)
 
@@ -303,7 +303,10 @@ class MicroEPMoELayer(MoELayer):
         # Placement broadcasts use the compute device (Megatron may build on CPU and move the model).
         self.placement_controller.device = routing_map.device
         self._on_forward(step)
-        routing = route(routing_map, self.layout, self.microep_groups)
+        layout = self.layout
+        routing = route(
+            routing_map, layout, self.microep_groups, self.config.moe_router_topk, group_order=self._group_order(layout)
+        )
         if self.training and torch.is_grad_enabled():
             # Counted once per micro-batch also under activation recompute, whose first pass runs
             # without grad; evaluation forwards are not training history.
@@ -379,15 +382,32 @@ class MicroEPMoELayer(MoELayer):
         return summary
 
     # --- experts --------------------------------------------------------------------------------
+    def _group_order(self, layout: PhysicalLayout) -> np.ndarray | None:
+        """Local slots in the order their rows are grouped for the experts: home experts in the
+        order their weights lie in memory (Megatron's DDP buffer holds them in reverse), so that one
+        strided view covers them (``runtime.experts``); then filled replica slots, then empty ones."""
+        if not compat.reads_stock_experts(self.experts):
+            return None  # a subclass with its own experts (FSEP) keeps the local slot order
+        n = self.num_local_experts
+        home = storage_order([tensors[0] for tensors in compat.expert_tensors(self.experts)])
+        replica_slots = layout.local_slot[self.microep_groups.ep_rank, n:]
+        filled = [n + r for r in np.flatnonzero(replica_slots >= 0).tolist()]
+        empty = [n + r for r in np.flatnonzero(replica_slots < 0).tolist()]
+        return np.array(home + filled + empty, dtype=np.int64)
+
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
-        tokens, per_slot, probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
+        tokens, _, probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
         routing = self.token_dispatcher.routing
         layout = routing.layout
+        n = self.num_local_experts
         compat.sync_expert_params(self.experts)
         home = compat.expert_tensors(self.experts)
-        weights = [compat.expert_weights(t) for t in home]
-        counts = per_slot.tolist()
-        rows = counts[: self.num_local_experts]
+        # Home experts whose copies run elsewhere also get gradient through the replica return.
+        copies = layout.placement.replica_counts()[
+            self.microep_groups.ep_rank * n : (self.microep_groups.ep_rank + 1) * n
+        ]
+        by_slot = [compat.expert_weights(t, feeds_replicas=bool(c > 1)) for t, c in zip(home, copies)]
+        by_slot += [None] * layout.redundant_slots
         if layout.has_replicas:
             exchange = self._replica_exchange(layout, home)
             # Reused only within a training step: Megatron-LM evaluates after the optimizer step under the
@@ -399,18 +419,19 @@ class MicroEPMoELayer(MoELayer):
             tokens, replicas = replicate(tokens, self._replicas, exchange, home, policy)
             for slot, tensors in enumerate(replicas):
                 if tensors is not None:
-                    weights.append(compat.expert_weights(tensors))
-                    rows.append(counts[self.num_local_experts + slot])
-                elif counts[self.num_local_experts + slot]:
-                    raise RuntimeError(
-                        f"empty replica slot {slot} was sent {counts[self.num_local_experts + slot]} tokens"
-                    )
+                    by_slot[n + slot] = compat.expert_weights(tensors)
+        rows = routing.group_rows
+        weights = [by_slot[slot] for slot in routing.tables.group_order]
+        used = sum(w is not None for w in weights)  # empty replica slots come last in the group order
+        if any(rows[used:]):
+            raise RuntimeError(f"empty replica slots were sent tokens: rows per group {rows}")
         if self._backend is None:
             fc1, fc2 = home[0][0], home[0][1]
             self._backend = choose_backend(
                 self.microep_settings.expert_backend, fc1.device, fc1.dtype, [fc1.shape[1], fc1.shape[0], fc2.shape[1]]
             )
-        output = run_experts(self._backend, tokens, rows, probs, weights, self._math)
+        groups = RowGroups(rows[:used], routing.maps.group_offsets.narrow(0, 0, used))
+        output = run_experts(self._backend, tokens, groups, probs, weights[:used], self._math)
         return self.token_dispatcher.combine_preprocess(output), None
 
     def _replica_exchange(self, layout: PhysicalLayout, home) -> ReplicaExchange:

@@ -497,3 +497,40 @@ def split_by_source(tokens: np.ndarray, slot_tokens: np.ndarray, placement: Plac
     if slot_tokens.shape != (placement.num_slots,) or not np.array_equal(per_expert, tokens.sum(axis=0)):
         raise ValueError("slot_tokens must have one entry per copy and sum to each expert's tokens")
     return _split_by_source(tokens, slot_tokens, placement.ptr, placement.gpus)
+
+
+@numba.njit(cache=True)
+def _remote_tokens(tokens, slot_tokens, ptr, gpus):
+    """Tokens processed off their source GPU under ``_split_by_source``'s rule (each copy first
+    keeps its own GPU's tokens), without listing the pieces."""
+    remote = 0
+    for e in range(ptr.size - 1):
+        if ptr[e + 1] - ptr[e] == 1:
+            remote += slot_tokens[ptr[e]] - tokens[gpus[ptr[e]], e]
+            continue
+        for r in range(ptr[e], ptr[e + 1]):
+            remote += slot_tokens[r] - min(tokens[gpus[r], e], slot_tokens[r])
+    return remote
+
+
+def schedule_quotas(tokens: np.ndarray, placement: Placement) -> Schedule:
+    """``schedule`` without the per-source pieces (empty): the same quotas, loads, bound and remote
+    count, for a caller that needs only its own share of the split (``runtime.routing.rank_tables``
+    derives it from the quotas by the same rule) and not every source's."""
+    tokens = _check_tokens(tokens, placement)
+    load = tokens.sum(axis=0)
+    ptr, gpus, num_gpus = placement.ptr, placement.gpus, placement.num_gpus
+    slot_tokens, gpu_load, num, den, raised = _route(load, tokens, ptr, gpus, num_gpus, 0)
+    if raised:  # as in schedule: route again at the optimum from the start (more tokens stay local)
+        slot_tokens, gpu_load, _, _, _ = _route(load, tokens, ptr, gpus, num_gpus, int(gpu_load.max(initial=0)))
+    none = np.zeros(0, dtype=np.int64)
+    return Schedule(
+        max_load=int(gpu_load.max(initial=0)),
+        gpu_load=gpu_load,
+        lower_bound=num / den,
+        remote_tokens=int(_remote_tokens(tokens, slot_tokens, ptr, gpus)),
+        slot_tokens=slot_tokens,
+        piece_src=none,
+        piece_slot=none,
+        piece_count=none,
+    )

@@ -2,17 +2,30 @@
 
 The weights are passed in per slot, so home experts (Megatron's own parameters) and replicas
 (copies fetched from their home ranks) run in one grouped GEMM and autograd routes each gradient
-to the tensor it came from. The math mirrors Megatron's expert MLP: ``fc1`` (+ bias), activation or
-gated linear unit (optional clamp and linear offset), multiplied by the routing probability and cast
-back to the activation dtype, ``fc2``, plus ``fc2`` bias scaled by the probability; or, with
+to the tensor it came from. The math is Megatron's expert MLP (``TEGroupedMLP``): ``fc1`` (+ bias
+per expert), the activation weighted by the routing probability (Megatron's fused weighted
+SwiGLU / quick-GEGLU / squared-ReLU where the model enables them, ``ExpertMath.weighted_activation``;
+else the gated linear unit with optional clamp and linear offset, times the probability, cast back
+to the activation dtype), ``fc2``, plus ``fc2`` bias scaled by the probability; or, with
 ``probs_on_input``, the probability scales the input instead.
 
+Rows arrive grouped by slot (``RowGroups``): host counts for split sizes and TE's ``m_splits``,
+and the cumulative group ends on the device, built once per micro-batch with the index maps.
+
 Backends (a registry in order of preference; ``choose_backend`` picks one per device and dtype,
-logged once):
+logged once; with CUDA tensors ``auto`` refuses to fall back to the per-expert loop):
 - ``te_grouped``: TransformerEngine's functional grouped GEMM (``general_grouped_gemm``, TE 2.0 on)
-  inside an autograd function; used when TE imports and the tensors are on CUDA.
-- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` over weights stacked per slot; used where the
-  device and dtype run it (CPU from torch 2.13, Hopper-class GPUs) and rows are 16-byte aligned.
+  inside an autograd function; weights go in as TE's list of per-expert tensors (no copy). With
+  ``ExpertMath.accumulate_into_main_grad`` (Megatron's ``gradient_accumulation_fusion``) the
+  weight gradients of parameters with a ``main_grad`` are accumulated into it (``accumulate=True``,
+  fp32 under Megatron's DDP), as TE's ``GroupedLinear`` does; used when TE imports and the
+  tensors are on CUDA.
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm``. Its weight operand is a strided view of the
+  experts' own storage, never a copy: consecutive slots whose tensors are equally spaced in one
+  storage (Megatron's DDP buffer, FSEP's gathered copies, the replica buffer) form one run and one
+  GEMM; slots whose weights lie elsewhere run as further GEMMs (without DDP every parameter has
+  its own storage, so each expert is its own run). Used where the device and dtype run it (CPU
+  from torch 2.13, Hopper-class GPUs) and rows are 16-byte aligned.
 - ``loop``: one ``matmul`` pair per slot; runs everywhere and is the exact reference.
 """
 
@@ -24,31 +37,65 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from megatron_microep.runtime.device import copy_to_device
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ExpertMath:
-    """The activation stage of Megatron's expert MLP for one model configuration."""
+    """The activation stage of Megatron's expert MLP for one model configuration, and how weight
+    gradients are delivered."""
 
     activation: Callable[[torch.Tensor], torch.Tensor]
     gated: bool = False
     clamp: float | None = None
     glu_offset: float = 0.0
     probs_on_input: bool = False
+    # Megatron's fused probability-weighted activation: (h [N, F1], probs [N, 1]) -> [N, F] in h's
+    # dtype, replacing activation, gating, clamp and the probability product. None: unfused.
+    weighted_activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Megatron's gradient_accumulation_fusion: te_grouped adds weight gradients to ``main_grad``.
+    accumulate_into_main_grad: bool = False
 
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One physical expert: fc1 [F1, H] (F1 = 2F when gated), fc2 [H, F], optional biases."""
+    """One physical expert: fc1 [F1, H] (F1 = 2F when gated), fc2 [H, F], optional biases.
+
+    ``feeds_replicas``: these tensors also get gradient through another path (copies of this
+    expert run as replicas elsewhere), so a gradient accumulated into ``main_grad`` directly must
+    leave autograd a real (zero) gradient to add the other path to, not Megatron's placeholder.
+    """
 
     fc1: torch.Tensor
     fc2: torch.Tensor
     fc1_bias: torch.Tensor | None = None
     fc2_bias: torch.Tensor | None = None
+    feeds_replicas: bool = False
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Rows of the experts' input grouped by slot: ``counts`` [L] host ints and ``ends`` int32 [L]
+    on the device (cumulative counts, the grouped GEMM offsets)."""
+
+    counts: list[int]
+    ends: torch.Tensor
+
+    @classmethod
+    def build(cls, counts: Sequence[int], device: torch.device) -> RowGroups:
+        """From host counts (one non-blocking copy); the token path gets them with its index maps."""
+        counts = [int(c) for c in counts]
+        return cls(counts, copy_to_device(np.cumsum(counts, dtype=np.int32), device))
+
+
+def _row_groups(rows: RowGroups | Sequence[int], device: torch.device) -> RowGroups:
+    return rows if isinstance(rows, RowGroups) else RowGroups.build(rows, device)
 
 
 def _scale_input(x: torch.Tensor, probs: torch.Tensor, math: ExpertMath) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +105,8 @@ def _scale_input(x: torch.Tensor, probs: torch.Tensor, math: ExpertMath) -> tupl
 
 
 def _activate(h: torch.Tensor, probs: torch.Tensor, math: ExpertMath) -> torch.Tensor:
+    if math.weighted_activation is not None:
+        return math.weighted_activation(h, probs.unsqueeze(-1))
     if math.gated:
         gate, linear = torch.chunk(h, 2, dim=-1)
         if math.clamp is not None:
@@ -69,21 +118,35 @@ def _activate(h: torch.Tensor, probs: torch.Tensor, math: ExpertMath) -> torch.T
     return (out * probs.unsqueeze(-1)).to(out.dtype)
 
 
+def _add_bias(
+    y: torch.Tensor, counts: list[int], biases: Sequence[torch.Tensor], probs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each group's bias (times the probability, for fc2) added to its rows, as Megatron's
+    ``TEGroupedMLP`` applies the fc2 bias: per group, then concatenated; computed in the promoted
+    dtype, stored in ``y``'s. No stacked copy of the biases; gradients are per-group sums."""
+    if probs is None:
+        parts = [t + b for t, b in zip(torch.split(y, counts), biases)]
+    else:
+        parts = [t + b * p.unsqueeze(-1) for t, b, p in zip(torch.split(y, counts), biases, torch.split(probs, counts))]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(y.dtype)
+
+
 def loop_experts(
     x: torch.Tensor,
-    tokens_per_slot: Sequence[int],
+    rows: RowGroups | Sequence[int],
     probs: torch.Tensor,
     weights: Sequence[ExpertWeights],
     math: ExpertMath,
 ) -> torch.Tensor:
-    """x [N, H], probs [N] -> [N, H]; rows of slot i are the i-th chunk of ``tokens_per_slot``.
+    """x [N, H], probs [N] -> [N, H]; rows of slot i are the i-th group of ``rows``.
 
     Every slot runs, also with zero rows, so every weight takes part in autograd.
     """
+    counts = rows.counts if isinstance(rows, RowGroups) else [int(c) for c in rows]
     x, probs = _scale_input(x, probs, math)
     outs = []
-    for rows, p, w in zip(torch.split(x, list(tokens_per_slot)), torch.split(probs, list(tokens_per_slot)), weights):
-        h = torch.matmul(rows, w.fc1.t())
+    for part, p, w in zip(torch.split(x, counts), torch.split(probs, counts), weights):
+        h = torch.matmul(part, w.fc1.t())
         if w.fc1_bias is not None:
             h = h + w.fc1_bias
         y = torch.matmul(_activate(h, p, math), w.fc2.t())
@@ -94,9 +157,13 @@ def loop_experts(
     return torch.cat(outs)
 
 
+# (x [rows, K], row groups, weights per group [M, K]) -> [rows, M]: row block i times weight i transposed.
+GroupedLinearFn = Callable[[torch.Tensor, RowGroups, list[torch.Tensor]], torch.Tensor]
+
+
 def _two_gemm_experts(
     x: torch.Tensor,
-    tokens_per_slot: Sequence[int],
+    groups: RowGroups,
     probs: torch.Tensor,
     weights: Sequence[ExpertWeights],
     math: ExpertMath,
@@ -105,39 +172,123 @@ def _two_gemm_experts(
     """``loop_experts``' contract with fc1 and fc2 each one grouped GEMM ``linear``; biases,
     activation and probabilities in torch around them."""
     x, probs = _scale_input(x, probs, math)
-    counts = list(tokens_per_slot)
-    h = linear(x, counts, [w.fc1 for w in weights])
+    counts = groups.counts
+    h = linear(x, groups, [w.fc1 for w in weights])
     if weights[0].fc1_bias is not None:
-        h = h + _rows_per_slot(torch.stack([w.fc1_bias for w in weights]), counts)
-    y = linear(_activate(h, probs, math).contiguous(), counts, [w.fc2 for w in weights])
+        h = _add_bias(h, counts, [w.fc1_bias for w in weights])
+    y = linear(_activate(h, probs, math).contiguous(), groups, [w.fc2 for w in weights])
     if weights[0].fc2_bias is not None:
-        bias = _rows_per_slot(torch.stack([w.fc2_bias for w in weights]), counts)
-        y = (y + bias * probs.unsqueeze(-1)).to(y.dtype)
+        y = _add_bias(y, counts, [w.fc2_bias for w in weights], probs)
     return y
 
 
-def _rows_per_slot(per_slot: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    return torch.repeat_interleave(per_slot, torch.tensor(counts, device=per_slot.device), dim=0)
+# --- grouped_mm over views of the weights' own storage ------------------------------------------------
 
 
-# x [N, K], rows per slot (sum N), weights per slot [M, K] -> [N, M]: row block i times weight i transposed.
-GroupedLinearFn = Callable[[torch.Tensor, list[int], list[torch.Tensor]], torch.Tensor]
+def _step(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """Elements from ``a`` to ``b`` if ``b`` continues an equally shaped run in ``a``'s storage."""
+    if (
+        a.untyped_storage()._cdata != b.untyped_storage()._cdata
+        or a.shape != b.shape
+        or a.stride() != b.stride()
+        or a.dtype != b.dtype
+        or (b.storage_offset() - a.storage_offset()) * a.element_size() % 16
+    ):
+        return None
+    step = b.storage_offset() - a.storage_offset()
+    return step if step >= a.numel() else None  # positive and not overlapping
 
 
-def _torch_grouped_linear(x: torch.Tensor, counts: list[int], weights: list[torch.Tensor]) -> torch.Tensor:
-    offs = torch.cumsum(torch.tensor(counts, dtype=torch.int64, device=x.device), 0).to(torch.int32)
-    return F.grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offs)
+def equally_spaced_runs(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """Maximal [i, j) of consecutive tensors that one strided view stacks without a copy: same
+    storage, shape, strides and dtype, each ``step`` elements (16-byte aligned, positive) after the
+    previous one."""
+    runs, start, step = [], 0, None
+    for i in range(1, len(tensors)):
+        here = _step(tensors[i - 1], tensors[i])
+        if here is None or (step is not None and here != step):
+            runs.append((start, i))
+            start, step = i, None
+        else:
+            step = here
+    if tensors:
+        runs.append((start, len(tensors)))
+    return runs
+
+
+class _StackedView(torch.autograd.Function):
+    """Tensors of one equally spaced run -> the view [n, *shape] over their storage (no copy); each
+    tensor's gradient is its slice of the stacked gradient."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        first = tensors[0]
+        step = tensors[1].storage_offset() - first.storage_offset()
+        return first.detach().as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(grad.unbind(0))
+
+
+def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[n, *shape] over an equally spaced run (``equally_spaced_runs``), differentiable, no copy."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else _StackedView.apply(*tensors)
+
+
+def storage_order(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Indices of ``tensors`` in the order they lie in memory when they share one storage (e.g.
+    Megatron's DDP buffer, which holds a module's parameters in reverse), else in the given order.
+    Grouping rows in this order lets ``grouped_mm`` take the weights as one view."""
+    order = list(range(len(tensors)))
+    if len({t.untyped_storage()._cdata for t in tensors}) == 1:
+        order.sort(key=lambda i: tensors[i].storage_offset())
+    return order
+
+
+def _weight_runs(weights: Sequence[ExpertWeights]) -> list[tuple[int, int]]:
+    """Slot ranges in which fc1 and fc2 both form equally spaced runs."""
+    cuts = set()
+    for tensors in ([w.fc1 for w in weights], [w.fc2 for w in weights]):
+        cuts.update(j for _, j in equally_spaced_runs(tensors))
+    bounds = [0, *sorted(cuts)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _torch_grouped_linear(x: torch.Tensor, groups: RowGroups, weights: list[torch.Tensor]) -> torch.Tensor:
+    out = F.grouped_mm(x, stacked_view(weights).transpose(1, 2), offs=groups.ends)
+    if out.requires_grad:
+        out.register_hook(_dense_gradient)
+    return out
+
+
+def _dense_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's backward rejects broadcast gradients (zero strides, e.g. from a sum), also empty ones."""
+    return grad.contiguous() if grad.numel() else grad.new_zeros(grad.shape)
 
 
 def grouped_mm_experts(
     x: torch.Tensor,
-    tokens_per_slot: Sequence[int],
+    rows: RowGroups | Sequence[int],
     probs: torch.Tensor,
     weights: Sequence[ExpertWeights],
     math: ExpertMath,
 ) -> torch.Tensor:
-    """Same contract as ``loop_experts``; two ``torch.nn.functional.grouped_mm`` over stacked weights."""
-    return _two_gemm_experts(x, tokens_per_slot, probs, weights, math, _torch_grouped_linear)
+    """Same contract as ``loop_experts``; per run of equally spaced weights (``_weight_runs``) two
+    ``torch.nn.functional.grouped_mm`` over views of the weights, outputs concatenated."""
+    groups = _row_groups(rows, x.device)
+    runs = _weight_runs(weights)
+    if len(runs) == 1:
+        return _two_gemm_experts(x, groups, probs, weights, math, _torch_grouped_linear)
+    outs = []
+    for i, j in runs:
+        first = sum(groups.counts[:i])
+        last = first + sum(groups.counts[i:j])
+        part = RowGroups(groups.counts[i:j], groups.ends[i:j] - first)
+        outs.append(
+            _two_gemm_experts(x[first:last], part, probs[first:last], weights[i:j], math, _torch_grouped_linear)
+        )
+    return torch.cat(outs)
 
 
 # --- TransformerEngine ------------------------------------------------------------------------
@@ -152,10 +303,13 @@ _TE_GEMM_EXTRA_KWARGS: dict[tuple[str, ...], Callable[[int, Callable], dict]] = 
     lambda n, workspaces: {"quantization_params": [None] * n},
 }
 
-# Adapted call: (A, B, out, layout, m_splits, single_output, grad) with TE's meaning: layout "TN"
-# gives out_i = B_i A_i^T, "NN" out_i = B_i A_i, "NT" out_i = B_i^T A_i; with ``single_output``,
-# ``out`` is one tensor whose row blocks (``m_splits``) are the outputs.
-TEGemmCall = Callable[[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], str, list[int], bool, bool], None]
+# Adapted call: (A, B, out, layout, m_splits, single_output, grad, accumulate) with TE's meaning:
+# layout "TN" gives out_i = B_i A_i^T, "NN" out_i = B_i A_i, "NT" out_i = B_i^T A_i; with
+# ``single_output``, ``out`` is one tensor whose row blocks (``m_splits``) are the outputs; with
+# ``accumulate``, out_i += the product (in out_i's dtype, e.g. an fp32 main_grad).
+TEGemmCall = Callable[
+    [list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], str, list[int], bool, bool, bool], None
+]
 
 
 def te_gemm_adapter(gemm: Callable, workspaces: Callable[[], list[torch.Tensor]]) -> tuple[TEGemmCall | None, str]:
@@ -171,7 +325,7 @@ def te_gemm_adapter(gemm: Callable, workspaces: Callable[[], list[torch.Tensor]]
     if extra_kwargs is None:
         return None, f"general_grouped_gemm{leading} is a signature MicroEP does not know (TE 2.0-2.18 checked)"
 
-    def call(A, B, out, layout, m_splits, single_output, grad):
+    def call(A, B, out, layout, m_splits, single_output, grad, accumulate=False):
         gemm(
             A,
             B,
@@ -181,7 +335,7 @@ def te_gemm_adapter(gemm: Callable, workspaces: Callable[[], list[torch.Tensor]]
             m_splits=m_splits,
             single_output=single_output,
             grad=grad,
-            accumulate=False,
+            accumulate=accumulate,
             **extra_kwargs(len(A), workspaces),
         )
 
@@ -220,13 +374,20 @@ def _first_line(err: BaseException) -> str:
 class _TEGroupedLinear(torch.autograd.Function):
     """``GroupedLinearFn`` through TE's grouped GEMM: x [N, K], weights [M, K] per slot -> [N, M].
 
-    Backward: dx = dy_i W_i per row block, dW_i = dy_i^T x_i (zero for slots without rows).
+    Backward: dx = dy_i W_i per row block; dW_i = dy_i^T x_i, zero for slots without rows. With
+    ``fuse`` (gradient_accumulation_fusion), a weight that has a ``main_grad`` gets dW_i added to it
+    by TE (``accumulate=True``) and autograd gets what Megatron's own layers give: a placeholder,
+    with ``grad_added_to_main_grad`` set for Megatron's DDP, where the weight has that attribute;
+    a zero gradient where the weight also feeds replicas (their gradients come home through
+    autograd and DDP must add them); None otherwise.
     """
 
     @staticmethod
-    def forward(ctx, gemm, x, counts, *weights):
-        ctx.gemm, ctx.counts = gemm, counts
+    def forward(ctx, gemm, fuse, feeds_replicas, x, counts, *weights):
+        ctx.gemm, ctx.counts, ctx.feeds_replicas = gemm, counts, feeds_replicas
         ctx.save_for_backward(x, *weights)
+        ctx.main_grads = [getattr(w, "main_grad", None) if fuse else None for w in weights]
+        ctx.params = [w if main is not None else None for w, main in zip(weights, ctx.main_grads)]
         out = torch.empty(x.shape[0], weights[0].shape[0], dtype=x.dtype, device=x.device)
         if x.shape[0]:
             gemm(list(weights), list(torch.split(x, counts)), [out], "TN", counts, True, False)
@@ -235,51 +396,99 @@ class _TEGroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, *weights = ctx.saved_tensors
+        counts = ctx.counts
         dy = dy.contiguous()
-        dys = list(torch.split(dy, ctx.counts))
+        dys = list(torch.split(dy, counts))
         dx = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[3]:
             dx = torch.empty_like(x)
             if x.shape[0]:
-                ctx.gemm(weights, dys, [dx], "NN", ctx.counts, True, True)
+                ctx.gemm(weights, dys, [dx], "NN", counts, True, True)
+        needs = ctx.needs_input_grad[5:]
         dws: list[torch.Tensor | None] = [None] * len(weights)
-        if any(ctx.needs_input_grad[3:]):
+        xs = list(torch.split(x, counts))
+        # Accumulated into main_grad: only slots with rows (nothing to add otherwise).
+        fused = [i for i, need in enumerate(needs) if need and ctx.main_grads[i] is not None and counts[i]]
+        if fused:
+            ctx.gemm(
+                [xs[i] for i in fused],
+                [dys[i] for i in fused],
+                [ctx.main_grads[i] for i in fused],
+                "NT",
+                [counts[i] for i in fused],
+                False,
+                True,
+                True,
+            )
+        plain = [i for i, need in enumerate(needs) if need and ctx.main_grads[i] is None]
+        if plain:
             # Zero-initialised: a slot without rows has a zero gradient whether or not TE writes it.
-            dws = [torch.zeros_like(w) for w in weights]
+            fresh = [torch.zeros_like(weights[i]) for i in plain]
             if x.shape[0]:
-                ctx.gemm(list(torch.split(x, ctx.counts)), dys, dws, "NT", ctx.counts, False, True)
-            dws = [g if need else None for g, need in zip(dws, ctx.needs_input_grad[3:])]
-        return (None, dx, None, *dws)
+                ctx.gemm(
+                    [xs[i] for i in plain],
+                    [dys[i] for i in plain],
+                    fresh,
+                    "NT",
+                    [counts[i] for i in plain],
+                    False,
+                    True,
+                )
+            for i, grad in zip(plain, fresh):
+                dws[i] = grad
+        for i, need in enumerate(needs):
+            if need and ctx.main_grads[i] is not None:
+                dws[i] = _main_grad_placeholder(ctx.params[i], ctx.feeds_replicas[i])
+        return (None, None, None, dx, None, *dws)
+
+
+def _main_grad_placeholder(param: torch.Tensor, feeds_replicas: bool) -> torch.Tensor | None:
+    """What autograd gets for a weight whose gradient went into ``main_grad`` (see _TEGroupedLinear)."""
+    if feeds_replicas:
+        return torch.zeros_like(param)
+    if not hasattr(param, "grad_added_to_main_grad"):
+        return None
+    param.grad_added_to_main_grad = True
+    if getattr(param, "zero_out_wgrad", False):
+        return torch.zeros_like(param)
+    return torch.empty_like(param)
 
 
 def te_grouped_experts(
     x: torch.Tensor,
-    tokens_per_slot: Sequence[int],
+    rows: RowGroups | Sequence[int],
     probs: torch.Tensor,
     weights: Sequence[ExpertWeights],
     math: ExpertMath,
 ) -> torch.Tensor:
     """Same contract as ``loop_experts``; fc1 and fc2 each one TransformerEngine grouped GEMM.
 
-    Home weights (Megatron's parameters) and replica weights (plain tensors) go into the same GEMM;
-    the autograd function hands each its own gradient. Weights must be plain (not FP8) tensors.
+    Home weights (Megatron's parameters) and replica weights (plain tensors) go into the same GEMM
+    as TE's list of weights (no copy); the autograd function hands each its own gradient, into
+    ``main_grad`` under ``math.accumulate_into_main_grad``. Weights must be plain (not FP8) tensors.
     """
     gemm, why = transformer_engine_gemm()
     if gemm is None:
         raise RuntimeError(f"expert backend te_grouped: {why}")
+    groups = _row_groups(rows, x.device)
+    feeds_replicas = [w.feeds_replicas for w in weights]
 
-    def linear(a: torch.Tensor, counts: list[int], ws: list[torch.Tensor]) -> torch.Tensor:
+    def linear(a: torch.Tensor, groups: RowGroups, ws: list[torch.Tensor]) -> torch.Tensor:
         for w in ws:
-            if w.dtype != a.dtype or type(w) not in (torch.Tensor, torch.nn.Parameter):
+            if w.dtype != a.dtype or type(w).__module__.startswith("transformer_engine"):
                 raise TypeError(
                     f"te_grouped needs plain {a.dtype} weights like its input, got {type(w).__name__} {w.dtype}"
                 )
-        return _TEGroupedLinear.apply(gemm, a.contiguous(), counts, *(w.contiguous() for w in ws))
+        return _TEGroupedLinear.apply(
+            gemm, math.accumulate_into_main_grad, feeds_replicas, a.contiguous(), groups.counts, *ws
+        )
 
-    return _two_gemm_experts(x, tokens_per_slot, probs, weights, math, linear)
+    return _two_gemm_experts(x, groups, probs, weights, math, linear)
 
 
-ExpertsFn = Callable[[torch.Tensor, Sequence[int], torch.Tensor, Sequence[ExpertWeights], ExpertMath], torch.Tensor]
+ExpertsFn = Callable[
+    [torch.Tensor, RowGroups | Sequence[int], torch.Tensor, Sequence[ExpertWeights], ExpertMath], torch.Tensor
+]
 # (device, dtype, GEMM inner widths) -> None if the backend runs there, else why not.
 AvailabilityFn = Callable[[torch.device, torch.dtype, Sequence[int]], str | None]
 
@@ -341,8 +550,11 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
     """Resolve ``requested`` ('auto' or a registry name) for tensors on ``device``.
 
     ``widths`` are the inner dimensions of the GEMMs (H, F1, F). 'auto' takes the first backend of
-    ``EXPERT_BACKENDS`` that runs; an explicit backend that cannot run raises ValueError naming the
-    reason. The choice is logged once per (backend, device, dtype), with why faster ones were passed over.
+    ``EXPERT_BACKENDS`` that runs, except that on CUDA it never falls back to the per-expert loop
+    (one GEMM pair per expert is far slower there): it raises ValueError with the reasons and the
+    flag that selects the loop deliberately. An explicit backend that cannot run raises ValueError
+    naming the reason. The choice is logged once per (backend, device, dtype), with why faster ones
+    were passed over.
     """
     if requested != "auto" and requested not in EXPERT_BACKENDS:
         raise ValueError(f"unknown expert backend {requested!r}; choose from auto, {', '.join(EXPERT_BACKENDS)}")
@@ -359,6 +571,12 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
                 chosen = name
                 break
             passed_over.append(f"{name}: {failure}")
+        if chosen == "loop" and device.type == "cuda":
+            raise ValueError(
+                f"no grouped expert backend runs on {device} in {dtype} ({'; '.join(passed_over)}); the "
+                "per-expert loop launches two GEMMs per expert: select it deliberately with "
+                "--microep-expert-backend loop, or install TransformerEngine 2.0+"
+            )
     key = (chosen, str(device), dtype)
     if key not in _LOGGED:
         _LOGGED.add(key)
@@ -370,9 +588,11 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
 def run_experts(
     backend: str,
     x: torch.Tensor,
-    tokens_per_slot: Sequence[int],
+    rows: RowGroups | Sequence[int],
     probs: torch.Tensor,
-    weights: list[ExpertWeights],
+    weights: Sequence[ExpertWeights],
     math: ExpertMath,
 ) -> torch.Tensor:
-    return EXPERT_BACKENDS[backend].run(x, tokens_per_slot, probs, weights, math)
+    """The experts of ``backend``; ``rows``: row groups, or host counts per slot (their device
+    offsets are then built here)."""
+    return EXPERT_BACKENDS[backend].run(x, rows, probs, weights, math)

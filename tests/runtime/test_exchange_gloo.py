@@ -1,8 +1,9 @@
 """Token and weight exchange on 4 CPU ranks (2 expert-TP x 2 EP, gloo), without Megatron.
 
-One launch runs every check: uneven all-gather / reduce-scatter and their gradients, and a full
+One launch runs every check: uneven all-gather / reduce-scatter and their gradients, a full
 dispatch -> identity experts -> combine round trip on skewed routing with replicas, forward and
-backward (replica weights and gradients: test_replicas_gloo.py).
+backward (replica weights and gradients: test_replicas_gloo.py), and a routing map with a token short
+of top-k experts stopping every rank at the count exchange.
 Seeds are fresh per run and printed.
 """
 
@@ -83,14 +84,14 @@ def _check_round_trip(groups, seed):
     probs = (torch.softmax(logits, dim=1) * routing_map).double().requires_grad_(True)
     x = torch.randn(num_tokens, HIDDEN, generator=gen, dtype=torch.float64, requires_grad=True)
 
-    routing = dispatch.route(routing_map, layout, groups)
+    routing = dispatch.route(routing_map, layout, groups, topk)
     tokens, p = dispatch.permute(x, probs, routing)
     tokens, p = dispatch.exchange(tokens, p, routing, groups)
     tokens, per_slot, p = dispatch.regroup(tokens, p, routing, groups)
     out = tokens * p.unsqueeze(-1)  # identity experts, probabilities applied as Megatron does
     out = dispatch.ungroup(out, routing, groups, torch.float64)
     out = dispatch.exchange_back(out, routing, groups)
-    out = dispatch.unpermute(out, routing, num_tokens)
+    out = dispatch.unpermute(out, routing)
     upstream = torch.randn(num_tokens, HIDDEN, generator=gen, dtype=torch.float64)
     (out * upstream).sum().backward()
     # Every expert-TP rank runs the (identity) expert on all rows; their partial sums add up.
@@ -100,13 +101,27 @@ def _check_round_trip(groups, seed):
         "out_err": (out.detach() - ETP * x.detach() * mass).abs().max().item(),
         "x_grad_err": (x.grad - ETP * upstream * mass).abs().max().item(),
         "prob_grad_err": (probs.grad - expected_prob_grad).abs().max().item(),
-        "rows_here": int(per_slot.sum()),
-        "per_slot": per_slot.tolist(),
-        "replica_rows": int(per_slot[EXPERTS_PER_RANK:].sum()),
+        "rows_here": sum(per_slot),
+        "per_slot": per_slot,
+        "replica_rows": sum(per_slot[EXPERTS_PER_RANK:]),
         "routed_here": int(routing_map.sum()),
         "max_before": int(routing.counts.sum(axis=0).sum(axis=0).reshape(EP, -1).sum(axis=1).max()),
         "max_after": int(routing.schedule.max_load),
     }
+
+
+def _check_conservation(groups):
+    """A routing map with a token on fewer than top-k experts (rank 1 only) stops every rank."""
+    layout = PhysicalLayout.stock(EP, EXPERTS_PER_RANK, REDUNDANT)
+    routing_map = torch.zeros(5, EP * EXPERTS_PER_RANK, dtype=torch.bool)
+    routing_map[:, :2] = True
+    if dist.get_rank() == 1:
+        routing_map[3, 1] = False
+    try:
+        dispatch.route(routing_map, layout, groups, 2)
+    except dispatch.TokenConservationError as err:
+        return str(err)
+    return None
 
 
 GREEDY = PlannerSettings("greedy", 1.0, 0.0, None, 0, 1, 0.0, True)
@@ -158,6 +173,7 @@ def _exchange_rank(rank, world_size, seed):
     return {
         "collectives": _check_collectives(groups, seed),
         "round_trip": _check_round_trip(groups, seed),
+        "conservation": _check_conservation(groups),
         "replanning": _check_replanning(groups),
     }
 
@@ -188,6 +204,12 @@ def test_round_trip_conserves_tokens_and_uses_the_replica(results):
     assert results[ETP]["round_trip"]["replica_rows"] > 0  # EP rank 1 ran tokens of expert 0
     rt = results[0]["round_trip"]
     assert rt["max_after"] < rt["max_before"]
+
+
+def test_token_conservation_error_on_every_rank(results):
+    for rank, res in enumerate(results):
+        assert res["conservation"] is not None, f"rank {rank} did not raise"
+        assert "(etp 1, ep 0): 1 tokens" in res["conservation"], res["conservation"]
 
 
 def test_replanning_adopts_one_placement_everywhere_at_the_step_boundary(results):

@@ -1,5 +1,6 @@
 """The grouped_mm and te_grouped expert backends against the per-slot loop reference, and backend selection."""
 
+import dataclasses
 import importlib.util
 import os
 
@@ -17,6 +18,7 @@ from megatron_microep.runtime.experts import (
     te_gemm_adapter,
     te_grouped_experts,
 )
+from megatron_microep.runtime.te_reference import general_grouped_gemm
 
 SEED = int(os.environ.get("MICROEP_TEST_SEED", torch.seed() % 2**31))
 
@@ -163,13 +165,19 @@ def test_bf16_tokens_with_fp32_probabilities_stay_bf16(backend):
 
 # --- te_grouped ---------------------------------------------------------------------------------
 def _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate):
-    """TransformerEngine's general_grouped_gemm as read from its sources, in torch: "TN" out_i =
-    B_i A_i^T, "NN" out_i = B_i A_i, "NT" out_i = B_i^T A_i; single_output splits out[0] by rows."""
-    assert not accumulate
-    outs = list(torch.split(out[0], m_splits)) if single_output else out
-    assert len(A) == len(B) == len(outs) == len(m_splits)
-    for a, b, o in zip(A, B, outs):
-        o.copy_({"TN": lambda: b @ a.t(), "NN": lambda: b @ a, "NT": lambda: b.t() @ a}[layout]())
+    """TransformerEngine's general_grouped_gemm as read from its sources, in torch (runtime.te_reference)."""
+    general_grouped_gemm(
+        A,
+        B,
+        out,
+        [None] * len(A),
+        out[0].dtype,
+        layout=layout,
+        m_splits=m_splits,
+        grad=grad,
+        accumulate=accumulate,
+        single_output=single_output,
+    )
 
 
 WORKSPACES = [torch.empty(1)]
@@ -216,25 +224,7 @@ def te_gemm_2_10(
     _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
 
 
-def te_gemm_2_11(
-    A,
-    B,
-    out,
-    quantization_params,
-    out_dtype,
-    layout="TN",
-    m_splits=None,
-    gelu=False,
-    grad=False,
-    accumulate=False,
-    bias=None,
-    use_bias=False,
-    use_split_accumulator=False,
-    D_dtype=None,
-    single_output=False,
-):
-    assert quantization_params == [None] * len(A) and out_dtype == out[0].dtype and not use_bias
-    _gemm_contract(A, B, out, layout, m_splits, single_output, grad, accumulate)
+te_gemm_2_11 = general_grouped_gemm  # the reference has the 2.11-on signature
 
 
 @pytest.mark.parametrize("gemm", [te_gemm_2_0, te_gemm_2_10, te_gemm_2_11], ids=lambda f: f.__name__)
@@ -294,7 +284,9 @@ def test_te_grouped_selection(monkeypatch):
     monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: missing)
     with pytest.raises(ValueError, match="te_grouped unavailable: TransformerEngine not usable"):
         choose_backend("te_grouped", cuda, torch.bfloat16, [16])
-    assert choose_backend("auto", cuda, torch.bfloat16, [16]) != "te_grouped"
+    # Without TE nothing grouped runs on CUDA here: auto refuses the loop instead of picking it.
+    with pytest.raises(ValueError, match="--microep-expert-backend loop"):
+        choose_backend("auto", cuda, torch.bfloat16, [16])
 
     monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: te_gemm_adapter(te_gemm_2_11, None))
     assert choose_backend("auto", cuda, torch.bfloat16, [16]) == "te_grouped"
@@ -341,3 +333,112 @@ def test_te_grouped_matches_loop_on_cuda(dtype, rel, math_name, bias):
     ref_out, ref_grads = _grads(loop_experts, x, counts, probs, weights, math, upstream, dtype, "cuda")
     out, grads = _grads(te_grouped_experts, x, counts, probs, weights, math, upstream, dtype, "cuda")
     _assert_close(out, ref_out, grads, ref_grads, rel)
+
+
+# --- weights as views of their storage; gradients into main_grad -----------------------------------
+
+
+def _buffer_weights(gen, slots, hidden, ffn, order, gap=0):
+    """Experts carved from one fp32 buffer in ``order`` (slot order[i] at position i), ``gap`` spare
+    elements after each, as Megatron's DDP buffer holds parameters."""
+    shapes = [(2 * ffn, hidden), (hidden, ffn)]
+    per = sum(a * b for a, b in shapes) + gap
+    buffer = torch.randn(slots * per, generator=gen)
+    weights = [None] * slots
+    for position, slot in enumerate(order):
+        offset = position * per
+        fc1 = buffer.narrow(0, offset, shapes[0][0] * shapes[0][1]).view(shapes[0])
+        fc2 = buffer.narrow(0, offset + fc1.numel(), shapes[1][0] * shapes[1][1]).view(shapes[1])
+        weights[slot] = ExpertWeights(fc1.requires_grad_(True), fc2.requires_grad_(True))
+    return buffer, weights
+
+
+def test_equally_spaced_runs_and_stacked_views():
+    gen = torch.Generator().manual_seed(SEED + 7)
+    buffer, weights = _buffer_weights(gen, 4, 8, 8, order=[0, 1, 2, 3])
+    fc1 = [w.fc1 for w in weights]
+    assert experts.equally_spaced_runs(fc1) == [(0, 4)]
+    view = experts.stacked_view(fc1)
+    assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # no copy
+    assert all(torch.equal(view[i], fc1[i]) for i in range(4))
+    (view * torch.arange(4.0).view(4, 1, 1)).sum().backward()
+    assert all(torch.equal(w.fc1.grad, torch.full_like(w.fc1, float(i))) for i, w in enumerate(weights))
+    # Reversed in memory (DDP's order): each slot its own run, unless grouped in storage order.
+    _, reversed_weights = _buffer_weights(gen, 4, 8, 8, order=[3, 2, 1, 0])
+    fc1 = [w.fc1 for w in reversed_weights]
+    assert experts.equally_spaced_runs(fc1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    order = experts.storage_order(fc1)
+    assert order == [3, 2, 1, 0] and experts.equally_spaced_runs([fc1[i] for i in order]) == [(0, 4)]
+    # Separately allocated tensors, or a gap that changes: one run each.
+    separate = [torch.randn(16, 8, generator=gen) for _ in range(3)]
+    assert experts.equally_spaced_runs(separate) == [(0, 1), (1, 2), (2, 3)]
+    storage = torch.randn(200, generator=gen)
+    uneven = [storage.narrow(0, start, 16) for start in (0, 16, 32, 56)]
+    assert experts.equally_spaced_runs(uneven) == [(0, 3), (3, 4)]
+
+
+@pytest.mark.skipif(not _grouped_mm_runs(), reason="torch.nn.functional.grouped_mm does not run on this CPU torch")
+@pytest.mark.parametrize("layout", ["one buffer", "reversed buffer in storage order", "separate", "gaps"])
+def test_grouped_mm_over_weight_views_matches_loop(layout):
+    """Also with a broadcast output gradient (a plain ``sum``), which grouped_mm's backward rejects
+    unless it is made contiguous."""
+    gen = torch.Generator().manual_seed(SEED + 8)
+    slots, hidden, ffn = 4, 16, 16
+    if layout == "separate":
+        _, _, _, weights = _case(gen, slots, hidden, ffn, gated=True, bias=False)
+        weights = [ExpertWeights(w.fc1.float().requires_grad_(), w.fc2.float().requires_grad_()) for w in weights]
+    else:
+        order = {"one buffer": [0, 1, 2, 3], "gaps": [0, 1, 2, 3]}.get(layout, [3, 2, 1, 0])
+        _, weights = _buffer_weights(gen, slots, hidden, ffn, order, gap=4 if layout == "gaps" else 0)
+        if layout.startswith("reversed"):
+            weights = [weights[i] for i in experts.storage_order([w.fc1 for w in weights])]
+    counts = [3, 0, 5, 4]
+    x = torch.randn(sum(counts), hidden, generator=gen, requires_grad=True)
+    probs = torch.rand(sum(counts), generator=gen, requires_grad=True)
+    results = []
+    for fn in (loop_experts, grouped_mm_experts):
+        out = fn(x, counts, probs, weights, MATHS["swiglu"])
+        out.sum().backward()
+        tensors = [x, probs] + [t for w in weights for t in (w.fc1, w.fc2)]
+        results.append((out.detach(), [t.grad.clone() for t in tensors]))
+        for t in tensors:
+            t.grad = None
+    (ref, ref_grads), (out, grads) = results
+    _assert_close(out.double(), ref.double(), [g.double() for g in grads], [g.double() for g in ref_grads], 1e-5)
+
+
+def test_te_grouped_accumulates_weight_gradients_into_main_grad(monkeypatch):
+    """gradient_accumulation_fusion: TE adds dW to main_grad (fp32) for parameters that have one;
+    autograd gets Megatron's placeholder (grad_added_to_main_grad set), or a zero gradient for an
+    expert that also feeds replicas; weights without main_grad (replicas) get plain gradients."""
+    monkeypatch.setattr(experts, "transformer_engine_gemm", lambda: te_gemm_adapter(general_grouped_gemm, None))
+    gen = torch.Generator().manual_seed(SEED + 9)
+    _, _, _, weights = _case(gen, slots=4, hidden=16, ffn=16, gated=True, bias=False)
+    counts = [3, 0, 5, 4]  # fixed rows (the random case may have fewer than 12)
+    x, probs = torch.randn(sum(counts), 16, generator=gen), torch.rand(sum(counts), generator=gen)
+    upstream = torch.randn(sum(counts), 16, generator=gen)
+    ref_out, ref_grads = _grads(loop_experts, x, counts, probs, weights, MATHS["swiglu"], upstream, torch.float32)
+    ws = [
+        ExpertWeights(w.fc1.float().requires_grad_(), w.fc2.float().requires_grad_(), feeds_replicas=(i == 2))
+        for i, w in enumerate(weights)
+    ]
+    for w in ws[:3]:  # slots 0-2 are home parameters under Megatron's DDP; slot 3 a replica
+        for t in (w.fc1, w.fc2):
+            t.main_grad = torch.ones_like(t)  # accumulated into, not overwritten
+            t.grad_added_to_main_grad = False
+    math = dataclasses.replace(MATHS["swiglu"], accumulate_into_main_grad=True)
+    out = te_grouped_experts(x, counts, probs, ws, math)
+    out.backward(upstream)
+    assert (out.double() - ref_out).abs().max() <= 1e-5 * ref_out.abs().max()
+    expected = [g for g in ref_grads[2:]]  # fc1, fc2 per slot, loop's
+    for i, w in enumerate(ws):
+        for j, t in enumerate((w.fc1, w.fc2)):
+            ref = expected[2 * i + j]
+            if i < 3:
+                assert torch.allclose(t.main_grad.double(), 1.0 + ref, rtol=1e-5, atol=1e-5), (i, j)
+            if i in (0, 1):
+                assert t.grad_added_to_main_grad  # placeholder gradient, ignored by DDP
+            elif i == 2:
+                assert not t.grad_added_to_main_grad and torch.equal(t.grad, torch.zeros_like(t))
+            else:
+                assert torch.allclose(t.grad.double(), ref, rtol=1e-5, atol=1e-5)

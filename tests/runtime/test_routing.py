@@ -1,4 +1,6 @@
-"""Send plans from a schedule, against a token-by-token reference, on fresh random instances.
+"""Send plans from a schedule, against a token-by-token reference, on fresh random instances; then the
+runtime's per-rank tables and device index maps against that numpy reference plan (every rank,
+expert-TP sources, random row-group orders).
 
 The reference walks every source's tokens one at a time: it hands each expert's tokens of an EP rank
 (expert-TP sources in order) to that rank's slot quotas in slot order. The data-movement check
@@ -11,11 +13,13 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_microep.planning.placement import Placement, PlacementError, home_gpu
-from megatron_microep.planning.scheduler import schedule
+from megatron_microep.planning.scheduler import schedule, schedule_quotas
+from megatron_microep.runtime import dispatch
 from megatron_microep.runtime.layout import PhysicalLayout
-from megatron_microep.runtime.routing import concat_ranges, rank_plan, source_slot_counts
+from megatron_microep.runtime.routing import concat_ranges, rank_plan, rank_tables, source_slot_counts
 
 SEED = int(os.environ.get("MICROEP_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
 
@@ -154,3 +158,86 @@ def test_layout_rejects_foreign_home_and_overfull_rank():
         PhysicalLayout.build(Placement.from_lists([[0], [0], [1, 0], [1, 0]], 2), 2, 1)
     with pytest.raises(PlacementError, match="expected 2 per rank"):
         PhysicalLayout.build(Placement.from_lists([[0], [1], [1]], 2), 2, 1)
+
+
+# --- this rank's tables and the device index maps, against the numpy reference ----------------------
+
+
+def routed_case(rng, num_ranks, experts_per_rank, redundant_slots, etp, tokens, topk):
+    """A layout and, per source (t, g), a routing map with exactly ``topk`` experts per token."""
+    layout, _ = random_case(rng, num_ranks, experts_per_rank, redundant_slots, etp)
+    E = layout.placement.num_experts
+    weights = rng.lognormal(0.0, 1.5, E)
+    maps = {}
+    for t in range(etp):
+        for g in range(num_ranks):
+            n = int(rng.integers(0, tokens + 1))
+            chosen = [rng.choice(E, topk, replace=False, p=weights / weights.sum()) for _ in range(n)]
+            routing_map = torch.zeros(n, E, dtype=torch.bool)
+            for i, experts in enumerate(chosen):
+                routing_map[i, torch.from_numpy(experts)] = True
+            maps[(t, g)] = routing_map
+    counts = np.stack([np.stack([maps[(t, g)].sum(0).numpy() for g in range(num_ranks)]) for t in range(etp)])
+    return layout, maps, counts.astype(np.int64)
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_rank_tables_and_index_maps_match_the_numpy_reference(rng, trial):
+    G = int(rng.integers(1, 6))
+    n = int(rng.integers(1, 4))
+    R = int(rng.integers(0, n))
+    T = int(rng.choice([1, 2, 3]))
+    topk = int(rng.integers(1, min(4, G * n) + 1))
+    layout, maps, counts = routed_case(rng, G, n, R, T, tokens=12, topk=topk)
+    E = layout.placement.num_experts
+    sched = schedule(counts.sum(axis=0), layout.placement)
+    per_source = source_slot_counts(counts, sched, layout)
+    for (t, g), routing_map in maps.items():
+        ref = rank_plan(per_source, layout, t, g)
+        order = rng.permutation(layout.local_slots).astype(np.int64)
+        tables = rank_tables(counts, sched, layout, t, g, order)
+        np.testing.assert_array_equal(tables.send_counts, per_source[t, g])
+        assert tables.input_splits == ref.input_splits.tolist()
+        assert tables.output_splits == ref.output_splits.tolist()
+        assert tables.etp_sizes == ref.etp_sizes.tolist()
+        assert tables.group_rows == ref.tokens_per_slot[order].tolist()
+
+        # The runtime solves without every source's pieces: same quotas, same tables.
+        quotas = schedule_quotas(counts.sum(axis=0), layout.placement)
+        fast = rank_tables(counts, quotas, layout, t, g, order)
+        np.testing.assert_array_equal(fast.device_table, tables.device_table)
+        assert fast.received.tolist() == tables.received.tolist()
+
+        maps_ = dispatch.build_index_maps(dispatch.order_pairs(routing_map, topk), tables, E)
+        pairs = routing_map.t().nonzero()  # the reference's numbering: (expert, token)
+        sent = pairs[torch.from_numpy(ref.send_pairs)]
+        assert torch.equal(maps_.send_tokens.long(), sent[:, 1])
+        assert torch.equal(maps_.probs_index.long(), sent[:, 1] * E + sent[:, 0])
+        # token_rows[j, i]: the send row of token i's j-th expert in ascending order.
+        for i in range(routing_map.shape[0]):
+            rows = torch.nonzero(sent[:, 1] == i).flatten()
+            rows = rows[torch.argsort(sent[rows, 0])]
+            assert torch.equal(maps_.token_rows[:, i].long(), rows)
+        # Grouped order: the reference's slot-major segments, taken in group order.
+        ends = np.cumsum(ref.tokens_per_slot)
+        segments = [ref.to_slot_major[e - c : e] for e, c in zip(ends, ref.tokens_per_slot)]
+        expected = np.concatenate([segments[j] for j in order]) if segments else np.zeros(0, np.int64)
+        np.testing.assert_array_equal(maps_.to_grouped.numpy(), expected)
+        assert torch.equal(maps_.to_grouped[maps_.from_grouped.long()].long(), torch.arange(tables.rows))
+        np.testing.assert_array_equal(maps_.group_offsets.numpy(), np.cumsum(ref.tokens_per_slot[order]))
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_schedule_quotas_is_schedule_without_pieces(rng, trial):
+    G = int(rng.integers(1, 9))
+    n = int(rng.integers(1, 5))
+    layout, counts = random_case(rng, G, n, int(rng.integers(0, n)), 1)
+    full, quotas = schedule(counts[0], layout.placement), schedule_quotas(counts[0], layout.placement)
+    assert (full.max_load, full.lower_bound, full.remote_tokens) == (
+        quotas.max_load,
+        quotas.lower_bound,
+        quotas.remote_tokens,
+    )
+    np.testing.assert_array_equal(full.slot_tokens, quotas.slot_tokens)
+    np.testing.assert_array_equal(full.gpu_load, quotas.gpu_load)
+    assert quotas.piece_src.size == 0
