@@ -83,7 +83,7 @@ def _layer_config(dispatcher, **overrides):
     )
     config = TransformerConfig(**{**settings, **overrides})
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=REDUNDANT_SLOTS))
+        attach_microep_config(config, MicroEPConfig(redundant_slots=REDUNDANT_SLOTS, replan_interval=0))
     return config
 
 
@@ -265,7 +265,7 @@ def _gpt_config(dispatcher, dtype, backend="auto"):
         pipeline_dtype=dtype,
     )
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=1, expert_backend=backend))
+        attach_microep_config(config, MicroEPConfig(redundant_slots=1, replan_interval=0, expert_backend=backend))
     return config
 
 
