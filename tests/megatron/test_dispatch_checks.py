@@ -61,7 +61,7 @@ def _placement(num_experts, ep, replicas):
     return Placement.from_lists(lists, ep)
 
 
-def _layer_config(dispatcher, **overrides):
+def _layer_config(dispatcher, microep=None, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
@@ -83,11 +83,11 @@ def _layer_config(dispatcher, **overrides):
     )
     config = TransformerConfig(**{**settings, **overrides})
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=REDUNDANT_SLOTS))
+        attach_microep_config(config, microep or MicroEPConfig(redundant_slots=REDUNDANT_SLOTS))
     return config
 
 
-def _layer(dispatcher, pg, state=None, **overrides):
+def _layer(dispatcher, pg, state=None, replicas=REPLICAS, microep=None, **overrides):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -97,7 +97,7 @@ def _layer(dispatcher, pg, state=None, **overrides):
     spec = get_moe_module_spec(use_te=False, num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
     if dispatcher == "microep":
         spec = swap_moe_mlp(spec, MicroEPMoELayer)
-    config = _layer_config(dispatcher, **overrides)
+    config = _layer_config(dispatcher, microep, **overrides)
     layer = (
         build_module(spec, config=config, pg_collection=pg)
         if isinstance(spec, ModuleSpec)
@@ -109,7 +109,7 @@ def _layer(dispatcher, pg, state=None, **overrides):
         with torch.no_grad():
             layer.router.weight[[0, 1]] += 2.0  # experts 0 and 1 hot
     if dispatcher == "microep":
-        layer.set_placement(_placement(NUM_EXPERTS, WORLD, REPLICAS))
+        layer.set_placement(_placement(NUM_EXPERTS, WORLD, replicas))
     return layer.train()
 
 
@@ -195,6 +195,7 @@ def _layer_checks(pg, seed):
     results = {"reads": {"stock": _count_reads(stock, x, upstream), "microep": _count_reads(micro, x, upstream)}}
     stats = micro.telemetry.drain()
     results["replica_tokens"] = [s.replica_tokens for s in stats]
+    results["burst"] = _burst_reads(pg, state, x, upstream)
 
     torch.use_deterministic_algorithms(True)
     try:
@@ -227,10 +228,28 @@ def _layer_checks(pg, seed):
         p.shape
         for p in (micro.experts.local_experts[0].linear_fc1.weight, micro.experts.local_experts[0].linear_fc2.weight)
     ]
-    exchange = ReplicaExchange(micro.layout, micro.microep_groups.ep_rank, micro.microep_groups.ep, shapes)
+    exchange = ReplicaExchange(micro.layout, micro.microep_groups.ep_rank, shapes)
     replica_bytes = sum(exchange.recv_splits) * stock.experts.local_experts[0].linear_fc1.weight.element_size()
     results["saved"] = {"stock": _saved_bytes(stock, x), "microep": _saved_bytes(micro, x), "replicas": replica_bytes}
     return results
+
+
+def _burst_reads(pg, state, x, upstream):
+    """Host reads per forward and backward with burst slots (no replica slots): the step's first
+    forward pushes copies of the hot experts, the second reuses them; the rows each call's experts ran
+    with weights that are not the layer's parameters (the burst copies), from the expert-row spy."""
+    from _expert_rows import count_expert_rows
+
+    from megatron_microep.glue.config import MicroEPConfig
+    from megatron_microep.glue.layer import set_training_step
+
+    layer = _layer("microep", pg, state, replicas=[], microep=MicroEPConfig(redundant_slots=0, burst_slots=2))
+    reads = []
+    with count_expert_rows() as rows:
+        for step in (1, 2):
+            set_training_step(step)
+            reads += [_count_reads(layer, x, upstream), _count_reads(layer, x, upstream)]
+    return {"reads": reads, "copy_rows": [call["replica"] for call in rows]}
 
 
 # --- bf16 expert gradients, every step from the fp32 run's weights -----------------------------------
@@ -554,6 +573,12 @@ def test_one_host_read_per_layer_forward_none_in_backward(results):
         assert reads["microep"]["backward"] == (0, {}), f"rank {rank}: {reads['microep']['backward']}"
         assert sum(reads["stock"]["forward"][1].values()) >= 1  # the counter sees stock's sync
         assert all(t > 0 for t in res["layer"]["replica_tokens"]), "replicas carried no tokens"
+        burst = res["layer"]["burst"]
+        print(f"rank {rank} with burst slots: {burst}")
+        for count in burst["reads"]:
+            assert count["forward"] == (1, {}) and count["backward"] == (0, {}), f"rank {rank}: {count}"
+        # The hot experts' copies ran rows on EP rank 1 (rank 1 here) in every forward of both steps.
+        assert all(burst["copy_rows"]) if rank == 1 else not any(burst["copy_rows"]), burst["copy_rows"]
 
 
 def test_two_runs_are_bitwise_equal(results):
