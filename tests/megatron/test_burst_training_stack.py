@@ -186,7 +186,7 @@ def test_simulator_charges_the_measured_burst_bytes(burst_run):
     G, E = 2, stack.NUM_EXPERTS
 
     class Replay(MicroEpPolicy):
-        """The run's stock placement, microep's scheduler and burst copies."""
+        """The run's stock placement, microep's scheduler and burst copies; records each layer's copies."""
 
         def history_needs(self):
             return (1, stack.STEPS)
@@ -199,8 +199,14 @@ def test_simulator_charges_the_measured_burst_bytes(burst_run):
 
         def assign_in_step(self, tokens, placement, held):
             assignment = super().assign_in_step(tokens, placement, held)
-            copies.setdefault(step_of[0], set()).update(map(tuple, assignment.step_copies.tolist()))
+            copies.setdefault(layer_of[0], set()).update(map(tuple, assignment.step_copies.tolist()))
             return assignment
+
+    def records_of(step):
+        for record in records:
+            if record.step == step:
+                layer_of[0] = record.layer
+                yield record
 
     config = stack._config("alltoall", 2, 1, 2)
     fc1_width = 2 if config.gated_linear_unit else 1
@@ -214,15 +220,16 @@ def test_simulator_charges_the_measured_burst_bytes(burst_run):
     assert cost.params_per_expert == params_per_expert
     layout = Layout(num_gpus=G, num_experts=E, redundant_slots=0, gpus_per_node=G)
     info, records = read_native(os.path.join(trace_dir, "routing_rank0.mept"))  # EP group of global ranks 0, 1
+    records = list(records)
     assert info.num_gpus == G and info.num_experts == E
     measured, charged, gradient_part = {}, {}, {}
     for step in range(1, stack.STEPS + 1):
-        copies: dict[int, set] = {}
-        step_of = [step]
+        copies: dict[int, set] = {}  # layer -> (expert, gpu) of the burst copies held in this step
+        layer_of = [None]
         policy = Replay(layout, MicroEpParams(replan_interval=0, burst_slots=BURST_SLOTS))
-        (result,) = Simulation(layout, [policy], cost, warmup_steps=0).run([r for r in records if r.step == step])
+        (result,) = Simulation(layout, [policy], cost, warmup_steps=0).run(records_of(step))
         charged[step] = result.weight_bytes
-        held = np.array(sorted(copies.get(step, ())), dtype=np.int64).reshape(-1, 2)
+        held = np.array([c for layer in copies.values() for c in sorted(layer)], dtype=np.int64).reshape(-1, 2)
         home = held[:, 0] // (E // G)
         traffic = replica_step_traffic(home, held[:, 1], params_per_expert, 4.0, refreshed=np.zeros(len(held), bool))
         gradient_part[step] = traffic.total

@@ -463,7 +463,9 @@ def _fake_layer_runs(seed):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from megatron_microep.glue import compat
+    from megatron_microep.glue.config import MicroEPConfig
     from megatron_microep.glue.cpu import enable_cpu_megatron
+    from megatron_microep.glue.layer import STEP_CLOCK
     from megatron_microep.runtime import device, dispatch
     from megatron_microep.runtime.audit import DeviceAudit, cuda_fake_bindings
 
@@ -481,16 +483,29 @@ def _fake_layer_runs(seed):
     for g in range(WORLD):
         for _ in range(SEQ_LEN * MICRO_BATCH):
             counts[0, g, rng.choice(NUM_EXPERTS, TOPK, replace=False)] += 1
-    dispatch.exchange_counts = lambda routing_map, topk, groups: _KnownCounts(counts)
+    # With burst slots: every token also routed to the last expert (EP rank 1), so this rank (EP rank 0)
+    # receives a copy, accumulates its gradient and sends it home.
+    hot = NUM_EXPERTS - 1
+    burst_counts = np.zeros_like(counts)
+    burst_counts[0, :, hot] = SEQ_LEN * MICRO_BATCH
+    for g in range(WORLD):
+        others = rng.multinomial(SEQ_LEN * MICRO_BATCH * (TOPK - 1), [1 / hot] * hot)
+        burst_counts[0, g, :hot] = others
+    burst = {"replicas": [], "microep": MicroEPConfig(redundant_slots=0, burst_slots=2)}
     results = {}
     with _te_grouped_on_cpu():
-        for name, where, backend in (
-            ("cuda forward, grouped_mm", "cuda", "grouped_mm"),
-            ("cuda forward, te_grouped", "cuda", "te_grouped"),
-            ("meta forward+backward, grouped_mm", "meta", "grouped_mm"),
-            ("meta forward+backward, te_grouped fused", "meta", "te_grouped"),
+        for name, where, backend, bursts in (
+            ("cuda forward, grouped_mm", "cuda", "grouped_mm", False),
+            ("cuda forward, te_grouped", "cuda", "te_grouped", False),
+            ("meta forward+backward, grouped_mm", "meta", "grouped_mm", False),
+            ("meta forward+backward, te_grouped fused", "meta", "te_grouped", False),
+            ("meta forward+backward, grouped_mm, burst slots", "meta", "grouped_mm", True),
         ):
-            layer = _layer("microep", pg)
+            known = _KnownCounts(burst_counts if bursts else counts)
+            dispatch.exchange_counts = lambda routing_map, topk, groups, known=known: known
+            # Burst copies live in a training step; the other cases run without one, as before.
+            STEP_CLOCK.manual = 1 if bursts else None
+            layer = _layer("microep", pg, **(burst if bursts else {}))
             layer._backend = backend  # the backend probe runs real ops; the choice is not under test
             with_grad = where == "meta"
             mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -522,6 +537,7 @@ def _fake_layer_runs(seed):
                     for t in expert
                 ]
                 results[name] = {
+                    "burst_copies": sum(w is not None for w in layer._replicas.burst_weights()),
                     "out": (tuple(out.shape), out.device.type),
                     "placeholders": experts_main_grad,
                     "forward": forward.violations,
@@ -545,11 +561,13 @@ def test_layer_device_path_on_fake_devices(fake_layer_results):
     """The MicroEP layer's dispatcher and routed experts (Megatron's calls after the router) under
     FakeTensorMode with a fake process group and the count exchange answered: forward on CUDA-device
     fake tensors (a CPU-only torch records no autograd for them), forward and backward on meta-device
-    ones. Data-dependent ops, host reads and CPU/device mixes raise there; the audit finds no
-    sync-class op, device-to-host copy, blocking host-to-device copy or atomics-based op, and one
-    non-blocking host-to-device copy (the rank's tables)."""
-    assert len(fake_layer_results) == 4
+    ones, also with burst slots (copies pushed, their gradients returned). Data-dependent ops, host
+    reads and CPU/device mixes raise there; the audit finds no sync-class op, device-to-host copy,
+    blocking host-to-device copy or atomics-based op, and one non-blocking host-to-device copy (the
+    rank's tables)."""
+    assert len(fake_layer_results) == 5
     for name, res in fake_layer_results.items():
+        assert (res["burst_copies"] > 0) == ("burst" in name), f"{name}: {res['burst_copies']} burst copies here"
         where = name.split()[0]
         assert res["out"] == ((SEQ_LEN, MICRO_BATCH, HIDDEN), where), name
         assert res["forward"] == [] and res["backward"] == [], f"{name}: {res}"
