@@ -40,7 +40,7 @@ from megatron_microep.runtime import dispatch, experts
 from megatron_microep.runtime.audit import DeviceAudit, cuda_fake_bindings
 from megatron_microep.runtime.experts import ExpertMath, ExpertWeights, RowGroups, run_experts, storage_order
 from megatron_microep.runtime.layout import PhysicalLayout
-from megatron_microep.runtime.replicas import ReplicaExchange, replicate
+from megatron_microep.runtime.replicas import EVERY_BACKWARD, ReplicaExchange, Replicas, replicate
 from megatron_microep.runtime.te_reference import general_grouped_gemm
 
 HIDDEN, FFN, TOKENS, TOPK = 16, 16, 12, 2
@@ -114,8 +114,11 @@ def device_path(routing_map, hidden, probs, layout, groups, home, backend, math)
     by_slot = [ExpertWeights(*t, feeds_replicas=bool(c > 1)) for t, c in zip(home, copies)]
     by_slot += [None] * layout.redundant_slots
     if layout.has_replicas:
-        exchange = ReplicaExchange(layout, groups.ep_rank, groups.ep, [t.shape for t in home[0]])
-        tokens, replicas = replicate(tokens, exchange, home, None)
+        exchange = ReplicaExchange(layout, groups.ep_rank, [t.shape for t in home[0]])
+        held = Replicas()
+        held.group = groups.ep
+        held.refresh(exchange, home)
+        tokens, replicas = replicate(tokens, held, exchange, home, EVERY_BACKWARD)
         for slot, tensors in enumerate(replicas):
             if tensors is not None:
                 by_slot[n + slot] = ExpertWeights(*tensors)
