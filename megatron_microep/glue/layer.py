@@ -15,6 +15,10 @@ The step number comes from Megatron-LM's training loop (``args.curr_iteration``)
 otherwise from ``set_training_step`` (call it on every rank before each step); with neither,
 replica weights are fetched in every forward and their gradients returned in every backward,
 history is not recorded and re-planning is off (logged once).
+
+Burst copies (``--microep-burst-slots``): after the count read, every rank decides the same copies
+for the micro-batch (``planning.burst.plan_burst``); new ones are pushed from their home ranks, held
+until the step ends and reused, and return their gradients with the replicas' (docs/dispatcher.md).
 """
 
 from __future__ import annotations
@@ -315,7 +319,7 @@ class MicroEPMoELayer(MoELayer):
             plan=self._plan_burst if bursting else None,
         )
         if bursting:
-            self._push_burst(routing.layout)
+            self._push_burst()
         if self.training and torch.is_grad_enabled():
             # Counted once per micro-batch also under activation recompute, whose first pass runs
             # without grad; evaluation forwards are not training history.
@@ -372,7 +376,7 @@ class MicroEPMoELayer(MoELayer):
         extended = layout.with_burst(plan.placement, plan.copies, plan.burst_slot(), settings.burst_slots)
         return extended, plan.schedule, self._group_order(extended)
 
-    def _push_burst(self, layout: PhysicalLayout) -> None:
+    def _push_burst(self) -> None:
         """Hold the plan's burst copies; push the new ones' weights (asynchronously, waited for at the experts)."""
         plan, self._burst_plan = self._burst_plan, None
         if not len(plan.copies):
