@@ -7,7 +7,8 @@ get_forward_backward_func, 4 ranks, EP = 2, expert data parallelism 2, routing s
 - no replica slots (stock placement): every micro-batch overloads EP rank 0, so each step's first
   micro-batch pushes a copy of expert 0 to EP rank 1 and the later ones reuse it; DDP without and
   with overlapped reduction (distributed optimizer, overlapped parameter all-gather), 3 micro-batches
-  and 1: losses within 1e-4, parameters within 1e-5 relative of stock, the expert gradients DDP's
+  and 1, and 8 with full activation recompute (the recomputed forward plans again with the step's
+  held copies): losses within 1e-4, parameters within 1e-5 relative of stock, the expert gradients DDP's
   reduction starts from equal stock's, and (a spy on the expert call) EP rank 1 ran rows with
   weights that are not its own parameters in every training micro-batch, EP rank 0 none;
 - one replica slot with the placement of the stack test switching at every step boundary (the
@@ -106,6 +107,10 @@ CASES = {
     "burst": (0, {"overlap": False, "distributed_optimizer": False}),
     "burst_overlap_distopt": (0, {"overlap": True, "distributed_optimizer": True}),
     "burst_overlap_distopt_m1": (0, {"overlap": True, "distributed_optimizer": True, "micro_batches": 1}),
+    "burst_overlap_m8_recompute": (
+        0,
+        {"overlap": True, "distributed_optimizer": False, "micro_batches": 8, "recompute": True},
+    ),
     "burst_and_replicas": (1, {"overlap": False, "distributed_optimizer": False}),
     "burst_and_replicas_overlap": (1, {"overlap": True, "distributed_optimizer": True}),
     "no_burst_grads": (0, {"overlap": False, "distributed_optimizer": False, "control": _burst_gradients_dropped}),
@@ -131,7 +136,9 @@ def _rank(rank, world_size, seed, trace_dir):
 @pytest.fixture(scope="module")
 def burst_run(tmp_path_factory):
     trace_dir = str(tmp_path_factory.mktemp("burst_trace"))
-    return spawn_gloo(_rank, stack.WORLD, stack._seed(), trace_dir, timeout_s=600), trace_dir
+    seed = stack._seed()
+    print(f"burst training-stack seed {seed} (rerun with MICROEP_TEST_SEED={seed})")
+    return spawn_gloo(_rank, stack.WORLD, seed, trace_dir, timeout_s=600), trace_dir, seed
 
 
 def _assert_burst_rows(results, label, micro_batches):
@@ -139,7 +146,8 @@ def _assert_burst_rows(results, label, micro_batches):
     its parameters (the burst copy of expert 0) in every training micro-batch, EP rank 0 none."""
     for rank, res in enumerate(results):
         training = [call["replica"] for call in res["expert_rows"] if call["training"]]
-        assert len(training) == stack.STEPS * micro_batches * 2, f"{label} rank {rank}: {len(training)} calls"
+        # Two layers; a recomputed forward calls the experts again.
+        assert len(training) >= stack.STEPS * micro_batches * 2, f"{label} rank {rank}: {len(training)} calls"
         if res["ep_rank"] == 1:
             assert all(training), f"{label} rank {rank}: burst copy idle in some micro-batch: {training}"
         else:
@@ -151,7 +159,8 @@ def _assert_burst_rows(results, label, micro_batches):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "no_burst_grads"])
 def test_burst_copies_match_stock_through_ddp_optimizer_and_schedule(burst_run, case):
-    results, _ = burst_run
+    results, _, seed = burst_run
+    print(f"seed {seed}")  # shown with a failure of this test (the fixture's own output is not)
     for rank, res in enumerate(results):
         stack._assert_parity(rank, res[case], case)
         per_step = res[case]["pre_reduction_rel"]
@@ -163,7 +172,8 @@ def test_burst_copies_match_stock_through_ddp_optimizer_and_schedule(burst_run, 
 
 
 def test_parity_breaks_without_burst_gradient_return(burst_run):
-    results, _ = burst_run
+    results, _, seed = burst_run
+    print(f"seed {seed}")
     _assert_burst_rows([res["no_burst_grads"] for res in results], "no_burst_grads", 3)
     for rank, res in enumerate(results):
         control = res["no_burst_grads"]
@@ -182,7 +192,8 @@ def test_simulator_charges_the_measured_burst_bytes(burst_run):
     from megatron_microep.simulator.engine import Simulation
     from megatron_microep.simulator.traces import read_native
 
-    results, trace_dir = burst_run
+    results, trace_dir, seed = burst_run
+    print(f"seed {seed}")
     G, E = 2, stack.NUM_EXPERTS
 
     class Replay(MicroEpPolicy):
