@@ -172,6 +172,8 @@ MODEL = (
     _o("hidden_dropout", "float", "hidden dropout", TRANSFORMER, minimum=0.0),
     _o("init_method_std", "float", "weight init standard deviation", TRANSFORMER, minimum=0.0),
     _o("make_vocab_size_divisible_by", "int", "vocabulary padding multiple", GPT, minimum=1),
+    # MicroEP/FSEP MTP layers (glue/spec.py); scripts/pretrain_gpt_microep.py refuses it before core_r0.19.
+    _o("mtp_num_layers", "int", "multi-token prediction layers (Megatron-LM core_r0.19 or later)", minimum=1),
     _o("transformer_impl", "choice", "layer implementation", TRANSFORMER, choices=("local", "transformer_engine")),
 )
 

@@ -433,7 +433,7 @@ class FSEPMoELayer(MicroEPMoELayer):
             stages = getattr(self.config, "virtual_pipeline_model_parallel_size", None) or 1
             # Chunk v of this pipeline rank starts after the layers of offset(v); offsets grow with v.
             offsets = [compat.layer_offset(self.config, v, self._pp_rank) for v in range(stages)] if stages > 1 else [0]
-            self._chunk = max(v for v, offset in enumerate(offsets) if offset < self.layer_number)
+            self._chunk = max(v for v, offset in enumerate(offsets) if offset < self.model_layer_id)
         return self._chunk
 
     def _neighbour(self, offset: int) -> FSEPMoELayer | None:
@@ -447,7 +447,7 @@ class FSEPMoELayer(MicroEPMoELayer):
                 for m in layers
                 if m is not None and m.layer_number is not None and m.model_chunk() == self.model_chunk()
             ),
-            key=lambda m: m.layer_number,
+            key=lambda m: m.model_layer_id,
         )
         index = chain.index(self) + offset
         return chain[index] if 0 <= index < len(chain) else None

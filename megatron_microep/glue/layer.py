@@ -290,7 +290,16 @@ class MicroEPMoELayer(MoELayer):
     def set_layer_number(self, layer_number: int) -> None:
         # Megatron numbers a layer after constructing it; the planner's log lines name it.
         super().set_layer_number(layer_number)
-        self.placement_controller.set_layer_number(layer_number)
+        self.placement_controller.set_layer_number(self.model_layer_id)
+
+    @property
+    def model_layer_id(self) -> int | None:
+        """This layer's place in the model for telemetry tags, traces, planner spreading and FSEP's
+        prefetch chain: Megatron's layer number, MTP layers after the decoder's (from core_r0.19 an
+        MTP layer restarts at 1; Megatron's router renumbers it the same way for its loss tracker)."""
+        if self.layer_number is None:
+            return None
+        return self.layer_number + (self.config.num_layers if getattr(self, "is_mtp_layer", False) else 0)
 
     # --- placement ------------------------------------------------------------------------------
     @property
@@ -325,7 +334,7 @@ class MicroEPMoELayer(MoELayer):
             # without grad; evaluation forwards are not training history.
             tokens = routing.counts.sum(axis=0)
             self.placement_controller.record(tokens.sum(axis=0))
-            layer = self.layer_number if self.layer_number is not None else -1
+            layer = self.model_layer_id if self.layer_number is not None else -1
             self.telemetry.add(
                 micro_batch_stats(
                     -1 if step is None else step,
@@ -425,11 +434,11 @@ class MicroEPMoELayer(MoELayer):
         summary = summarize(self.telemetry.drain())
         if not summary or dist.get_rank(self.microep_groups.tp_ep) != 0 or self._expt_dp_rank != 0:
             return summary
-        tag = f"microep/layer{self.layer_number}"
+        tag = f"microep/layer{self.model_layer_id}"
         logger.info(
             "MicroEP layer %s step %d: max/mean before %.3f after %.3f, remote tokens %.0f -> %.0f, "
             "%d replicas carrying %.0f tokens, scheduling %.2f ms per micro-batch",
-            self.layer_number,
+            self.model_layer_id,
             step,
             summary["imbalance_before"],
             summary["imbalance_after"],

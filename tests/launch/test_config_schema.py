@@ -234,3 +234,22 @@ def test_launch_args_cli(capsys):
     assert main(["launch-args", "tiny-cpu", "--set", "moe.moe_token_dispatcher_type=alltoall"]) == 0
     captured = capsys.readouterr()
     assert "--microep" not in captured.out and "section 'microep' not printed" in captured.err
+
+
+def test_mtp_num_layers_maps_to_the_megatron_flag(capsys):
+    # MTP layers run MicroEP/FSEP experts (glue/spec.py, microep_mtp_block_spec); the entry script
+    # refuses --mtp-num-layers before core_r0.19 (tests/launch/test_megatron_lm_mtp.py).
+    config = load_config(CONFIGS / "deepseek-v3.yaml", ["model.mtp_num_layers=1"])
+    flags = config.megatron_flags()
+    assert flags[flags.index("--mtp-num-layers") + 1] == "1"
+    assert _parsed_back(config) == _flag_sections(config)
+    assert "--mtp-num-layers" not in load_config(CONFIGS / "deepseek-v3.yaml").megatron_flags()
+    # The embedded CPU run builds no MTP block: the key is Megatron-LM only there.
+    tiny = load_config(CONFIGS / "tiny-cpu.yaml", ["model.mtp_num_layers=2"])
+    assert embedded_unsupported(tiny) == ["model.mtp_num_layers"]
+    assert main(["launch-args", "tiny-cpu", "--lines", "--set", "model.mtp_num_layers=2"]) == 0
+    assert "--mtp-num-layers 2" in capsys.readouterr().out.splitlines()
+    for bad, message in [("0", "model.mtp_num_layers: must be >= 1, got 0"), ("one", "expected an integer")]:
+        assert main(["launch-args", "tiny-cpu", "--set", f"model.mtp_num_layers={bad}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -23,14 +23,11 @@ import random
 from types import SimpleNamespace
 
 import pytest
+import torch
+from test_microep_telemetry import _Recorder as TelemetryRecorder
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from test_microep_telemetry import _Recorder as TelemetryRecorder  # noqa: E402
-
-from megatron_microep.glue.config import MicroEPConfig, MicroEPConfigError  # noqa: E402
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.config import MicroEPConfig, MicroEPConfigError
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 WORLD = EP = 2
 STEPS, LOG_INTERVAL, MICRO_BATCHES = 4, 2, 2

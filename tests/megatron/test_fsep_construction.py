@@ -18,14 +18,11 @@ import os
 import random
 
 import pytest
+import torch
+from _gpt_case import gpt_model, synthetic_batches
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import gpt_model, synthetic_batches  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
-from megatron_microep.runtime.comm_spy import CollectiveSpy  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
+from megatron_microep.runtime.comm_spy import CollectiveSpy
 
 EP, NUM_EXPERTS, VOCAB, SEQ_LEN = 2, 4, 64, 16
 

@@ -14,7 +14,12 @@ step: losses (1e-4), every main gradient including the experts' (1e-5 relative, 
 same slices of stock's expert gradients), the clipping norm; bytes, measured by a spy on
 torch.distributed (what each rank hands to the collectives): the adoption of a new layout sends
 only the placement broadcast, and what the gathers and gradient returns send and receive on the
-shard group equals the simulator cost model's FSEP charge for the step's layouts, per rank.
+shard group equals the simulator cost model's FSEP charge for the step's layouts, per rank. Every
+EP rank draws its own experts (all experts distinct); a spy on the expert call counts the rows each
+copy ran and names the expert it ran by its weights, and with the router's choices (a spy on
+``route``): every routed (token, expert) pair ran exactly once, on a copy of that expert, some
+expert's tokens were split over copies, and the busiest rank ran fewer rows than under stock EP's
+home placement.
 Checkpoints (model and optimizer, Megatron distributed checkpoint) at steps 14 and 16. Then a fresh
 FSEP model (``regather`` policy: the same byte check, two gathers) resumes from step 14, checkpoints
 at step 16 and trains until rank 3 dies (``os._exit``) in step 17.
@@ -40,15 +45,19 @@ import random
 
 import numpy as np
 import pytest
+import torch
+from _changing_planner import ChangingPlanner
+from _expert_rows import (
+    assert_each_routed_pair_ran_once,
+    calls_across_ranks,
+    count_expert_rows,
+    count_routed_tokens,
+    name_slot_experts,
+)
+from _gpt_case import gpt_model, synthetic_batches
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _changing_planner import ChangingPlanner  # noqa: E402
-from _gpt_case import gpt_model, synthetic_batches  # noqa: E402
-
-from megatron_microep.glue.distributed import RankFailedError, init_megatron_parallel, spawn_gloo  # noqa: E402
-from megatron_microep.runtime.comm_spy import CollectiveSpy  # noqa: E402
+from megatron_microep.glue.distributed import RankFailedError, init_megatron_parallel, spawn_gloo
+from megatron_microep.runtime.comm_spy import CollectiveSpy
 
 NUM_EXPERTS = 8
 HOT_EXPERTS = (0, 1)
@@ -82,7 +91,10 @@ def _config(dispatcher: str, ep: int, policy: str = "keep"):
         moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=ep,
         add_bias_linear=False,
-        use_cpu_initialization=True,
+        # Each EP rank draws its own experts (Megatron's RNG tracker, as on GPU): with
+        # use_cpu_initialization=True every EP rank holds identical experts, which would hide a copy
+        # running the wrong expert's weights.
+        use_cpu_initialization=False,
         transformer_impl="local",
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -354,11 +366,19 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         for i, tensor in enumerate(full):
             local = torch.stack([t[i] for t in mine])
             init_equal &= torch.equal(tensor[rank * n : (rank + 1) * n], local.detach())
+    # Every expert its own weights (what lets the spy below tell which expert a copy ran).
+    experts_distinct = all(
+        len({full_experts(layer)[0][e].numpy().tobytes() for e in range(NUM_EXPERTS)}) == NUM_EXPERTS
+        for layer in layers
+    )
     stock_ddp, stock_opt = _wrap(stock, stock_config)
     fsep_ddp, fsep_opt = _wrap(fsep, fsep_config)
     spy = CollectiveSpy()
     result = {
         "init_equal": bool(init_equal),
+        "experts_distinct": experts_distinct,
+        "expert_rows": [],
+        "routed": [],
         "stock": [],
         "fsep": [],
         "grad_err": [],
@@ -384,10 +404,13 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         result["adopt_calls"].append(sorted({c.op for c in adoption}))
         result["placements"].append(_placements(layers))
         result.setdefault("histories", []).append(_histories(layers))
-        with spy.active():
+        with spy.active(), count_expert_rows(keep_fc1=True) as rows, count_routed_tokens() as routed:
             start = len(spy.calls)
             result["fsep"].append(_step(fsep_ddp, fsep_opt, seed, step, fsep=True))
             result["fsep_bytes"].append(_fsep_step_bytes(spy.calls[start:], layers))
+        name_slot_experts(rows, layers)  # this step's weights: before the optimizer step
+        result["expert_rows"] += rows
+        result["routed"] += routed
         result["charged_bytes"].append(_charged_bytes(layers, "keep"))
         # Gradients: dense main grads by name, expert main grads as shards, and the clipping norm.
         stock_grads = dict(stock_ddp.named_parameters())
@@ -413,7 +436,6 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         if step in CKPT_STEPS:
             _save(fsep_ddp, fsep_opt, os.path.join(tmp_dir, f"fsep_ep4_step{step}"))
     result["prefetch_hits"] = [layer.prefetch_hits for layer in layers]
-    result["stats"] = [row for layer in layers for row in layer.telemetry.drain()]
     result["placement_bytes"] = (NUM_EXPERTS + 1 + 4 * layers[0].slots_per_rank) * 8 * len(layers)
     with open(os.path.join(tmp_dir, f"launch1_rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
@@ -595,13 +617,25 @@ def test_fsep_trains_like_stock_ep_with_a_new_layout_every_step(runs):
 
 
 def test_scheduler_balances_over_the_fsep_layouts(runs):
+    # On the rows the experts processed (a spy on the expert call; which expert a copy ran, by its
+    # weights) and the router's choices, not the schedule's telemetry: every (token, expert) pair the
+    # router chose ran exactly once, on a copy of that expert; some expert's tokens were split over
+    # copies; the busiest rank ran fewer rows than under stock EP's home placement.
     launch1, _ = runs
-    for res in launch1:
-        stats = res["stats"]
-        assert len(stats) == STEPS * MICRO_BATCHES * 2  # every micro-batch of both MoE layers
-        assert sum(s.replica_tokens for s in stats) > 0, "extra copies carried no token"
-        # "before" is stock EP's home placement on the same routing.
-        assert sum(s.max_after for s in stats) < sum(s.max_before for s in stats)
+    assert all(res["experts_distinct"] for res in launch1), "EP ranks hold identical experts"
+    home = NUM_EXPERTS // len(launch1)  # home experts per rank
+    split_calls = after = before = 0
+    for layer in (1, 2):
+        calls = calls_across_ranks(
+            [res["expert_rows"] for res in launch1], [res["routed"] for res in launch1], layer, NUM_EXPERTS
+        )
+        assert len(calls) == STEPS * MICRO_BATCHES  # every micro-batch
+        pairs = len(launch1) * MICRO_BATCH * SEQ_LEN * 2  # top-2 of every token
+        split_calls += sum(assert_each_routed_pair_ran_once(calls, pairs, f"layer {layer}"))
+        after += sum(max(call["rank_rows"]) for call in calls)
+        before += sum(call["routed"].reshape(-1, home).sum(axis=1).max() for call in calls)
+    assert split_calls > 0, "no expert's tokens were split over copies"
+    assert after < before, (after, before)
 
 
 def test_a_changed_layout_moves_no_optimizer_state(runs):

@@ -13,21 +13,18 @@ import random
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from megatron_microep.glue.fsep import (  # noqa: E402
+from megatron_microep.glue.fsep import (
     LAYOUT_STATE_FORMAT,
     FSEPLayoutStateError,
     FSEPPlacementController,
     check_layout_state,
 )
-from megatron_microep.planning.placement import Placement  # noqa: E402
-from megatron_microep.planning.plan import HistoryPlanner, PlannerSettings, PlanTarget  # noqa: E402
-from megatron_microep.runtime.fsep import fsep_layout, initial_fsep_placement  # noqa: E402
+from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.plan import HistoryPlanner, PlannerSettings, PlanTarget
+from megatron_microep.runtime.fsep import fsep_layout, initial_fsep_placement
 
 E, G, C = 8, 4, 3
 WHERE = "FSEP layer 7"

@@ -31,14 +31,18 @@ import random
 
 import numpy as np
 import pytest
+import torch
+from _expert_rows import (
+    assert_each_routed_pair_ran_once,
+    calls_across_ranks,
+    count_expert_rows,
+    count_routed_tokens,
+    name_slot_experts,
+)
+from _gpt_case import gpt_model, synthetic_batches
+from test_fsep_gpt import _expert_grads_as_shards, _rel
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import gpt_model, synthetic_batches  # noqa: E402
-from test_fsep_gpt import _expert_grads_as_shards, _rel  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 EP = 2
 NUM_EXPERTS = 4
@@ -214,7 +218,8 @@ def _train(seed: int, distributed_optimizer: bool, dtype: torch.dtype) -> dict:
         "recast_exact": [],
         "sub_precision_fraction": [],
         "step1_update_err": None,
-        "copy_tokens": [],
+        "expert_rows": [],
+        "routed": [],
     }
     placement = None
     for step in range(1, STEPS + 1):
@@ -224,8 +229,14 @@ def _train(seed: int, distributed_optimizer: bool, dtype: torch.dtype) -> dict:
         out["placements"].append(placement.to_lists())
         set_training_step(step)
         for name, (ddp, optimizer) in models.items():
-            out[name].append(_forward_backward(ddp, optimizer, seed, step))
-        out["copy_tokens"].append(sum(s.replica_tokens for layer in layers for s in layer.telemetry.drain()))
+            if name != "fsep":
+                out[name].append(_forward_backward(ddp, optimizer, seed, step))
+                continue
+            with count_expert_rows(keep_fc1=True) as rows, count_routed_tokens() as routed:
+                out[name].append(_forward_backward(ddp, optimizer, seed, step))
+            name_slot_experts(rows, layers)  # this step's weights: before the optimizer step
+            out["expert_rows"] += rows
+            out["routed"] += routed
         stock_grads = dict(stock.named_parameters())
         errors = [
             _rel(p.main_grad, stock_grads[n].main_grad)
@@ -298,13 +309,30 @@ def test_parameters_are_16_bit_with_fp32_main_params_and_grads(mixed_precision_r
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_16_bit_fsep_runs_every_routed_token_once_and_splits_over_copies(mixed_precision_run, optimizer, precision):
+    # On the rows the experts processed (a spy on the expert call; which expert a copy ran, by its
+    # 16-bit weights) and the router's choices, not the schedule's telemetry.
+    results = [rank_result[(precision, optimizer)] for rank_result in mixed_precision_run]
+    split = np.zeros(STEPS, dtype=bool)  # per step: some expert's tokens ran on two copies
+    for layer in (1, 2):
+        calls = calls_across_ranks(
+            [res["expert_rows"] for res in results], [res["routed"] for res in results], layer, NUM_EXPERTS
+        )
+        assert len(calls) == STEPS * MICRO_BATCHES
+        pairs = EP * MICRO_BATCH * SEQ_LEN * 2  # top-2 of every token
+        split_calls = assert_each_routed_pair_ran_once(calls, pairs, f"layer {layer}")
+        split |= np.reshape(split_calls, (STEPS, MICRO_BATCHES)).any(axis=1)
+    assert split.all(), f"no expert's tokens were split over copies in steps {np.flatnonzero(~split) + 1}"
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_16_bit_fsep_trains_like_16_bit_stock_ep(mixed_precision_run, optimizer, precision):
     u = PRECISIONS[precision][1]
     for rank, rank_result in enumerate(mixed_precision_run):
         res = rank_result[(precision, optimizer)]
         placements = res["placements"]
         assert all(a != b for a, b in zip(placements, placements[1:])), "the layout did not change every step"
-        assert min(res["copy_tokens"]) > 0, f"no expert's tokens were split over copies: {res['copy_tokens']}"
         assert res["grad_err"][0] <= STEP1_GRAD_ROUNDINGS * u, (
             f"rank {rank}: step-1 gradient rel error {res['grad_err'][0]}"
         )

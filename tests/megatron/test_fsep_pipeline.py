@@ -24,15 +24,19 @@ import random
 
 import numpy as np
 import pytest
+import torch
+from _expert_rows import (
+    assert_each_routed_pair_ran_once,
+    calls_across_ranks,
+    count_expert_rows,
+    count_routed_tokens,
+    name_slot_experts,
+)
+from _gpt_case import forward_step, gpt_model, synthetic_batches
+from test_fsep_gpt import _expert_grads_as_shards, _rel
+from test_fsep_mixed_precision import _random_layout
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import forward_step, gpt_model, synthetic_batches  # noqa: E402
-from test_fsep_gpt import _expert_grads_as_shards, _rel  # noqa: E402
-from test_fsep_mixed_precision import _random_layout  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 PP, EP = 2, 2
 NUM_EXPERTS = 4  # 2 per rank + 1 redundant slot: C = 3 (as test_fsep_mixed_precision's layouts)
@@ -205,6 +209,8 @@ def _train(loop: str, seed: int) -> dict:
         "loss_err": [],
         "grad_err": [],
         "placements": [],
+        "expert_rows": [],
+        "routed": [],
     }
     placement = None
     for step in range(1, STEPS + 1):
@@ -215,7 +221,17 @@ def _train(loop: str, seed: int) -> dict:
                 layer.set_placement(placement)
         set_training_step(step)
         batches = _batches(seed, step, dp_rank)
-        losses = {name: LOOPS[loop](ddp, batches) for name, ddp in models.items()}
+        losses = {}
+        for name, ddp in models.items():
+            if name != "keep":
+                losses[name] = LOOPS[loop](ddp, batches)
+                continue
+            # The keep model's expert calls and routings, counted by the test (not the schedule's telemetry).
+            with count_expert_rows(keep_fc1=True) as rows, count_routed_tokens() as routed:
+                losses[name] = LOOPS[loop](ddp, batches)
+            name_slot_experts(rows, layers[name])  # this step's weights: before the optimizer step
+            out["expert_rows"] += rows
+            out["routed"] += routed
         stock = models["stock"]
         stock_grads = dict(stock.named_parameters())
         for name in MODELS[1:]:
@@ -234,7 +250,6 @@ def _train(loop: str, seed: int) -> dict:
         out["losses"].setdefault("stock", []).append(losses["stock"])
         for opt in optimizers.values():
             opt.step()
-    out["copy_tokens"] = sum(s.replica_tokens for layer in layers["keep"] for s in layer.telemetry.drain())
     out["prefetch_hits"] = {name: [layer.prefetch_hits for layer in layers[name]] for name in MODELS[1:]}
     if loop == "megatron":
         out["keep_model"] = models["keep"]
@@ -297,7 +312,24 @@ def test_each_stage_holds_its_fsep_layers(pipeline_run, loop):
         assert run["fsep_layers"] == {0: [1, 2], 1: [4]}[res["stage"]]
         placements = run["placements"]
         assert all(a != b for a, b in zip(placements, placements[1:])), "the layout did not change every step"
-        assert run["copy_tokens"] > 0, "no expert's tokens were split over copies"
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_every_routed_token_runs_once_and_copies_share_the_load(pipeline_run, loop):
+    # The keep model's rows, counted by a spy on the expert call (which expert a copy ran, by its
+    # weights), against the router's choices, per stage (its EP group) and FSEP layer.
+    split_calls = 0
+    for stage in range(PP):
+        results = [res[loop] for res in pipeline_run if res["stage"] == stage]
+        assert len(results) == EP
+        for layer in results[0]["fsep_layers"]:
+            calls = calls_across_ranks(
+                [r["expert_rows"] for r in results], [r["routed"] for r in results], layer, NUM_EXPERTS
+            )
+            assert len(calls) == STEPS * MICRO_BATCHES
+            pairs = EP * MICRO_BATCH * SEQ_LEN * 2  # top-2 of every token
+            split_calls += sum(assert_each_routed_pair_ran_once(calls, pairs, f"stage {stage} layer {layer}"))
+    assert split_calls > 0, "no expert's tokens were split over copies"
 
 
 @pytest.mark.parametrize("loop", list(LOOPS))

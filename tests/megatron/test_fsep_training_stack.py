@@ -29,13 +29,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from _gpt_case import forward_step, gpt_model, synthetic_batches
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import forward_step, gpt_model, synthetic_batches  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 WORLD, EP = 4, 2
 NUM_EXPERTS, SLOTS = 4, 3  # 2 experts per EP rank + 1 redundant slot

@@ -23,12 +23,9 @@ import random
 
 import numpy as np
 import pytest
-
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import forward_step, skew_router, synthetic_batches  # noqa: E402
-from test_fsep_training_stack import (  # noqa: E402
+import torch
+from _gpt_case import forward_step, skew_router, synthetic_batches
+from test_fsep_training_stack import (
     _GatherCheck,
     _param_gathers_complete_when_waited,
     _random_layout,
@@ -37,7 +34,7 @@ from test_fsep_training_stack import (  # noqa: E402
     wrap_chunks,
 )
 
-from megatron_microep.glue.distributed import spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import spawn_gloo
 
 PP, VPP, EP = 2, 2, 2
 NUM_EXPERTS, SLOTS = 4, 3

@@ -19,13 +19,11 @@ import random
 import types
 
 import pytest
+import torch
+from _expert_rows import count_expert_rows
+from _gpt_case import forward_step, gpt_model, moe_config, synthetic_batches
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import forward_step, gpt_model, moe_config, synthetic_batches  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 WORLD = EP = 2
 NUM_EXPERTS = 4
@@ -132,13 +130,19 @@ def _parity(mode: str, seed: int) -> dict:
     stock_ddp, stock_opt = _wrap(stock, stock_config, overlap=False, distributed_optimizer=False)
     micro_ddp, micro_opt = _wrap(micro, micro_config, overlap=False, distributed_optimizer=False)
     stock_losses, stock_grads = _train(stock_ddp, stock_opt, seed)
-    micro_losses, micro_grads = _train(micro_ddp, micro_opt, seed)
+    with count_expert_rows() as rows:
+        micro_losses, micro_grads = _train(micro_ddp, micro_opt, seed)
     out = {
         "stock_losses": stock_losses,
         "micro_losses": micro_losses,
         "moe_layers": [type(m).__name__ for m in micro.modules() if isinstance(m, MoELayer)],
         "mtp_moe_layers": [type(m).__name__ for m in mtp_layers],
-        "mtp_replica_tokens": sum(s.replica_tokens for m in mtp_layers for s in m.telemetry.drain()),
+        # Rows the MTP layer's experts ran with copies (replicas; under FSEP every slot is a gathered copy).
+        "mtp_replica_rows": sum(
+            c["replica"] for c in rows if c["training"] and c["layer"] == mtp_layers[0].model_layer_id
+        ),
+        "layer_ids": [m.model_layer_id for m in micro.modules() if isinstance(m, MicroEPMoELayer)],
+        "mtp_layer_ids": [m.model_layer_id for m in mtp_layers],
     }
     stock_params, micro_params = _params(stock_ddp), _params(micro_ddp)
     if mode == "replicas":
@@ -213,7 +217,10 @@ def test_mtp_block_is_built_with_microep_layers(mtp_run, mode):
     for res in mtp_run:
         assert res[mode]["moe_layers"] == [expected] * 3  # two decoder layers and the MTP layer
         assert res[mode]["mtp_moe_layers"] == [expected]
-    assert sum(res[mode]["mtp_replica_tokens"] for res in mtp_run) > 0  # the MTP layer's copies carried tokens
+        # Telemetry tags, traces and FSEP's prefetch chain tell the MTP layer from decoder layer 1
+        # (from core_r0.19 both carry layer number 1): the MTP layer comes after the decoder's two.
+        assert sorted(res[mode]["layer_ids"]) == [1, 2, 3] and res[mode]["mtp_layer_ids"] == [3]
+    assert sum(res[mode]["mtp_replica_rows"] for res in mtp_run) > 0  # the MTP layer's copies ran tokens
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -23,13 +23,10 @@ import random
 
 import numpy as np
 import pytest
+import torch
+from _gpt_case import forward_step, skew_router, synthetic_batches, tiny_moe_config
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from _gpt_case import forward_step, skew_router, synthetic_batches, tiny_moe_config  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 WORLD = 2
 NUM_EXPERTS = 4
