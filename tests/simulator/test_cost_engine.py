@@ -118,8 +118,8 @@ def test_replica_sync_hidden_behind_compute():
 
 def test_replica_sync_burst_copies_return_gradients_only():
     model = CostModel()
-    expert, home, replica = np.array([0, 1]), np.array([0, 8]), np.array([9, 9])
-    exposed, nbytes = replica_sync(model, expert, home, replica, 16, 8, 0.0, 0.0, np.array([True, False]))
+    home, replica = np.array([0, 8]), np.array([9, 9])
+    exposed, nbytes = replica_sync(model, home, replica, 16, 8, 0.0, 0.0, np.array([True, False]))
     assert nbytes == model.expert_param_bytes + 2 * model.expert_grad_bytes
     param_s = model.expert_param_bytes / (model.inter_node_gbps * 1e9)
     grad_s = model.expert_grad_bytes / (model.intra_node_gbps * 1e9)  # GPU 9 -> 8 and 9 -> 0 (inter) overlap
