@@ -149,6 +149,28 @@ class MicroEPConfig:
         metavar="K",
         simulator="node_confined",
     )
+    burst_slots: int = setting(
+        0,
+        "burst slots per EP rank and layer: temporary expert copies chosen every micro-batch from its own "
+        "counts by the scheduler's certificate (planning/burst.py), weights pushed from the home rank when a "
+        "step first needs them, reused by its later micro-batches, gradients returned once per step with the "
+        "replicas'; inside the expert's home node (--microep-gpus-per-node EP ranks when set, else the "
+        "launcher's node); memory: D "
+        "experts' weights plus their fp32 gradients per layer at most (0: off, the default, so enabling it is "
+        "a deliberate memory choice; the simulator's burst tables use 2, docs/benchmarks.md)",
+        minimum=0,
+        metavar="D",
+        simulator="burst_slots",
+    )
+    burst_tolerance: float = setting(
+        1.02,
+        "add burst copies only while the micro-batch's max EP-rank load is above this times the mean (>= 1; "
+        "1.02 is where the simulator's decision time per micro-batch met its budget on average, "
+        "docs/benchmarks.md)",
+        minimum=1,
+        metavar="X",
+        simulator="burst_tolerance",
+    )
     expert_backend: str = setting(
         "auto",
         "expert GEMMs: TransformerEngine grouped GEMM, torch grouped_mm, a per-expert loop, or auto "
@@ -183,6 +205,11 @@ class MicroEPConfig:
         if self.replan_interval and self.redundant_slots == 0 and self.expert_sharding == "none":
             raise MicroEPConfigError(
                 f"{flag_of('replan_interval')} > 0 needs {flag_of('redundant_slots')} >= 1 (nothing to place)"
+            )
+        if self.burst_slots and self.expert_sharding != "none":
+            raise MicroEPConfigError(
+                f"{flag_of('burst_slots')} > 0 is not supported with {flag_of('expert_sharding')} "
+                f"{self.expert_sharding} (burst copies are pushed from home experts that FSEP does not keep)"
             )
         return self
 

@@ -131,3 +131,9 @@ def test_simulator_microep_defaults_are_the_runtime_defaults():
 def test_docs_flag_table_is_the_generated_one():
     doc = (ROOT / "docs" / "dispatcher.md").read_text(encoding="utf-8")
     assert settings_table() in doc, "docs/dispatcher.md is stale: run python scripts/update_settings_table.py"
+
+
+def test_burst_slots_are_refused_under_fsep():
+    MicroEPConfig(burst_slots=2).validate()
+    with pytest.raises(MicroEPConfigError, match=f"^{flag_of('burst_slots')} > 0 is not supported with"):
+        MicroEPConfig(burst_slots=2, expert_sharding="fsep").validate()

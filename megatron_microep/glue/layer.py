@@ -15,6 +15,10 @@ The step number comes from Megatron-LM's training loop (``args.curr_iteration``)
 otherwise from ``set_training_step`` (call it on every rank before each step); with neither,
 replica weights are fetched in every forward and their gradients returned in every backward,
 history is not recorded and re-planning is off (logged once).
+
+Burst copies (``--microep-burst-slots``): after the count read, every rank decides the same copies
+for the micro-batch (``planning.burst.plan_burst``); new ones are pushed from their home ranks, held
+until the step ends and reused, and return their gradients with the replicas' (docs/dispatcher.md).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from megatron_microep.glue.config import (
     _megatron_training_args,
     resolve_microep_config,
 )
+from megatron_microep.planning.burst import plan_burst
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.plan import HistoryPlanner, PlannerSettings, PlanTarget
 from megatron_microep.runtime.collectives import dedicated_group
@@ -56,7 +61,13 @@ from megatron_microep.runtime.dispatch import (
 from megatron_microep.runtime.experts import RowGroups, choose_backend, run_experts, storage_order
 from megatron_microep.runtime.layout import PhysicalLayout
 from megatron_microep.runtime.replan import PlacementController
-from megatron_microep.runtime.replicas import EVERY_BACKWARD, GradientReturn, ReplicaExchange, Replicas, replicate
+from megatron_microep.runtime.replicas import (
+    EVERY_BACKWARD,
+    GradientReturn,
+    ReplicaExchange,
+    Replicas,
+    replicate_with_burst,
+)
 from megatron_microep.runtime.telemetry import TelemetryLog, micro_batch_stats, summarize
 
 logger = logging.getLogger(__name__)
@@ -270,6 +281,9 @@ class MicroEPMoELayer(MoELayer):
         self._refresh_in_forward = False
         self._gradient_return = EVERY_BACKWARD
         self.replica_buckets: dict[torch.Tensor, object] = {}  # home parameter -> its guarded DDP bucket group
+        self._burst_node_size = burst_node_size(settings.gpus_per_node, pg_collection.ep)
+        self._burst_step: int | None = None  # the step whose burst copies self._replicas holds
+        self._burst_plan = None  # the current micro-batch's, from _plan_burst to _push_burst
         if settings.expert_sharding == "none":
             replica_sync.join(self)
 
@@ -304,9 +318,17 @@ class MicroEPMoELayer(MoELayer):
         self.placement_controller.device = routing_map.device
         self._on_forward(step)
         layout = self.layout
+        bursting = self._bursts_on(step)
         routing = route(
-            routing_map, layout, self.microep_groups, self.config.moe_router_topk, group_order=self._group_order(layout)
+            routing_map,
+            layout,
+            self.microep_groups,
+            self.config.moe_router_topk,
+            group_order=self._group_order(layout),
+            plan=self._plan_burst if bursting else None,
         )
+        if bursting:
+            self._push_burst()
         if self.training and torch.is_grad_enabled():
             # Counted once per micro-batch also under activation recompute, whose first pass runs
             # without grad; evaluation forwards are not training history.
@@ -326,6 +348,59 @@ class MicroEPMoELayer(MoELayer):
             if self.microep_settings.trace_dir and step is not None and dist.get_rank(self.microep_groups.tp_ep) == 0:
                 self._trace_sink(tokens.shape).write(step, layer, tokens)
         return routing
+
+    # --- burst copies ---------------------------------------------------------------------------
+    def _bursts_on(self, step: int | None) -> bool:
+        """Burst copies need a training step to live in (their weights are current only within it)."""
+        slots = self.microep_settings.burst_slots
+        if not slots or not self.training or self.microep_settings.expert_sharding != "none":
+            return False
+        if step is None:
+            if not getattr(self, "_warned_burst", False):
+                self._warned_burst = True
+                logger.warning("MicroEP: burst slots are off without a known training step (set_training_step)")
+            return False
+        if self._burst_step != step:
+            # The previous step's copies returned their gradients before its optimizer step (checked).
+            self._replicas.end_burst_step(slots)
+            self._burst_step = step
+        return True
+
+    def _plan_burst(self, tokens: np.ndarray):
+        """The micro-batch's layout (persistent + burst copies) and schedule, from the gathered counts
+        ``tokens`` int64 [G, E]: the same on every rank, so nothing is broadcast."""
+        settings = self.microep_settings
+        layout = self.layout
+        plan = plan_burst(
+            tokens,
+            layout.placement,
+            self._replicas.burst_copies,
+            settings.burst_slots,
+            self._burst_node_size,
+            settings.burst_tolerance,
+        )
+        self._burst_plan = plan
+        if not len(plan.copies):
+            return layout, plan.schedule, self._group_order(layout)
+        extended = layout.with_burst(plan.placement, plan.copies, plan.burst_slot(), settings.burst_slots)
+        return extended, plan.schedule, self._group_order(extended)
+
+    def _push_burst(self) -> None:
+        """Hold the plan's burst copies; push the new ones' weights (asynchronously, waited for at the experts)."""
+        plan, self._burst_plan = self._burst_plan, None
+        if not len(plan.copies):
+            return
+        if self._replicas.group is None:
+            self._replicas.group = dedicated_group(self.microep_groups.ep, "replicas")
+        g = self.microep_groups
+        compat.sync_expert_params(self.experts)
+        self._replicas.push_burst(
+            plan.copies,
+            plan.burst_slot(),
+            plan.num_held,
+            compat.expert_tensors(self.experts),
+            (g.ep_size, self.num_local_experts, self.microep_settings.burst_slots, g.ep_rank),
+        )
 
     def _trace_sink(self, shape) -> _TraceSink:
         directory = self.microep_settings.trace_dir
@@ -398,7 +473,7 @@ class MicroEPMoELayer(MoELayer):
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         tokens, _, probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
         routing = self.token_dispatcher.routing
-        layout = routing.layout
+        layout = routing.layout  # this micro-batch's: the persistent placement plus any burst copies
         n = self.num_local_experts
         compat.sync_expert_params(self.experts)
         home = compat.expert_tensors(self.experts)
@@ -407,19 +482,29 @@ class MicroEPMoELayer(MoELayer):
             self.microep_groups.ep_rank * n : (self.microep_groups.ep_rank + 1) * n
         ]
         by_slot = [compat.expert_weights(t, feeds_replicas=bool(c > 1)) for t, c in zip(home, copies)]
-        by_slot += [None] * layout.redundant_slots
-        if layout.has_replicas:
-            exchange = self._replica_exchange(layout, home)
-            # Reused only within a training step: Megatron-LM evaluates after the optimizer step under the
-            # same step number, when the home weights have changed (eval mode is equal on every rank).
-            key = (self._step, exchange) if self.training and self._step is not None else None
-            if key is None or key != self._replica_key:
-                self._refresh_replicas(layout, self._step if key is not None else None)
+        by_slot += [None] * (layout.redundant_slots + layout.burst_slots)
+        persistent = self.layout
+        if persistent.has_replicas or layout.burst_slots:
+            exchange = None
+            key = (self._step, None) if self.training and self._step is not None else None
+            if persistent.has_replicas:
+                exchange = self._replica_exchange(persistent, home)
+                # Reused only within a training step: Megatron-LM evaluates after the optimizer step under the
+                # same step number, when the home weights have changed (eval mode is equal on every rank).
+                key = (self._step, exchange) if key is not None else None
+                if key is None or key != self._replica_key:
+                    self._refresh_replicas(persistent, self._step if key is not None else None)
             policy = self._gradient_return if key is not None else EVERY_BACKWARD
-            tokens, replicas = replicate(tokens, self._replicas, exchange, home, policy)
+            mine = []  # this rank's burst slots in use (a layout without burst slots: an evaluation forward)
+            if layout.burst_slots:
+                holder = self._replicas.burst_copies[:, 1]
+                mine = [int(s) for s, g in zip(self._replicas.burst_slot, holder) if g == self.microep_groups.ep_rank]
+            tokens, replicas, bursts = replicate_with_burst(tokens, self._replicas, exchange, home, policy, mine)
             for slot, tensors in enumerate(replicas):
                 if tensors is not None:
                     by_slot[n + slot] = compat.expert_weights(tensors)
+            for slot, tensors in zip(mine, bursts):
+                by_slot[n + layout.redundant_slots + slot] = compat.expert_weights(tensors)
         rows = routing.group_rows
         weights = [by_slot[slot] for slot in routing.tables.group_order]
         used = sum(w is not None for w in weights)  # empty replica slots come last in the group order
@@ -499,6 +584,23 @@ def _metrics_writers() -> dict[str, object]:
     if getattr(global_vars, "_GLOBAL_WANDB_WRITER", None) is not None:
         writers["wandb"] = global_vars._GLOBAL_WANDB_WRITER
     return writers
+
+
+def burst_node_size(gpus_per_node: int | None, ep_group) -> int | None:
+    """EP ranks per node for burst copies: ``--microep-gpus-per-node`` when set, else the launcher's
+    node (``LOCAL_WORLD_SIZE``) where the EP group's ranks fill whole nodes in order; None: anywhere."""
+    ep_size = dist.get_world_size(ep_group)
+    if gpus_per_node:
+        return gpus_per_node if ep_size % gpus_per_node == 0 else None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if local <= 0:
+        return None
+    nodes = [r // local for r in dist.get_process_group_ranks(ep_group)]
+    size = nodes.count(nodes[0])
+    blocks = [nodes[i : i + size] for i in range(0, ep_size, size)]
+    if ep_size % size or any(len(set(b)) != 1 for b in blocks) or len({b[0] for b in blocks}) != len(blocks):
+        return None
+    return size
 
 
 def microep_layers(model) -> list[MicroEPMoELayer]:

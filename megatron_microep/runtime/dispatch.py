@@ -12,6 +12,8 @@ Per micro-batch (``route``):
 3. Host: every rank solves the same schedule and computes only its own tables
    (``runtime.routing.rank_tables``): its per-slot send counts, the rows arriving at its slots,
    the split sizes of the collectives (host ints, no further agreement), and a small int table.
+   With a ``plan`` (the layer's burst copies) the same host values also decide this micro-batch's
+   layout first, identically on every rank.
 4. Device: that table arrives with one non-blocking copy and the index maps are built from it
    with fixed-size device ops (``repeat_interleave`` with ``output_size``, ``scatter`` for
    inverses).
@@ -198,6 +200,8 @@ class MicroBatchRouting:
 
 
 Solver = Callable[[np.ndarray, object], Schedule]
+# tokens int64 [G, E] -> (the micro-batch's layout, its schedule, group order or None): e.g. burst copies.
+LayoutPlanner = Callable[[np.ndarray], tuple[PhysicalLayout, Schedule, "np.ndarray | None"]]
 
 
 def route(
@@ -207,16 +211,22 @@ def route(
     topk: int,
     solver: Solver = schedule_quotas,
     group_order: np.ndarray | None = None,
+    plan: LayoutPlanner | None = None,
 ) -> MicroBatchRouting:
     """Agree on counts, solve, and build this rank's index maps. ``routing_map`` bool [tokens, E]
     with exactly ``topk`` experts per token; ``group_order`` int64 [L]: local slot of each row
-    group after ``regroup`` (default: local slot order)."""
+    group after ``regroup`` (default: local slot order). ``plan``: decides the layout too, from the
+    gathered counts (host values: every rank decides the same), instead of ``layout``, ``solver``
+    and ``group_order``."""
     start = time.perf_counter()
     pending = exchange_counts(routing_map, topk, groups)
     order = order_pairs(routing_map, topk)  # queued before the host waits
     counts = pending.wait()
     gathered = time.perf_counter()
-    sched = solver(counts.sum(axis=0), layout.placement)
+    if plan is None:
+        sched = solver(counts.sum(axis=0), layout.placement)
+    else:
+        layout, sched, group_order = plan(counts.sum(axis=0))
     solved = time.perf_counter()
     tables = rank_tables(counts, sched, layout, groups.etp_rank, groups.ep_rank, group_order)
     planned = time.perf_counter()

@@ -61,7 +61,7 @@ def _placement(num_experts, ep, replicas):
     return Placement.from_lists(lists, ep)
 
 
-def _layer_config(dispatcher, **overrides):
+def _layer_config(dispatcher, microep=None, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
@@ -83,11 +83,11 @@ def _layer_config(dispatcher, **overrides):
     )
     config = TransformerConfig(**{**settings, **overrides})
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=REDUNDANT_SLOTS, replan_interval=0))
+        attach_microep_config(config, microep or MicroEPConfig(redundant_slots=REDUNDANT_SLOTS, replan_interval=0))
     return config
 
 
-def _layer(dispatcher, pg, state=None, **overrides):
+def _layer(dispatcher, pg, state=None, replicas=REPLICAS, microep=None, **overrides):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -97,7 +97,7 @@ def _layer(dispatcher, pg, state=None, **overrides):
     spec = get_moe_module_spec(use_te=False, num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
     if dispatcher == "microep":
         spec = swap_moe_mlp(spec, MicroEPMoELayer)
-    config = _layer_config(dispatcher, **overrides)
+    config = _layer_config(dispatcher, microep, **overrides)
     layer = (
         build_module(spec, config=config, pg_collection=pg)
         if isinstance(spec, ModuleSpec)
@@ -109,7 +109,7 @@ def _layer(dispatcher, pg, state=None, **overrides):
         with torch.no_grad():
             layer.router.weight[[0, 1]] += 2.0  # experts 0 and 1 hot
     if dispatcher == "microep":
-        layer.set_placement(_placement(NUM_EXPERTS, WORLD, REPLICAS))
+        layer.set_placement(_placement(NUM_EXPERTS, WORLD, replicas))
     return layer.train()
 
 
@@ -195,6 +195,7 @@ def _layer_checks(pg, seed):
     results = {"reads": {"stock": _count_reads(stock, x, upstream), "microep": _count_reads(micro, x, upstream)}}
     stats = micro.telemetry.drain()
     results["replica_tokens"] = [s.replica_tokens for s in stats]
+    results["burst"] = _burst_reads(pg, state, x, upstream)
 
     torch.use_deterministic_algorithms(True)
     try:
@@ -231,6 +232,24 @@ def _layer_checks(pg, seed):
     replica_bytes = sum(exchange.recv_splits) * stock.experts.local_experts[0].linear_fc1.weight.element_size()
     results["saved"] = {"stock": _saved_bytes(stock, x), "microep": _saved_bytes(micro, x), "replicas": replica_bytes}
     return results
+
+
+def _burst_reads(pg, state, x, upstream):
+    """Host reads per forward and backward with burst slots (no replica slots): the step's first
+    forward pushes copies of the hot experts, the second reuses them; the rows each call's experts ran
+    with weights that are not the layer's parameters (the burst copies), from the expert-row spy."""
+    from _expert_rows import count_expert_rows
+
+    from megatron_microep.glue.config import MicroEPConfig
+    from megatron_microep.glue.layer import set_training_step
+
+    layer = _layer("microep", pg, state, replicas=[], microep=MicroEPConfig(redundant_slots=0, burst_slots=2))
+    reads = []
+    with count_expert_rows() as rows:
+        for step in (1, 2):
+            set_training_step(step)
+            reads += [_count_reads(layer, x, upstream), _count_reads(layer, x, upstream)]
+    return {"reads": reads, "copy_rows": [call["replica"] for call in rows]}
 
 
 # --- bf16 expert gradients, every step from the fp32 run's weights -----------------------------------
@@ -444,7 +463,9 @@ def _fake_layer_runs(seed):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from megatron_microep.glue import compat
+    from megatron_microep.glue.config import MicroEPConfig
     from megatron_microep.glue.cpu import enable_cpu_megatron
+    from megatron_microep.glue.layer import STEP_CLOCK
     from megatron_microep.runtime import device, dispatch
     from megatron_microep.runtime.audit import DeviceAudit, cuda_fake_bindings
 
@@ -462,16 +483,29 @@ def _fake_layer_runs(seed):
     for g in range(WORLD):
         for _ in range(SEQ_LEN * MICRO_BATCH):
             counts[0, g, rng.choice(NUM_EXPERTS, TOPK, replace=False)] += 1
-    dispatch.exchange_counts = lambda routing_map, topk, groups: _KnownCounts(counts)
+    # With burst slots: every token also routed to the last expert (EP rank 1), so this rank (EP rank 0)
+    # receives a copy, accumulates its gradient and sends it home.
+    hot = NUM_EXPERTS - 1
+    burst_counts = np.zeros_like(counts)
+    burst_counts[0, :, hot] = SEQ_LEN * MICRO_BATCH
+    for g in range(WORLD):
+        others = rng.multinomial(SEQ_LEN * MICRO_BATCH * (TOPK - 1), [1 / hot] * hot)
+        burst_counts[0, g, :hot] = others
+    burst = {"replicas": [], "microep": MicroEPConfig(redundant_slots=0, burst_slots=2)}
     results = {}
     with _te_grouped_on_cpu():
-        for name, where, backend in (
-            ("cuda forward, grouped_mm", "cuda", "grouped_mm"),
-            ("cuda forward, te_grouped", "cuda", "te_grouped"),
-            ("meta forward+backward, grouped_mm", "meta", "grouped_mm"),
-            ("meta forward+backward, te_grouped fused", "meta", "te_grouped"),
+        for name, where, backend, bursts in (
+            ("cuda forward, grouped_mm", "cuda", "grouped_mm", False),
+            ("cuda forward, te_grouped", "cuda", "te_grouped", False),
+            ("meta forward+backward, grouped_mm", "meta", "grouped_mm", False),
+            ("meta forward+backward, te_grouped fused", "meta", "te_grouped", False),
+            ("meta forward+backward, grouped_mm, burst slots", "meta", "grouped_mm", True),
         ):
-            layer = _layer("microep", pg)
+            known = _KnownCounts(burst_counts if bursts else counts)
+            dispatch.exchange_counts = lambda routing_map, topk, groups, known=known: known
+            # Burst copies live in a training step; the other cases run without one, as before.
+            STEP_CLOCK.manual = 1 if bursts else None
+            layer = _layer("microep", pg, **(burst if bursts else {}))
             layer._backend = backend  # the backend probe runs real ops; the choice is not under test
             with_grad = where == "meta"
             mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -503,6 +537,7 @@ def _fake_layer_runs(seed):
                     for t in expert
                 ]
                 results[name] = {
+                    "burst_copies": sum(w is not None for w in layer._replicas.burst_weights()),
                     "out": (tuple(out.shape), out.device.type),
                     "placeholders": experts_main_grad,
                     "forward": forward.violations,
@@ -526,11 +561,13 @@ def test_layer_device_path_on_fake_devices(fake_layer_results):
     """The MicroEP layer's dispatcher and routed experts (Megatron's calls after the router) under
     FakeTensorMode with a fake process group and the count exchange answered: forward on CUDA-device
     fake tensors (a CPU-only torch records no autograd for them), forward and backward on meta-device
-    ones. Data-dependent ops, host reads and CPU/device mixes raise there; the audit finds no
-    sync-class op, device-to-host copy, blocking host-to-device copy or atomics-based op, and one
-    non-blocking host-to-device copy (the rank's tables)."""
-    assert len(fake_layer_results) == 4
+    ones, also with burst slots (copies pushed, their gradients returned). Data-dependent ops, host
+    reads and CPU/device mixes raise there; the audit finds no sync-class op, device-to-host copy,
+    blocking host-to-device copy or atomics-based op, and one non-blocking host-to-device copy (the
+    rank's tables)."""
+    assert len(fake_layer_results) == 5
     for name, res in fake_layer_results.items():
+        assert (res["burst_copies"] > 0) == ("burst" in name), f"{name}: {res['burst_copies']} burst copies here"
         where = name.split()[0]
         assert res["out"] == ((SEQ_LEN, MICRO_BATCH, HIDDEN), where), name
         assert res["forward"] == [] and res["backward"] == [], f"{name}: {res}"
@@ -554,6 +591,12 @@ def test_one_host_read_per_layer_forward_none_in_backward(results):
         assert reads["microep"]["backward"] == (0, {}), f"rank {rank}: {reads['microep']['backward']}"
         assert sum(reads["stock"]["forward"][1].values()) >= 1  # the counter sees stock's sync
         assert all(t > 0 for t in res["layer"]["replica_tokens"]), "replicas carried no tokens"
+        burst = res["layer"]["burst"]
+        print(f"rank {rank} with burst slots: {burst}")
+        for count in burst["reads"]:
+            assert count["forward"] == (1, {}) and count["backward"] == (0, {}), f"rank {rank}: {count}"
+        # The hot experts' copies ran rows on EP rank 1 (rank 1 here) in every forward of both steps.
+        assert all(burst["copy_rows"]) if rank == 1 else not any(burst["copy_rows"]), burst["copy_rows"]
 
 
 def test_two_runs_are_bitwise_equal(results):

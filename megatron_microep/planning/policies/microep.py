@@ -62,8 +62,12 @@ class MicroEpParams:
         _RUNTIME["node_confined"], "keep replicas in their home expert's node (needs --gpus-per-node)"
     )
     planner: str = param(_RUNTIME["planner"], "'ortools' (plan_placement) or 'eplb' (EPLB-style greedy placement)")
-    burst_slots: int = param(0, "burst slots per GPU and step for copies chosen per micro-batch (0: off)")
-    burst_tolerance: float = param(1.02, "add burst copies while max load > this times the mean (>= 1)")
+    burst_slots: int = param(
+        _RUNTIME["burst_slots"], "burst slots per GPU and step for copies chosen per micro-batch (0: off)"
+    )
+    burst_tolerance: float = param(
+        _RUNTIME["burst_tolerance"], "add burst copies while max load > this times the mean (>= 1)"
+    )
     burst_node_confined: bool = param(True, "burst copies stay in their expert's home node (NVLink pushes)")
 
     def validate(self):
