@@ -51,6 +51,11 @@ TOPK = 2
 STEPS = 4
 LOSS_TOL = 1e-4
 PARAM_REL_TOL = 1e-5
+# Adam's eps: a gradient element near zero, whose sign the fp32 summation order decides (replicas sum
+# an expert's gradient in another order than stock), then moves its parameter by about lr * g / eps
+# instead of lr, so parameters stay as close as the gradients are (Megatron's default 1e-8 let one
+# such element in a few runs move a parameter 1e-4 off stock). As test_fsep_training_stack.py does.
+ADAM_EPS = 1e-4
 
 
 def _seed() -> int:
@@ -152,6 +157,7 @@ def _wrap(model, config, overlap: bool, distributed_optimizer: bool):
         OptimizerConfig(
             optimizer="adam",
             lr=3e-3,
+            adam_eps=ADAM_EPS,
             weight_decay=0.01,
             clip_grad=1.0,
             bf16=config.bf16,
