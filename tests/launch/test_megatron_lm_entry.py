@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CHECKOUTS, megatron_lm_env
+from conftest import CHECKOUTS, megatron_lm_env, missing
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "pretrain_gpt_microep.py"
@@ -100,24 +100,20 @@ def test_without_a_checkout_the_error_says_what_to_do(tmp_path):
     assert "put a Megatron-LM checkout (core_r0.16 to main, megatron-core 0.20) on PYTHONPATH" in result.stderr
 
 
-def _flags(name: str) -> list:
+# The presets name real tokenizers and data; the checks use Megatron-LM's own stand-ins.
+MOCK_DATA = (
+    "data.tokenizer_type=NullTokenizer",
+    "data.vocab_size=32000",
+    "data.tokenizer_model=",
+    "data.mock_data=true",
+)
+
+
+def _flags(name: str, *overrides: str) -> list:
+    """``microep launch-args`` of a preset, with ``--set`` overrides."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_microep",
-            "launch-args",
-            "--null",
-            name,
-            "--set",
-            "data.tokenizer_type=NullTokenizer",
-            "--set",
-            "data.vocab_size=32000",
-            "--set",
-            "data.tokenizer_model=",
-            "--set",
-            "data.mock_data=true",
-        ],
+        [sys.executable, "-m", "megatron_microep", "launch-args", "--null", name, *sets],
         capture_output=True,
         text=True,
         check=True,
@@ -157,14 +153,14 @@ def test_presets_validate_with_the_checkout(megatron_lm, checkout, name):
     env = megatron_lm_env(
         megatron_lm(checkout), WORLD_SIZE=str(PRESET_WORLD[name]), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1"
     )
-    result = _run([sys.executable, str(SCRIPT), "--microep-check", "args", *_flags(name)], env, timeout=300)
+    result = _run([sys.executable, str(SCRIPT), "--microep-check", "args", *_flags(name, *MOCK_DATA)], env, timeout=300)
     assert "arguments parsed and validated" in result.stdout
 
 
 @pytest.mark.parametrize("checkout", CHECKOUTS)
 def test_tiny_model_builds_and_steps_on_cpu_ranks(megatron_lm, checkout):
     env = megatron_lm_env(megatron_lm(checkout))
-    result = _run(_torchrun(str(SCRIPT), "--microep-check", "model", *_flags("tiny-cpu")), env)
+    result = _run(_torchrun(str(SCRIPT), "--microep-check", "model", *_flags("tiny-cpu", *MOCK_DATA)), env)
     assert "check: model OK on 4 CPU ranks" in result.stdout
     assert result.stdout.count("with 4 MicroEP / 4 MoE layers") == 4
 
@@ -173,7 +169,7 @@ def test_tiny_model_builds_and_steps_on_cpu_ranks(megatron_lm, checkout):
 def test_single_grouped_expert_weights_are_rejected_before_training(megatron_lm, checkout):
     env = megatron_lm_env(megatron_lm(checkout), WORLD_SIZE="4", RANK="0")
     grouped = ["--moe-grouped-gemm", "--moe-use-grouped-tensor", "--moe-single-grouped-weight"]
-    cmd = [sys.executable, str(SCRIPT), "--microep-check", "args", *_flags("tiny-cpu"), *grouped]
+    cmd = [sys.executable, str(SCRIPT), "--microep-check", "args", *_flags("tiny-cpu", *MOCK_DATA), *grouped]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "error: --moe-single-grouped-weight is not supported with --moe-token-dispatcher-type microep" in (
@@ -186,17 +182,6 @@ def test_single_grouped_expert_weights_are_rejected_before_training(megatron_lm,
 STOP, ITERS = 6, 8
 # The command of docs/launch.md: the tiny preset as it is, plus the run's own length and outputs.
 RUN_FLAGS = ("--save-interval", "4", "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "1")
-
-
-def _tiny_flags() -> list:
-    out = subprocess.run(
-        [sys.executable, "-m", "megatron_microep", "launch-args", "--null", "tiny-cpu"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return out.split("\0")[:-1]
 
 
 def _scalars(tensorboard_dir: Path) -> dict:
@@ -214,10 +199,13 @@ def _scalars(tensorboard_dir: Path) -> dict:
 def pretrain_runs(request, megatron_lm, tmp_path_factory):
     """Three launches of the entry script's pretrain() on 4 CPU ranks: ``--train-iters 6`` saving to
     DIR, the same with ``--train-iters 8`` resuming from DIR, and an uninterrupted 8-iteration run."""
-    pytest.importorskip("tensorboard", reason="pip install -e .[megatron-lm] (Megatron-LM's TensorBoard logging)")
+    try:
+        import tensorboard  # noqa: F401 - read back below; Megatron-LM writes through torch.utils.tensorboard
+    except ImportError:
+        missing("tensorboard is not installed (pip install -e .[megatron-lm])")
     env = megatron_lm_env(megatron_lm(request.param))
     root = tmp_path_factory.mktemp(f"pretrain-{request.param}")
-    flags = [str(SCRIPT), *_tiny_flags(), *RUN_FLAGS]
+    flags = [str(SCRIPT), *_flags("tiny-cpu"), *RUN_FLAGS]
     out = {}
     save = ("--save", str(root / "ckpt"), "--load", str(root / "ckpt"))
     for name, iters, extra in (

@@ -162,8 +162,18 @@ def _job_state(env, job_id: str) -> dict:
     return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
 
-def _wait_for(env, root, job_id: str, log: Path) -> str:
-    """The job's output once it has ended; fails unless it COMPLETED with exit code 0."""
+def _submit_and_wait(slurm, job_env, log: Path, script: str, *args: str, sbatch=()) -> str:
+    """Submit ``scripts/slurm/<script>`` (arguments ``args``); the job's output once it has ended.
+    Fails unless it COMPLETED with exit code 0."""
+    env, root = slurm
+    submitted = _run(
+        ["sbatch", "--parsable", "--nodes", "1", *sbatch, f"--output={log}", f"--chdir={REPO}"]
+        + [str(REPO / "scripts" / "slurm" / script), *args],
+        env=job_env,
+        cwd=REPO,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
     deadline = time.monotonic() + 600
     state = {}
     while time.monotonic() < deadline:
@@ -182,7 +192,7 @@ def _wait_for(env, root, job_id: str, log: Path) -> str:
 
 
 def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
-    env, root = slurm
+    env, _ = slurm
     run_dir = tmp_path / "run"
     overrides = [
         f"training.train_iters={STEPS}",
@@ -206,24 +216,9 @@ def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
         "GLOO_SOCKET_IFNAME": "lo",
         "MASTER_PORT": str(_free_port()),
     }
-    log = tmp_path / "job.out"
-    submitted = _run(
-        [
-            "sbatch",
-            "--parsable",
-            "--nodes",
-            "1",
-            f"--output={log}",
-            f"--chdir={REPO}",
-            str(REPO / "scripts" / "slurm" / "train_embedded_cpu.sbatch"),
-            "--output",
-            str(run_dir),
-        ],
-        env=job_env,
-        cwd=REPO,
+    output = _submit_and_wait(
+        slurm, job_env, tmp_path / "job.out", "train_embedded_cpu.sbatch", "--output", str(run_dir)
     )
-    assert submitted.returncode == 0, submitted.stderr
-    output = _wait_for(env, root, submitted.stdout.strip().split(";")[0], log)
     assert "1 node(s) x 4 CPU ranks" in output
     assert "max/mean before->after L1" in output and "tok/s" in output
     assert "balance report (with modeled step times and plots):" in output
@@ -238,7 +233,7 @@ def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
 def test_megatron_lm_pretrain_runs_as_a_slurm_job(slurm, megatron_lm, tmp_path):
     """pretrain_megatron_lm.sbatch, the GPU batch script, submitted without GPUs: the entry script runs
     Megatron-LM's pretrain() from the checkout on 4 CPU ranks (the newest checkout of the session)."""
-    env, root = slurm
+    env, _ = slurm
     checkout = megatron_lm(CHECKOUTS[-1])
     save = tmp_path / "ckpt"
     job_env = megatron_lm_env(
@@ -250,25 +245,15 @@ def test_megatron_lm_pretrain_runs_as_a_slurm_job(slurm, megatron_lm, tmp_path):
         PYTHON=sys.executable,
         MASTER_PORT=str(_free_port()),
     )
-    log = tmp_path / "job.out"
-    submitted = _run(
-        [
-            "sbatch",
-            "--parsable",
-            "--nodes",
-            "1",
-            "--gpus-per-node=0",  # the script asks for 8 GPUs per node; this node has none
-            f"--output={log}",
-            f"--chdir={REPO}",
-            str(REPO / "scripts" / "slurm" / "pretrain_megatron_lm.sbatch"),
-            *("--train-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1"),
-            *("--save", str(save), "--load", str(save), "--save-interval", "2"),
-        ],
-        env=job_env,
-        cwd=REPO,
+    output = _submit_and_wait(
+        slurm,
+        job_env,
+        tmp_path / "job.out",
+        "pretrain_megatron_lm.sbatch",
+        *("--train-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1"),
+        *("--save", str(save), "--load", str(save), "--save-interval", "2"),
+        sbatch=["--gpus-per-node=0"],  # the script asks for 8 GPUs per node; this node has none
     )
-    assert submitted.returncode == 0, submitted.stderr
-    output = _wait_for(env, root, submitted.stdout.strip().split(";")[0], log)
     assert "microep: 1 nodes x 4 GPUs" in output  # the GPU script's own line
     assert "no GPU visible: Megatron-LM's pretrain() on CPU ranks (gloo)" in output
     assert "iteration        2/       2" in output
