@@ -11,20 +11,26 @@ DeepSeek-V3-like layer under three modes with the same slots per rank:
   ``keep`` C copies per MoE layer from its forward to its backward (so all layers of a micro-batch at
   the peak), under ``regather`` those of the layer being computed and one prefetched; plus the
   copies' gradients during one layer's backward.
-Communication per step per rank, in LAER's accounting: token all-to-all (dispatch and combine,
-forward and backward), parameter gathers (FSEP: per micro-batch), gradient returns.
+FSEP's buffers per layer and micro-batch (send and receive buffers of the gather and of the gradient
+return, the assembled copies, the converted rows, the placeholder gradient) come from
+``runtime.fsep.fsep_buffer_bytes``, the formula tests/runtime/test_fsep_gloo.py checks against an
+allocation-accounting run. Communication per step per rank, in LAER's accounting: token all-to-all
+(dispatch and combine, forward and backward), parameter gathers (FSEP: per micro-batch), gradient
+returns.
 
 Measured: 4 CPU ranks (gloo) build small layers of the same shapes scaled down, with real tensors:
 stock experts with main gradients and Adam on fp32 master copies, replica weights fetched with
 MicroEP's ``ReplicaExchange``, FSEP shards with the same, and ``--layers`` FSEP layers run forward
-and backward under each policy; memory is summed from tensor sizes and the gathered-copy peak is
-measured by ``runtime.fsep.GatheredMemory``; bytes sent are counted at ``all_to_all_single`` and by the
-runtime's own counters. Each measured figure is printed with the formula's value for the same shape.
+and backward under each policy; memory is summed from tensor sizes and the peak of gathered copies
+and receive buffers is measured by ``runtime.fsep.GatheredMemory``; bytes are measured by a spy on
+torch.distributed (what each rank hands to the shard group's all-to-alls) and compared with the
+simulator cost model's FSEP charge (``CostModel.fsep_rank_bytes``) for the same layouts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -33,6 +39,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from megatron_microep.planning.placement import Placement
+from megatron_microep.simulator.cost import FSEP_MEMORY_POLICY_CHARGES, CostModel
 
 PARAM_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 4, 12
 
@@ -117,22 +126,35 @@ SMALL = (
 )
 
 
+def fsep_buffers(s: Shape) -> dict:
+    """FSEP's buffers per layer and micro-batch on rank 0 of a balanced layout (every rank C copies):
+    ``runtime.fsep.fsep_buffer_bytes`` for bf16 shards and fp32 main gradients."""
+    from megatron_microep.runtime.fsep import ShardSpec, fsep_buffer_bytes, fsep_layout, initial_fsep_placement
+
+    spec = ShardSpec([(2 * s.ffn, s.hidden), (s.hidden, s.ffn)], [2, 1], s.ep)
+    layout = fsep_layout(initial_fsep_placement(s.experts, s.ep, s.slots), s.slots)
+    return fsep_buffer_bytes(layout, 0, spec, PARAM_BYTES, GRAD_BYTES)
+
+
 def memory(s: Shape) -> dict:
     """Bytes per rank: persistent (params + main grads + optimizer) and transient, per mode."""
     P = s.expert_params
     persistent = s.per_rank * P * (PARAM_BYTES + GRAD_BYTES + OPTIMIZER_BYTES)
-    copies = s.slots * P * PARAM_BYTES
+    b = fsep_buffers(s)
+    # A layer's forward transient: its receive buffer while assembling, and the next layer's gather in flight.
+    forward_transient = b["gather_recv"] + b["gather_send"] + b["gather_recv"]
     return {
         "stock_persistent": persistent,
         "replica_persistent": persistent,
         "replica_step": s.layers * s.redundant * P * PARAM_BYTES,  # replica weights, every layer, whole step
         "replica_backward": s.redundant * P * PARAM_BYTES,  # one layer's replica gradients
         "fsep_persistent": persistent,
-        # Every layer's copies between its forward and backward, plus the next layer's received shards.
-        "fsep_keep_peak": (s.layers + 1) * copies,
-        # The layer being computed (received shards and assembled copies) and one prefetched.
-        "fsep_regather_peak": 3 * copies,
-        "fsep_backward": copies,  # one layer's copies' gradients
+        # Every layer's copies kept for its backward, plus one layer's forward transient.
+        "fsep_keep_peak": s.layers * b["copies"] + forward_transient,
+        # The layer being computed (its copies and forward transient); nothing kept.
+        "fsep_regather_peak": b["copies"] + forward_transient,
+        # One layer's backward: the copies' gradients (the expert GEMMs') and the return's peak.
+        "fsep_backward": b["copies"] + b["backward_peak"],
     }
 
 
@@ -164,15 +186,17 @@ def _measure_rank(rank: int, world: int, shape: Shape, seed: int):
     import torch.nn.functional as F
 
     from megatron_microep.planning.fsep_layout import greedy_layout, placement_from_holds
-    from megatron_microep.planning.placement import Placement
+    from megatron_microep.runtime.comm_spy import CollectiveSpy
     from megatron_microep.runtime.experts import ExpertMath, ExpertWeights, loop_experts
     from megatron_microep.runtime.fsep import (
         GatheredMemory,
         ShardExchange,
+        ShardGradients,
         ShardSpec,
-        TrafficCounter,
+        attach_shard_gradients,
         fsep_layout,
         run_sharded_experts,
+        shard_group,
         shards_from_experts,
     )
     from megatron_microep.runtime.layout import PhysicalLayout
@@ -207,36 +231,30 @@ def _measure_rank(rank: int, world: int, shape: Shape, seed: int):
         for j in range(shape.redundant):
             lists[((g + 1) % G * n + j) % shape.experts].append(g)
     layout = PhysicalLayout.build(Placement.from_lists(lists, G), n, shape.redundant)
-    exchange = ReplicaExchange(layout, rank, dist.group.WORLD, [torch.Size(s) for s in shapes])
-    replicas = exchange.fetch(home, key=None)
+    exchange = ReplicaExchange(layout, rank, [torch.Size(s) for s in shapes])
+    replicas = exchange.start_fetch(home, dist.group.WORLD).wait()
     out["replica_weights"] = replicas.nbytes
 
     # FSEP: shards, their persistent state, and a step of `layers` layers per policy.
     spec = ShardSpec(shapes, [2, 1], G)
-    shards = shards_from_experts(home, spec, rank, dist.group.WORLD)
+    group = shard_group(dist.group.WORLD)
+    shards = shards_from_experts([torch.stack([e[i] for e in home]) for i in range(len(shapes))], spec, group)
     out["fsep"] = persistent([shards])
     rng = np.random.default_rng(seed)
     loads = rng.poisson(shape.tokens * rng.lognormal(0, 1, shape.experts), (4, shape.experts)).astype(np.int64)
     fsep_placement = placement_from_holds(greedy_layout(loads, G, shape.slots))
     flayout = fsep_layout(fsep_placement, shape.slots)
     math = ExpertMath(activation=F.silu, gated=True)
-    sent_at_a2a = [0]
-    original = dist.all_to_all_single
-
-    def counted(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
-        if input_split_sizes is not None:
-            own = sum(input_split_sizes[:rank]), input_split_sizes[rank]
-            sent_at_a2a[0] += (input.numel() - own[1]) * input.element_size()
-        return original(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
-
+    spy = CollectiveSpy()
     for policy in ("keep", "regather"):
-        memory_tracker, traffic = GatheredMemory(), TrafficCounter()
+        memory_tracker = GatheredMemory()
         params = [shards.clone().requires_grad_(True) for _ in range(shape.layers)]
-        exchanges = [ShardExchange(flayout, rank, dist.group.WORLD, spec, traffic, memory_tracker) for _ in params]
+        exchanges = [
+            ShardExchange(flayout, rank, group, spec, torch.device("cpu"), memory=memory_tracker) for _ in params
+        ]
         rows = [shape.tokens * shape.topk // shape.slots] * exchanges[0].num_local
-        sent_at_a2a[0] = 0
-        dist.all_to_all_single = counted
-        try:
+        start_call = len(spy.calls)
+        with spy.active():
             for _ in range(shape.micro_batches):
                 # As FSEPMoELayer prefetches: the next layer's gather starts before this layer computes,
                 # and under regather each backward starts the previous layer's gather.
@@ -263,17 +281,18 @@ def _measure_rank(rank: int, world: int, shape: Shape, seed: int):
                         weights = [ExpertWeights(tensors[0][j], tensors[1][j]) for j in range(ex.num_local)]
                         return loop_experts(a, rows, p, weights, math)
 
+                    grads = ShardGradients()
+                    y = attach_shard_gradients(y, param, grads)
                     pending = forward.pop(index, None) or ex.start_gather(param)
                     start(forward, index + 1)
-                    y = run_sharded_experts(policy, y, probs, param, ex, run, pending, regather(index))
+                    y = run_sharded_experts(policy, y, probs, param, ex, run, grads, pending, regather(index))
                 y.float().sum().backward()
-        finally:
-            dist.all_to_all_single = original
+        mine = [c for c in spy.calls[start_call:] if c.group is group]
         out[f"{policy}_peak"] = memory_tracker.peak
-        out[f"{policy}_traffic"] = traffic.snapshot()
-        out[f"{policy}_a2a_sent"] = sent_at_a2a[0]
+        out[f"{policy}_sent"] = sum(c.sent for c in mine)
+        out[f"{policy}_received"] = sum(c.received for c in mine)
         out[f"{policy}_copies"] = int(flayout.placement.slots_per_gpu()[rank])
-    out["slots_total"] = int(flayout.placement.num_slots)
+    out["placement"] = flayout.placement.to_lists()
     return out
 
 
@@ -320,6 +339,19 @@ def main(argv=None) -> int:
             f" {_gib(s.layers * m['fsep_persistent'])} + {_gib(m['fsep_keep_peak'])} / {_gib(m['fsep_regather_peak'])}"
             f" + {_gib(m['fsep_backward'])} |"
         )
+    print(
+        "\n## Computed, FSEP buffers per MoE layer and micro-batch on one rank (GiB; runtime.fsep.fsep_buffer_bytes)\n"
+    )
+    names = ("gather_send", "gather_recv", "copies", "return_send", "return_recv", "return_chunk", "dummy_grad")
+    print("| layer | C | " + " | ".join(names) + " | forward peak | kept until backward (keep) | backward peak |")
+    print("|---|---|" + "---|" * (len(names) + 3))
+    for s in FULL:
+        b = fsep_buffers(s)
+        report["computed"][s.name]["fsep_buffers"] = b
+        print(
+            f"| {s.name} | {s.slots} | " + " | ".join(_gib(b[k]) for k in names) + f" | {_gib(b['forward_peak'])} |"
+            f" {_gib(b['copies'])} | {_gib(b['backward_peak'])} |"
+        )
     print("\n## Computed, bytes sent per step per rank (all MoE layers of the stage), LAER's accounting\n")
     print(
         "| layer | micro-batches x MoE layers | tokens a2a (GiB) | FSEP keep: gathers + grad return (GiB) |"
@@ -358,26 +390,22 @@ def main(argv=None) -> int:
         for label, measured, formula in rows:
             print(f"| {s.name} | {label} | {_kib(measured)} | {_kib(formula)} | {measured / formula:.3f} |")
         for policy in ("keep", "regather"):
-            gathers = s.micro_batches * s.layers * (1 if policy == "keep" else 2)
+            model = dataclasses.replace(
+                CostModel(hidden_size=s.hidden, ffn_hidden_size=s.ffn, gated=True, param_bytes=PARAM_BYTES),
+                **FSEP_MEMORY_POLICY_CHARGES[policy],
+            )
             for rank, r in enumerate(ranks):
-                t = r[f"{policy}_traffic"]
-                own = r[f"{policy}_copies"]
-                expected_gather = gathers * (r["slots_total"] - own) * P // s.ep * PARAM_BYTES
-                expected_return = s.micro_batches * s.layers * own * (s.ep - 1) * P // s.ep * PARAM_BYTES
-                if (t["gather_sent"], t["grad_sent"]) != (expected_gather, expected_return):
+                charge = model.fsep_rank_bytes(Placement.from_lists(r["placement"], s.ep))
+                charged = tuple(s.micro_batches * s.layers * charge[k][rank] for k in ("sent", "received"))
+                if (r[f"{policy}_sent"], r[f"{policy}_received"]) != charged:
                     raise SystemExit(
-                        f"{s.name} {policy} rank {rank}: counted {t}, expected gather {expected_gather} "
-                        f"return {expected_return}"
+                        f"{s.name} {policy} rank {rank}: measured {r[f'{policy}_sent']} sent, "
+                        f"{r[f'{policy}_received']} received; the cost model charges {charged}"
                     )
-                if r[f"{policy}_a2a_sent"] != t["gather_sent"] + t["grad_sent"]:
-                    raise SystemExit(
-                        f"{s.name} {policy} rank {rank}: all_to_all_single sent {r[f'{policy}_a2a_sent']}"
-                        f" bytes, the runtime counted {t['gather_sent'] + t['grad_sent']}"
-                    )
-            sent = [r[f"{policy}_a2a_sent"] for r in ranks]
+            sent = [r[f"{policy}_sent"] for r in ranks]
             print(
                 f"| {s.name} | FSEP {policy}: bytes sent per step (gathers + grad return), min..max over ranks "
-                f"| {_kib(min(sent))}..{_kib(max(sent))} | = layout formula on every rank | 1.000 |"
+                f"| {_kib(min(sent))}..{_kib(max(sent))} | = cost model charge on every rank | 1.000 |"
             )
     print(
         "\nPeaks: a gather's receive buffer lives from its start to its end; an asynchronous backend may free a "

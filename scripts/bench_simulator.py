@@ -18,8 +18,16 @@ Prints figures for docs/benchmarks.md ("## Simulator"):
 5. forecast: microep's planner scoring the history plus forecast samples with bursts (the default)
    against forecast samples without bursts (``forecast_burst=0``) and the history alone
    (``forecast_samples=0``, the baseline), max/mean over three seeds per workload.
+6. burst: the policy tables of part 3 on the bursty, drifting, DeepSeek-V3-derived and LAER-derived
+   workloads (and rotating_hotspot) with two more rows, microep with ``BURST_SLOTS`` burst slots per
+   GPU (planning/burst.py), inside the home node (the default) and anywhere; and, since those slots
+   are memory the other policies do not get, ultraep and llep again with ``2 + BURST_SLOTS``
+   redundant slots (the same copies per GPU) against the same ideal.
 
-Usage: python scripts/bench_simulator.py [--parts replay,scale,tables,tail,forecast] [--out DIR] [--quick]
+7. replicas: microep on the three drifting workloads with the runtime's default of replicas anywhere
+   and with replicas inside their home node, replica upkeep and wall-time parts printed apart.
+
+Usage: python scripts/bench_simulator.py [--parts replay,scale,tables,tail,forecast,burst,replicas] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -33,10 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from megatron_microep.planning.policies import POLICIES, Layout, make_policy
-from megatron_microep.simulator import simulate
+from megatron_microep.simulator import resolve_policy_params, simulate
 from megatron_microep.simulator.cost import CostModel
 from megatron_microep.simulator.engine import Simulation
-from megatron_microep.simulator.report import markdown_table
+from megatron_microep.simulator.report import explain_wins, markdown_table, parts_table, summarize
 from megatron_microep.simulator.traces import NativeTraceWriter, open_trace
 
 TABLE_WORKLOADS = (
@@ -48,6 +56,10 @@ TABLE_WORKLOADS = (
     "megatron_w6",
     "balanced",
 )
+
+
+BURST_WORKLOADS = ("bursty", "laer_derived", "lognormal_drift", "zipf_drift", "dsv3_derived", "rotating_hotspot")
+BURST_SLOTS = 2
 
 
 def table_shape(quick: bool) -> str:
@@ -196,16 +208,101 @@ def forecast(out: Path, quick: bool) -> None:
     print()
 
 
+def burst(out: Path, quick: bool) -> None:
+    shape = table_shape(quick)
+    label = f"microep, burst_slots={BURST_SLOTS}"
+    variants = {label: {}, f"{label}, any node": {"burst_node_confined": False}}
+    for workload in BURST_WORKLOADS:
+        started = time.perf_counter()
+        info, records = open_trace(f"gen:{workload}:{shape}")
+        cost = CostModel()
+        layout = Layout(info.num_gpus, info.num_experts, 2, 8)
+        names = list(POLICIES)
+        params = resolve_policy_params(names, {}, cost)
+        policies = [make_policy(n, layout, **params[n]) for n in names]
+        at = names.index("microep") + 1
+        for i, extra in enumerate(variants.values()):
+            policies.insert(at + i, make_policy("microep", layout, burst_slots=BURST_SLOTS, **extra))
+        results = Simulation(layout, policies, cost).run(records)
+        for i, name in enumerate(variants):
+            results[at + i].name = name
+        rows = summarize(results)
+        print(f"### {workload} with burst slots ({shape}; {time.perf_counter() - started:.0f} s)")
+        print(markdown_table(rows))
+        print()
+        print(parts_table(rows))
+        # The planner's wall time beyond the modeled step (``planner`` above) swings with the load of a
+        # shared machine; the same planner runs in every microep row, so show the share without it too.
+        ideal_step = next(r.modeled_step_time for r in rows if r.policy == "ideal")
+        print("\n| policy | share of ideal | without exposed planner time |\n|---|---:|---:|")
+        for r in rows:
+            without = ideal_step / (r.modeled_step_time - r.parts_per_step["planner"])
+            print(f"| {r.policy} | {r.share_of_ideal:.1%} | {without:.1%} |")
+        notes = explain_wins(rows, focus=label)
+        if notes:
+            print("\nWhere another policy wins:\n" + "\n".join(f"- {n}" for n in notes))
+        wide = Layout(info.num_gpus, info.num_experts, 2 + BURST_SLOTS, 8)
+        _, records = open_trace(f"gen:{workload}:{shape}")
+        same_memory = Simulation(wide, [make_policy(n, wide) for n in ("ultraep", "llep", "ideal")], cost).run(records)
+        print(f"\nultraep and llep with {2 + BURST_SLOTS} redundant slots (the copies per GPU of {label}):\n")
+        print(markdown_table(summarize(same_memory)))
+        print()
+        sys.stdout.flush()
+
+
+def replicas(out: Path, quick: bool) -> None:
+    """microep with the runtime's defaults (replicas anywhere) and with replicas kept in their home
+    expert's node (``--microep-gpus-per-node 8``) on the three drifting workloads, replica upkeep charged as
+    the runtime moves it (one refresh and one fp32 gradient return per replica and step, straight
+    from the home GPU). Wall-time parts (planner, per-micro-batch decision) are printed apart: they
+    are measured on this machine and grow with its load."""
+    shape = table_shape(quick)
+    print(f"## replicas: microep, replicas anywhere (default) or in the home node; {shape}, R=2, 8 GPUs per node")
+    print(
+        "| workload | replicas | max/mean mean | max/mean p99 | replica upkeep (ms/step) | planner + decision "
+        "(ms/step) | modeled step (ms) | share of ideal |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for workload in TABLE_WORKLOADS[:3]:
+        for label, confined in (("anywhere (default)", False), ("home node", True)):
+            result = simulate(
+                f"gen:{workload}:{shape}",
+                ["microep"],
+                2,
+                8,
+                out / f"replicas_{workload}_{'node' if confined else 'anywhere'}",
+                CostModel(),
+                policy_params={"microep": {"node_confined": confined}},
+                plots=False,
+            )
+            row = next(r for r in result.rows if r.policy == "microep")
+            parts = row.parts_per_step
+            print(
+                f"| {workload} | {label} | {row.max_over_mean_mean:.3f} | {row.max_over_mean_p99:.3f} | "
+                f"{1e3 * parts['replica_sync']:.1f} | {1e3 * (parts['planner'] + parts['decision']):.1f} | "
+                f"{1e3 * row.modeled_step_time:.2f} | {100 * row.share_of_ideal:.1f}% |"
+            )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="replay,scale,tables,tail,forecast")
+    parser.add_argument("--parts", default="replay,scale,tables,tail,forecast,burst,replicas")
     parser.add_argument("--out", default="runs/bench_simulator")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script itself")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"# bench_simulator ({time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}, numpy {np.__version__})\n")
-    parts = {"replay": replay, "scale": scale, "tables": tables, "tail": tail, "forecast": forecast}
+    parts = {
+        "replay": replay,
+        "scale": scale,
+        "tables": tables,
+        "tail": tail,
+        "forecast": forecast,
+        "burst": burst,
+        "replicas": replicas,
+    }
     for name in args.parts.split(","):
         if name not in parts:
             parser.error(f"unknown part {name!r}; choose from {', '.join(parts)}")

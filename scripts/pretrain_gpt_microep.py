@@ -434,6 +434,14 @@ def main() -> None:
         )
     sys.argv = [sys.argv[0], *argv]
     pretrain_gpt, version = import_megatron_lm()
+    if version < (0, 19) and option_value(argv, "--mtp-num-layers") is not None:
+        fail(
+            "--mtp-num-layers needs Megatron-LM core_r0.19 or later here: before it, gpt_builders.py reads "
+            "use_te before assigning it whenever --spec is given (MicroEP's layers come in through --spec)"
+        )
+    from megatron_microep.glue.spec import build_mtp_blocks_with_microep
+
+    build_mtp_blocks_with_microep()  # the checkout's builders take MTP layers from Megatron's specs
     if level is not None:
         check(pretrain_gpt, version, level)
         return

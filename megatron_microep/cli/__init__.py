@@ -19,12 +19,19 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with errors as one line (``microep <command>: error: ...``) and exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _load_subcommands():
     return [importlib.import_module(f"{__name__}.{name}") for name in SUBCOMMAND_MODULES]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="microep", description="MicroEP for Megatron MoE: train, schedule, plan, simulate, launch-args."
     )
     sub = parser.add_subparsers(dest="command", required=True)

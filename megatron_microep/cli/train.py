@@ -47,8 +47,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from megatron_microep.glue.training import TrainError
-    from megatron_microep.glue.training import run as run_training
+    from megatron_microep.glue.embedded import TrainError
+    from megatron_microep.glue.embedded.report import headline
+    from megatron_microep.glue.embedded.run import run as run_training
 
     overrides = list(args.set)
     if args.steps is not None:
@@ -83,14 +84,14 @@ def run(args) -> int:
     )
     report = result["report"]
     if report is not None:
+        print(headline(report.measured))
         print(
-            "recorded routing replayed through the balancing policies (busiest EP rank / mean, per micro-batch "
-            "and layer):"
+            "recorded routing replayed through the balancing policies (busiest EP rank / mean, per micro-batch and layer):"
         )
-        for row in report.rows:
+        for row in report.replay.rows:
             print(
                 f"{row.policy:>12}  max/mean {row.max_over_mean_mean:.3f} (p99 {row.max_over_mean_p99:.3f})  "
                 f"remote tokens {row.remote_share:6.1%}"
             )
-        print(f"balance report (with modeled step times and plots): {output / 'report' / 'report.md'}")
+        print(f"balance report (measured figures, modeled replay and what it can say): {report.path}")
     return 0

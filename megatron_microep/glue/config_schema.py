@@ -15,7 +15,6 @@ problem; unknown keys are errors (with the closest known key), never ignored.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 import yaml
 
 from megatron_microep.glue.config import DISPATCHER_TYPE, MicroEPConfig
+from megatron_microep.settings import flag_of, settings, value_type
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,7 @@ class Option:
     minimum: float | None = None
     flag: str | None = None  # default: --key-with-dashes
     required: bool = False
+    default: Any = None  # what a run uses when the config omits the key (None: Megatron's own default)
 
     @property
     def cli_flag(self) -> str:
@@ -237,7 +238,7 @@ TRAINING = (
     _o("adam_beta2", "float", "Adam beta2", RUN, minimum=0.0),
     _o("adam_eps", "float", "Adam epsilon", RUN, minimum=0.0),
     _o("clip_grad", "float", "gradient-norm clip", RUN, minimum=0.0),
-    _o("seed", "int", "random seed", RUN, minimum=0),
+    _o("seed", "int", "random seed", RUN, minimum=0, default=1234),  # Megatron-LM's --seed default
     _o("bf16", "switch", "bf16 mixed precision"),
     _o("log_interval", "int", "steps between log lines", RUN, minimum=1),
     _o("save_interval", "int", "steps between checkpoints", RUN, minimum=1),
@@ -263,13 +264,15 @@ DATA = (
 )
 
 EMBEDDED = (
-    _o("processes", "int", "CPU ranks (gloo); EP must divide it", RUN, minimum=1),
-    _o("threads_per_rank", "int", "torch intra-op threads per rank", RUN, minimum=1),
-    _o("corpus_megabytes", "float", "Python standard-library source to train on, in MB", RUN, minimum=0.1),
-    _o("tokenizer_vocab_size", "int", "byte-level BPE vocabulary trained on the corpus", RUN, minimum=260),
-    _o("validation_fraction", "float", "share of corpus files held out for validation", RUN, minimum=0.0),
-    _o("report_policies", "str_list", "policies the balance report compares (all: every policy)", RUN),
-    _o("timeout_minutes", "float", "abort the run if it has not finished by then", RUN, minimum=0.1),
+    _o("processes", "int", "CPU ranks (gloo); EP must divide it", RUN, minimum=1, default=4),
+    _o("threads_per_rank", "int", "torch intra-op threads per rank", RUN, minimum=1, default=1),
+    _o("corpus_megabytes", "float", "Python standard-library source to train on, in MB", RUN, minimum=0.1, default=3.0),
+    _o(
+        "tokenizer_vocab_size", "int", "byte-level BPE vocabulary trained on the corpus", RUN, minimum=260, default=4096
+    ),
+    _o("validation_fraction", "float", "share of corpus files held out for validation", RUN, minimum=0.0, default=0.05),
+    _o("report_policies", "str_list", "policies the balance report compares (all: every policy)", RUN, default=["all"]),
+    _o("timeout_minutes", "float", "abort the run if it has not finished by then", RUN, minimum=0.1, default=60.0),
 )
 
 LAUNCH = (
@@ -279,26 +282,15 @@ LAUNCH = (
 
 
 def _microep_options() -> tuple[Option, ...]:
-    """One option per ``MicroEPConfig`` field, flag ``--microep-<field>`` (glue/args.py registers them)."""
-    kinds = {
-        "int": "int",
-        "float": "float",
-        "str": "str",
-        "bool": "switch",
-        "int | None": "int",
-        "float | None": "float",
-        "str | None": "str",
-    }
+    """One option per MicroEP setting (``megatron_microep.settings``): key ``<field>``, flag ``--microep-<field>``.
+
+    The kind and choices come from the setting; its ranges are checked by ``MicroEPConfig.validate``.
+    """
     options = []
-    for f in dataclasses.fields(MicroEPConfig):
-        kind = kinds.get(str(f.type))
-        if kind is None:
-            raise TypeError(f"MicroEPConfig.{f.name}: no config kind for type {f.type}")
-        options.append(
-            Option(
-                f.name, kind, f"--microep-{f.name.replace('_', '-')}", RUN, flag=f"--microep-{f.name.replace('_', '-')}"
-            )
-        )
+    for f, spec in settings():
+        choices = spec.all_choices()
+        kind = "choice" if choices else value_type(f).__name__
+        options.append(Option(f.name, kind, spec.help, RUN, choices=choices, flag=flag_of(f.name)))
     return tuple(options)
 
 
@@ -328,14 +320,32 @@ class LaunchConfig:
     def get(self, section: str, key: str, default: Any = None) -> Any:
         return self.sections.get(section, {}).get(key, default)
 
+    def value(self, section: str, key: str) -> Any:
+        """The config's value, else the option's declared default (``Option.default``)."""
+        if key in self.sections.get(section, {}):
+            return self.sections[section][key]
+        return next(o.default for o in SECTIONS[section] if o.key == key)
+
     @property
     def dispatcher(self) -> str:
         return self.sections["moe"]["moe_token_dispatcher_type"]
 
     def microep_settings(self) -> MicroEPConfig | None:
+        """The run's MicroEP settings (None unless it selects the MicroEP dispatcher)."""
         if self.dispatcher != DISPATCHER_TYPE:
             return None
-        return MicroEPConfig(**self.sections.get("microep", {}))
+        return self.microep_section()
+
+    def microep_section(self) -> MicroEPConfig:
+        """The ``microep`` section with the settings' defaults (the model-dependent ones resolved for
+        this model), whichever dispatcher the run selects."""
+        section = MicroEPConfig(**self.sections.get("microep", {}))
+        num_experts = self.get("moe", "num_experts")
+        return (
+            section.for_model(num_experts, self.value("parallel", "expert_model_parallel_size"))
+            if num_experts
+            else section
+        )
 
     def megatron_flags(self) -> list[str]:
         """Megatron-LM command-line arguments for this config (``microep`` flags only with its dispatcher)."""

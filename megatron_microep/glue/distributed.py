@@ -176,6 +176,8 @@ def init_megatron_parallel(
     pipeline_model_parallel_size: int = 1,
     expert_tensor_parallel_size: int = 1,
     seed: int = 1234,
+    context_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
 ):
     """Set up megatron-core's parallel state and RNG trackers on CPU; return the ProcessGroupCollection.
 
@@ -204,6 +206,8 @@ def init_megatron_parallel(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size,
+        context_parallel_size=context_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -1,19 +1,21 @@
 """FSEP inside Megatron: ``FSEPExperts`` (shard storage) and ``FSEPMoELayer`` (a MicroEP layer over it).
 
 ``FSEPMoELayer`` is a ``MicroEPMoELayer`` (router, dispatcher, scheduler, telemetry, step clock
-unchanged) whose experts are fully sharded (``runtime.fsep``): after Megatron builds and initialises
-the stock experts, one all-to-all turns them into shards and the stock module is dropped. The
-layout (C = experts per rank + ``--microep-redundant-slots`` slots per rank, any expert anywhere)
-is re-planned from routing history by the FSEP planner (``planning.fsep_layout``) in a background
-thread, as often as every step, and adopted at a step boundary on every rank; the scheduler
+unchanged) whose experts are fully sharded (``runtime.fsep``): Megatron builds and initialises the
+stock experts, one all-to-all turns them into shards (see Construction) and the stock module is
+dropped. The layout (C = experts per rank + ``--microep-redundant-slots`` slots per rank, any expert
+anywhere) is re-planned from routing history by the FSEP planner (``planning.fsep_layout``) in a
+planner process, as often as every step, and adopted at a step boundary on every rank; the scheduler
 balances every micro-batch over it. Changing it moves nothing but the next gathers.
 
 Parameters, gradients, optimizer. ``experts.shards`` [E, S] is one ordinary expert parameter
 (``allreduce = False``): Megatron's DDP gives it an fp32 main gradient in the expert buffers,
 reduces it over expert-data-parallel ranks and clips it with the other expert parameters, and any
 optimizer over the model's parameters (Megatron's, with fp32 main params for bf16/fp16 models, or a
-torch optimizer on ``main_grad``) steps on shards only. The gradient return adds the summed copies'
-gradients to ``main_grad`` in fp32 directly when DDP provides one.
+torch optimizer on ``main_grad``) steps on shards only. The gradient return adds the copies'
+gradients to ``main_grad`` in fp32 directly when DDP provides one, in the backward of a node the
+layer puts on its tokens before their dispatch (``dispatch``), so the return overlaps the
+dispatch's backward all-to-all. Gathers and returns use their own process group over the EP ranks.
 
 Checkpoints. ``sharded_state_dict`` writes every shard piece as a block of the stock expert
 tensors (``{prefix}experts.linear_fc1.weight`` [E, F1, H], ...), the layout of Megatron's
@@ -29,11 +31,24 @@ The object is in the state dict only when the layer has a state or the checkpoin
 metadata flags one (``LAYOUT_STATE_MARKER``; see ``FSEPMoELayer.sharded_state_dict``), so that a
 stock checkpoint loads under Megatron-LM's default strictness; docs/fsep.md has the details.
 
-Prefetch. Layers built from one TransformerConfig form a chain by layer number; during the forward
-a layer starts the next layer's gather before running its own experts, and under the ``regather``
-policy its backward starts the previous layer's gather. A prefetched gather is used only by the
-very next FSEP expert pass of this process (otherwise it is waited for and dropped), so a
-prefetch never outlives an optimizer step.
+Construction. Megatron builds and initialises the stock experts as usual; the layer keeps their
+tensors (moved and cast with the module) and cuts them into shards with one all-to-all on the
+first of: a move or cast of the module onto a device its EP ranks communicate on
+(``model.cuda()``, which Megatron-LM's ``get_model`` calls before wrapping), the first forward, or
+a (sharded) state-dict call. Construction itself runs no collective, so a model may be built on the CPU and moved, or
+built on the meta device (nothing to cut: Megatron-LM loads a checkpoint into such a model). A
+16-bit model wrapped by DDP before its shards were cut is refused (the optimizer would have copied
+placeholder values into its fp32 main parameters).
+
+Prefetch. The FSEP layers of one model chunk (one TransformerConfig and one virtual pipeline
+stage) form a chain by layer number. During the forward a layer starts the next layer's gather
+before running its own experts, after running that layer's forward pre-hooks (under the
+distributed optimizer with ``overlap_param_gather`` they wait for the parameter all-gather that
+makes its shards current); under the ``regather`` policy its backward starts the previous layer's
+backward gather. At most one prefetch per direction is in flight in a process, and the next FSEP
+pass of that direction takes it (or, if it is another layer's, waits for it and drops it), so a
+prefetch never outlives that pass; a forward pass inside the backward (activation recompute)
+prefetches nothing, since the next forward pass is not the next layer's.
 """
 
 from __future__ import annotations
@@ -51,18 +66,22 @@ from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from megatron_microep.glue import compat
 from megatron_microep.glue.config import MicroEPConfig, MicroEPConfigError
-from megatron_microep.glue.layer import MicroEPMoELayer
+from megatron_microep.glue.layer import MicroEPMoELayer, planner_settings
 from megatron_microep.planning.placement import Placement, PlacementError
+from megatron_microep.planning.plan import HistoryPlanner, PlanTarget
 from megatron_microep.runtime.experts import choose_backend, run_experts
 from megatron_microep.runtime.fsep import (
     GatheredMemory,
     PendingGather,
     ShardExchange,
+    ShardGradients,
     ShardSpec,
-    TrafficCounter,
+    attach_shard_gradients,
+    communicates_on,
     fsep_layout,
     initial_fsep_placement,
     run_sharded_experts,
+    shard_group,
     shards_from_experts,
 )
 from megatron_microep.runtime.layout import PhysicalLayout
@@ -87,17 +106,74 @@ def shard_spec_for(tensors: list[torch.Tensor], gated: bool, num_ranks: int) -> 
     return ShardSpec([t.shape for t in tensors], parts, num_ranks, names)
 
 
-class FSEPExperts(MegatronModule):
-    """One layer's experts as this EP rank's shards: ``shards`` [E, S], 1/G of every expert."""
+class FSEPShardsError(RuntimeError):
+    """FSEP shards that cannot be cut from the stock experts where they are (named in the message)."""
 
-    def __init__(self, config, spec: ShardSpec, shards: torch.Tensor, ep_rank: int, expt_dp_rank: int):
+
+class FSEPExperts(MegatronModule):
+    """One layer's experts as this EP rank's shards: ``shards`` [E, S], 1/G of every expert.
+
+    ``home``: the stock experts of this rank (``compat.expert_tensors``), kept as non-persistent
+    buffers (so that moves and casts of the module apply to them) until ``materialize`` cuts them
+    into the shards; on the meta device there is nothing to cut.
+    """
+
+    def __init__(self, config, spec: ShardSpec, home, ep_rank: int, expt_dp_rank: int, ep_group):
         super().__init__(config=config)
         self.spec = spec
         self.ep_rank = ep_rank
         self.expt_dp_rank = expt_dp_rank
-        self.shards = torch.nn.Parameter(shards)
+        self.ep_group = ep_group
+        first = home[0][0]
+        num_experts = len(home) * spec.num_ranks
+        self.shards = torch.nn.Parameter(
+            torch.empty(num_experts, spec.shard_numel, dtype=first.dtype, device=first.device)
+        )
         # An expert parameter: DDP's expert buffers, reduction over expert-DP only, expert optimizer.
         self.shards.allreduce = False
+        self._stock_names: list[str] = []
+        if first.device.type != "meta":
+            for i in range(len(spec.shapes)):
+                self._stock_names.append(f"_stock_{i}")
+                self.register_buffer(
+                    self._stock_names[-1], torch.stack([e[i].detach() for e in home]), persistent=False
+                )
+
+    @property
+    def pending(self) -> bool:
+        """Whether the shards still have to be cut from the stock experts."""
+        return bool(self._stock_names)
+
+    def materialize(self) -> None:
+        """Cut the stock experts into this rank's shards (one all-to-all over the EP ranks); a no-op
+        once done. Call on every rank of the EP group."""
+        if not self._stock_names:
+            return
+        device = self.shards.device
+        group = shard_group(self.ep_group)
+        if not communicates_on(group, device):
+            raise FSEPShardsError(
+                f"FSEP experts on {device} cannot be cut into shards: the EP group communicates on "
+                f"{dist.get_backend_config(group)}; move the model to that device first (model.cuda())"
+            )
+        if getattr(self.shards, "main_grad", None) is not None and self.shards.dtype != torch.float32:
+            raise FSEPShardsError(
+                "FSEP experts were wrapped by DistributedDataParallel before their shards were cut: a "
+                f"{self.shards.dtype} model's optimizer would keep placeholder fp32 main parameters. Move or "
+                "cast the model (model.cuda(), as Megatron-LM's get_model does) before wrapping it"
+            )
+        stacked = [getattr(self, name) for name in self._stock_names]
+        with torch.no_grad():
+            self.shards.copy_(shards_from_experts(stacked, self.spec, group))
+        for name in self._stock_names:
+            delattr(self, name)
+        self._stock_names = []
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self._stock_names and communicates_on(shard_group(self.ep_group), self.shards.device):
+            self.materialize()
+        return module
 
     @property
     def num_experts(self) -> int:
@@ -110,6 +186,7 @@ class FSEPExperts(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         if (metadata or {}).get("singleton_local_shards", False):
             raise NotImplementedError("FSEP experts do not support singleton_local_shards checkpoints")
+        self.materialize()  # a save reads the shards (a load then overwrites them)
         spec, G, r = self.spec, self.spec.num_ranks, self.ep_rank
         num_experts, prepend = self.num_experts, len(sharded_offsets) + 1
         replica_id = (0, 0, self.expt_dp_rank)
@@ -151,40 +228,50 @@ class FSEPExperts(MegatronModule):
                 )
         return out
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.materialize()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in [k for k in state_dict if k.startswith(f"{prefix}{_STOCK_EXTRA_STATE}.")]:
             del state_dict[key]  # the stock linears' extra state is empty; nothing to restore
+        if f"{prefix}shards" in state_dict:  # the loaded shards replace the ones to be cut
+            for name in self._stock_names:
+                delattr(self, name)
+            self._stock_names = []
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-# Layers of one model (one TransformerConfig, by identity): the prefetch chain, ordered by layer number.
-_CHAINS: dict[int, list[weakref.ref]] = {}
+# FSEP layers built from one TransformerConfig (by identity); a prefetch chain is those of one model chunk.
+_LAYERS: dict[int, list[weakref.ref]] = {}
 
 
-def _join_chain(config, layer) -> None:
-    if id(config) not in _CHAINS:
-        _CHAINS[id(config)] = []
-        weakref.finalize(config, _CHAINS.pop, id(config), None)
-    _CHAINS[id(config)].append(weakref.ref(layer))
-
-
-class _PassClock:
-    """Counts FSEP expert passes in this process, forward and backward separately: a prefetch is
-    valid only for the pass right after the one that started it."""
-
-    def __init__(self) -> None:
-        self.forward = 0
-        self.backward = 0
-
-
-_PASSES = _PassClock()
+def _register(config, layer) -> None:
+    if id(config) not in _LAYERS:
+        _LAYERS[id(config)] = []
+        weakref.finalize(config, _LAYERS.pop, id(config), None)
+    _LAYERS[id(config)].append(weakref.ref(layer))
 
 
 @dataclass
 class _Prefetched:
-    pending: PendingGather
+    layer: FSEPMoELayer
     exchange: ShardExchange
-    pass_index: int
+    pending: PendingGather
+
+    def drop(self) -> None:
+        """Unused: let the collective every rank started finish, free its buffers, count it."""
+        self.layer.prefetch_dropped += 1
+        self.pending.wait()
+
+
+# direction ("forward", "backward") -> the one prefetched gather in flight in this process
+_IN_FLIGHT: dict[str, _Prefetched] = {}
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward here: a forward pass inside one is an activation recompute."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class FSEPMoELayer(MicroEPMoELayer):
@@ -216,8 +303,8 @@ class FSEPMoELayer(MicroEPMoELayer):
         groups = self.microep_groups
         home = compat.expert_tensors(self.experts)
         self.fsep_spec = shard_spec_for(home[0], bool(config.gated_linear_unit), groups.ep_size)
-        shards = shards_from_experts(home, self.fsep_spec, groups.ep_rank, groups.ep)
-        self.experts = FSEPExperts(config, self.fsep_spec, shards, groups.ep_rank, self._expt_dp_rank)
+        self.experts = FSEPExperts(config, self.fsep_spec, home, groups.ep_rank, self._expt_dp_rank, groups.ep)
+        del home  # the stock module goes with it; FSEPExperts keeps the tensors until it cuts them
 
         settings = self.microep_settings
         self.slots_per_rank = self.num_local_experts + settings.redundant_slots
@@ -225,7 +312,7 @@ class FSEPMoELayer(MicroEPMoELayer):
         layout = fsep_layout(
             initial_fsep_placement(num_experts, groups.ep_size, self.slots_per_rank), self.slots_per_rank
         )
-        planner = FSEP_PLANNERS[settings.planner](settings.planner_time_limit_s, self.slots_per_rank)
+        planner = HistoryPlanner(PlanTarget("fsep", groups.ep_size, self.slots_per_rank), planner_settings(settings))
         self.placement_controller = FSEPPlacementController(
             layout,
             planner,
@@ -233,14 +320,25 @@ class FSEPMoELayer(MicroEPMoELayer):
             settings.history_window,
             settings.replan_lag,
             group=self.placement_controller.group,
-            device=shards.device,
+            device=self.experts.shards.device,
             name=f" layer {layer_number}",
+            layer_number=layer_number,
         )
-        self.fsep_traffic = TrafficCounter()
-        self.prefetch_hits = 0  # gathers that had been started by a neighbouring layer
+        pp_group = getattr(pg_collection, "pp", None)
+        if pp_group is None:
+            from megatron.core import parallel_state
+
+            self._pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        else:
+            self._pp_rank = dist.get_rank(pp_group)
+        self._chunk: int | None = None
+        # Gathers of this layer started by a neighbour, those it then used, those dropped unused.
+        self.prefetch_started = 0
+        self.prefetch_hits = 0
+        self.prefetch_dropped = 0
         self._shard_exchange: ShardExchange | None = None
-        self._prefetched: dict[str, _Prefetched] = {}
-        _join_chain(config, self)
+        self._shard_grads: ShardGradients | None = None
+        _register(config, self)
 
     # --- layout ---------------------------------------------------------------------------------
     def set_placement(self, placement: Placement) -> None:
@@ -291,7 +389,12 @@ class FSEPMoELayer(MicroEPMoELayer):
             metadata[LAYOUT_STATE_MARKER] = True
         # Equal on every rank of the layer's expert domain; the planner rank's copy (which knows a
         # pending plan's outcome) is the one written.
-        replica_id = (0, dist.get_rank(self.placement_controller.group), self._expt_dp_rank)
+        controller = self.placement_controller
+        replica_id = (
+            0,
+            (dist.get_rank(controller.group) - controller.planner_rank) % dist.get_world_size(controller.group),
+            self._expt_dp_rank,
+        )
         key = f"{prefix}{LAYOUT_STATE_KEY}"
         out[key] = make_sharded_object_for_checkpoint(self.layout_state(), key, sharded_offsets, replica_id)
         return out
@@ -310,53 +413,97 @@ class FSEPMoELayer(MicroEPMoELayer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def exchange_for(self, layout: PhysicalLayout) -> ShardExchange:
+        """The shard exchange of ``layout`` (built once per layout, in a forward: it copies index tensors
+        to the device)."""
         if self._shard_exchange is None or self._shard_exchange.layout is not layout:
             self._shard_exchange = ShardExchange(
                 layout,
                 self.microep_groups.ep_rank,
-                self.microep_groups.ep,
+                shard_group(self.microep_groups.ep),
                 self.fsep_spec,
-                self.fsep_traffic,
-                GATHERED_MEMORY,
+                self.experts.shards.device,
+                memory=GATHERED_MEMORY,
             )
         return self._shard_exchange
 
     # --- prefetch -------------------------------------------------------------------------------
+    def model_chunk(self) -> int:
+        """This layer's virtual pipeline stage (0 without virtual pipelining), from its layer number."""
+        if self._chunk is None:
+            stages = getattr(self.config, "virtual_pipeline_model_parallel_size", None) or 1
+            # Chunk v of this pipeline rank starts after the layers of offset(v); offsets grow with v.
+            offsets = [compat.layer_offset(self.config, v, self._pp_rank) for v in range(stages)] if stages > 1 else [0]
+            self._chunk = max(v for v, offset in enumerate(offsets) if offset < self.layer_number)
+        return self._chunk
+
     def _neighbour(self, offset: int) -> FSEPMoELayer | None:
-        chain = [ref() for ref in _CHAINS.get(id(self.config), [])]
-        chain = sorted((m for m in chain if m is not None and m.layer_number is not None), key=lambda m: m.layer_number)
-        if self not in chain:
+        """The FSEP layer ``offset`` places away in this layer's model chunk, if any."""
+        if self.layer_number is None:
             return None
+        layers = [ref() for ref in _LAYERS.get(id(self.config), [])]
+        chain = sorted(
+            (
+                m
+                for m in layers
+                if m is not None and m.layer_number is not None and m.model_chunk() == self.model_chunk()
+            ),
+            key=lambda m: m.layer_number,
+        )
         index = chain.index(self) + offset
         return chain[index] if 0 <= index < len(chain) else None
 
-    def _take(self, direction: str, pass_index: int, exchange: ShardExchange) -> PendingGather | None:
-        """This layer's prefetched gather if it was started for this very pass and layout."""
-        found = self._prefetched.pop(direction, None)
+    def _take_prefetched(self, direction: str, exchange: ShardExchange) -> PendingGather | None:
+        """The gather in flight for ``direction`` if it is this layer's for ``exchange``; any other is
+        waited for (every rank started it) and dropped."""
+        found = _IN_FLIGHT.pop(direction, None)
         if found is None:
             return None
-        if found.pass_index == pass_index and found.exchange is exchange:
+        if found.layer is self and found.exchange is exchange:
             self.prefetch_hits += 1
             return found.pending
-        found.pending.wait()  # a collective every rank started; let it finish, drop its result
+        found.drop()
         return None
 
-    def _prefetch_into(self, target: FSEPMoELayer | None, direction: str, pass_index: int) -> None:
-        if target is None or self._step is None:
+    def make_current(self) -> None:
+        """Run the experts' forward pre-hooks: under the distributed optimizer with overlapped
+        parameter all-gather, DDP's hook waits there for the all-gather that makes the shards current
+        in this step (and starts it if it has not been), before anything reads them."""
+        compat.sync_expert_params(self.experts)
+
+    def _prefetch(self, target: FSEPMoELayer | None, direction: str) -> None:
+        if target is None:
             return
-        if direction == "forward" and target._step != self._step:
-            target._on_new_step(self._step)  # adopt its layout for this step now, as its forward would
-        exchange = target.exchange_for(target.layout)
-        stale = target._prefetched.pop(direction, None)
-        if stale is not None:
-            stale.pending.wait()
-        target._prefetched[direction] = _Prefetched(exchange.start_gather(target.experts.shards), exchange, pass_index)
+        if direction == "forward":
+            if self._step is not None and target._step != self._step:
+                target._on_new_step(self._step)  # adopt its layout for this step now, as its forward would
+            target.experts.materialize()
+            target.make_current()
+            exchange = target.exchange_for(target.layout)
+        else:
+            exchange = target._shard_exchange  # built in its forward; a backward builds nothing
+            if exchange is None or exchange.layout is not target.layout:
+                return
+        if direction in _IN_FLIGHT:
+            _IN_FLIGHT.pop(direction).drop()
+        _IN_FLIGHT[direction] = _Prefetched(target, exchange, exchange.start_gather(target.experts.shards))
+        target.prefetch_started += 1
 
     # --- experts --------------------------------------------------------------------------------
+    def dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        # The shards' gradient is added when the backward reaches these tokens, after the dispatch's
+        # backward all-to-all: the gradient return, started by the experts' backward, overlaps it.
+        self._shard_grads = ShardGradients()
+        hidden_states = attach_shard_gradients(hidden_states, self.experts.shards, self._shard_grads)
+        return super().dispatch(hidden_states, probs)
+
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        grads, self._shard_grads = self._shard_grads, None
+        if grads is None:
+            raise RuntimeError("FSEP layer: routed_experts_compute ran without this layer's dispatch")
         tokens, per_slot, probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
         layout = self.token_dispatcher.routing.layout
-        compat.sync_expert_params(self.experts)
+        self.experts.materialize()
+        self.make_current()
         exchange = self.exchange_for(layout)
         counts = per_slot.tolist()
         rows = counts[: exchange.num_local]
@@ -370,10 +517,9 @@ class FSEPMoELayer(MicroEPMoELayer):
                 self.experts.shards.dtype,
                 [fc1[1], fc1[0], fc2[1]],
             )
-        _PASSES.forward += 1
-        pass_index = _PASSES.forward
-        pending = self._take("forward", pass_index, exchange) or exchange.start_gather(self.experts.shards)
-        self._prefetch_into(self._neighbour(+1), "forward", pass_index + 1)
+        pending = self._take_prefetched("forward", exchange) or exchange.start_gather(self.experts.shards)
+        if not _in_backward():
+            self._prefetch(self._neighbour(+1), "forward")
         backend, math = self._backend, self._math
 
         def run(x, p, tensors):
@@ -381,10 +527,8 @@ class FSEPMoELayer(MicroEPMoELayer):
             return run_experts(backend, x, rows, p, weights, math)
 
         def regather() -> PendingGather:
-            _PASSES.backward += 1
-            index = _PASSES.backward
-            own = self._take("backward", index, exchange) or exchange.start_gather(self.experts.shards)
-            self._prefetch_into(self._neighbour(-1), "backward", index + 1)
+            own = self._take_prefetched("backward", exchange) or exchange.start_gather(self.experts.shards)
+            self._prefetch(self._neighbour(-1), "backward")
             return own
 
         output = run_sharded_experts(
@@ -394,6 +538,7 @@ class FSEPMoELayer(MicroEPMoELayer):
             self.experts.shards,
             exchange,
             run,
+            grads,
             pending,
             regather,
         )
@@ -517,27 +662,6 @@ class FSEPPlacementController(PlacementController):
         return applies
 
 
-def ortools_fsep_planner(time_limit_s: float, slots_per_rank: int):
-    def plan(history, num_gpus, redundant_slots, current):
-        from megatron_microep.planning.fsep_layout import plan_fsep_layout
-
-        return plan_fsep_layout(history, num_gpus, slots_per_rank, time_limit_s=time_limit_s, current=current).placement
-
-    return plan
-
-
-def greedy_fsep_planner(time_limit_s: float, slots_per_rank: int):
-    def plan(history, num_gpus, redundant_slots, current):
-        from megatron_microep.planning.fsep_layout import greedy_layout, placement_from_holds
-
-        return placement_from_holds(greedy_layout(np.asarray(history, dtype=np.int64), num_gpus, slots_per_rank))
-
-    return plan
-
-
-FSEP_PLANNERS = {"ortools": ortools_fsep_planner, "greedy": greedy_fsep_planner}
-
-
 def fsep_layers(model) -> list[FSEPMoELayer]:
     chunks = model if isinstance(model, (list, tuple)) else [model]
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, FSEPMoELayer)]
@@ -547,4 +671,5 @@ def full_experts(layer: FSEPMoELayer) -> list[torch.Tensor]:
     """Every expert's full tensors [E, *shape_i] of an FSEP layer (all-gather over EP; inspection/tests)."""
     from megatron_microep.runtime.fsep import experts_from_shards
 
+    layer.experts.materialize()
     return experts_from_shards(layer.experts.shards, layer.fsep_spec, layer.microep_groups.ep)

@@ -6,12 +6,15 @@ routed-expert computation: tokens go to physical slots (home experts + replicas)
 micro-batch by the exact scheduler, and one grouped GEMM runs every local slot, replicas using
 weights fetched from their home ranks (``runtime.replicas``).
 
-Steps. Replica weights are reused within an optimizer step and re-fetched in the first forward of
-the next one (and in every evaluation forward, which may follow an optimizer step under the same
-step number); re-planned placements take effect at a step boundary. The step number comes from
-Megatron-LM's training loop (``args.curr_iteration``) when it runs, otherwise from
-``set_training_step`` (call it on every rank before each step); with neither, replica weights are
-fetched in every forward, history is not recorded and re-planning is off (logged once).
+Steps. At the first forward of an optimizer step every layer of the model adopts a re-planned
+placement and starts refreshing its replica weights (asynchronously, waited for at first use);
+the step's backward passes accumulate replica gradients in fp32 and return them home once, into
+the home experts' ``main_grad`` before DDP reduces it (``glue/replica_sync.py``). Evaluation
+forwards, which may follow an optimizer step under the same step number, fetch the weights anew.
+The step number comes from Megatron-LM's training loop (``args.curr_iteration``) when it runs,
+otherwise from ``set_training_step`` (call it on every rank before each step); with neither,
+replica weights are fetched in every forward and their gradients returned in every backward,
+history is not recorded and re-planning is off (logged once).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_microep.glue import compat
+from megatron_microep.glue import compat, replica_sync
 from megatron_microep.glue.config import (
     DISPATCHER_TYPE,
     MicroEPConfig,
@@ -37,6 +40,8 @@ from megatron_microep.glue.config import (
     resolve_microep_config,
 )
 from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.plan import HistoryPlanner, PlannerSettings, PlanTarget
+from megatron_microep.runtime.collectives import dedicated_group
 from megatron_microep.runtime.dispatch import (
     Groups,
     MicroBatchRouting,
@@ -50,8 +55,8 @@ from megatron_microep.runtime.dispatch import (
 )
 from megatron_microep.runtime.experts import choose_backend, run_experts
 from megatron_microep.runtime.layout import PhysicalLayout
-from megatron_microep.runtime.replan import PLANNERS, PlacementController
-from megatron_microep.runtime.replicas import ReplicaExchange, replicate
+from megatron_microep.runtime.replan import PlacementController
+from megatron_microep.runtime.replicas import EVERY_BACKWARD, GradientReturn, ReplicaExchange, Replicas, replicate
 from megatron_microep.runtime.telemetry import TelemetryLog, micro_batch_stats, summarize
 
 logger = logging.getLogger(__name__)
@@ -84,6 +89,20 @@ STEP_CLOCK = _StepClock()
 def set_training_step(step: int) -> None:
     """Declare that the following forwards belong to optimizer step ``step`` (call on every rank)."""
     STEP_CLOCK.manual = int(step)
+
+
+def planner_settings(settings: MicroEPConfig) -> PlannerSettings:
+    """The shared planner's settings from a layer's MicroEP settings (the runtime plans with CP-SAT)."""
+    return PlannerSettings(
+        method=settings.planner,
+        time_limit_s=settings.planner_time_limit_s,
+        move_penalty=settings.move_penalty,
+        gpus_per_node=settings.gpus_per_node,
+        forecast_samples=settings.forecast_samples,
+        forecast_recent=settings.forecast_recent,
+        forecast_burst=settings.forecast_burst,
+        use_solver=True,
+    )
 
 
 class _TraceSink:
@@ -221,23 +240,17 @@ class MicroEPMoELayer(MoELayer):
         )
         self._expt_dp_rank = dist.get_rank(pg_collection.expt_dp) if pg_collection.expt_dp is not None else 0
         layout = PhysicalLayout.stock(self.microep_groups.ep_size, self.num_local_experts, settings.redundant_slots)
-        planner = PLANNERS[settings.planner](
-            settings.planner_time_limit_s,
-            settings.move_penalty,
-            settings.gpus_per_node,
-            settings.forecast_samples,
-            settings.forecast_recent,
-            settings.forecast_burst,
-        )
+        target = PlanTarget("replicas", self.microep_groups.ep_size, settings.redundant_slots)
         self.placement_controller = PlacementController(
             layout,
-            planner,
+            HistoryPlanner(target, planner_settings(settings)),
             settings.replan_interval,
             settings.history_window,
             settings.replan_lag,
             group=pg_collection.tp_ep,
             device=home[0][0].device,
             name=f" layer {layer_number}",
+            layer_number=layer_number,
         )
         self.token_dispatcher = MicroEPTokenDispatcher(
             self.num_local_experts,
@@ -252,11 +265,18 @@ class MicroEPMoELayer(MoELayer):
         self._exchange: ReplicaExchange | None = None
         self._exchange_version = -1
         self._step: int | None = None
+        self._replicas = Replicas()
+        self._replica_key: tuple | None = None  # (step, exchange) the replica weights were refreshed for
+        self._refresh_in_forward = False
+        self._gradient_return = EVERY_BACKWARD
+        self.replica_buckets: dict[torch.Tensor, object] = {}  # home parameter -> its guarded DDP bucket group
+        if settings.expert_sharding == "none":
+            replica_sync.join(self)
 
     def set_layer_number(self, layer_number: int) -> None:
         # Megatron numbers a layer after constructing it; the planner's log lines name it.
         super().set_layer_number(layer_number)
-        self.placement_controller.name = f" layer {layer_number}"
+        self.placement_controller.set_layer_number(layer_number)
 
     # --- placement ------------------------------------------------------------------------------
     @property
@@ -273,8 +293,7 @@ class MicroEPMoELayer(MoELayer):
         step = STEP_CLOCK.current()
         # Placement broadcasts use the compute device (Megatron may build on CPU and move the model).
         self.placement_controller.device = routing_map.device
-        if step is not None and step != self._step:
-            self._on_new_step(step)
+        self._on_forward(step)
         routing = route(routing_map, self.layout, self.microep_groups)
         if self.training and torch.is_grad_enabled():
             # Counted once per micro-batch also under activation recompute, whose first pass runs
@@ -303,6 +322,17 @@ class MicroEPMoELayer(MoELayer):
                 atexit.register(close_traces)
             _TRACE_SINKS[directory] = _TraceSink(directory, shape[0], shape[1])
         return _TRACE_SINKS[directory]
+
+    def _on_forward(self, step: int | None) -> None:
+        if step is not None and step != self._step:
+            if self.microep_settings.expert_sharding == "none":
+                replica_sync.start_step(self, step)  # every replica layer of the model, this one included
+            else:
+                self._on_new_step(step)
+        if self._refresh_in_forward and self.training:
+            self._refresh_in_forward = False
+            compat.sync_expert_params(self.experts)  # e.g. DDP's overlapped parameter all-gather completes here
+            self._refresh_replicas(self.layout, self._step)
 
     def _on_new_step(self, step: int) -> None:
         previous, self._step = self._step, step
@@ -353,11 +383,14 @@ class MicroEPMoELayer(MoELayer):
         counts = per_slot.tolist()
         rows = counts[: self.num_local_experts]
         if layout.has_replicas:
-            # Reuse only within a training step: Megatron-LM evaluates after the optimizer step under the
+            exchange = self._replica_exchange(layout, home)
+            # Reused only within a training step: Megatron-LM evaluates after the optimizer step under the
             # same step number, when the home weights have changed (eval mode is equal on every rank).
-            reuse = self.training and self._step is not None
-            key = (self.placement_controller.version, self._step) if reuse else None
-            tokens, replicas = replicate(tokens, self._replica_exchange(layout, home), home, key)
+            key = (self._step, exchange) if self.training and self._step is not None else None
+            if key is None or key != self._replica_key:
+                self._refresh_replicas(layout, self._step if key is not None else None)
+            policy = self._gradient_return if key is not None else EVERY_BACKWARD
+            tokens, replicas = replicate(tokens, self._replicas, exchange, home, policy)
             for slot, tensors in enumerate(replicas):
                 if tensors is not None:
                     weights.append(compat.expert_weights(tensors))
@@ -377,11 +410,55 @@ class MicroEPMoELayer(MoELayer):
     def _replica_exchange(self, layout: PhysicalLayout, home) -> ReplicaExchange:
         version = self.placement_controller.version
         if self._exchange is None or self._exchange_version != version:
-            self._exchange = ReplicaExchange(
-                layout, self.microep_groups.ep_rank, self.microep_groups.ep, [t.shape for t in home[0]]
-            )
+            self._exchange = ReplicaExchange(layout, self.microep_groups.ep_rank, [t.shape for t in home[0]])
             self._exchange_version = version
         return self._exchange
+
+    # --- replicas through the step (glue/replica_sync.py calls these) ----------------------------
+    def begin_replica_step(self, step: int, gradient_return: GradientReturn) -> None:
+        """Start ``step`` (same call on every rank): adopt a planned placement, start the replica refresh."""
+        if self._replicas.gradients_pending:
+            raise RuntimeError(
+                f"MicroEP layer {self.layer_number}: the replica gradients of step {self._step} never reached "
+                "DDP's gradient reduction (its last backward ran inside no_sync and no DDP bucket or "
+                "finalize_model_grads call delivered them)"
+            )
+        self._on_new_step(step)
+        self._gradient_return = gradient_return
+        self._replica_key = None
+        if not self.layout.has_replicas:
+            self._replicas.release()
+        elif replica_sync.params_current(self.experts):
+            self._refresh_replicas(self.layout, step)
+        else:
+            self._refresh_in_forward = True
+
+    def _refresh_replicas(self, layout: PhysicalLayout, step: int | None) -> None:
+        home = compat.expert_tensors(self.experts)
+        exchange = self._replica_exchange(layout, home)
+        if self._replicas.group is None:
+            self._replicas.group = dedicated_group(self.microep_groups.ep, "replicas")
+        self._replicas.refresh(exchange, home)
+        self._replica_key = None if step is None else (step, exchange)
+
+    def replica_home_params(self) -> list[torch.Tensor]:
+        return [t for expert in compat.expert_tensors(self.experts) for t in expert if t.requires_grad]
+
+    def add_to_main_grad(self, expert: int, tensor: int, grad: torch.Tensor) -> None:
+        """One returned replica gradient (fp32) into local expert ``expert``'s ``main_grad``."""
+        compat.expert_tensors(self.experts)[expert][tensor].main_grad.add_(grad)
+
+    def deliver_replica_gradients(self) -> None:
+        """This step's replica gradients into the home experts' ``main_grad`` now (every rank at once)."""
+        if not self._replicas.gradients_pending:
+            return
+        if any(getattr(b, "grad_reduce_handle", None) is not None for b in self.replica_buckets.values()):
+            raise RuntimeError(
+                f"MicroEP layer {self.layer_number}: DDP started reducing the home experts' gradients before "
+                "their replica gradients arrived (a loop that bypasses config.no_sync_func with overlapped "
+                "gradient reduction): set config.no_sync_func to the DDP's no_sync"
+            )
+        self._replicas.deliver(self.add_to_main_grad)
 
 
 def _metrics_writers() -> dict[str, object]:

@@ -73,10 +73,10 @@ def _ceil_div(num: int, den: int) -> int:
     return -(-num // den)
 
 
-_ceil_div_jit = numba.njit(cache=True)(_ceil_div)
+_ceil_div_jit = numba.njit(cache=True, nogil=True)(_ceil_div)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _find_path(
     excess,
     spare,
@@ -92,12 +92,15 @@ def _find_path(
     via_slot_gpu,
     via_slot_expert,
     queue,
+    targets,
 ):
-    """BFS from every expert with unplaced load to a GPU with spare capacity.
+    """BFS from every expert with unplaced load to GPUs with spare capacity.
 
     Forward edges expert -> GPU are unbounded; backward edges GPU -> expert carry the flow of a
-    copy above its ``keep`` amount. Returns the GPU reached (-1 if none) and leaves the search
-    tree in ``via_slot_*`` and the reached sets in ``seen_*``.
+    copy above its ``keep`` amount. Lists the GPUs with spare it reaches in ``targets`` (BFS order,
+    stopping once ``targets`` is full) and returns how many; leaves the search tree in
+    ``via_slot_*`` and the reached sets in ``seen_*``. When it finds none, the reached sets are a
+    Hall violator: experts S with unplaced load whose copies all sit on full GPUs U.
     """
     num_experts = excess.size
     seen_expert[:] = False
@@ -109,6 +112,7 @@ def _find_path(
             via_slot_expert[e] = -1
             queue[tail] = e
             tail += 1
+    found = 0
     head = 0
     while head < tail:
         e = queue[head]
@@ -120,7 +124,11 @@ def _find_path(
             seen_gpu[g] = True
             via_slot_gpu[g] = r
             if spare[g] > 0:
-                return g
+                targets[found] = g
+                found += 1
+                if found == targets.size:
+                    return found
+                continue
             for i in range(gpu_ptr[g], gpu_ptr[g + 1]):
                 r2 = gpu_slot[i]
                 e2 = slot_expert[r2]
@@ -129,10 +137,43 @@ def _find_path(
                     via_slot_expert[e2] = r2
                     queue[tail] = e2
                     tail += 1
-    return -1
+    return found
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
+def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert):
+    """Push the bottleneck amount along ``_find_path``'s search tree to GPU ``target``.
+
+    Walks back to the root expert measuring the bottleneck (spare of the target, excess of the
+    root, flow above ``keep`` on every backward edge), then moves that much along the path.
+    """
+    push = spare[target]
+    g = target
+    while True:
+        e = slot_expert[via_slot_gpu[g]]
+        back = via_slot_expert[e]
+        if back < 0:
+            if excess[e] < push:
+                push = excess[e]
+            break
+        if slot_tokens[back] - keep[back] < push:
+            push = slot_tokens[back] - keep[back]
+        g = gpus[back]
+    g = target
+    while True:
+        r = via_slot_gpu[g]
+        slot_tokens[r] += push
+        e = slot_expert[r]
+        back = via_slot_expert[e]
+        if back < 0:
+            excess[e] -= push
+            break
+        slot_tokens[back] -= push
+        g = gpus[back]
+    spare[target] -= push
+
+
+@numba.njit(cache=True, nogil=True)
 def _route(load, local, ptr, gpus, num_gpus, start_cap):
     """Exact min-max routing of per-expert loads over their copies.
 
@@ -220,6 +261,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
     via_slot_gpu = np.empty(num_gpus, np.int64)  # slot whose forward edge reached this GPU
     via_slot_expert = np.empty(num_experts, np.int64)  # slot whose flow was walked back to this expert
     queue = np.empty(num_experts, np.int64)
+    target = np.empty(1, np.int64)  # the first GPU with spare a search reaches
     no_protection = np.zeros(nnz, np.int64)
     while True:
         pending = False
@@ -229,7 +271,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
                 break
         if not pending:
             break
-        target = _find_path(
+        found = _find_path(
             excess,
             spare,
             slot_tokens,
@@ -244,11 +286,12 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
             via_slot_gpu,
             via_slot_expert,
             queue,
+            target,
         )
         keep = protected
-        if target < 0:
+        if not found:
             keep = no_protection
-            target = _find_path(
+            found = _find_path(
                 excess,
                 spare,
                 slot_tokens,
@@ -263,8 +306,9 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
                 via_slot_gpu,
                 via_slot_expert,
                 queue,
+                target,
             )
-        if target < 0:
+        if not found:
             # Hall violator: experts S (seen) only reach GPUs U (seen), all full.
             num = 0
             den = 0
@@ -283,29 +327,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
             cap = new_cap
             raised = True
             continue
-        # Walk back to the root expert, measuring the bottleneck, then push along the path.
-        push = spare[target]
-        g = target
-        while True:
-            e = slot_expert[via_slot_gpu[g]]
-            back = via_slot_expert[e]
-            if back < 0:
-                push = min(push, excess[e])
-                break
-            push = min(push, slot_tokens[back] - keep[back])
-            g = gpus[back]
-        g = target
-        while True:
-            r = via_slot_gpu[g]
-            slot_tokens[r] += push
-            e = slot_expert[r]
-            back = via_slot_expert[e]
-            if back < 0:
-                excess[e] -= push
-                break
-            slot_tokens[back] -= push
-            g = gpus[back]
-        spare[target] -= push
+        _push_path(target[0], excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert)
 
     gpu_load = fixed.copy()
     for r in range(nnz):
@@ -314,7 +336,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
     return slot_tokens, gpu_load, bound_num, bound_den, raised
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _split_by_source(tokens, slot_tokens, ptr, gpus):
     """Per-source pieces for replicated experts: local tokens first, then sources in order.
 
@@ -416,8 +438,17 @@ def schedule(tokens: np.ndarray, placement: Placement) -> Schedule:
     """Exact min-max assignment of ``tokens`` int [G, E] to the copies in ``placement``."""
     tokens = _check_tokens(tokens, placement)
     load = tokens.sum(axis=0)
+    return _complete(
+        tokens, placement, load, _route(load, tokens, placement.ptr, placement.gpus, placement.num_gpus, 0)
+    )
+
+
+def _complete(tokens: np.ndarray, placement: Placement, load: np.ndarray, routed: tuple) -> Schedule:
+    """The Schedule of ``_route``'s local-first result ``routed`` for checked ``tokens`` int64 [G, E]
+    with per-expert totals ``load`` (``planning.burst`` routes first and completes only when it adds
+    no copy)."""
     ptr, gpus, num_gpus = placement.ptr, placement.gpus, placement.num_gpus
-    slot_tokens, gpu_load, num, den, raised = _route(load, tokens, ptr, gpus, num_gpus, 0)
+    slot_tokens, gpu_load, num, den, raised = routed
     if raised:
         # The local-first fill ran below the optimal capacity; routing again at the optimum from the
         # start keeps more tokens local (same max load, same certificate).

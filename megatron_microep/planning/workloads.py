@@ -300,6 +300,82 @@ def dsv3_derived(
     return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)
 
 
+LAER_FILE_NAME = "laer_moe_token_counts.csv"
+
+
+def laer_derived(
+    num_microbatches,
+    num_gpus,
+    num_experts,
+    tokens_per_gpu,
+    topk,
+    seed,
+    *,
+    step_micro_batches=4,
+    sigma=0.5,
+    step_sigma=0.25,
+    spike_probability=0.01,
+    spike_factor=3.0,
+    noise_sigma=0.25,
+    source_sigma=0.3,
+) -> np.ndarray:
+    """Derived from the per-rank fluctuation of the LAER-MoE training counts (shared/data/routing/
+    laer_moe_token_counts.csv, FSDP and LAER runs): there a rank's tokens in one iteration are
+    1.22-1.29x the mean of its previous three iterations at p90 and 1.6-1.8x at p99. Here an
+    iteration is a step of ``step_micro_batches`` micro-batches and a rank's load is what its home
+    experts receive under Megatron's contiguous layout. Static lognormal skew (``sigma``); every step
+    each expert gets a lognormal shock (``step_sigma``) and, with ``spike_probability``, is
+    ``spike_factor`` times hotter for the whole step; every micro-batch adds i.i.d. noise
+    (``noise_sigma``). The defaults reproduce the recorded p90 and p99 at 64 GPUs x 256 experts
+    (tests/planning/test_workloads.py checks it; per-expert counts are not in the recording, so only
+    this statistic is matched). Returns int64 [M, G, E]."""
+    _check_shape(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk)
+    if step_micro_batches < 1:
+        raise ValueError(f"step_micro_batches must be >= 1, got {step_micro_batches}")
+    rng = np.random.default_rng(seed)
+    steps = -(-num_microbatches // step_micro_batches)
+    shock = rng.normal(0.0, step_sigma, (steps, num_experts))
+    shock += np.log(spike_factor) * (rng.random((steps, num_experts)) < spike_probability)
+    logits = np.repeat(shock, step_micro_batches, axis=0)[:num_microbatches]
+    logits += rng.normal(0.0, noise_sigma, logits.shape)
+    weights = rng.lognormal(0.0, sigma, num_experts)[None, :] * np.exp(logits)
+    return _sample_sequence(rng, weights, num_gpus, tokens_per_gpu, topk, source_sigma)
+
+
+def load_laer_rank_counts(path: str | os.PathLike | None = None) -> dict[tuple[str, str], list[np.ndarray]]:
+    """Recorded LAER-MoE per-rank token counts: (method, model) -> per layer float64 [iterations, ranks].
+
+    ``path`` defaults to $MICROEP_LAER_COUNTS, then ``shared/data/routing`` beside the checkout.
+    """
+    env = os.environ.get("MICROEP_LAER_COUNTS")
+    candidates = [Path(path)] if path else [Path(env)] if env else [d / LAER_FILE_NAME for d in DSV3_DEFAULT_DIRS]
+    for candidate in candidates:
+        if candidate.is_file():
+            with open(candidate, encoding="utf-8") as f:
+                header = f.readline().strip().split(",")
+                rows = [line.rstrip("\n").split(",") for line in f if line.strip()]
+            col = {name: i for i, name in enumerate(header)}
+            keys = np.array([(r[col["method"]], r[col["model_name"]], r[col["layer"]]) for r in rows])
+            numbers = np.array([[r[col["iter"]], r[col["rank"]], r[col["token_num"]]] for r in rows], dtype=np.int64)
+            groups, group_of = np.unique(keys, axis=0, return_inverse=True)
+            out: dict[tuple[str, str], list[np.ndarray]] = {}
+            for g, (method, model, _layer) in enumerate(groups):
+                it, rank, count = numbers[group_of.ravel() == g].T
+                counts = np.zeros((it.max() + 1, rank.max() + 1))
+                counts[it, rank] = count
+                out.setdefault((str(method), str(model)), []).append(counts)
+            return out
+    raise FileNotFoundError(f"LAER-MoE token counts not found (looked for {', '.join(map(str, candidates))})")
+
+
+def rank_fluctuation(loads: np.ndarray, window: int = 3) -> np.ndarray:
+    """float64 [(T - window) * R]: each rank's load over the mean of its previous ``window``
+    iterations, for loads float [T, R] (iterations x ranks). The statistic the LAER recording has."""
+    loads = np.asarray(loads, dtype=np.float64)
+    history = np.stack([loads[t - window : t].mean(axis=0) for t in range(window, len(loads))])
+    return (loads[window:] / history).ravel()
+
+
 WorkloadFn = Callable[..., np.ndarray]
 
 # name -> generator(num_microbatches, num_gpus, num_experts, tokens_per_gpu, topk, seed, **params) -> int64 [M, G, E]
@@ -310,6 +386,7 @@ WORKLOADS: dict[str, WorkloadFn] = {
     "bursty": bursty,
     "balanced": balanced,
     "dsv3_derived": dsv3_derived,
+    "laer_derived": laer_derived,
 }
 
 

@@ -4,14 +4,21 @@ Split sizes are Python ints known on every rank (they follow from the shared sch
 collective is spent exchanging them. Uneven all-gather and reduce-scatter are done by padding every
 chunk to the largest one: gloo rejects uneven ``all_gather`` lists, and the padded form is the one
 implementation that runs, and is tested, everywhere.
+
+Also: ``start_all_to_all`` (an asynchronous flat all-to-all, ``Pending.wait()`` for its output) and
+``dedicated_group`` (a communicator of a group's ranks for one kind of traffic), which replica
+weights and gradients use.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 # torch 2.13 renamed the flat collectives (the old names still work but warn); older torch has only the old.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -113,3 +120,68 @@ def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
     _all_gather_flat(out, x.contiguous(), group=group)
     return out.view((world,) + tuple(x.shape))
+
+
+# --- asynchronous transfers on a group of their own ---------------------------------------------
+
+
+class Pending:
+    """An asynchronous collective in flight: ``wait()`` returns its output.
+
+    Keeps its input and output alive until then. On NCCL, c10d runs the collective on its own
+    stream after the issuing stream's earlier work and ``wait()`` makes the calling stream wait for
+    it (the host is not blocked); on gloo ``wait()`` blocks until the data is there. Either way the
+    caller's code is the same.
+    """
+
+    def __init__(self, work, output: torch.Tensor, keep: torch.Tensor):
+        self._work = work
+        self._output = output
+        self._keep = keep
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work, self._keep = None, None
+        return self._output
+
+
+def start_all_to_all(x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int], group) -> Pending:
+    """``all_to_all`` of a flat ``x`` [sum(input_splits)] without waiting (no autograd)."""
+    out = x.new_empty(sum(output_splits))
+    work = dist.all_to_all_single(
+        out, x.contiguous(), [int(s) for s in output_splits], [int(s) for s in input_splits], group=group, async_op=True
+    )
+    return Pending(work, out, x)
+
+
+_DEDICATED: dict[tuple[str, object], object] = {}
+
+
+def dedicated_group(group, purpose: str):
+    """A communicator of ``group``'s ranks for ``purpose`` alone, created once per (purpose, group).
+
+    Traffic on it does not queue behind ``group``'s own collectives (on NCCL: its own stream), so
+    e.g. replica weights can move while tokens are exchanged. Only ``group``'s ranks create it
+    (``use_local_synchronization``); they must reach their first use for a purpose in the same
+    order, which holds when they run the same layers. Where the default process group is bound to
+    a device (``init_process_group(device_id=...)``), torch would create the group by splitting the
+    world's communicator, which every rank must join; ``group`` itself is used then (logged).
+    """
+    key = (purpose, group)
+    if key not in _DEDICATED:
+        if getattr(dist.group.WORLD, "bound_device_id", None) is not None:
+            logger.warning(
+                "MicroEP %s: the default process group is bound to a device, so a group of the EP ranks alone "
+                "cannot be created; this traffic shares the EP group with the token all-to-alls",
+                purpose,
+            )
+            _DEDICATED[key] = group
+        else:
+            _DEDICATED[key] = dist.new_group(
+                dist.get_process_group_ranks(group),
+                backend=dist.get_backend(group),
+                use_local_synchronization=True,
+                group_desc=f"MICROEP_{purpose.upper()}",
+            )
+    return _DEDICATED[key]

@@ -4,10 +4,10 @@ Every EP rank stores a 1/G shard of every expert of a layer in one contiguous bu
 (``ShardSpec``); gradients and optimizer state live on the same shards. A layout (a placement
 with C slots per rank, any expert anywhere, at most one copy of an expert per rank) says which
 full experts each rank runs in a micro-batch. Before the expert GEMM, one all-to-all of shards
-builds this rank's C experts (``ShardExchange.gather``); after the backward GEMMs, the reverse
-all-to-all sends each copy's gradient back as shards and every rank sums, per expert, the
-contributions of all copies in a fixed order (source rank ascending). A new layout changes only
-which shards are sent where: no parameter, gradient or optimizer state moves.
+builds this rank's C experts (``ShardExchange.start_gather``); after the backward GEMMs, the reverse
+all-to-all sends each copy's gradient back as shards, and every rank adds, per expert, the
+contributions of all copies in a fixed order (source rank ascending) to the shard's gradient. A
+new layout changes only which shards are sent where: no parameter, gradient or optimizer state moves.
 
 Cut. Each expert tensor is cut along its first dimension into G row blocks, shard r holding block
 r; a gated fc1 (weight and bias) is cut per half (gate rows, then linear rows), so shard r holds
@@ -22,14 +22,24 @@ Memory policies (``MEMORY_POLICIES``), per layer and micro-batch:
   gathers, one gradient return, one extra expert forward, and at most one layer's experts alive
   (plus one prefetched).
 
-Gathers may be started early (``ShardExchange.start_gather``, an asynchronous all-to-all where the
-backend runs one: NCCL on its stream, gloo on its worker thread) so the next layer's gather overlaps
-the current layer's compute. ``TrafficCounter`` counts every byte this rank sends and receives, and
-``GatheredMemory`` the bytes of gathered experts alive, with their peak.
+Communication and streams. Gathers and gradient returns run on their own process group over the EP
+ranks (``shard_group``), so that on NCCL they do not queue behind the token all-to-alls on the EP
+communicator. A gather is issued from a side stream (``side_streams``: a CUDA stream with events
+and ``record_stream`` for the buffers that cross streams; on CPU every stream operation is a no-op
+and the same code runs in issue order), so a prefetched gather overlaps the compute queued before
+it. The gradient return is started asynchronously by the experts' backward and finished (added
+into the fp32 ``main_grad``) by the backward of ``attach_shard_gradients``, which the layer applies
+to its tokens before the token dispatch: the return overlaps the dispatch's backward all-to-all.
+
+Host synchronisation. A ``ShardExchange`` copies its index tensors to the device once, when it is
+built for a layout (in a forward); the gather, the return and both backward passes read no device
+value on the host and copy nothing from host to device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +50,8 @@ import torch.distributed as dist
 
 from megatron_microep.planning.placement import Placement, PlacementError
 from megatron_microep.runtime.layout import PhysicalLayout
+
+logger = logging.getLogger(__name__)
 
 MEMORY_POLICIES = ("keep", "regather")
 
@@ -116,6 +128,36 @@ class ShardSpec:
                 out.append((i, p, shard[start : start + per_part].view((self.block_rows(i),) + tuple(shape[1:]))))
         return out
 
+    def _rank_major_view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
+        """Tensor ``i``'s pieces of ``buffer`` [G, C, S] as a view [G, C, parts, b, *rest]."""
+        G, C = buffer.shape[:2]
+        piece = buffer.narrow(2, self.piece_offset[i], self.piece_numel[i])
+        return piece.view((G, C, self.parts[i], self.block_rows(i)) + tuple(self.shapes[i][1:]))
+
+    def from_rank_major(self, received: torch.Tensor) -> list[torch.Tensor]:
+        """C full experts [C, *shape_i] from their shards as a gather receives them, ``received`` [G, C, S]
+        (source rank major): one copy per tensor."""
+        C = received.shape[1]
+        out = []
+        for i, shape in enumerate(self.shapes):
+            blocked = self._rank_major_view(received, i)  # [G, C, parts, b, *rest]
+            order = (1, 2, 0, 3) + tuple(range(4, blocked.dim()))  # -> [C, parts, G, b, *rest]
+            out.append(blocked.permute(order).reshape((C,) + tuple(shape)))
+        return out
+
+    def into_rank_major(self, tensors: Sequence[torch.Tensor | None], out: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``from_rank_major``: write C experts' tensors [C, *shape_i] (None: zeros) into
+        ``out`` [G, C, S] (destination rank major) and return it."""
+        G, C = out.shape[:2]
+        for i, t in enumerate(tensors):
+            dst = self._rank_major_view(out, i)
+            if t is None:
+                dst.zero_()
+                continue
+            blocked = t.reshape((C, self.parts[i], G, self.block_rows(i)) + tuple(self.shapes[i][1:]))
+            dst.copy_(blocked.permute((2, 0, 1, 3) + tuple(range(4, blocked.dim()))))
+        return out
+
 
 def fsep_layout(placement: Placement, slots_per_rank: int) -> PhysicalLayout:
     """The physical layout of an FSEP placement: rank g runs its copies in local slots ordered by expert.
@@ -160,31 +202,106 @@ def initial_fsep_placement(num_experts: int, num_ranks: int, slots_per_rank: int
     return Placement.from_lists(copies, G)
 
 
-@dataclass
-class TrafficCounter:
-    """Bytes this rank sent to and received from other ranks (its own shards are not counted)."""
+# --- streams -----------------------------------------------------------------------------------
+class HostOrder:
+    """Side-stream operations on a device that runs work in issue order (the CPU): all no-ops."""
 
-    gathers: int = 0
-    gather_sent: int = 0
-    gather_received: int = 0
-    grad_returns: int = 0
-    grad_sent: int = 0
-    grad_received: int = 0
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
 
-    def total_sent(self) -> int:
-        return self.gather_sent + self.grad_sent
+    def side(self):
+        return contextlib.nullcontext()
 
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def side_waits_for_current(self) -> None:
+        pass
+
+    def keep_for_current(self, *tensors: torch.Tensor) -> None:
+        pass
 
 
+class CudaSideStream:
+    """A CUDA side stream for FSEP's gathers.
+
+    ``side_waits_for_current``: the side stream waits (an event) for the work queued so far on the
+    current stream, e.g. the optimizer's update of the shards. ``keep_for_current``: tensors
+    allocated on the side stream that the current stream uses are recorded on it, so the caching
+    allocator does not hand their memory to the side stream again before the current stream is done.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def side(self):
+        return torch.cuda.stream(self.stream)
+
+    def side_waits_for_current(self) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(event)
+
+    def keep_for_current(self, *tensors: torch.Tensor) -> None:
+        current = torch.cuda.current_stream(self.device)
+        for tensor in tensors:
+            tensor.record_stream(current)
+
+
+SIDE_STREAM_TYPES = {"cuda": CudaSideStream}  # device type -> side stream; others run in issue order
+_SIDE_STREAMS: dict[torch.device, HostOrder | CudaSideStream] = {}
+
+
+def side_streams(device: torch.device) -> HostOrder | CudaSideStream:
+    """The side stream of ``device`` (one per device, created on first use)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = SIDE_STREAM_TYPES.get(device.type, HostOrder)(device)
+    return _SIDE_STREAMS[device]
+
+
+# --- process group -----------------------------------------------------------------------------
+_SHARD_GROUPS: dict[object, object] = {}
+
+
+def shard_group(ep_group):
+    """The process group FSEP's gathers and gradient returns use: the ranks of ``ep_group`` in a
+    communicator of their own, created once per EP group on first use.
+
+    Only the EP group's ranks take part in creating it (``use_local_synchronization``), and they
+    reach their first FSEP use at the same point (they hold the same layers), so no rank outside
+    the group has to call anything. Where torch would create it by splitting an eagerly
+    initialised default NCCL communicator (``init_process_group(device_id=...)``), which every rank
+    of the world must join, FSEP uses the EP group itself and says so: gathers then queue behind
+    the token all-to-alls."""
+    if ep_group not in _SHARD_GROUPS:
+        if getattr(dist.group.WORLD, "bound_device_id", None) is not None:
+            logger.warning(
+                "FSEP: the default process group is bound to a device, so a group of the EP ranks alone "
+                "cannot be created; shard gathers use the EP group and queue behind the token all-to-alls"
+            )
+            _SHARD_GROUPS[ep_group] = ep_group
+        else:
+            _SHARD_GROUPS[ep_group] = dist.new_group(
+                dist.get_process_group_ranks(ep_group),
+                backend=dist.get_backend(ep_group),
+                use_local_synchronization=True,
+                group_desc="MICROEP_FSEP_SHARDS",
+            )
+    return _SHARD_GROUPS[ep_group]
+
+
+def communicates_on(group, device: torch.device) -> bool:
+    """Whether ``group``'s backend runs collectives on tensors of ``device``'s type."""
+    config = str(dist.get_backend_config(group))  # e.g. "cpu:gloo,cuda:nccl"
+    return device.type in {entry.split(":")[0] for entry in config.split(",")}
+
+
+# --- gathered memory ---------------------------------------------------------------------------
 @dataclass
 class GatheredMemory:
     """Bytes of gathered experts alive in this process, and the peak since ``reset_peak``.
 
-    Tracks storages (the receive buffer from the start of a gather, the received shards in slot
-    order, the assembled expert tensors) until torch frees them,
-    whoever holds the last reference (a view, autograd's saved tensors): a measurement, not a model.
+    Tracks storages (the receive buffer from the start of a gather, the assembled expert tensors)
+    until torch frees them, whoever holds the last reference (a view, autograd's saved tensors):
+    a measurement, not a model.
     """
 
     live: int = 0
@@ -206,31 +323,46 @@ class GatheredMemory:
         self.peak = self.live
 
 
+# --- exchange ----------------------------------------------------------------------------------
 class PendingGather:
-    """A started gather: ``wait()`` returns this rank's experts as shards [C, G, S]."""
+    """A started gather; ``wait()`` (once) returns this rank's copies as shards [G, C, S], source rank major."""
 
-    def __init__(self, recv: torch.Tensor, work, count: int, spec: ShardSpec, memory: GatheredMemory | None):
-        self._recv, self._work, self._count, self._spec, self._memory = recv, work, count, spec, memory
+    def __init__(self, send, recv, work, shape: tuple[int, int, int], streams):
+        self._send, self._recv, self._work, self._shape, self._streams = send, recv, work, shape, streams
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        G, S = self._spec.num_ranks, self._spec.shard_numel
-        # Received (source rank, slot) -> (slot, source rank): shard r of each copy in rank order.
-        gathered = self._recv.view(G, self._count, S).transpose(0, 1).contiguous()
-        self._recv = None
-        return gathered if self._memory is None else self._memory.track(gathered)
+        if self._recv is None:
+            raise RuntimeError("FSEP: a gather was waited for twice")
+        self._work.wait()  # on CUDA: the current stream waits for the collective
+        self._streams.keep_for_current(self._send, self._recv)
+        recv, self._send, self._recv, self._work = self._recv, None, None, None
+        return recv.view(self._shape)
+
+
+class PendingReturn:
+    """A started gradient return; ``wait()`` (once) returns the received rows [K, S] (source rank major)."""
+
+    def __init__(self, send, recv, work):
+        self._send, self._recv, self._work = send, recv, work
+
+    def wait(self) -> torch.Tensor:
+        if self._recv is None:
+            raise RuntimeError("FSEP: a gradient return was waited for twice")
+        self._work.wait()
+        recv, self._send, self._recv, self._work = self._recv, None, None, None
+        return recv
 
 
 class ShardExchange:
     """Who sends which shard where for one layout, seen from one EP rank.
 
-    ``layout``: an ``fsep_layout``. Gather: rank r sends, to every rank g in order, its shard of each
-    expert in g's local slots (slot order); it receives shard g of each of its own copies from every
-    rank g. Gradient return is the reverse all-to-all; the copies of one expert sit on distinct
-    ranks, so summing "the k-th returned copy of every expert" for k = 0, 1, ... adds each expert's
-    contributions in ascending source-rank order with no two updates of one row at once.
+    ``layout``: an ``fsep_layout``; ``group``: ``shard_group`` of the EP group (rank r of it is EP
+    rank r); ``device``: where the shards live. Gather: rank r sends, to every rank g in order, its
+    shard of each expert in g's local slots (slot order); it receives shard g of each of its own
+    copies from every rank g. Gradient return is the reverse all-to-all; the copies of one expert
+    sit on distinct ranks, so adding the rows received from source rank g = 0, 1, ... in turn adds
+    each expert's contributions in ascending source-rank order with no two updates of one row at
+    once. The index tensors go to the device here, once per layout.
     """
 
     def __init__(
@@ -239,169 +371,206 @@ class ShardExchange:
         ep_rank: int,
         group,
         spec: ShardSpec,
-        traffic: TrafficCounter | None = None,
+        device: torch.device,
+        streams: HostOrder | CudaSideStream | None = None,
         memory: GatheredMemory | None = None,
     ):
         G = layout.num_ranks
         if spec.num_ranks != G:
             raise ValueError(f"shard spec cuts experts into {spec.num_ranks} shards, the layout has {G} ranks")
         self.layout, self.ep_rank, self.group, self.spec = layout, ep_rank, group, spec
-        self.traffic = traffic if traffic is not None else TrafficCounter()
+        self.streams = streams if streams is not None else side_streams(device)
         self.memory = memory
         slots = layout.local_slot  # [G, C]
         present = slots >= 0
         experts = np.where(present, layout.slot_expert[np.maximum(slots, 0)], -1)
         self.counts = present.sum(axis=1).astype(np.int64)  # copies per rank
         self.send_experts = experts[present]  # [K]: (destination rank, slot) order
-        self.my_experts = experts[ep_rank][present[ep_rank]]  # [C_me]
-        self._send_index = torch.from_numpy(self.send_experts)
-        # Rounds of the gradient sum: rows of the k-th occurrence of each expert in send order.
-        occurrence = np.zeros(self.send_experts.size, dtype=np.int64)
-        seen: dict[int, int] = {}
-        for row, e in enumerate(self.send_experts.tolist()):
-            occurrence[row] = seen.get(e, 0)
-            seen[e] = occurrence[row] + 1
-        self._rounds = [
-            (torch.from_numpy(self.send_experts[occurrence == k]), torch.from_numpy(np.flatnonzero(occurrence == k)))
-            for k in range(int(occurrence.max(initial=-1)) + 1)
-        ]
+        self.my_experts = experts[ep_rank][present[ep_rank]]  # [C]
+        self._bounds = np.concatenate(([0], np.cumsum(self.counts))).tolist()  # rows per rank in send order
+        S, C = spec.shard_numel, int(self.counts[ep_rank])
+        self._by_rank = (self.counts * S).tolist()  # elements to (gather) / from (return) each rank
+        self._mine = [C * S] * G
+        self._send_index = torch.as_tensor(self.send_experts, device=device)  # the one host-to-device copy
 
     @property
     def num_local(self) -> int:
         return int(self.counts[self.ep_rank])
 
-    def bytes_per_gather(self, element_size: int) -> tuple[int, int]:
-        """(sent, received) bytes of one gather from this rank's point of view (own shards excluded)."""
-        S, me = self.spec.shard_numel, self.ep_rank
-        sent = int(self.counts.sum() - self.counts[me]) * S * element_size
-        received = int(self.counts[me]) * (self.spec.num_ranks - 1) * S * element_size
-        return sent, received
-
     def start_gather(self, shards: torch.Tensor) -> PendingGather:
-        """Start the all-to-all building this rank's copies from ``shards`` [E, S] (no autograd)."""
-        S, G = self.spec.shard_numel, self.spec.num_ranks
-        with torch.no_grad():
-            send = shards.detach().index_select(0, self._send_index.to(shards.device))
-            recv = shards.new_empty(G * self.num_local * S)
+        """Start the all-to-all building this rank's copies from ``shards`` [E, S] (no autograd),
+        from the side stream, after the work queued so far on the current stream."""
+        G, C, S = self.spec.num_ranks, self.num_local, self.spec.shard_numel
+        self.streams.side_waits_for_current()
+        with torch.no_grad(), self.streams.side():
+            send = shards.detach().index_select(0, self._send_index)
+            recv = shards.new_empty(G * C * S)
             if self.memory is not None:
                 self.memory.track(recv)
             work = dist.all_to_all_single(
-                recv,
-                send.reshape(-1),
-                [self.num_local * S] * G,
-                (self.counts * S).tolist(),
-                group=self.group,
-                async_op=True,
+                recv, send.view(-1), self._mine, self._by_rank, group=self.group, async_op=True
             )
-        sent, received = self.bytes_per_gather(shards.element_size())
-        self.traffic.gathers += 1
-        self.traffic.gather_sent += sent
-        self.traffic.gather_received += received
-        return PendingGather(recv, work, self.num_local, self.spec, self.memory)
+        return PendingGather(send, recv, work, (G, C, S), self.streams)
 
-    def gather(self, shards: torch.Tensor) -> torch.Tensor:
-        return self.start_gather(shards).wait()
-
-    def assemble(self, gathered: torch.Tensor) -> list[torch.Tensor]:
-        """This rank's copies as expert tensors [C, *shape_i] from their shards [C, G, S] (differentiable)."""
-        tensors = self.spec.from_shards(gathered)
+    def assemble(self, received: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's copies as expert tensors [C, *shape_i] from a gather's ``received`` [G, C, S]."""
+        tensors = self.spec.from_rank_major(received)
         return tensors if self.memory is None else [self.memory.track(t) for t in tensors]
 
-    def return_grads(self, grad: torch.Tensor, accumulate_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Gradient of every local shard [E, S] from this rank's copies' gradient ``grad`` [C, G, S]: sent
-        back as shards (in ``grad``'s dtype), summed per expert in source-rank order in
-        ``accumulate_dtype`` (default: fp32, or ``grad``'s dtype if wider)."""
-        accumulate_dtype = accumulate_dtype or torch.promote_types(grad.dtype, torch.float32)
-        S, G = self.spec.shard_numel, self.spec.num_ranks
-        E = self.layout.placement.num_experts
+    def start_return(self, grads: Sequence[torch.Tensor | None], dtype: torch.dtype) -> PendingReturn:
+        """Start sending the copies' gradients ``grads`` ([C, *shape_i] each, None: zero) back as
+        shards in ``dtype`` (the copies' dtype); asynchronous, from the current stream."""
+        G, C, S = self.spec.num_ranks, self.num_local, self.spec.shard_numel
+        device = self._send_index.device
         with torch.no_grad():
-            send = grad.detach().transpose(0, 1).contiguous()  # [G, C, S]: shard r of each copy goes to rank r
-            recv = grad.new_empty(int(self.counts.sum()) * S)
-            dist.all_to_all_single(
-                recv, send.reshape(-1), (self.counts * S).tolist(), [self.num_local * S] * G, group=self.group
+            send = self.spec.into_rank_major(grads, torch.empty((G, C, S), dtype=dtype, device=device))
+            recv = torch.empty((int(self.counts.sum()), S), dtype=dtype, device=device)
+            work = dist.all_to_all_single(
+                recv.view(-1), send.view(-1), self._by_rank, self._mine, group=self.group, async_op=True
             )
-            rows = recv.view(-1, S).to(accumulate_dtype)
-            total = rows.new_zeros(E, S)
-            for experts, index in self._rounds:
-                total.index_add_(0, experts.to(total.device), rows.index_select(0, index.to(rows.device)))
-        # Sent: my copies' shards for other ranks; received: other ranks' copies of my shards.
-        self.traffic.grad_returns += 1
-        self.traffic.grad_sent += int(self.counts[self.ep_rank]) * (G - 1) * S * grad.element_size()
-        self.traffic.grad_received += int(self.counts.sum() - self.counts[self.ep_rank]) * S * grad.element_size()
-        return total
+        return PendingReturn(send, recv, work)
+
+    def finish_return(self, pending: PendingReturn, shards: torch.Tensor) -> torch.Tensor:
+        """Wait for ``pending`` and add the received rows to the shards' gradient.
+
+        Under Megatron's DDP (``main_grad`` present), add them to ``main_grad`` directly, in its dtype
+        (fp32), one source rank's rows at a time (at most C rows converted at once), and return the
+        placeholder DDP's hook skips (``grad_added_to_main_grad``), as Megatron's fused
+        weight-gradient path does. Otherwise return the summed gradient (accumulated in fp32, or in
+        the rows' dtype if wider)."""
+        rows = pending.wait()
+        main = getattr(shards, "main_grad", None)
+        with torch.no_grad():
+            if main is not None and hasattr(shards, "grad_added_to_main_grad"):
+                self._accumulate(rows, main.view(shards.shape))
+                del rows
+                shards.grad_added_to_main_grad = True
+                return (
+                    torch.zeros_like(shards) if getattr(shards, "zero_out_wgrad", False) else torch.empty_like(shards)
+                )
+            total = torch.zeros(shards.shape, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
+            self._accumulate(rows, total)
+            return total.to(shards.dtype)
+
+    def _accumulate(self, rows: torch.Tensor, into: torch.Tensor) -> None:
+        bounds = self._bounds
+        for g in range(self.spec.num_ranks):
+            a, b = bounds[g], bounds[g + 1]
+            if a < b:  # rows of source rank g: my shard of each of its copies, one per expert
+                into.index_add_(0, self._send_index[a:b], rows[a:b].to(into.dtype))
 
 
-def reference_gather(all_shards: torch.Tensor, layout: PhysicalLayout, rank: int) -> torch.Tensor:
-    """Slow exact reference of ``ShardExchange.gather``: rank's copies [C, G, S] from every rank's
-    shards ``all_shards`` [G, E, S] (indexing only, no collective)."""
-    slots = layout.local_slot[rank]
-    experts = [int(layout.slot_expert[s]) for s in slots if s >= 0]
-    return torch.stack([all_shards[:, e, :] for e in experts])
+def fsep_buffer_bytes(layout: PhysicalLayout, rank: int, spec: ShardSpec, element_size: int, main_grad_size: int = 4):
+    """Bytes of every buffer FSEP allocates for one layer and micro-batch on ``rank`` (``ShardExchange``
+    and the autograd functions below), and the peaks they make; ``element_size``: the shards' dtype,
+    ``main_grad_size``: DDP's main gradient dtype. Shard bytes X/G per expert of X bytes; K = copies
+    in the layout, C = this rank's.
 
-
-def reference_return(all_grads: Sequence[torch.Tensor], layout: PhysicalLayout, num_experts: int) -> torch.Tensor:
-    """Slow exact reference of ``ShardExchange.return_grads`` on every rank at once: [G, E, S] in
-    float64 from each rank's copy gradients ``all_grads[g]`` [C_g, G, S]."""
-    G = layout.num_ranks
-    S = all_grads[0].shape[-1]
-    out = torch.zeros(G, num_experts, S, dtype=torch.float64)
-    for g in range(G):
-        experts = [int(layout.slot_expert[s]) for s in layout.local_slot[g] if s >= 0]
-        for j, e in enumerate(experts):
-            for r in range(G):
-                out[r, e] += all_grads[g][j, r].double()
+    - ``gather_send`` K shards, ``gather_recv`` C*G shards (= C experts), ``copies`` C experts;
+    - ``return_send`` C experts, ``return_recv`` K shards, ``return_chunk`` the rows of one source
+      rank converted to the main gradient's dtype (none when the dtypes agree), ``dummy_grad`` the
+      placeholder gradient [E, S] handed to autograd (Megatron's convention, freed by DDP's hook);
+    - ``forward_peak``: the larger of send + receive during the all-to-all and receive + copies while
+      assembling; ``kept``: copies alive until the backward (``keep``; 0 under ``regather``);
+    - ``backward_peak`` (``keep``): send + receive of the return, receive + one converted chunk, the
+      placeholder; under ``regather`` the backward first gathers again (``forward_peak``).
+    The copies' weight gradients from the expert GEMMs' backward (C experts) are the experts' own.
+    """
+    S, G = spec.shard_numel, spec.num_ranks
+    present = layout.local_slot >= 0
+    counts = present.sum(axis=1)
+    K, C, E = int(counts.sum()), int(counts[rank]), layout.placement.num_experts
+    shard = S * element_size
+    out = {
+        "gather_send": K * shard,
+        "gather_recv": C * G * shard,
+        "copies": C * G * shard,
+        "return_send": C * G * shard,
+        "return_recv": K * shard,
+        "return_chunk": 0 if element_size == main_grad_size else int(counts.max()) * S * main_grad_size,
+        "dummy_grad": E * shard,
+    }
+    out["forward_peak"] = max(out["gather_send"] + out["gather_recv"], out["gather_recv"] + out["copies"])
+    out["backward_peak"] = max(
+        out["return_send"] + out["return_recv"], out["return_recv"] + out["return_chunk"], out["dummy_grad"]
+    )
     return out
 
 
-def _fused_shard_grad(shards: torch.Tensor, total: torch.Tensor) -> torch.Tensor | None:
-    """Hand ``total`` (fp32 [E, S]) to the shards' gradient.
+# --- autograd ----------------------------------------------------------------------------------
+class ShardGradients:
+    """One layer's micro-batch: the gradient return the experts' backward starts and the backward of
+    ``attach_shard_gradients`` finishes."""
 
-    Under Megatron's DDP (``main_grad`` buffer present), add it to the fp32 main gradient directly
-    and return a placeholder that DDP's hook skips (``grad_added_to_main_grad``), as Megatron's own
-    fused weight-gradient path does: no rounding to the parameter dtype on the way. Otherwise return
-    it as the parameter's gradient.
-    """
-    if getattr(shards, "main_grad", None) is not None and hasattr(shards, "grad_added_to_main_grad"):
-        shards.main_grad.add_(total.view_as(shards.main_grad))
-        shards.grad_added_to_main_grad = True
-        return torch.empty_like(shards)
-    return total.to(shards.dtype).view_as(shards)
+    def __init__(self) -> None:
+        self.attached = False
+        self.exchange: ShardExchange | None = None
+        self.pending: PendingReturn | None = None
+
+    def start(self, exchange: ShardExchange, pending: PendingReturn) -> None:
+        if not self.attached:
+            raise RuntimeError("FSEP: the experts' gradients were returned but no attach_shard_gradients will add them")
+        self.exchange, self.pending = exchange, pending
+
+
+class _FinishReturn(torch.autograd.Function):
+    """tokens, shards -> tokens; backward: the shards' gradient from the return started by the
+    experts' backward (which runs first: these tokens reach the experts only through the dispatch)."""
+
+    @staticmethod
+    def forward(ctx, tokens, shards, grads: ShardGradients):
+        ctx.shards, ctx.grads = shards, grads
+        return tokens.view_as(tokens)
+
+    @staticmethod
+    def backward(ctx, grad_tokens):
+        grads = ctx.grads
+        if grads.pending is None:
+            raise RuntimeError("FSEP: the experts' backward did not start the gradient return")
+        grad_shards = grads.exchange.finish_return(grads.pending, ctx.shards)
+        grads.pending = None
+        return grad_tokens, grad_shards, None
+
+
+def attach_shard_gradients(tokens: torch.Tensor, shards: torch.Tensor, grads: ShardGradients) -> torch.Tensor:
+    """``tokens`` (before the token dispatch), through a node whose backward adds the shards'
+    gradient returned for ``grads``: after the dispatch's backward, so the return overlaps it."""
+    grads.attached = torch.is_grad_enabled() and shards.requires_grad
+    return _FinishReturn.apply(tokens, shards, grads)
+
+
+def _grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return grad if grad is not None else torch.zeros_like(like)
 
 
 class _GatherKeep(torch.autograd.Function):
-    """tokens, shards -> (tokens, this rank's copies [C, G, S]); backward returns the copies' gradients.
+    """tokens -> (tokens, this rank's copies [C, *shape_i]); backward starts the copies' gradient return.
 
     The tokens pass through so that this node's backward (a collective) runs at the same point of
     every rank's backward: after the expert GEMMs' backward, before the token all-to-all's.
     """
 
     @staticmethod
-    def forward(ctx, tokens, shards, exchange: ShardExchange, pending: PendingGather | None):
-        ctx.exchange = exchange
-        ctx.shards = shards
-        gathered = pending.wait() if pending is not None else exchange.gather(shards)
-        return tokens.view_as(tokens), gathered
+    def forward(ctx, tokens, exchange: ShardExchange, pending: PendingGather, grads: ShardGradients):
+        ctx.exchange, ctx.grads = exchange, grads
+        copies = exchange.assemble(pending.wait())
+        ctx.dtype = copies[0].dtype
+        return (tokens.view_as(tokens), *copies)
 
     @staticmethod
-    def backward(ctx, grad_tokens, grad_gathered):
-        if grad_gathered is None:  # no expert output reached the loss; still a collective on every rank
-            grad_gathered = torch.zeros(
-                (ctx.exchange.num_local, ctx.exchange.spec.num_ranks, ctx.exchange.spec.shard_numel),
-                dtype=ctx.shards.dtype,
-                device=ctx.shards.device,
-            )
-        total = ctx.exchange.return_grads(grad_gathered)
-        return grad_tokens, _fused_shard_grad(ctx.shards, total), None, None
+    def backward(ctx, grad_tokens, *grad_copies):
+        ctx.grads.start(ctx.exchange, ctx.exchange.start_return(grad_copies, ctx.dtype))
+        return grad_tokens, None, None, None
 
 
 ExpertsRun = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
 class _GatherRegather(torch.autograd.Function):
-    """tokens, probs, shards -> expert output; nothing of the experts kept for the backward.
+    """tokens, probs -> expert output; nothing of the experts kept for the backward.
 
     Backward: gather again (or take a prefetched gather), recompute the expert forward with
-    gradients, back-propagate ``grad_out`` through it, return the copies' gradients as shards.
+    gradients, back-propagate ``grad_out`` through it, start the copies' gradient return.
     """
 
     @staticmethod
@@ -411,33 +580,32 @@ class _GatherRegather(torch.autograd.Function):
         probs,
         shards,
         exchange: ShardExchange,
-        pending: PendingGather | None,
+        pending: PendingGather,
         run: ExpertsRun,
         regather: Callable[[], PendingGather | None],
+        grads: ShardGradients,
     ):
-        ctx.exchange, ctx.shards, ctx.run, ctx.regather = exchange, shards, run, regather
+        ctx.exchange, ctx.shards, ctx.run, ctx.regather, ctx.grads = exchange, shards, run, regather, grads
         ctx.save_for_backward(tokens, probs)
-        gathered = pending.wait() if pending is not None else exchange.gather(shards)
         with torch.no_grad():
-            return run(tokens, probs, exchange.assemble(gathered))
+            return run(tokens, probs, exchange.assemble(pending.wait()))
 
     @staticmethod
     def backward(ctx, grad_out):
         tokens, probs = ctx.saved_tensors
-        pending = ctx.regather()
-        gathered = pending.wait() if pending is not None else ctx.exchange.gather(ctx.shards)
+        pending = ctx.regather() or ctx.exchange.start_gather(ctx.shards)
         with torch.enable_grad():
             x = tokens.detach().requires_grad_(tokens.requires_grad)
             p = probs.detach().requires_grad_(probs.requires_grad)
-            weights = gathered.requires_grad_(True)
-            out = ctx.run(x, p, ctx.exchange.assemble(weights))
-            inputs = [t for t in (x, p, weights) if t.requires_grad]
-            grads = dict(zip(map(id, inputs), torch.autograd.grad(out, inputs, grad_out, allow_unused=True)))
-        grad_weights = grads.get(id(weights))
-        if grad_weights is None:
-            grad_weights = torch.zeros_like(weights)
-        total = ctx.exchange.return_grads(grad_weights)
-        return (grads.get(id(x)), grads.get(id(p)), _fused_shard_grad(ctx.shards, total), None, None, None, None)
+            copies = [t.requires_grad_(True) for t in ctx.exchange.assemble(pending.wait())]
+            out = ctx.run(x, p, copies)
+            inputs = [t for t in (x, p, *copies) if t.requires_grad]
+            by_id = dict(zip(map(id, inputs), torch.autograd.grad(out, inputs, grad_out, allow_unused=True)))
+        grad_copies, dtype = [by_id.get(id(c)) for c in copies], copies[0].dtype
+        del out, copies, inputs  # free the recomputed experts before the return's buffers
+        ctx.grads.start(ctx.exchange, ctx.exchange.start_return(grad_copies, dtype))
+        grad_x = _grad_or_zeros(by_id.get(id(x)), x) if tokens.requires_grad else None
+        return grad_x, by_id.get(id(p)), None, None, None, None, None, None
 
 
 def run_sharded_experts(
@@ -447,35 +615,42 @@ def run_sharded_experts(
     shards: torch.Tensor,
     exchange: ShardExchange,
     run: ExpertsRun,
+    grads: ShardGradients,
     pending: PendingGather | None = None,
     regather: Callable[[], PendingGather | None] = lambda: None,
 ) -> torch.Tensor:
     """Expert output [N, H] of this rank's copies under memory ``policy`` (``MEMORY_POLICIES``).
 
     ``run(tokens, probs, tensors)`` computes the experts from the copies' tensors (each
-    [C, *shape_i], ``ShardSpec`` order); ``pending``: this layer's gather if already started;
-    ``regather()``: under ``regather``, a started gather for the backward, or None to gather there.
-    Call on every rank of the EP group (it runs collectives in forward and backward).
+    [C, *shape_i], ``ShardSpec`` order); ``grads``: the ``ShardGradients`` that
+    ``attach_shard_gradients`` put on these tokens before their dispatch (the shards' gradient
+    arrives there); ``pending``: this layer's gather if already started; ``regather()``: under
+    ``regather``, a started gather for the backward, or None to gather there. Call on every rank of
+    the EP group (it runs collectives in forward and backward).
     """
+    if policy not in MEMORY_POLICIES:
+        raise ValueError(f"unknown FSEP memory policy {policy!r}; choose from {', '.join(MEMORY_POLICIES)}")
+    if torch.is_grad_enabled() and shards.requires_grad and not grads.attached:
+        raise RuntimeError("FSEP: attach_shard_gradients was not applied to these tokens before their dispatch")
+    pending = pending if pending is not None else exchange.start_gather(shards)
     if policy == "keep":
-        tokens, gathered = _GatherKeep.apply(tokens, shards, exchange, pending)
-        return run(tokens, probs, exchange.assemble(gathered))
-    if policy == "regather":
-        return _GatherRegather.apply(tokens, probs, shards, exchange, pending, run, regather)
-    raise ValueError(f"unknown FSEP memory policy {policy!r}; choose from {', '.join(MEMORY_POLICIES)}")
+        tokens, *copies = _GatherKeep.apply(tokens, exchange, pending, grads)
+        return run(tokens, probs, copies)
+    return _GatherRegather.apply(tokens, probs, shards.detach(), exchange, pending, run, regather, grads)
 
 
-def shards_from_experts(local: Sequence[Sequence[torch.Tensor]], spec: ShardSpec, ep_rank: int, group) -> torch.Tensor:
+# --- building and inspecting shards ------------------------------------------------------------
+def shards_from_experts(stacked: Sequence[torch.Tensor], spec: ShardSpec, group) -> torch.Tensor:
     """Every rank's shard buffer [E, S] from the full experts each rank holds under Megatron's
-    contiguous EP layout (``local[i]``: tensors of global expert ``ep_rank * n + i``): one all-to-all."""
+    contiguous EP layout (``stacked[i]``: tensor i of this rank's n experts, [n, *shape_i], global
+    experts ``rank * n ..``): one all-to-all over ``group`` (its rank r is EP rank r)."""
     G, S = spec.num_ranks, spec.shard_numel
-    n = len(local)
+    n = stacked[0].shape[0]
     with torch.no_grad():
-        stacked = [torch.stack([expert[i].detach() for expert in local]) for i in range(len(spec.shapes))]
-        pieces = spec.to_shards(stacked)  # [n, G, S]
+        pieces = spec.to_shards([t.detach() for t in stacked])  # [n, G, S]
         send = pieces.transpose(0, 1).contiguous()  # [G, n, S]: shard g of my experts goes to rank g
         recv = send.new_empty(G * n * S)
-        dist.all_to_all_single(recv, send.reshape(-1), [n * S] * G, [n * S] * G, group=group)
+        dist.all_to_all_single(recv, send.view(-1), [n * S] * G, [n * S] * G, group=group)
     return recv.view(G * n, S)
 
 
@@ -487,3 +662,25 @@ def experts_from_shards(shards: torch.Tensor, spec: ShardSpec, group) -> list[to
         everyone = [torch.empty_like(shards) for _ in range(G)]
         dist.all_gather(everyone, shards.detach().contiguous(), group=group)
         return spec.from_shards(torch.stack(everyone, dim=1))  # [E, G, S]
+
+
+def reference_gather(all_shards: torch.Tensor, layout: PhysicalLayout, rank: int) -> torch.Tensor:
+    """Slow exact reference of a gather: rank's copies [C, G, S] from every rank's shards
+    ``all_shards`` [G, E, S] (indexing only, no collective)."""
+    slots = layout.local_slot[rank]
+    experts = [int(layout.slot_expert[s]) for s in slots if s >= 0]
+    return torch.stack([all_shards[:, e, :] for e in experts])
+
+
+def reference_return(all_grads: Sequence[torch.Tensor], layout: PhysicalLayout, num_experts: int) -> torch.Tensor:
+    """Slow exact reference of the gradient return on every rank at once: [G, E, S] in float64 from
+    each rank's copy gradients ``all_grads[g]`` [C_g, G, S] (as ``ShardSpec.to_shards`` cuts them)."""
+    G = layout.num_ranks
+    S = all_grads[0].shape[-1]
+    out = torch.zeros(G, num_experts, S, dtype=torch.float64)
+    for g in range(G):
+        experts = [int(layout.slot_expert[s]) for s in layout.local_slot[g] if s >= 0]
+        for j, e in enumerate(experts):
+            for r in range(G):
+                out[r, e] += all_grads[g][j, r].double()
+    return out

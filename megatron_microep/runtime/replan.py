@@ -1,88 +1,61 @@
-"""Routing history, background re-planning and synchronized placement changes for one layer.
+"""Routing history, re-planning in a planner process and synchronized placement changes for one layer.
 
 Every rank of the layer's expert domain sees the same per-micro-batch counts (they are gathered for
-scheduling), so every rank keeps the same history (E integers per micro-batch) and takes the same
-decisions from it; only the planner rank (rank 0 of the group) runs the planner. Every
-``replan_interval`` steps it starts the planner in a background thread on the last
-``history_window`` steps; the result is adopted ``replan_lag`` steps later, at the first forward of
-that step, by every rank at once: the planner rank waits for its thread if it is still running
-(logged), then broadcasts the placement. A planner that fails or returns an invalid placement is
-logged with its traceback and every rank keeps the current placement. Step numbers come from the
-caller and are equal on every rank, so all ranks take the same branch at the same collective.
-``state``/``load_state`` carry placement, history, step and a pending plan's outcome across a
-restart (FSEP layers save them in Megatron checkpoints).
+scheduling), so every rank keeps the same history (``planning.history.LoadHistory``, E integers per
+micro-batch) and takes the same decisions from it. Layers are planned by different ranks of the
+domain: layer ``i`` (Megatron's 1-based layer number) by rank ``(i - 1) mod D`` of the group, the
+layer's *planner rank*. Every ``replan_interval`` steps the planner rank sends the last
+``history_window`` steps and the current placement to its planner process
+(``runtime.planner_pool``: a separate interpreter, started at the first re-plan, never holding this
+process's GIL), which runs the layer's ``HistoryPlanner`` (``planning.plan.plan_from_history``). The
+result is adopted ``replan_lag`` steps later, at the first forward of that step, by every rank at
+once: the planner rank collects it and broadcasts the placement. Step numbers come from the caller
+and are equal on every rank, so all ranks take the same branch at the same collective.
+
+Time limits. A rank's planner process runs its layers' plans one after another, and they must be
+back by the adoption step. So each plan gets ``min(planner time limit, FIT_SHARE * replan_lag *
+(the last step's seconds) / (layers this process plans))``, at least ``MIN_TIME_LIMIT_S`` (the
+configured limit alone before a step has been timed).
+
+Failures. A plan that raises, returns an invalid placement, comes from a planner process that
+died, or is late (no answer by its due time, ``runtime.planner_pool``: the planner rank waits at
+most that long at the adoption step) is logged with the reason, and every rank keeps the current
+placement. ``state``/``load_state`` carry placement, history, step and a pending plan's outcome
+across a restart (FSEP layers save them in Megatron checkpoints).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_microep.planning.forecast import planner_input
+from megatron_microep.planning.history import LoadHistory
 from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.plan import HistoryPlanner
 from megatron_microep.runtime.layout import PhysicalLayout
+from megatron_microep.runtime.planner_pool import PlanJob, planner_process
 
 logger = logging.getLogger(__name__)
 
-# history int64 [S, E], num_gpus, redundant_slots, current Placement -> new Placement. Both planners
-# score the history plus ``forecast_samples`` forecast samples (planning.forecast.planner_input).
-PlannerFn = Callable[[np.ndarray, int, int, Placement], Placement]
+FIT_SHARE = 0.5  # of the lag's time, what this process's plans may take together (the rest is slack)
+MIN_TIME_LIMIT_S = 0.05
+
+# Controllers of this process, to count the layers its planner process plans per re-plan.
+_CONTROLLERS: weakref.WeakSet = weakref.WeakSet()
 
 
-def ortools_planner(
-    time_limit_s: float,
-    move_penalty: float,
-    gpus_per_node: int | None,
-    forecast_samples: int = 0,
-    forecast_recent: int = 1,
-    forecast_burst: float = 0.0,
-) -> PlannerFn:
-    def plan(history, num_gpus, redundant_slots, current):
-        from megatron_microep.planning.planner import plan_placement
-
-        return plan_placement(
-            planner_input(history, forecast_samples, forecast_recent, forecast_burst),
-            num_gpus,
-            redundant_slots,
-            gpus_per_node=gpus_per_node,
-            time_limit_s=time_limit_s,
-            current=current,
-            move_penalty=move_penalty,
-        ).placement
-
-    return plan
-
-
-def greedy_planner(
-    time_limit_s: float,
-    move_penalty: float,
-    gpus_per_node: int | None,
-    forecast_samples: int = 0,
-    forecast_recent: int = 1,
-    forecast_burst: float = 0.0,
-) -> PlannerFn:
-    def plan(history, num_gpus, redundant_slots, current):
-        from megatron_microep.planning.eplb import eplb_placement
-
-        return eplb_placement(
-            planner_input(history, forecast_samples, forecast_recent, forecast_burst),
-            num_gpus,
-            redundant_slots,
-            gpus_per_node,
-        )
-
-    return plan
-
-
-PLANNERS = {"ortools": ortools_planner, "greedy": greedy_planner}
+def fitted_time_limit(configured_s: float, lag_seconds: float | None, plans: int) -> float:
+    """A plan's time limit: ``min(configured_s, FIT_SHARE * lag_seconds / plans)``, at least
+    ``MIN_TIME_LIMIT_S`` (and ``configured_s`` when ``lag_seconds`` is unknown)."""
+    if lag_seconds is None:
+        return configured_s
+    return min(configured_s, max(MIN_TIME_LIMIT_S, FIT_SHARE * lag_seconds / max(plans, 1)))
 
 
 def encode_placement(placement: Placement, num_experts: int, max_slots: int) -> np.ndarray:
@@ -102,59 +75,76 @@ def decode_placement(buffer: np.ndarray, num_experts: int, num_gpus: int) -> Pla
 @dataclass
 class _Pending:
     adopt_step: int
-    thread: threading.Thread | None
-    result: list[object]  # [Placement] or [BaseException] once the thread is done
-    started: float
+    job: PlanJob | None  # on the planner rank only
 
 
 class PlacementController:
-    """History and re-planning for one layer; ``group`` spans the layer's expert domain (tp_ep)."""
+    """History and re-planning for one layer; ``group`` spans the layer's expert domain (tp_ep).
+
+    ``planner``: a ``HistoryPlanner`` (or any picklable ``planner(window, current, time_limit_s)``
+    with a ``time_limit_s`` attribute). ``layer_number``: Megatron's layer number, which picks the
+    planner rank (``set_layer_number`` when it is known only later).
+    """
 
     def __init__(
         self,
         layout: PhysicalLayout,
-        planner: PlannerFn,
+        planner: HistoryPlanner,
         replan_interval: int,
         history_window: int,
         replan_lag: int,
         group,
         device: torch.device,
         name: str = "",
+        layer_number: int | None = None,
     ):
         self.layout = layout
         self.planner = planner
         self.replan_interval = replan_interval
-        self.history_window = history_window
         self.replan_lag = replan_lag
         self.group = group
         self.device = device
         self.name = name
-        self.is_planner = dist.get_rank(group) == 0
+        self.layer_number = layer_number
         self.version = 0  # bumped on every adopted placement
-        self._steps: deque[np.ndarray] = deque(maxlen=history_window)  # int64 [micro-batches, E] per step
-        self._current_rows: list[np.ndarray] = []
+        self.loads = LoadHistory(layout.placement.num_experts, steps=history_window)
+        self.step_seconds: float | None = None  # the last step's wall time on this rank
+        self._step_began: float | None = None
         self._step: int | None = None
         self._pending: _Pending | None = None
         self._replan_next_step = False  # set when a restored state's placement could not apply
+        _CONTROLLERS.add(self)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+        self.name = f" layer {layer_number}"
+
+    @property
+    def planner_rank(self) -> int:
+        """The rank of ``group`` that plans this layer."""
+        return (self.layer_number - 1) % dist.get_world_size(self.group) if self.layer_number else 0
+
+    @property
+    def is_planner(self) -> bool:
+        return dist.get_rank(self.group) == self.planner_rank
 
     def record(self, expert_load: np.ndarray) -> None:
         """Expert loads int64 [E] of one training micro-batch (summed over the group's sources)."""
-        self._current_rows.append(np.asarray(expert_load, dtype=np.int64))
+        self.loads.record(expert_load)
 
     def history(self) -> np.ndarray:
         """int64 [S, E]: micro-batch rows of the completed steps in the window."""
-        rows = [block for block in self._steps if block.size]
-        if not rows:
-            return np.zeros((0, self.layout.placement.num_experts), dtype=np.int64)
-        return np.concatenate(rows)
+        return self.loads.window()
 
     def on_step(self, step: int) -> PhysicalLayout | None:
         """Call at the first forward of ``step`` on every rank. Returns a new layout when one takes effect."""
         if self._step is not None and step == self._step:
             return None
-        if self._current_rows:
-            self._steps.append(np.stack(self._current_rows))
-            self._current_rows = []
+        now = time.monotonic()
+        if self._step_began is not None:
+            self.step_seconds = now - self._step_began
+        self._step_began = now
+        self.loads.end_step()
         self._step = step
         adopted = None
         if self._pending is not None and step >= self._pending.adopt_step:
@@ -164,14 +154,14 @@ class PlacementController:
             self.replan_interval > 0
             and self._pending is None
             and (step % self.replan_interval == 0 or replan_now)
-            and len(self._steps) > 0
+            and len(self.loads) > 0
         ):
             self._start(step)
         return adopted
 
     def has_state(self) -> bool:
         """Whether there is a state worth saving: a step has begun or a saved state was restored."""
-        return self._step is not None or len(self._steps) > 0 or len(self._current_rows) > 0
+        return self._step is not None or len(self.loads) > 0 or len(self.loads.current()) > 0
 
     def state(self) -> dict:
         """The state a resumed run needs to take the same decisions, as plain Python and numpy:
@@ -180,22 +170,19 @@ class PlacementController:
         (None before the first) and ``pending`` (None, or the plan awaiting adoption:
         ``{"adopt_step", "placement"}``, its outcome as GPU ids per expert, None for a failed plan).
         Only the planner rank knows a pending plan's outcome (None on the others); a plan still
-        being computed is waited for there (at most the planner's time limit).
+        being computed is waited for there (at most until it is late).
         """
-        E = self.layout.placement.num_experts
         pending = None
         if self._pending is not None:
             outcome = None
             if self.is_planner:
-                self._pending.thread.join()
-                result = self._pending.result[0]
+                result = self._outcome(self._pending.job)
                 outcome = result.to_lists() if isinstance(result, Placement) else None
             pending = {"adopt_step": self._pending.adopt_step, "placement": outcome}
-        current = np.stack(self._current_rows) if self._current_rows else np.zeros((0, E), dtype=np.int64)
         return {
             "placement": self.layout.placement.to_lists(),
-            "history": [block.copy() for block in self._steps],
-            "current_rows": current,
+            "history": self.loads.blocks(),
+            "current_rows": self.loads.current(),
             "step": self._step,
             "pending": pending,
         }
@@ -206,9 +193,7 @@ class PlacementController:
         the saved placement's layout for this controller, None when it cannot apply (another EP
         size or slot count): then the history is kept, the current layout stays, the pending plan is
         dropped and the next step re-plans."""
-        self._steps.clear()
-        self._steps.extend(np.asarray(block, dtype=np.int64) for block in state["history"][-self.history_window :])
-        self._current_rows = [np.asarray(row, dtype=np.int64) for row in state["current_rows"]]
+        self.loads.restore(state["history"], state["current_rows"])
         self._step = state["step"]
         self._pending = None
         if layout is None:
@@ -218,40 +203,36 @@ class PlacementController:
         pending = state["pending"]
         if pending is None:
             return
-        result: list[object] = []
-        thread = None
-        if self.is_planner:
-            # A planner that answers at once with the saved outcome; no outcome: a failed plan.
-            outcome = (
-                pending["placement"]
-                if pending["placement"] is not None
-                else RuntimeError("the plan pending at the checkpoint had failed")
+        job = None
+        if self.is_planner:  # a plan that answers at once with the saved outcome; none: a failed plan
+            outcome = pending["placement"]
+            job = PlanJob.answered(
+                outcome if outcome is not None else RuntimeError("the plan pending at the checkpoint had failed")
             )
-            thread = threading.Thread(target=result.append, args=(outcome,), daemon=True)
-            thread.start()
-        self._pending = _Pending(
-            adopt_step=pending["adopt_step"], thread=thread, result=result, started=time.monotonic()
-        )
+        self._pending = _Pending(adopt_step=pending["adopt_step"], job=job)
 
     def _start(self, step: int) -> None:
-        result: list[object] = []
-        thread = None
+        job = None
         if self.is_planner:
-            history = self.history()
-            current = self.layout.placement
-            G, R = self.layout.num_ranks, self.layout.redundant_slots
+            # Every MoE layer of a process has the same domain group; others (e.g. tests) are not counted.
+            plans = sum(
+                1 for c in list(_CONTROLLERS) if c.group is self.group and c.replan_interval > 0 and c.is_planner
+            )
+            lag_seconds = None if self.step_seconds is None else self.replan_lag * self.step_seconds
+            limit = fitted_time_limit(self.planner.time_limit_s, lag_seconds, plans)
+            try:
+                job = planner_process().submit(self.planner, (self.history(), self.layout.placement, limit), limit)
+            except Exception as err:  # noqa: BLE001 - e.g. no process could be started; surfaced on adoption
+                job = PlanJob.answered(err)
+        self._pending = _Pending(adopt_step=step + self.replan_lag, job=job)
 
-            def work():
-                try:
-                    result.append(self.planner(history, G, R, current))
-                except BaseException as err:  # noqa: BLE001 - surfaced on adoption, on the training thread
-                    result.append(err)
-
-            thread = threading.Thread(target=work, name=f"microep-planner{self.name}", daemon=True)
-            thread.start()
-        self._pending = _Pending(
-            adopt_step=step + self.replan_lag, thread=thread, result=result, started=time.monotonic()
-        )
+    @staticmethod
+    def _outcome(job: PlanJob) -> Placement | BaseException:
+        planner_process().wait(job)
+        try:
+            return job.result()
+        except Exception as err:  # noqa: BLE001 - the caller decides what a failed plan means
+            return err
 
     def _adopt(self) -> PhysicalLayout | None:
         pending, self._pending = self._pending, None
@@ -259,19 +240,23 @@ class PlacementController:
         max_slots = E + self.layout.num_ranks * self.layout.redundant_slots
         buffer = np.full(E + 1 + max_slots, -1, dtype=np.int64)  # all -1: no plan, keep the current one
         if self.is_planner:
-            if pending.thread.is_alive():
-                logger.warning("MicroEP%s: planner still running at its adoption step; waiting", self.name)
-            pending.thread.join()
-            outcome = pending.result[0]
+            if not pending.job.done():
+                logger.info("MicroEP%s: plan not back at its adoption step; waiting for it", self.name)
+            outcome = self._outcome(pending.job)
             try:
                 if isinstance(outcome, BaseException):
                     raise outcome
                 self.build_layout(outcome)  # reject an invalid plan here, before anyone adopts it
                 buffer = encode_placement(outcome, E, max_slots)
-            except Exception:  # noqa: BLE001 - every rank must still reach the broadcast
-                logger.exception("MicroEP%s: placement planning failed; keeping the current placement", self.name)
+            except Exception as err:  # noqa: BLE001 - every rank must still reach the broadcast
+                logger.warning(
+                    "MicroEP%s: placement planning failed, keeping the current placement: %s: %s",
+                    self.name,
+                    type(err).__name__,
+                    err,
+                )
         tensor = torch.from_numpy(buffer).to(self.device)
-        dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
+        dist.broadcast(tensor, src=dist.get_global_rank(self.group, self.planner_rank), group=self.group)
         received = tensor.cpu().numpy()
         if received[0] < 0:
             return None
@@ -282,7 +267,7 @@ class PlacementController:
                 "MicroEP%s: new placement with %d replicas after %.1f s of planning",
                 self.name,
                 placement.num_slots - E,
-                time.monotonic() - pending.started,
+                pending.job.seconds,
             )
         self.layout = layout
         self.version += 1

@@ -12,6 +12,10 @@ Per (micro-batch, layer), forward and backward:
 * weight moves decided per micro-batch (LLEP spills, BalanceMoE moves, UltraEP pushes): the
   receiving GPU waits for them before computing (not overlapped, as those papers describe);
   temporary copies send their gradients back after the backward pass.
+* MicroEP's burst copies (``Assignment.step_copies``): weights pushed from the home GPU in one
+  all-to-all issued with the dispatch all-to-all, sharing each GPU's links with it, so only the
+  time the pair takes beyond the dispatch alone is charged; a copy is pushed once per step (later
+  micro-batches reuse it) and its gradient goes home once per step with the replicas' (below).
 * FSEP (LAER, and MicroEP's ``--microep-expert-sharding fsep``): every copy in a GPU's layout is
   gathered by an all-to-all of shards (1/G of the expert from every GPU) before the forward, and
   again before the backward when ``fsep_backward_gather`` (LAER's FSDP-style freeing, MicroEP's
@@ -20,13 +24,17 @@ Per (micro-batch, layer), forward and backward:
   ``fsep_recompute`` (MicroEP's ``regather``) adds one expert forward to the backward. Each GPU's
   transfer time is its slowest link over its send and receive sides; prefetch hides each transfer
   behind that pass's compute, so only the excess is charged.
-* the policy's per-micro-batch decision, when it sits on the critical path (measured wall time).
+* the policy's per-micro-batch decision, when it sits on the critical path (measured CPU time).
 
-Per step and layer: persistent replicas are refreshed from their home after the optimizer step by a
-pipelined broadcast chain per expert (hidden behind the layer's first forward compute of the step,
-the excess charged) and return their gradients by the reversed chain (hidden behind the last
-backward compute); a re-plan that moves an expert's home copy
-moves its parameters and optimizer state (charged in full). Bytes on a link are not slowed by other
+Per step and layer, as the runtime does it (``planning/replica_traffic.py`` counts the bytes):
+every persistent replica is refreshed once, straight from its home GPU (one all-to-all, issued at
+the start of the step and waited for at the layer's first expert compute: hidden behind the layer's
+first forward compute, the excess charged), and returns its gradient once, accumulated over the
+step's micro-batches in fp32, along the same pairs reversed (issued after the layer's last expert
+backward and waited for before the gradient reduction: hidden behind one backward compute, the
+excess charged); each transfer takes as long as its busiest GPU's slowest link. Burst copies
+return their gradients the same way; they are pushed, not refreshed. A re-plan that moves
+an expert's home copy moves its parameters and optimizer state (charged in full). Bytes on a link are not slowed by other
 traffic on it (no contention model); compute and all-to-all of one layer do not overlap.
 """
 
@@ -40,6 +48,7 @@ import numpy as np
 
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.policies import Assignment, Traffic
+from megatron_microep.planning.replica_traffic import replica_step_traffic
 
 DEFAULT_GEMM_TABLE = Path(__file__).resolve().parent.parent / "data" / "gemm_efficiency_h100.csv"
 
@@ -175,9 +184,9 @@ class CostModel:
 
     def a2a_s(self, flow: Traffic) -> float:
         """One all-to-all's time: the busiest GPU's slowest link, plus launch latency."""
-        intra = np.maximum(flow.send_intra, flow.recv_intra) * self.token_bytes / (self.intra_node_gbps * 1e9)
-        inter = np.maximum(flow.send_inter, flow.recv_inter) * self.token_bytes / (self.inter_node_gbps * 1e9)
-        return float(np.maximum(intra, inter).max(initial=0.0)) + self.a2a_latency_s
+        b = self.token_bytes
+        seconds = self.link_s(flow.send_intra * b, flow.send_inter * b, flow.recv_intra * b, flow.recv_inter * b)
+        return seconds + self.a2a_latency_s
 
     def transfer_s(self, moves: np.ndarray, bytes_each: float, num_gpus: int, node_size: int) -> float:
         """Time for point-to-point transfers ``moves`` int [K, 2] (src, dst) of ``bytes_each``:
@@ -194,6 +203,29 @@ class CostModel:
                 )
                 worst = max(worst, float(per_gpu.max()) * bytes_each / (gbps * 1e9))
         return worst
+
+    def link_s(self, send_intra, send_inter, recv_intra, recv_inter) -> float:
+        """Seconds of one exchange of these bytes per GPU (float [G] each): the busiest GPU's slowest link."""
+        intra = np.maximum(send_intra, recv_intra) / (self.intra_node_gbps * 1e9)
+        inter = np.maximum(send_inter, recv_inter) / (self.inter_node_gbps * 1e9)
+        return float(np.maximum(intra, inter).max(initial=0.0))
+
+    def pushes_beside_dispatch_s(self, flow: Traffic, pushes: np.ndarray, num_gpus: int, node_size: int) -> float:
+        """Exposed seconds of expert weights ``pushes`` int [K, 2] (src, dst) sent in one all-to-all
+        issued together with the dispatch all-to-all ``flow``: both share every GPU's links, so the
+        pair takes the busiest GPU's slowest link over tokens and weights together; what exceeds the
+        dispatch alone is charged (no launch latency: the two run concurrently)."""
+        if len(pushes) == 0:
+            return 0.0
+        src, dst = pushes[:, 0], pushes[:, 1]
+        intra = src // node_size == dst // node_size
+        weights = {}
+        for side, gpu in (("send", src), ("recv", dst)):
+            for link, mask in (("intra", intra), ("inter", ~intra)):
+                weights[f"{side}_{link}"] = np.bincount(gpu[mask], minlength=num_gpus) * self.expert_param_bytes
+        tokens = {name: getattr(flow, name) * self.token_bytes for name in weights}
+        alone = self.link_s(**tokens)
+        return self.link_s(**{name: tokens[name] + weights[name] for name in weights}) - alone
 
     def fsep_shard_traffic(self, placement: Placement, node_size: int) -> dict[str, np.ndarray]:
         """Bytes of one FSEP gather per GPU (float64 [G] each): ``send_intra``, ``send_inter``,
@@ -213,22 +245,32 @@ class CostModel:
 
     def fsep_gather_s(self, placement: Placement, node_size: int) -> float:
         """Seconds of one FSEP gather (or gradient return): the busiest GPU's slowest link."""
-        t = self.fsep_shard_traffic(placement, node_size)
-        intra = np.maximum(t["send_intra"], t["recv_intra"]) / (self.intra_node_gbps * 1e9)
-        inter = np.maximum(t["send_inter"], t["recv_inter"]) / (self.inter_node_gbps * 1e9)
-        return float(np.maximum(intra, inter).max(initial=0.0))
+        return self.link_s(**self.fsep_shard_traffic(placement, node_size))
 
     @property
     def fsep_gathers(self) -> int:
         """Gathers per layer and micro-batch (the gradient return is one more transfer of that size)."""
         return 2 if self.fsep_backward_gather else 1
 
+    def fsep_rank_bytes(self, placement: Placement) -> dict[str, np.ndarray]:
+        """Bytes each GPU sends (``sent``) and receives (``received``) for one micro-batch of one FSEP
+        layer, float64 [G] each: ``fsep_gathers`` gathers and one gradient return (the gather's
+        traffic reversed, in the parameter dtype). What MicroEP's runtime hands to its all-to-alls."""
+        t = self.fsep_shard_traffic(placement, node_size=placement.num_gpus)
+        send, recv = t["send_intra"], t["recv_intra"]
+        return {"sent": self.fsep_gathers * send + recv, "received": self.fsep_gathers * recv + send}
+
     def fsep_bytes(self, placement: Placement) -> float:
         """Bytes moved by one micro-batch of FSEP on one layer (all GPUs): the gathers and the
         gradient return, each sending (G-1)/G of every copy."""
-        num_gpus = placement.num_gpus
-        share = (num_gpus - 1) / num_gpus
-        return placement.num_slots * share * self.expert_param_bytes * (self.fsep_gathers + 1)
+        return float(self.fsep_rank_bytes(placement)["sent"].sum())
+
+
+# MicroEP's --microep-fsep-memory-policy as cost-model settings (``dataclasses.replace(model, **...)``).
+FSEP_MEMORY_POLICY_CHARGES = {
+    "keep": {"fsep_backward_gather": False, "fsep_recompute": False},
+    "regather": {"fsep_backward_gather": True, "fsep_recompute": True},
+}
 
 
 @dataclass(frozen=True)
@@ -260,7 +302,9 @@ def record_cost(
     temporary_copies: bool,
     fully_sharded: bool,
     decision_s: float,
+    step_pushes: np.ndarray | None = None,
 ) -> RecordCost:
+    """``step_pushes`` int [K, 2] (home, gpu): burst copies this micro-batch pushes (none held before)."""
     placement = assignment.placement
     per_gpu = model.compute_s(assignment.slot_tokens, placement)
     fwd = float(per_gpu.max(initial=0.0))
@@ -268,6 +312,9 @@ def record_cost(
     moves = assignment.weight_moves
     move_s = model.transfer_s(moves, model.expert_param_bytes, placement.num_gpus, node_size)
     weight_bytes = len(moves) * model.expert_param_bytes
+    if step_pushes is not None and len(step_pushes):
+        move_s += model.pushes_beside_dispatch_s(flow, step_pushes, placement.num_gpus, node_size)
+        weight_bytes += len(step_pushes) * model.expert_param_bytes
     if temporary_copies and len(moves):
         move_s += model.transfer_s(moves[:, ::-1], model.expert_grad_bytes, placement.num_gpus, node_size)
         weight_bytes += len(moves) * model.expert_grad_bytes
@@ -293,52 +340,28 @@ def record_cost(
     )
 
 
-def broadcast_chains(expert: np.ndarray, home: np.ndarray, replica: np.ndarray, node_size: int) -> np.ndarray:
-    """int64 [K, 2] edges of pipelined broadcast chains: per expert, home -> its replicas, those in the
-    home's node first, then node by node, so each chain crosses each node boundary once. A pipelined
-    chain moves the weights in about one transfer time whatever its length (NCCL-style broadcast);
-    the reversed chain is the gradient reduction.
-
-    expert, home, replica: int [K] (one row per replica; ``home`` is the expert's home GPU).
-    """
-    if len(expert) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    experts = np.unique(expert)
-    home_of = dict(zip(expert.tolist(), home.tolist()))
-    homes = np.array([home_of[e] for e in experts.tolist()], dtype=np.int64)
-    all_expert = np.concatenate([experts, expert])
-    all_gpu = np.concatenate([homes, replica])
-    home_node = np.concatenate([homes, home]) // node_size
-    node = all_gpu // node_size
-    is_home = np.concatenate([np.ones(len(experts), bool), np.zeros(len(expert), bool)])
-    # Order within an expert: home, then its node, then other nodes in order.
-    key = np.where(is_home, -1, np.where(node == home_node, 0, 1 + node))
-    order = np.lexsort((all_gpu, key, all_expert))
-    e_sorted, g_sorted = all_expert[order], all_gpu[order]
-    link = e_sorted[1:] == e_sorted[:-1]
-    return np.stack([g_sorted[:-1][link], g_sorted[1:][link]], axis=1).astype(np.int64)
-
-
 def replica_sync(
     model: CostModel,
-    expert: np.ndarray,
     home: np.ndarray,
-    replica: np.ndarray,
+    holder: np.ndarray,
     num_gpus: int,
     node_size: int,
     first_fwd_s: float,
     last_bwd_s: float,
+    refreshed: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """(exposed seconds, bytes) of one step's replica refresh (broadcast from home) and gradient
-    return (reduction to home) for replicas ``(expert, home, replica)`` int [K] each, hidden behind
-    ``first_fwd_s`` and ``last_bwd_s`` of compute."""
-    if len(expert) == 0:
+    """(exposed seconds, bytes) of one step's replica refresh and gradient return for copies
+    ``(home, holder)`` int [K] each, hidden behind ``first_fwd_s`` and ``last_bwd_s`` of compute.
+    ``refreshed`` bool [K] (default all): the persistent replicas; the others (burst copies, dropped
+    at the step's end) only return gradients."""
+    traffic = replica_step_traffic(home, holder, model.params_per_expert, model.param_bytes, refreshed=refreshed)
+    if len(traffic.home) == 0:
         return 0.0, 0.0
-    edges = broadcast_chains(expert, home, replica, node_size)
-    refresh = model.transfer_s(edges, model.expert_param_bytes, num_gpus, node_size)
-    grads = model.transfer_s(edges[:, ::-1], model.expert_grad_bytes, num_gpus, node_size)
+    pairs = np.stack([traffic.home, traffic.holder], axis=1)
+    refresh = model.transfer_s(pairs[traffic.refreshed], traffic.refresh_bytes, num_gpus, node_size)
+    grads = model.transfer_s(pairs[:, ::-1], traffic.gradient_bytes, num_gpus, node_size)
     exposed = max(0.0, refresh - first_fwd_s) + max(0.0, grads - last_bwd_s)
-    return exposed, len(expert) * (model.expert_param_bytes + model.expert_grad_bytes)
+    return exposed, traffic.total
 
 
 def home_moves(model: CostModel, before: Placement, after: Placement, node_size: int) -> tuple[float, float]:

@@ -70,6 +70,7 @@ class PolicyResult:
     inter_node_tokens: int = 0
     total_tokens: int = 0
     weight_bytes: float = 0.0
+    replica_bytes: dict[int, float] = field(default_factory=dict)  # every step: replica refresh + gradient return
     step_seconds: dict[int, float] = field(default_factory=dict)  # every step, warm-up included
     measured_steps: set[int] = field(default_factory=set)
     planner_seconds: dict[int, float] = field(default_factory=dict)  # step planned for -> slowest layer's seconds
@@ -100,6 +101,7 @@ class _PolicyLayerState:
     placement: Placement
     steps_since_plan: int = 0
     pairs: list[np.ndarray] = field(default_factory=list)  # expert * G + gpu of replicas used this step
+    held: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # step copies (expert, gpu)
     first_fwd: float | None = None
     last_bwd: float = 0.0
 
@@ -198,14 +200,21 @@ class Simulation:
         mean: float,
     ) -> None:
         lay = self.layout
-        started = time.perf_counter()
-        a = policy.assign(record.tokens, ps.placement)
-        decision = time.perf_counter() - started if policy.decides_per_micro_batch else 0.0
+        # The thread's CPU time: what the decision costs on a host core of its own, without the
+        # preemption by other processes that wall time on a shared machine would add.
+        started = time.thread_time()
+        a = policy.assign_in_step(record.tokens, ps.placement, ps.held)
+        decision = time.thread_time() - started if policy.decides_per_micro_batch else 0.0
         load = a.gpu_load()
         if int(load.sum()) != int(record.tokens.sum()) or int(a.tokens.sum()) != int(record.tokens.sum()):
             raise PolicyError(
                 f"{policy.name}: assignment of step {record.step}, layer {record.layer} does not conserve tokens"
             )
+        # Step copies not held by the previous micro-batch of the step are pushed from their home now.
+        step_codes = a.step_copies[:, 0] * lay.num_gpus + a.step_copies[:, 1]
+        new = a.step_copies[~np.isin(step_codes, ps.held[:, 0] * lay.num_gpus + ps.held[:, 1])]
+        pushes = np.stack([ps.placement.gpus[ps.placement.ptr[new[:, 0]]], new[:, 1]], axis=1)
+        ps.held = a.step_copies
         if policy.keeps_assign_placement:
             ps.placement = a.placement
         if not (policy.temporary_copies or policy.fully_sharded or policy.weightless):
@@ -213,7 +222,8 @@ class Simulation:
             is_replica = np.ones(a.placement.num_slots, dtype=bool)
             is_replica[a.placement.ptr[:-1]] = False
             expert = np.repeat(np.arange(lay.num_experts), counts)
-            ps.pairs.append(expert[is_replica] * lay.num_gpus + a.placement.gpus[is_replica])
+            replicas = expert[is_replica] * lay.num_gpus + a.placement.gpus[is_replica]
+            ps.pairs.append(replicas[~np.isin(replicas, step_codes)])
         flow = traffic(a, lay.node_size)
         rc = record_cost(
             self.cost,
@@ -223,6 +233,7 @@ class Simulation:
             temporary_copies=policy.temporary_copies,
             fully_sharded=policy.fully_sharded,
             decision_s=decision,
+            step_pushes=pushes,
         )
         if ps.first_fwd is None:
             ps.first_fwd = rc.compute_fwd_s
@@ -257,18 +268,30 @@ class Simulation:
         state = self._layers[layer]
         measured = self._measured(state)
         for _policy, result, ps in zip(self.policies, self.results, state.policies):
-            if ps.pairs:
-                codes = np.unique(np.concatenate(ps.pairs))
+            if ps.pairs or len(ps.held):
+                # Replicas are refreshed and return gradients; the step's burst copies only return gradients.
+                replicas = np.unique(np.concatenate(ps.pairs)) if ps.pairs else np.zeros(0, dtype=np.int64)
+                codes = np.concatenate([replicas, ps.held[:, 0] * lay.num_gpus + ps.held[:, 1]])
+                refreshed = np.arange(len(codes)) < len(replicas)
                 expert, gpu = np.divmod(codes, lay.num_gpus)
                 home = ps.placement.gpus[ps.placement.ptr[:-1]]
                 seconds, nbytes = replica_sync(
-                    self.cost, expert, home[expert], gpu, lay.num_gpus, lay.node_size, ps.first_fwd or 0.0, ps.last_bwd
+                    self.cost,
+                    home[expert],
+                    gpu,
+                    lay.num_gpus,
+                    lay.node_size,
+                    ps.first_fwd or 0.0,
+                    ps.last_bwd,
+                    refreshed,
                 )
                 result.step_seconds[state.step] = result.step_seconds.get(state.step, 0.0) + seconds
+                result.replica_bytes[state.step] = result.replica_bytes.get(state.step, 0.0) + nbytes
                 if measured:
                     result.weight_bytes += nbytes
                     result.parts["replica_sync"] += seconds
             ps.pairs = []
+            ps.held = np.zeros((0, 2), dtype=np.int64)
             ps.first_fwd = None
         state.history.end_step()
 

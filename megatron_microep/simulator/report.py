@@ -214,7 +214,7 @@ def write_markdown(
             parts_table(rows),
             "",
             "planner: re-planning time not hidden by the step it runs during; decision: per-micro-batch decisions "
-            "on the critical path (measured wall time of this implementation on this machine).",
+            "on the critical path (measured CPU time of this implementation on this machine).",
             "",
             "## Plots",
             "",

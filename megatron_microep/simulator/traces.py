@@ -549,14 +549,23 @@ def generate_trace(spec: str) -> tuple[TraceInfo, Iterator[TraceRecord]]:
 def open_trace(
     spec: str, num_experts: int | None = None, ranks: list[int] | None = None
 ) -> tuple[TraceInfo, Iterator[TraceRecord]]:
-    """Open any supported trace; see the module doc for how ``spec`` is recognised."""
+    """Open any supported trace; see the module doc for how ``spec`` is recognised.
+
+    ``ranks`` selects the EP ranks of a Megatron trace directory, ``num_experts`` sets the expert
+    count of a Megatron router trace; giving either for a trace that has no use for it is an error.
+    """
+    path = Path(spec)
+    router_dir = path.is_dir() and any(path.glob("router_trace_rank*.jsonl"))
+    if ranks is not None and not path.is_dir():
+        raise TraceError(f"{spec}: --megatron-ranks applies only to a Megatron trace directory")
+    if num_experts is not None and not router_dir:
+        raise TraceError(f"{spec}: --num-experts applies only to a Megatron router trace directory")
     if spec.startswith("gen:"):
         return generate_trace(spec)
-    path = Path(spec)
     if not path.exists():
         raise TraceError(f"{spec}: no such file or directory")
     if path.is_dir():
-        if any(path.glob("router_trace_rank*.jsonl")):
+        if router_dir:
             return read_megatron_router_trace(path, num_experts, ranks)
         if any(path.glob("rank*.jsonl")) or (path / "tokens_per_expert").is_dir():
             return read_megatron_tokens_per_expert(path, ranks)

@@ -167,7 +167,7 @@ def _tiny_raw():
             lambda r: r["microep"].update(redundant_slots=4),
             "microep: --microep-redundant-slots 4 must be smaller than the experts per EP rank",
         ),
-        (lambda r: r["microep"].update(planner="cplex"), "microep: --microep-planner must be one of"),
+        (lambda r: r["microep"].update(planner="cplex"), "microep.planner: expected one of ortools, greedy"),
         (lambda r: r["data"].update(data_path="x"), "data.data_path and data.mock_data exclude each other"),
         (lambda r: r.update(embedded=[1]), "section 'embedded' must be a mapping"),
     ],

@@ -11,7 +11,41 @@ from collections.abc import Iterable
 
 import torch
 
+# Megatron's ``forward_step_func`` as the embedded run passes it to the schedules: the next batch
+# through the model, its mean token loss reported as "lm loss".
+from megatron_microep.glue.embedded.loop import forward_step  # noqa: F401 - re-exported for the GPT tests
+
 HOT_BIAS = 0.6  # router expert bias of a hot expert: most tokens pick it
+
+# A small MoE GPT with local modules, no dropout, and routing steered only by skew_router's fixed expert bias.
+SMALL_MOE = dict(
+    hidden_size=32,
+    num_attention_heads=4,
+    ffn_hidden_size=64,
+    moe_ffn_hidden_size=32,
+    moe_router_topk=2,
+    add_bias_linear=False,
+    transformer_impl="local",
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_router_bias_update_rate=0.0,
+    moe_router_load_balancing_type="none",
+)
+
+
+def moe_config(dispatcher: str, microep=None, **fields):
+    """TransformerConfig of ``SMALL_MOE`` plus ``fields``, the dispatcher set; for ``microep`` the
+    ``microep`` settings (a MicroEPConfig) attached."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_microep.glue.config import attach_microep_config
+
+    config = TransformerConfig(moe_token_dispatcher_type=dispatcher, **{**SMALL_MOE, **fields})
+    if dispatcher == "microep":
+        attach_microep_config(config, microep)
+    return config
 
 
 def skew_router(model, hot_experts: Iterable[int]) -> None:
@@ -21,6 +55,24 @@ def skew_router(model, hot_experts: Iterable[int]) -> None:
             if name.endswith("router.expert_bias"):
                 buffer.zero_()
                 buffer[list(hot_experts)] = HOT_BIAS
+
+
+def tiny_moe_config(dispatcher: str, ep: int, num_experts: int, dtype=torch.float32, **overrides):
+    """``SMALL_MOE`` as a TransformerConfig of 2 layers, ``num_experts`` experts over ``ep`` EP ranks,
+    fp32 or bf16 weights; ``overrides`` replace or add TransformerConfig fields (no settings attached)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        SMALL_MOE,
+        num_layers=2,
+        num_moe_experts=num_experts,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+    )
+    return TransformerConfig(**{**fields, **overrides})
 
 
 def gpt_model(config, seed: int, vocab: int, seq_len: int, hot_experts: Iterable[int], **gpt_kwargs):
@@ -62,16 +114,3 @@ def synthetic_batches(seed: int, vocab: int, seq_len: int, micro_batch: int, mic
         tokens = (start + torch.arange(seq_len + 1)) % vocab
         out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
     return out
-
-
-def forward_step(data_iterator, model):
-    """Megatron's ``forward_step_func``: the next batch through ``model``; the loss reported as "lm loss"."""
-    tokens, labels, positions, mask = next(data_iterator)
-    output = model(tokens, positions, mask, labels=labels)
-
-    def loss_func(output_tensor):
-        loss = output_tensor.float().mean()
-        # A copy: the schedule divides the returned loss in place by the number of micro-batches.
-        return loss, {"lm loss": loss.detach().clone()}
-
-    return output, loss_func

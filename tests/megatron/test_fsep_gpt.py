@@ -8,14 +8,16 @@ is elementwise, so stepping on shards is stepping on experts).
 
 Launch 1 (EP = 4). The stock model (alltoall dispatcher) and the FSEP model start from the same
 weights and train 20 steps on skewed routing. The FSEP layers re-plan every step with the OR-Tools
-FSEP planner in a background thread (a plan identical to the current layout is perturbed by a slot
+FSEP planner in a planner process (a plan identical to the current layout is perturbed by a slot
 swap, so the layout really changes every step) under the ``keep`` memory policy. Checked every
 step: losses (1e-4), every main gradient including the experts' (1e-5 relative, shards against the
-same slices of stock's expert gradients), the clipping norm; bytes: the adoption of a new layout
-sends only the placement broadcast, and the gathers and gradient returns send exactly what the
-layout implies. Checkpoints (model and optimizer, Megatron distributed checkpoint) at steps 14 and
-16. Then a fresh FSEP model (``regather`` policy) resumes from step 14, checkpoints at step 16 and
-trains until rank 3 dies (``os._exit``) in step 17.
+same slices of stock's expert gradients), the clipping norm; bytes, measured by a spy on
+torch.distributed (what each rank hands to the collectives): the adoption of a new layout sends
+only the placement broadcast, and what the gathers and gradient returns send and receive on the
+shard group equals the simulator cost model's FSEP charge for the step's layouts, per rank.
+Checkpoints (model and optimizer, Megatron distributed checkpoint) at steps 14 and 16. Then a fresh
+FSEP model (``regather`` policy: the same byte check, two gathers) resumes from step 14, checkpoints
+at step 16 and trains until rank 3 dies (``os._exit``) in step 17.
 
 Launch 2 resumes FSEP EP = 4 from the last checkpoint (step 16) and trains to step 20; loads the
 step-14 checkpoint into FSEP at EP = 2 and into stock EP at EP = 2 and trains both to step 20; and
@@ -42,9 +44,11 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
+from _changing_planner import ChangingPlanner  # noqa: E402
 from _gpt_case import gpt_model, synthetic_batches  # noqa: E402
 
 from megatron_microep.glue.distributed import RankFailedError, init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.runtime.comm_spy import CollectiveSpy  # noqa: E402
 
 NUM_EXPERTS = 8
 HOT_EXPERTS = (0, 1)
@@ -275,81 +279,32 @@ def _rel(a, b) -> float:
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-class _CollectiveBytes:
-    """Counts bytes handed to torch.distributed collectives while active (this rank's inputs)."""
+def _fsep_step_bytes(spy_calls, layers):
+    """(sent, received) bytes of one step's calls on the layers' shard group, as the spy measured them."""
+    group = layers[0]._shard_exchange.group
+    mine = [c for c in spy_calls if c.group is group]
+    assert all(c.op == "all_to_all_single" for c in mine), {c.op for c in mine}
+    return sum(c.sent for c in mine), sum(c.received for c in mine)
 
-    NAMES = (
-        "all_to_all_single",
-        "broadcast",
-        "all_reduce",
-        "all_gather",
-        "all_gather_into_tensor",
-        "reduce_scatter_tensor",
-        "all_gather_single",
-        "reduce_scatter_single",
+
+def _charged_bytes(layers, policy):
+    """The simulator cost model's FSEP charge for this rank and step: per layer and micro-batch, the
+    gathers and the gradient return of the layer's layout (fp32 weights, no biases)."""
+    import dataclasses
+
+    from megatron_microep.simulator.cost import FSEP_MEMORY_POLICY_CHARGES, CostModel
+
+    model = dataclasses.replace(
+        CostModel(hidden_size=32, ffn_hidden_size=32, gated=True, param_bytes=4.0),
+        **FSEP_MEMORY_POLICY_CHARGES[policy],
     )
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist, self.sent, self.calls = dist, 0, []
-        self.originals = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
-
-    @contextlib.contextmanager
-    def counting(self):
-        def wrap(name, fn):
-            def counted(*args, **kwargs):
-                tensors = [a for a in args[:2] if torch.is_tensor(a)]
-                size = (
-                    tensors[-1]
-                    if name
-                    in (
-                        "all_to_all_single",
-                        "all_gather_into_tensor",
-                        "reduce_scatter_tensor",
-                        "all_gather_single",
-                        "reduce_scatter_single",
-                    )
-                    else tensors[0]
-                )
-                self.sent += size.numel() * size.element_size()
-                self.calls.append(name)
-                return fn(*args, **kwargs)
-
-            return counted
-
-        for name, fn in self.originals.items():
-            setattr(self.dist, name, wrap(name, fn))
-        try:
-            yield self
-        finally:
-            for name, fn in self.originals.items():
-                setattr(self.dist, name, fn)
-
-
-def _changing_planner(layer, seed):
-    """The layer's OR-Tools FSEP planner; a plan equal to the current layout gets one slot swap."""
-    from megatron_microep.planning.fsep_layout import placement_from_holds
-
-    real = layer.placement_controller.planner
-
-    def plan(history, num_gpus, redundant_slots, current):
-        placement = real(history, num_gpus, redundant_slots, current)
-        if placement.to_lists() != current.to_lists():
-            return placement
-        holds = np.zeros((placement.num_experts, num_gpus), dtype=bool)
-        holds[np.repeat(np.arange(placement.num_experts), placement.replica_counts()), placement.gpus] = True
-        rng = np.random.default_rng(seed + len(history))
-        while True:
-            g, h = rng.choice(num_gpus, 2, replace=False)
-            a = np.flatnonzero(holds[:, g] & ~holds[:, h])
-            b = np.flatnonzero(holds[:, h] & ~holds[:, g])
-            if a.size and b.size:
-                ea, eb = rng.choice(a), rng.choice(b)
-                holds[ea, g], holds[eb, h], holds[ea, h], holds[eb, g] = False, False, True, True
-                return placement_from_holds(holds)
-
-    return plan
+    sent = received = 0.0
+    for layer in layers:
+        charge = model.fsep_rank_bytes(layer.layout.placement)
+        rank = layer.microep_groups.ep_rank
+        sent += MICRO_BATCHES * charge["sent"][rank]
+        received += MICRO_BATCHES * charge["received"][rank]
+    return sent, received
 
 
 def _step(ddp, optimizer, seed, step, fsep):
@@ -386,7 +341,7 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
     stock, fsep = _build(stock_config, seed), _build(fsep_config, seed)
     layers = fsep_layers(fsep)
     for layer in layers:
-        layer.placement_controller.planner = _changing_planner(layer, seed)
+        layer.placement_controller.planner = ChangingPlanner(layer.placement_controller.planner, seed)
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_microep.glue import compat
@@ -401,7 +356,7 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
             init_equal &= torch.equal(tensor[rank * n : (rank + 1) * n], local.detach())
     stock_ddp, stock_opt = _wrap(stock, stock_config)
     fsep_ddp, fsep_opt = _wrap(fsep, fsep_config)
-    counter = _CollectiveBytes()
+    spy = CollectiveSpy()
     result = {
         "init_equal": bool(init_equal),
         "stock": [],
@@ -411,8 +366,8 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         "placements": [],
         "adopt_bytes": [],
         "adopt_calls": [],
-        "traffic": [],
-        "expected_traffic": [],
+        "fsep_bytes": [],
+        "charged_bytes": [],
     }
     for step in range(1, STEPS + 1):
         result["stock"].append(_step(stock_ddp, stock_opt, seed, step, fsep=False))
@@ -420,32 +375,20 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
         from megatron_microep.glue.layer import set_training_step
 
         set_training_step(step)
-        with counter.counting():
-            counter.sent, counter.calls = 0, []
+        with spy.active():
+            start = len(spy.calls)
             for layer in layers:
                 layer._on_new_step(step)
-        result["adopt_bytes"].append(counter.sent)
-        result["adopt_calls"].append(sorted(set(counter.calls)))
+            adoption = spy.calls[start:]
+        result["adopt_bytes"].append(sum(c.nbytes for c in adoption))
+        result["adopt_calls"].append(sorted({c.op for c in adoption}))
         result["placements"].append(_placements(layers))
         result.setdefault("histories", []).append(_histories(layers))
-        before = [layer.fsep_traffic.snapshot() for layer in layers]
-        result["fsep"].append(_step(fsep_ddp, fsep_opt, seed, step, fsep=True))
-        after = [layer.fsep_traffic.snapshot() for layer in layers]
-        result["traffic"].append([{k: a[k] - b[k] for k in a} for a, b in zip(after, before)])
-        expected = []
-        for layer in layers:
-            sent, received = layer.exchange_for(layer.layout).bytes_per_gather(4)
-            expected.append(
-                {
-                    "gathers": MICRO_BATCHES,
-                    "gather_sent": MICRO_BATCHES * sent,
-                    "gather_received": MICRO_BATCHES * received,
-                    "grad_returns": MICRO_BATCHES,
-                    "grad_sent": MICRO_BATCHES * received,
-                    "grad_received": MICRO_BATCHES * sent,
-                }
-            )
-        result["expected_traffic"].append(expected)
+        with spy.active():
+            start = len(spy.calls)
+            result["fsep"].append(_step(fsep_ddp, fsep_opt, seed, step, fsep=True))
+            result["fsep_bytes"].append(_fsep_step_bytes(spy.calls[start:], layers))
+        result["charged_bytes"].append(_charged_bytes(layers, "keep"))
         # Gradients: dense main grads by name, expert main grads as shards, and the clipping norm.
         stock_grads = dict(stock_ddp.named_parameters())
         errors = [
@@ -481,14 +424,21 @@ def _parity_and_kill_rank(rank, world_size, seed, tmp_dir):
     model = _build(config, seed + 1)
     ddp, opt = _wrap(model, config)
     _load(ddp, opt, os.path.join(tmp_dir, f"fsep_ep4_step{CKPT_STEPS[0]}"))
-    resumed = []
+    spy = CollectiveSpy()
+    resumed, regather_bytes = [], []
     resumed_layers = fsep_layers(model)
     for step in range(CKPT_STEPS[0] + 1, STEPS + 1):
         if step == KILL_STEP and rank == KILLED_RANK:
             with open(os.path.join(tmp_dir, f"victim_rank{rank}.pkl"), "wb") as f:
                 pickle.dump(resumed, f)
             os._exit(17)
-        loss = _step(ddp, opt, seed, step, fsep=True)
+        with spy.active():
+            start = len(spy.calls)
+            loss = _step(ddp, opt, seed, step, fsep=True)
+            regather_bytes.append(_fsep_step_bytes(spy.calls[start:], resumed_layers))
+        regather_bytes[-1] = (regather_bytes[-1], _charged_bytes(resumed_layers, "regather"))
+        with open(os.path.join(tmp_dir, f"regather_bytes_rank{rank}.pkl"), "wb") as f:
+            pickle.dump(regather_bytes, f)
         opt.step()
         resumed.append(loss)
         if step == CKPT_STEPS[0] + 1:
@@ -622,6 +572,8 @@ def runs(tmp_path_factory):
             launch1[rank]["victim"] = pickle.load(f)
         with open(os.path.join(tmp_dir, f"resumed_layout_rank{rank}.pkl"), "rb") as f:
             launch1[rank]["resumed_layout"] = pickle.load(f)
+        with open(os.path.join(tmp_dir, f"regather_bytes_rank{rank}.pkl"), "rb") as f:
+            launch1[rank]["regather_bytes"] = pickle.load(f)
     launch2 = spawn_gloo(_restart_rank, 4, seed, tmp_dir, timeout_s=400)
     return launch1, launch2
 
@@ -659,9 +611,20 @@ def test_a_changed_layout_moves_no_optimizer_state(runs):
             # Adopting a layout sends the placement (a broadcast of a few integers), nothing else.
             assert res["adopt_bytes"][step] == res["placement_bytes"], (step, res["adopt_bytes"][step])
             assert res["adopt_calls"][step] == ["broadcast"]
-        # Per step, FSEP sends exactly the layout's gathers and gradient returns.
-        assert res["traffic"] == res["expected_traffic"]
         assert not any(res["state_moved"]), "optimizer state tensors were reallocated"
+
+
+def test_measured_fsep_bytes_are_the_cost_models_charge(runs):
+    # The bytes handed to the shard group's all-to-alls in every step (a spy on torch.distributed)
+    # equal what the simulator's cost model charges for that step's layouts: keep (one gather and
+    # one return per layer and micro-batch, 20 layouts) and regather (two gathers and one return).
+    launch1, _ = runs
+    for rank, res in enumerate(launch1):
+        assert len(res["fsep_bytes"]) == STEPS and res["fsep_bytes"] == res["charged_bytes"], rank
+        assert all(sent > 0 for sent, _ in res["fsep_bytes"])
+        regather = res["regather_bytes"]
+        assert len(regather) >= KILL_STEP - CKPT_STEPS[0] - 1
+        assert all(measured == charged for measured, charged in regather), (rank, regather)
 
 
 def test_next_layer_gather_is_prefetched(runs):

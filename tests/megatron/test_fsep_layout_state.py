@@ -24,9 +24,9 @@ from megatron_microep.glue.fsep import (  # noqa: E402
     FSEPLayoutStateError,
     FSEPPlacementController,
     check_layout_state,
-    greedy_fsep_planner,
 )
 from megatron_microep.planning.placement import Placement  # noqa: E402
+from megatron_microep.planning.plan import HistoryPlanner, PlannerSettings, PlanTarget  # noqa: E402
 from megatron_microep.runtime.fsep import fsep_layout, initial_fsep_placement  # noqa: E402
 
 E, G, C = 8, 4, 3
@@ -100,7 +100,9 @@ def _controller(group, num_ranks=G, slots=C, replan_interval=1):
     layout = fsep_layout(initial_fsep_placement(E, num_ranks, slots), slots)
     return FSEPPlacementController(
         layout,
-        greedy_fsep_planner(1.0, slots),
+        HistoryPlanner(
+            PlanTarget("fsep", num_ranks, slots), PlannerSettings("greedy", 1.0, 0.0, None, 0, 1, 0.0, True)
+        ),
         replan_interval,
         history_window=4,
         replan_lag=1,

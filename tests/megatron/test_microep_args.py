@@ -65,6 +65,25 @@ def test_flags_parse_into_settings():
     )
 
 
+@pytest.mark.parametrize(
+    "experts, ep, extra, slots, interval",
+    [
+        (256, 64, (), 2, 1),  # DeepSeek-V3 at EP 64: 4 experts per rank
+        (8, 4, (), 1, 1),  # 2 per rank: one replica slot leaves a home expert per rank
+        (8, 8, (), 0, 0),  # 1 per rank: no room for a replica, nothing to place
+        (8, 1, (), 0, 0),  # no expert parallelism: every expert is local
+        (64, 8, ("--microep-redundant-slots", "0"), 0, 0),  # stock Megatron EP
+        (64, 8, ("--microep-replan-interval", "0"), 2, 0),  # replicas, placement never re-planned
+        (64, 8, ("--microep-expert-sharding", "fsep"), 0, 1),  # FSEP re-lays out its experts every step
+    ],
+)
+def test_defaults_are_sized_for_the_model(experts, ep, extra, slots, interval):
+    argv = ("--moe-token-dispatcher-type", "microep", "--num-experts", str(experts))
+    settings = validate_microep_args(_parse(*argv, "--expert-model-parallel-size", str(ep), *extra))
+    assert (settings.redundant_slots, settings.replan_interval) == (slots, interval)
+    assert settings.planner_time_limit_s == 0.5
+
+
 def test_other_dispatchers_are_untouched():
     assert validate_microep_args(_parse("--moe-token-dispatcher-type", "alltoall")) is None
     with pytest.raises(SystemExit):  # argparse still rejects unknown dispatcher names
@@ -84,12 +103,14 @@ def test_unknown_planner_is_rejected_by_argparse():
             "--microep-redundant-slots 2 must be smaller than the experts per EP rank",
         ),
         (("--microep-redundant-slots", "-1"), "--microep-redundant-slots must be >= 0"),
-        (("--microep-replan-interval", "10"), "--microep-replan-interval > 0 needs --microep-redundant-slots"),
+        (
+            ("--microep-redundant-slots", "0", "--microep-replan-interval", "10"),
+            "--microep-replan-interval > 0 needs --microep-redundant-slots",
+        ),
         (("--microep-history-window", "0"), "--microep-history-window must be >= 1"),
         (("--microep-replan-lag", "0"), "--microep-replan-lag must be >= 1"),
         (("--microep-forecast-burst", "0.5"), "--microep-forecast-burst must be 0 \\(off\\) or >= 1"),
         (("--moe-expert-capacity-factor", "1.5"), "--moe-expert-capacity-factor cannot be used"),
-        (("--mtp-num-layers", "1"), "--mtp-num-layers cannot be used"),
     ],
 )
 def test_invalid_combinations_name_the_flag(argv, flag):
@@ -114,7 +135,6 @@ def test_missing_flags_are_reported():
 
 
 def test_settings_reach_a_transformer_config_and_are_checked_there():
-    pytest.importorskip("megatron.core")
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     def config(**kw):
@@ -130,7 +150,7 @@ def test_settings_reach_a_transformer_config_and_are_checked_there():
         )
 
     c = microep_config_from_args(_parse(*BASE, "--microep-redundant-slots", "1"), config())
-    assert resolve_microep_config(c) == MicroEPConfig(redundant_slots=1)
+    assert resolve_microep_config(c) == MicroEPConfig(redundant_slots=1, replan_interval=1)
     with pytest.raises(MicroEPConfigError, match="no MicroEP settings"):
         resolve_microep_config(config())
     with pytest.raises(MicroEPConfigError, match="--microep-redundant-slots 2 must be smaller"):

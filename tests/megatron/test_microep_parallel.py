@@ -10,13 +10,11 @@ import os
 import random
 
 import pytest
+import torch
+from _expert_rows import count_expert_rows
+from test_microep_parity import HIDDEN, HOT, MICRO_BATCH, NUM_EXPERTS, REL_TOL, SEQ_LEN, _build, _configs, _rel, _run
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from test_microep_parity import HIDDEN, HOT, MICRO_BATCH, NUM_EXPERTS, REL_TOL, SEQ_LEN, _build, _configs, _rel, _run  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 # name: (parallel sizes, stock dispatcher, config overrides)
 CASES = {
@@ -84,10 +82,14 @@ def _case_rank(rank: int, world_size: int, seed: int):
         upstream = torch.randn(SEQ_LEN // tp, MICRO_BATCH, HIDDEN, generator=gen)
         stock.train()
         micro.train()
+        ref = _run(stock, x, upstream)
+        with count_expert_rows() as expert_rows:
+            got = _run(micro, x, upstream)
         results[name] = {
-            "stock": _run(stock, x, upstream),
-            "micro": _run(micro, x, upstream),
+            "stock": ref,
+            "micro": got,
             "stats": micro.telemetry.drain(),
+            "expert_rows": expert_rows,
             "ranks": (
                 parallel_state.get_expert_tensor_parallel_rank(),
                 parallel_state.get_expert_model_parallel_rank(),
@@ -121,5 +123,14 @@ def test_matches_stock(parallel_run, case):
 def test_replicas_used(parallel_run, case):
     stats = [s for res in parallel_run for s in res[case]["stats"]]
     assert len(stats) == 4
-    assert all(s.replica_tokens > 0 for s in stats)
     assert all(s.max_after < s.max_before for s in stats)
+    # On the rows the experts processed (a spy on the expert call): the EP rank holding the hot
+    # experts' replicas (EXTRA_COPIES: EP rank 1) ran rows on them, the other EP rank none.
+    for rank, res in enumerate(parallel_run):
+        calls = res[case]["expert_rows"]
+        assert len(calls) == 1, f"{case} rank {rank}: {len(calls)} expert calls"
+        replica_rows = calls[0]["replica"]
+        if res[case]["ranks"][1] == 1:
+            assert replica_rows > 0, f"{case} rank {rank}: replica weights processed no rows"
+        else:
+            assert replica_rows == 0, f"{case} rank {rank}: {replica_rows} replica rows without replicas"

@@ -8,13 +8,10 @@ import types
 
 import numpy as np
 import pytest
+import torch
+from test_microep_parity import HIDDEN, MICRO_BATCH, SEQ_LEN, _build, _configs
 
-pytest.importorskip("megatron.core")
-
-import torch  # noqa: E402
-from test_microep_parity import HIDDEN, MICRO_BATCH, SEQ_LEN, _build, _configs  # noqa: E402
-
-from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
+from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
 STEPS, MICRO_BATCHES, TOPK = 3, 2, 2
 

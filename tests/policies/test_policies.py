@@ -229,6 +229,46 @@ def test_microep_reaches_the_exact_optimum():
         assert a.gpu_load().max() == optimal_max_load(t.sum(axis=0), placement)
 
 
+def test_microep_burst_copies_follow_the_micro_batch():
+    """With burst slots, a step's micro-batches add copies where their own bursts are, inside the
+    home node, at most D per GPU over the step, reuse earlier ones, run tokens on them, and never
+    end above the schedule without them."""
+    persistent = Layout(16, 64, redundant_slots=1, gpus_per_node=4)
+    tokens = workloads.generate("bursty", 12, 16, 64, 4096, 4, SEED, burst_probability=1.0, burst_experts=3)
+    plain = make_policy("microep", persistent, time_limit_s=0.3)
+    policy = make_policy("microep", persistent, time_limit_s=0.3, burst_slots=2)
+    placement = policy.place(history_of(tokens[:8], 16, 64).view(), policy.initial_placement())
+    home = placement.gpus[placement.ptr[:-1]]
+    held = np.zeros((0, 2), dtype=np.int64)
+    used = 0
+    for t in tokens[8:]:
+        a = policy.assign_in_step(t, placement, held)
+        check_assignment("microep", a, t, Layout(16, 64, redundant_slots=3, gpus_per_node=4))
+        copies = a.step_copies
+        np.testing.assert_array_equal(copies[: len(held)], held)  # kept for the rest of the step
+        assert (np.bincount(copies[:, 1], minlength=16) <= 2).all()
+        assert (copies[:, 1] // 4 == home[copies[:, 0]] // 4).all()
+        lists = placement.to_lists()
+        for e, g in copies:
+            assert g not in lists[e]
+            lists[e].append(int(g))
+        assert a.placement.to_lists() == lists
+        burst_slots = np.flatnonzero(
+            ~np.isin(np.arange(a.placement.num_slots), _persistent_slots(a.placement, placement))
+        )
+        used += a.slot_tokens[burst_slots].sum()
+        assert a.gpu_load().max() <= plain.assign(t, placement).gpu_load().max()
+        held = copies
+    assert len(held) > 0 and used > 0, "burst copies were made and ran tokens"
+    assert len(plain.assign(tokens[8], placement).step_copies) == 0
+
+
+def _persistent_slots(extended, placement):
+    """Slots of ``extended`` that are copies of ``placement`` (the first ones of each expert)."""
+    counts = placement.replica_counts()
+    return np.concatenate([extended.ptr[e] + np.arange(counts[e]) for e in range(placement.num_experts)])
+
+
 def test_llep_plain_ep_below_threshold_and_spills_above():
     layout = Layout(8, 16, redundant_slots=2)
     llep = make_policy("llep", layout, min_chunk=8)
@@ -382,6 +422,10 @@ def test_bad_parameters_are_named():
         make_policy("llep", layout, imbalance_threshold=0.5)
     with pytest.raises(PolicyError, match="forecast_burst must be 0"):
         make_policy("microep", layout, forecast_burst=0.9)
+    with pytest.raises(PolicyError, match="burst_slots must be >= 0"):
+        make_policy("microep", layout, burst_slots=-1)
+    with pytest.raises(PolicyError, match="burst_tolerance must be >= 1"):
+        make_policy("microep", layout, burst_tolerance=0.99)
     with pytest.raises(PolicyError, match="replan_interval must be int"):
         make_policy("eplb", layout, replan_interval="soon")
     with pytest.raises(PolicyError, match="unknown policy 'fastest'"):
@@ -463,6 +507,9 @@ def _reference_greedy_place(load, counts, num_gpus, node_size, slot_limit):
     """Slow transcription of LAER's greedy placement (module doc) for the numba version."""
     num_nodes = num_gpus // node_size
     gpu_load = np.zeros(num_gpus)
+    # A node's load is the running sum of the shares placed on it, in placement order (summing its
+    # GPUs' loads instead rounds differently and flips exact ties between nodes).
+    node_load = [0.0] * num_nodes
     free = np.full(num_gpus, slot_limit)
     copies = [[] for _ in load]
     for e in np.lexsort((-load, -counts)):
@@ -475,12 +522,12 @@ def _reference_greedy_place(load, counts, num_gpus, node_size, slot_limit):
                 ]
 
             nodes = [n for n in range(num_nodes) if open_gpus(n)]
-            node_load = [gpu_load[n * node_size : (n + 1) * node_size].sum() for n in range(num_nodes)]
             node = min(nodes, key=lambda n: (node_copies[n], node_load[n], n))
             g = min(open_gpus(node), key=lambda x: (gpu_load[x], x))
             copies[e].append(g)
             free[g] -= 1
             gpu_load[g] += load[e] / counts[e]
+            node_load[node] += load[e] / counts[e]
             node_copies[node] += 1
     return copies
 

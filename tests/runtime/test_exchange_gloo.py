@@ -1,8 +1,8 @@
 """Token and weight exchange on 4 CPU ranks (2 expert-TP x 2 EP, gloo), without Megatron.
 
-One launch runs every check: uneven all-gather / reduce-scatter and their gradients, the replica
-weight fetch (values, reuse within a key, gradient return summed at home), and a full dispatch ->
-identity experts -> combine round trip on skewed routing with replicas, forward and backward.
+One launch runs every check: uneven all-gather / reduce-scatter and their gradients, and a full
+dispatch -> identity experts -> combine round trip on skewed routing with replicas, forward and
+backward (replica weights and gradients: test_replicas_gloo.py).
 Seeds are fresh per run and printed.
 """
 
@@ -16,11 +16,12 @@ import torch.distributed as dist
 
 from megatron_microep.glue.distributed import spawn_gloo
 from megatron_microep.planning.placement import Placement
+from megatron_microep.planning.plan import HistoryPlanner, PlannerSettings, PlanTarget
 from megatron_microep.runtime import dispatch
 from megatron_microep.runtime.collectives import all_gather_uneven, reduce_scatter_uneven
 from megatron_microep.runtime.layout import PhysicalLayout
-from megatron_microep.runtime.replan import PlacementController, decode_placement, encode_placement, greedy_planner
-from megatron_microep.runtime.replicas import ReplicaExchange, replicate
+from megatron_microep.runtime.planner_pool import planner_process
+from megatron_microep.runtime.replan import PlacementController, decode_placement, encode_placement
 
 ETP, EP = 2, 2
 EXPERTS_PER_RANK, REDUNDANT = 2, 1
@@ -69,62 +70,6 @@ def _check_collectives(groups, seed):
     }
 
 
-def _check_replicas(groups, seed):
-    # EP rank 0 homes experts 0, 1; expert 0 is replicated on EP rank 1 (and expert 3 on rank 0).
-    placement = Placement.from_lists([[0, 1], [0], [1], [1, 0]], EP)
-    layout = PhysicalLayout.build(placement, EXPERTS_PER_RANK, REDUNDANT)
-    shapes = [torch.Size([4, HIDDEN]), torch.Size([HIDDEN, 2])]
-    gen = torch.Generator().manual_seed(seed + 17 * groups.ep_rank)
-    home = [
-        [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_(True) for s in shapes]
-        for _ in range(EXPERTS_PER_RANK)
-    ]
-    everyone = [
-        [[torch.zeros(s, dtype=torch.float64) for s in shapes] for _ in range(EXPERTS_PER_RANK)] for _ in range(EP)
-    ]
-    for e in range(EXPERTS_PER_RANK):
-        for i in range(len(shapes)):
-            parts = [torch.zeros(shapes[i], dtype=torch.float64) for _ in range(EP)]
-            dist.all_gather(parts, home[e][i].detach(), group=groups.ep)
-            for g in range(EP):
-                everyone[g][e][i] = parts[g]
-    exchange = ReplicaExchange(layout, groups.ep_rank, groups.ep, shapes)
-    tokens = torch.randn(3, HIDDEN, dtype=torch.float64, requires_grad=True)
-    out_tokens, replicas = replicate(tokens, exchange, home, key=("step", 0))
-    held = layout.replica_experts(groups.ep_rank)[0]
-    home_rank, local = divmod(int(held), EXPERTS_PER_RANK)
-    values_ok = all(torch.equal(replicas[0][i], everyone[home_rank][local][i]) for i in range(len(shapes)))
-    # Gradient: each holder weights its replica by (holder rank + 2); home gets the sum.
-    loss = out_tokens.sum() + sum(((groups.ep_rank + 2) * t).sum() for t in replicas[0])
-    loss.backward()
-    replicated_here = {0: 0, 1: 3}  # home rank -> my expert that the other rank replicates
-    mine = replicated_here[groups.ep_rank] % EXPERTS_PER_RANK
-    other_holder = 1 - groups.ep_rank
-    grad_ok = all(
-        torch.equal(home[mine][i].grad, torch.full(shapes[i], float(other_holder + 2), dtype=torch.float64))
-        for i in range(len(shapes))
-    )
-    untouched_ok = all(home[1 - mine][i].grad is None for i in range(len(shapes)))
-    tokens_ok = torch.equal(tokens.grad, torch.ones_like(tokens))
-    # Reuse: with the same key the earlier copy is returned even after home weights change.
-    with torch.no_grad():
-        for expert in home:
-            for t in expert:
-                t.add_(1.0)
-    _, again = replicate(tokens, exchange, home, key=("step", 0))
-    _, fresh = replicate(tokens, exchange, home, key=("step", 1))
-    reuse_ok = torch.equal(again[0][0], replicas[0][0].detach())
-    refresh_ok = torch.equal(fresh[0][0], everyone[home_rank][local][0] + 1.0)
-    return {
-        "values_ok": values_ok,
-        "grad_ok": grad_ok,
-        "untouched_ok": untouched_ok,
-        "tokens_ok": tokens_ok,
-        "reuse_ok": reuse_ok,
-        "refresh_ok": refresh_ok,
-    }
-
-
 def _check_round_trip(groups, seed):
     # 4 experts on 2 EP ranks; experts 0 and 1 (rank 0) are hot; 0 is replicated on rank 1.
     placement = Placement.from_lists([[0, 1], [0], [1], [1]], EP)
@@ -164,8 +109,12 @@ def _check_round_trip(groups, seed):
     }
 
 
+GREEDY = PlannerSettings("greedy", 1.0, 0.0, None, 0, 1, 0.0, True)
+
+
 def _check_replanning(groups):
-    """Controller over the whole expert domain (tp_ep): plan from history, adopt on every rank."""
+    """Controller over the whole expert domain (tp_ep): plan from history in the planner rank's
+    planner process (layer 2: rank 1 of tp_ep), adopt on every rank."""
     stock = PhysicalLayout.stock(EP, EXPERTS_PER_RANK, REDUNDANT)
     hot = np.array([90, 5, 5, 0], dtype=np.int64)  # expert 0 (EP rank 0) is hot
     events = {}
@@ -179,6 +128,7 @@ def _check_replanning(groups):
             replan_lag=1,
             group=groups.tp_ep,
             device=torch.device("cpu"),
+            layer_number=2,
         )
         adopted = []
         for step in steps:
@@ -188,14 +138,15 @@ def _check_replanning(groups):
                 controller.record(hot)
         return controller, adopted
 
-    controller, adopted = run(greedy_planner(1.0, 0.0, None), [1, 2, 3, 4, 5])
+    controller, adopted = run(HistoryPlanner(PlanTarget("replicas", EP, REDUNDANT), GREEDY), [1, 2, 3, 4, 5])
     events["adopted"] = adopted
     events["version"] = controller.version
     events["history_rows"] = controller.history().shape[0]
+    events["planner_rank"] = controller.is_planner
+    events["planner_process"] = planner_process().pid is not None
 
-    def broken(history, num_gpus, redundant_slots, current):
-        raise ValueError("planner exploded")
-
+    # More replica slots than any GPU can use: the planner process raises.
+    broken = HistoryPlanner(PlanTarget("replicas", EP, EP * EXPERTS_PER_RANK), GREEDY)
     controller, adopted = run(broken, [1, 2, 3])
     events["after_failure"] = (adopted, controller.version, controller.layout.placement.to_lists())
     return events
@@ -206,7 +157,6 @@ def _exchange_rank(rank, world_size, seed):
     groups = _groups()
     return {
         "collectives": _check_collectives(groups, seed),
-        "replicas": _check_replicas(groups, seed),
         "round_trip": _check_round_trip(groups, seed),
         "replanning": _check_replanning(groups),
     }
@@ -216,17 +166,12 @@ def _exchange_rank(rank, world_size, seed):
 def results():
     seed = int(os.environ.get("MICROEP_TEST_SEED", random.randrange(2**31)))
     print(f"exchange test seed: {seed} (rerun with MICROEP_TEST_SEED={seed})")
-    return spawn_gloo(_exchange_rank, ETP * EP, seed, timeout_s=120)
+    return spawn_gloo(_exchange_rank, ETP * EP, seed, timeout_s=300)
 
 
 def test_uneven_collectives_and_gradients(results):
     for rank, res in enumerate(results):
         assert all(res["collectives"].values()), f"rank {rank}: {res['collectives']}"
-
-
-def test_replica_fetch_reuse_and_gradient_return(results):
-    for rank, res in enumerate(results):
-        assert all(res["replicas"].values()), f"rank {rank}: {res['replicas']}"
 
 
 def test_round_trip_restores_tokens_and_gradients(results):
@@ -254,6 +199,9 @@ def test_replanning_adopts_one_placement_everywhere_at_the_step_boundary(results
     assert adopted[2][0] == [0, 1]  # the hot expert got its replica on the other EP rank
     assert all(e["version"] == 2 for e in events)
     assert all(e["history_rows"] == 8 for e in events)  # 4 completed steps x 2 micro-batches, on every rank
+    # Layer 2 is planned by rank 1 of the domain; only that rank started a planner process.
+    assert [e["planner_rank"] for e in events] == [False, True, False, False]
+    assert [e["planner_process"] for e in events] == [False, True, False, False]
 
 
 def test_failed_planning_keeps_the_placement_on_every_rank(results):

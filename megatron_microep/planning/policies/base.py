@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numba
 import numpy as np
 
+from megatron_microep.planning.history import LoadHistory
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.scheduler import split_by_source
 
@@ -91,35 +92,37 @@ class History:
 
     expert_loads int64 [S, E]: per-micro-batch expert totals of the last S micro-batches.
     step_tokens int64 [T, G, E]: per-source counts summed over each of the last T complete steps.
+    loads: the expert totals in per-step blocks (the runtime's history type).
     """
 
     expert_loads: np.ndarray
     step_tokens: np.ndarray
+    loads: LoadHistory
 
 
 class HistoryWindow:
-    """Bounded record of one layer's routing: the last ``micro_batches`` expert-load vectors and the
-    per-source sums of the last ``steps`` completed steps. Memory is O((micro_batches + steps) * G * E)."""
+    """Bounded record of one layer's routing: the last ``micro_batches`` expert-load vectors (a
+    ``planning.history.LoadHistory``, the runtime's history type, in whole steps) and the per-source
+    sums of the last ``steps`` completed steps. Memory is O((micro_batches + steps) * G * E)."""
 
     def __init__(self, num_gpus: int, num_experts: int, micro_batches: int, steps: int):
         if micro_batches < 1 or steps < 1:
             raise PolicyError(f"history window must keep >= 1 micro-batch and step, got {micro_batches}, {steps}")
-        self._loads = np.zeros((micro_batches, num_experts), dtype=np.int64)
+        self.micro_batches = micro_batches
+        self.loads = LoadHistory(num_experts, micro_batches=micro_batches)
         self._steps = np.zeros((steps, num_gpus, num_experts), dtype=np.int64)
-        self._num_loads = 0
         self._num_steps = 0
         self._current = np.zeros((num_gpus, num_experts), dtype=np.int64)
         self._current_used = False
 
     def push(self, tokens: np.ndarray) -> None:
         """Record one micro-batch's int64 [G, E] counts."""
-        self._loads = np.roll(self._loads, -1, axis=0)
-        self._loads[-1] = tokens.sum(axis=0)
-        self._num_loads = min(self._num_loads + 1, len(self._loads))
+        self.loads.record(tokens.sum(axis=0))
         self._current += tokens
         self._current_used = True
 
     def end_step(self) -> None:
+        self.loads.end_step()
         if not self._current_used:
             return
         self._steps = np.roll(self._steps, -1, axis=0)
@@ -130,12 +133,16 @@ class HistoryWindow:
 
     @property
     def empty(self) -> bool:
-        return self._num_loads == 0
+        return len(self.loads) == 0 and len(self.loads.current()) == 0
 
     def view(self) -> History:
+        """The completed steps and the rows of the step in progress (policies plan at step boundaries,
+        where the step in progress has none)."""
+        rows = np.concatenate([self.loads.window(), self.loads.current()])
         return History(
-            expert_loads=self._loads[len(self._loads) - self._num_loads :],
+            expert_loads=rows[len(rows) - min(self.micro_batches, len(rows)) :],
             step_tokens=self._steps[len(self._steps) - self._num_steps :],
+            loads=self.loads,
         )
 
 
@@ -152,6 +159,10 @@ class Assignment:
     run on copy ``piece_slot[p]``.
     ``weight_moves`` int64 [K, 2]: (from GPU, to GPU) of every expert's weights sent for this
     micro-batch before its experts run (LLEP spills, BalanceMoE moves, UltraEP replica pushes).
+    ``step_copies`` int64 [K, 2]: (expert, gpu) of the copies in ``placement`` that are kept until
+    the end of the step (MicroEP's burst copies); the ones the previous micro-batch of the step did
+    not hold are pushed from their expert's home GPU beside the dispatch all-to-all, and their
+    gradients go home once per step.
     """
 
     tokens: np.ndarray
@@ -161,6 +172,7 @@ class Assignment:
     piece_slot: np.ndarray
     piece_count: np.ndarray
     weight_moves: np.ndarray
+    step_copies: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     def gpu_load(self) -> np.ndarray:
         """int64 [G]: tokens each GPU processes."""
@@ -189,7 +201,7 @@ def quota_assignment(
     return Assignment(tokens, placement, slot_tokens, src, slot, count, weight_moves)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _even_split(tokens, ptr, gpus, node_size):
     """Pieces of the even split (see ``even_split_assignment``); node_size 0 means one node.
     Returns (piece_src, piece_slot, piece_count, slot_tokens)."""
@@ -315,6 +327,11 @@ class Policy(ABC):
     @abstractmethod
     def assign(self, tokens: np.ndarray, placement: Placement) -> Assignment: ...
 
+    def assign_in_step(self, tokens: np.ndarray, placement: Placement, held: np.ndarray) -> Assignment:
+        """``assign`` inside a step: ``held`` int64 [K, 2] is the ``step_copies`` of the previous
+        micro-batch of the same step (empty at its first). Policies without step copies ignore it."""
+        return self.assign(tokens, placement)
+
 
 def build_params(cls: type[Policy], values: Mapping[str, Any]) -> Policy.Params:
     """Validate ``values`` against ``cls.Params``: unknown names and wrong types raise PolicyError."""
@@ -378,7 +395,7 @@ class Traffic:
         return int(self.send_inter.sum())
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _traffic(tokens, ptr, gpus, piece_src, piece_slot, piece_count, node_size):
     num_gpus, num_experts = tokens.shape
     send_intra = np.zeros(num_gpus, np.int64)

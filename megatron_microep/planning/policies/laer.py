@@ -110,7 +110,7 @@ def _first_short(expert: np.ndarray, counts: np.ndarray, order: np.ndarray) -> i
     return int(np.flatnonzero(placed[order] < counts[order])[0])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _greedy_place(load, counts, order, num_gpus, node_size, slot_limit):
     """Returns (expert, gpu) int64 arrays of the copies placed, in placement order; stops early when a
     copy finds no GPU."""

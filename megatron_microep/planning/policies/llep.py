@@ -89,7 +89,7 @@ class LlepPolicy(Policy):
         return quota_assignment(tokens, extended, slot_tokens, moves)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _spill(load, home, order, num_gpus, cap, min_chunk, foreign_limit):
     """LPT spill over experts in ``order``. Returns (keep int64 [E] tokens left at home, and per
     helper copy: expert, GPU, tokens)."""

@@ -42,7 +42,7 @@ class UltraEpParams:
             raise PolicyError(f"ultraep: epsilon must be >= 0, got {self.epsilon}")
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _greedy_quotas(load, home_ptr, home_experts, num_gpus, node_size, redundant, cap):
     """Greedy check at cap ``cap``. Returns (feasible, keep int64 [E] home quotas,
     rep_expert, rep_gpu, rep_tokens (int64 [n] each)) for the replicas it made."""

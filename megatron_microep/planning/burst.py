@@ -1,0 +1,397 @@
+"""Burst copies: temporary expert copies chosen inside the micro-batch from its own counts.
+
+Problem. The persistent placement comes from history; when a micro-batch sends a burst to an expert
+with too few copies, the exact scheduler's optimum over that placement stays high. Each GPU has
+``slots`` burst slots per step: a burst slot holds a temporary copy of any expert, pushed from the
+expert's home GPU when first needed and kept (with its gradient) until the step ends, so later
+micro-batches of the step reuse it. Given this micro-batch's counts, add copies until the max GPU
+load is within ``tolerance`` of the mean, or no slot can help.
+
+Method. The tolerance cap is ``T = max(ceil(total / G), floor(tolerance * total / G))``. The
+scheduler routes the micro-batch over the persistent copies plus the copies already held this step;
+if its max load is within T, that is the schedule and nothing is added. Otherwise its flow is
+stripped down to T on every GPU (the stripped tokens become unplaced load of their experts) and a
+max-flow at cap T continues from there with the scheduler's residual search and path push. When no
+augmenting path is left, the reached sets are the scheduler's certificate, a Hall violator: experts
+S with unplaced load, every copy of which sits on a full GPU of U, so the optimum is above T. A copy
+of the expert of S with the most load per copy, on the least-loaded eligible GPU outside U (no copy
+of it yet, a burst slot free, and by default in the expert's home node, so the push stays on
+NVLink), gives S a way out; the flow continues from where it stood, the new copy being one more
+edge. When no expert of S has an eligible GPU, no later copy can help S either, so its bound
+``load(S) / |U|`` holds for the final placement and the cap rises to it, as in the scheduler. The
+result: max load <= T when copies can bring it there, else the exact optimum over the extended
+placement (the last raise certifies it).
+
+Every rank that calls ``plan_burst`` with the same counts, placement and held copies gets the same
+copies and schedule: integer arithmetic (the tolerance is rounded to 1/1000), fixed iteration order,
+so nothing is broadcast: the runtime can call it on every rank once per micro-batch and layer, after
+the count read (the simulator's ``microep`` policy does, with ``burst_slots``).
+``planning.burst_reference`` gives the best choice of copies exactly (a MIP) for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from megatron_microep.planning.placement import Placement, PlacementError
+from megatron_microep.planning.scheduler import (
+    Schedule,
+    _check_tokens,
+    _complete,
+    _find_path,
+    _push_path,
+    _route,
+    _split_by_source,
+)
+
+NO_COPIES = np.zeros((0, 2), dtype=np.int64)
+TOLERANCE_UNIT = 1000  # the tolerance is an integer number of thousandths on the critical path
+
+
+@dataclass(frozen=True)
+class BurstPlan:
+    """Result of one burst decision. K burst copies held after this micro-batch, N of them new.
+
+    ``placement``: the persistent copies of each expert, then its burst copies (held, then new).
+    ``copies`` int64 [K, 2]: (expert, gpu) of every burst copy, the held ones first in the order
+    given, then the new ones in the order they were chosen; a GPU's burst copies in this order fill
+    its burst slots 0, 1, ... (``burst_slot``). ``num_held``: ``copies[:num_held]`` were held before.
+    ``pushes`` int64 [N, 2]: (home GPU, gpu) weight transfers of the new copies.
+    ``schedule``: the schedule over ``placement`` (``plan_burst`` says which).
+    """
+
+    placement: Placement
+    copies: np.ndarray
+    num_held: int
+    pushes: np.ndarray
+    schedule: Schedule
+
+    def burst_slot(self) -> np.ndarray:
+        """int64 [K]: the burst slot each copy occupies on its GPU (its rank among that GPU's copies)."""
+        gpu = self.copies[:, 1]
+        order = np.argsort(gpu, kind="stable")
+        rank = np.empty(len(gpu), dtype=np.int64)
+        rank[order] = np.arange(len(gpu)) - np.searchsorted(gpu[order], gpu[order])
+        return rank
+
+
+def tolerance_cap(total: int, num_gpus: int, tolerance: float) -> int:
+    """The load T a GPU may carry: max(ceil(total / G), floor(tolerance * total / G)), integers only
+    (``tolerance`` rounded to 1/1000)."""
+    thousandths = round(tolerance * TOLERANCE_UNIT)
+    return max(-(-total // num_gpus), total * thousandths // (num_gpus * TOLERANCE_UNIT))
+
+
+@numba.njit(cache=True, nogil=True)
+def _held_problem(held, ptr, gpus, num_gpus, slots):
+    """0 if burst copies ``held`` int64 [K, 2] fit (ptr, gpus) and ``slots``; else 1: an id out of
+    range, 2: a GPU over its slots, 3: a copy its GPU already holds."""
+    num_experts = ptr.size - 1
+    per_gpu = np.zeros(num_gpus, np.int64)
+    for k in range(held.shape[0]):
+        e, g = held[k, 0], held[k, 1]
+        if e < 0 or e >= num_experts or g < 0 or g >= num_gpus:
+            return 1
+        per_gpu[g] += 1
+        if per_gpu[g] > slots:
+            return 2
+        for r in range(ptr[e], ptr[e + 1]):
+            if gpus[r] == g:
+                return 3
+        for j in range(k):
+            if held[j, 0] == e and held[j, 1] == g:
+                return 3
+    return 0
+
+
+_HELD_PROBLEMS = {
+    1: "a burst copy names an expert or GPU outside the placement",
+    2: "a GPU holds more burst copies than it has burst slots",
+    3: "a burst copy duplicates a copy its GPU already holds",
+}
+
+
+def check_burst_copies(copies: np.ndarray, placement: Placement, slots: int) -> np.ndarray:
+    """Validate burst copies int [K, 2] (expert, gpu) against ``placement`` and ``slots`` per GPU;
+    returns them as int64 [K, 2]. Raises PlacementError naming the problem."""
+    copies = np.ascontiguousarray(copies, dtype=np.int64).reshape(-1, 2)
+    problem = _held_problem(copies, placement.ptr, placement.gpus, placement.num_gpus, slots)
+    if problem:
+        raise PlacementError(_HELD_PROBLEMS[problem])
+    return copies
+
+
+@numba.njit(cache=True, nogil=True)
+def _extend(ptr, gpus, copies):
+    """(ptr, gpus) with copies int64 [K, 2] (expert, gpu) appended to their experts' copies, in order."""
+    num_experts = ptr.size - 1
+    new_ptr = ptr.copy()
+    for k in range(copies.shape[0]):
+        new_ptr[copies[k, 0] + 1 :] += 1
+    new_gpus = np.empty(new_ptr[num_experts], np.int64)
+    fill = new_ptr[:-1].copy()
+    for e in range(num_experts):
+        for r in range(ptr[e], ptr[e + 1]):
+            new_gpus[fill[e]] = gpus[r]
+            fill[e] += 1
+    for k in range(copies.shape[0]):
+        new_gpus[fill[copies[k, 0]]] = copies[k, 1]
+        fill[copies[k, 0]] += 1
+    return new_ptr, new_gpus
+
+
+def with_copies(placement: Placement, copies: np.ndarray) -> Placement:
+    """``placement`` plus burst copies int [K, 2] (expert, gpu), each after its expert's other copies."""
+    if len(copies) == 0:
+        return placement
+    ptr, gpus = _extend(placement.ptr, placement.gpus, np.ascontiguousarray(copies, dtype=np.int64))
+    return Placement(num_gpus=placement.num_gpus, ptr=ptr, gpus=gpus)
+
+
+@numba.njit(cache=True, nogil=True)
+def _reverse(gpus, num_gpus):
+    """GPU -> slots adjacency of ``gpus`` int64 [nnz]: (gpu_ptr int64 [G+1], gpu_slot int64 [nnz])."""
+    gpu_ptr = np.zeros(num_gpus + 1, np.int64)
+    for r in range(gpus.size):
+        gpu_ptr[gpus[r] + 1] += 1
+    for g in range(num_gpus):
+        gpu_ptr[g + 1] += gpu_ptr[g]
+    gpu_slot = np.empty(gpus.size, np.int64)
+    fill = gpu_ptr[:-1].copy()
+    for r in range(gpus.size):
+        gpu_slot[fill[gpus[r]]] = r
+        fill[gpus[r]] += 1
+    return gpu_ptr, gpu_slot
+
+
+@numba.njit(cache=True, nogil=True)
+def _insert_copy(ptr, gpus, slot_tokens, slot_expert, expert, gpu):
+    """The CSR arrays with one more (empty) copy of ``expert`` on ``gpu``, after its other copies."""
+    nnz = gpus.size
+    at = ptr[expert + 1]
+    new_ptr = ptr.copy()
+    new_ptr[expert + 1 :] += 1
+    new_gpus = np.empty(nnz + 1, np.int64)
+    new_tokens = np.empty(nnz + 1, np.int64)
+    new_expert = np.empty(nnz + 1, np.int64)
+    new_gpus[:at] = gpus[:at]
+    new_tokens[:at] = slot_tokens[:at]
+    new_expert[:at] = slot_expert[:at]
+    new_gpus[at] = gpu
+    new_tokens[at] = 0
+    new_expert[at] = expert
+    new_gpus[at + 1 :] = gpus[at:]
+    new_tokens[at + 1 :] = slot_tokens[at:]
+    new_expert[at + 1 :] = slot_expert[at:]
+    return new_ptr, new_gpus, new_tokens, new_expert
+
+
+@numba.njit(cache=True, nogil=True)
+def _eligible_gpu(expert, ptr, gpus, seen_gpu, spare, free, anchor, node_size):
+    """The least-loaded (most spare) GPU outside U that may take a burst copy of ``expert``: a slot
+    free, no copy of it yet, in its anchor's node when node_size > 0 (ties: lower id); -1 if none."""
+    lo, hi = 0, spare.size
+    if node_size > 0:
+        lo = (anchor[expert] // node_size) * node_size
+        hi = lo + node_size
+    best = -1
+    for t in range(lo, hi):
+        if seen_gpu[t] or free[t] == 0 or (best >= 0 and spare[t] <= spare[best]):
+            continue
+        holds = False
+        for r in range(ptr[expert], ptr[expert + 1]):
+            if gpus[r] == t:
+                holds = True
+                break
+        if not holds:
+            best = t
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor, node_size):
+    """The heaviest expert of the violator S, by load per copy (ties: lower id), with an eligible GPU
+    outside U; -1 if none. Per copy, so that an expert just copied yields to one that has fewer."""
+    num_experts = load.size
+    tried = np.zeros(num_experts, np.bool_)
+    while True:
+        e = -1
+        for e2 in range(num_experts):
+            if seen_expert[e2] and not tried[e2]:
+                # load[e2] / copies(e2) > load[e] / copies(e), in integers.
+                if e < 0 or load[e2] * (ptr[e + 1] - ptr[e]) > load[e] * (ptr[e2 + 1] - ptr[e2]):
+                    e = e2
+        if e < 0 or _eligible_gpu(e, ptr, gpus, seen_gpu, spare, free, anchor, node_size) >= 0:
+            return e
+        tried[e] = True
+
+
+@numba.njit(cache=True, nogil=True)
+def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size):
+    """Add copies until ``load`` fits under ``cap`` or no copy helps (see the module doc).
+
+    load int64 [E]; flow int64 [nnz]: tokens per copy of (ptr int64 [E+1], gpus int64 [nnz]) placing
+    every expert's load (the scheduler's slot_tokens); free int64 [G]: burst slots left per GPU
+    (decremented in place); anchor int64 [E]: the GPU whose node an expert's new copies must share
+    (node_size 0: any GPU). Returns (ptr, gpus, slot_tokens, gpu_load, new int64 [N, 2], bound_num,
+    bound_den): the extended placement (new copies (expert, gpu) after their expert's others, in the
+    order chosen) and its flow, whose max load is at most max(cap, ceil(bound_num / bound_den)), a
+    lower bound proven for the extended placement (total / G, or the last violator no copy could help).
+    """
+    num_experts = load.size
+    nnz = gpus.size
+    slot_tokens = flow.copy()
+    slot_expert = np.empty(nnz, np.int64)
+    for e in range(num_experts):
+        for r in range(ptr[e], ptr[e + 1]):
+            slot_expert[r] = e
+    # Strip every GPU down to the cap; what it sheds is unplaced load of its experts.
+    gpu_load = np.zeros(num_gpus, np.int64)
+    for r in range(nnz):
+        gpu_load[gpus[r]] += slot_tokens[r]
+    excess = np.zeros(num_experts, np.int64)
+    for r in range(nnz):
+        over = gpu_load[gpus[r]] - cap
+        if over > 0:
+            take = min(over, slot_tokens[r])
+            slot_tokens[r] -= take
+            gpu_load[gpus[r]] -= take
+            excess[slot_expert[r]] += take
+    spare = cap - gpu_load
+    # Unplaced load first fills its experts' other copies that have room, then augmenting paths.
+    for e in range(num_experts):
+        for r in range(ptr[e], ptr[e + 1]):
+            take = min(excess[e], spare[gpus[r]])
+            slot_tokens[r] += take
+            spare[gpus[r]] -= take
+            excess[e] -= take
+    gpu_ptr, gpu_slot = _reverse(gpus, num_gpus)
+    seen_expert = np.zeros(num_experts, np.bool_)
+    seen_gpu = np.zeros(num_gpus, np.bool_)
+    via_slot_gpu = np.empty(num_gpus, np.int64)
+    via_slot_expert = np.empty(num_experts, np.int64)
+    queue = np.empty(num_experts, np.int64)
+    targets = np.empty(num_gpus, np.int64)
+    limit = free.sum()
+    new = np.empty((limit, 2), np.int64)
+    keep = np.zeros(nnz + limit, np.int64)  # nothing is protected; sized for every copy added
+    n = 0
+    bound_num = 0
+    for e in range(num_experts):
+        bound_num += load[e]
+    bound_den = num_gpus
+    while True:
+        found = _find_path(
+            excess,
+            spare,
+            slot_tokens,
+            keep,
+            ptr,
+            gpus,
+            slot_expert,
+            gpu_ptr,
+            gpu_slot,
+            seen_expert,
+            seen_gpu,
+            via_slot_gpu,
+            via_slot_expert,
+            queue,
+            targets,
+        )
+        if found > 0:
+            for i in range(found):
+                _push_path(
+                    targets[i], excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert
+                )
+            continue
+        pending = False
+        for e in range(num_experts):
+            if excess[e] > 0:
+                pending = True
+                break
+        if not pending:
+            gpu_load[:] = 0
+            for r in range(gpus.size):
+                gpu_load[gpus[r]] += slot_tokens[r]
+            return ptr, gpus, slot_tokens, gpu_load, new[:n], bound_num, bound_den
+        # Hall violator (S = seen experts, U = seen GPUs): the certificate names what binds.
+        e = _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor, node_size)
+        if e < 0:
+            # No copy can help S now or later: its bound holds for the final placement.
+            bound_num = 0
+            bound_den = 0
+            for e2 in range(num_experts):
+                if seen_expert[e2]:
+                    bound_num += load[e2]
+            for g in range(num_gpus):
+                if seen_gpu[g]:
+                    bound_den += 1
+            raised = -(-bound_num // bound_den)
+            spare += raised - cap
+            cap = raised
+            continue
+        t = _eligible_gpu(e, ptr, gpus, seen_gpu, spare, free, anchor, node_size)
+        ptr, gpus, slot_tokens, slot_expert = _insert_copy(ptr, gpus, slot_tokens, slot_expert, e, t)
+        take = min(excess[e], spare[t])
+        slot_tokens[ptr[e + 1] - 1] = take
+        spare[t] -= take
+        excess[e] -= take
+        gpu_ptr, gpu_slot = _reverse(gpus, num_gpus)
+        free[t] -= 1
+        new[n, 0] = e
+        new[n, 1] = t
+        n += 1
+
+
+def plan_burst(
+    tokens: np.ndarray,
+    placement: Placement,
+    held: np.ndarray,
+    slots: int,
+    node_size: int | None,
+    tolerance: float,
+) -> BurstPlan:
+    """Burst copies and the schedule for one micro-batch and layer.
+
+    tokens int [G, E]: this micro-batch's routed counts. placement: the persistent placement.
+    held int [K, 2]: (expert, gpu) burst copies already pushed earlier in this step (reused first:
+    they are part of the placement routed). slots: burst slots per GPU, held copies included.
+    node_size: new copies stay in their expert's home node of this many GPUs (None: anywhere).
+    tolerance: add copies only while the max load is above ``tolerance_cap`` (1.0: aim at perfect
+    balance).
+
+    Without new copies the schedule is ``scheduler.schedule``'s over the persistent and held copies.
+    With new copies it is the search's own flow (max load at most T, or the exact optimum over the
+    extended placement when that is above T; ``lower_bound`` is the bound the search proved), each
+    copy's quota filled from its own GPU's tokens first (``scheduler.split_by_source``).
+    """
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0, got {slots}")
+    if tolerance < 1.0:
+        raise ValueError(f"tolerance must be >= 1, got {tolerance}")
+    num_gpus = placement.num_gpus
+    if node_size is not None and (node_size < 1 or num_gpus % node_size):
+        raise ValueError(f"node_size={node_size} must be >= 1 and divide num_gpus={num_gpus}")
+    held = check_burst_copies(held, placement, slots)
+    current = with_copies(placement, held)
+    tokens = _check_tokens(tokens, current)
+    load = tokens.sum(axis=0)
+    routed = _route(load, tokens, current.ptr, current.gpus, num_gpus, 0)
+    cap = tolerance_cap(int(load.sum()), num_gpus, tolerance)
+    free = slots - np.bincount(held[:, 1], minlength=num_gpus)
+    if routed[1].max(initial=0) <= cap or not free.any():
+        return BurstPlan(current, held, len(held), NO_COPIES, _complete(tokens, current, load, routed))
+    home = placement.gpus[placement.ptr[:-1]]
+    ptr, gpus, slot_tokens, gpu_load, new, num, den = _burst_copies(
+        load, routed[0], current.ptr, current.gpus, num_gpus, cap, free, home, node_size or 0
+    )
+    if len(new) == 0:
+        return BurstPlan(current, held, len(held), NO_COPIES, _complete(tokens, current, load, routed))
+    src, slot, count, remote = _split_by_source(tokens, slot_tokens, ptr, gpus)
+    flow = Schedule(int(gpu_load.max()), gpu_load, num / den, int(remote), slot_tokens, src, slot, count)
+    pushes = np.stack([home[new[:, 0]], new[:, 1]], axis=1)
+    extended = Placement(num_gpus=num_gpus, ptr=ptr, gpus=gpus)
+    return BurstPlan(extended, np.concatenate([held, new]), len(held), pushes, flow)
