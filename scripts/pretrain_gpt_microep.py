@@ -226,12 +226,10 @@ def extra_args_provider(pretrain_gpt):
 
 def validate_microep(args) -> None:
     from megatron_microep.glue.args import validate_microep_args
-    from megatron_microep.glue.compat import check_expert_storage
     from megatron_microep.glue.config import MicroEPConfigError
 
     try:
-        if validate_microep_args(args) is not None:
-            check_expert_storage(args)
+        validate_microep_args(args)
     except MicroEPConfigError as err:
         fail(str(err))
 

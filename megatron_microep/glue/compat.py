@@ -12,7 +12,8 @@
   ``TEGroupedMLP``: ``weight{i}`` / ``bias{i}`` of two GroupedLinear), never copied. From 0.20 TE
   may keep all local experts in one grouped parameter (``moe_single_grouped_weight`` /
   ``moe_single_grouped_bias``); MicroEP reads and sends single experts, so those are rejected by name
-  (``moe_use_grouped_tensor`` alone changes only TE's own GEMM, which MicroEP does not call).
+  (``glue/config.py``'s registry; ``expert_tensors`` also refuses such a GroupedLinear);
+  ``moe_use_grouped_tensor`` alone changes only TE's own GEMM, which MicroEP does not call.
 - SwiGLU clamping (``activation_func_clamp_value``): the unfused paths clamp in every version; the
   fused SwiGLU kernels (``bias_activation_fusion``) ignore the clamp before 0.20 and apply it from
   0.20. ``expert_math`` follows the running version, so MicroEP computes what stock computes.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_microep.glue.config import MicroEPConfigError, flag
+from megatron_microep.glue.config import check_unsupported_settings
 from megatron_microep.runtime.experts import ExpertMath, ExpertWeights
 
 MCORE_VERSION = (int(package_info.MAJOR), int(package_info.MINOR))
@@ -84,7 +86,8 @@ def swap_moe_mlp(mlp, layer_class: type, **params):
 LAYER_PASSES_GROUPS_TO_ANY_MLP = MCORE_VERSION >= (0, 18)
 # megatron-core 0.20 (Megatron-LM #5940) passes activation_func_clamp_value to its fused SwiGLU kernels.
 FUSED_SWIGLU_CLAMPS = MCORE_VERSION >= (0, 20)
-# TransformerConfig fields (0.20) that store every local expert in one TE GroupedTensor parameter.
+# TransformerConfig fields (0.20) that store every local expert in one TE GroupedTensor parameter
+# (rejected in glue/config.py's UNSUPPORTED_SETTINGS).
 SINGLE_GROUPED_PARAMS = ("moe_single_grouped_weight", "moe_single_grouped_bias")
 
 
@@ -118,21 +121,6 @@ def bind_mlp_process_groups(submodules, pg_collection):
     return dataclasses.replace(submodules, mlp=bound)
 
 
-def _single_grouped_error(name: str) -> MicroEPConfigError:
-    return MicroEPConfigError(
-        f"{flag(name)} is not supported with --moe-token-dispatcher-type microep: TransformerEngine then keeps "
-        f"all local experts in one grouped parameter, and MicroEP reads and sends single experts (leave "
-        f"{flag(name)} off; --moe-use-grouped-tensor alone is fine)"
-    )
-
-
-def check_expert_storage(config) -> None:
-    """Reject expert parameter layouts MicroEP cannot read (``config``: TransformerConfig or args)."""
-    for name in SINGLE_GROUPED_PARAMS:
-        if getattr(config, name, False):
-            raise _single_grouped_error(name)
-
-
 def expert_tensors(experts: torch.nn.Module) -> list[list[torch.Tensor]]:
     """Per local expert: [fc1 weight, fc2 weight] + [fc1 bias, fc2 bias] when the model has biases.
 
@@ -149,12 +137,11 @@ def expert_tensors(experts: torch.nn.Module) -> list[list[torch.Tensor]]:
             out.append(tensors)
         return out
     if isinstance(experts, TEGroupedMLP):
-        check_expert_storage(experts.config)
         fc1, fc2 = experts.linear_fc1, experts.linear_fc2
         for linear in (fc1, fc2):
             for name in SINGLE_GROUPED_PARAMS:  # TE's GroupedLinear attribute: the name without "moe_"
                 if getattr(linear, name.removeprefix("moe_"), False):
-                    raise _single_grouped_error(name)
+                    check_unsupported_settings(types.SimpleNamespace(**{name: True}))
         out = []
         for i in range(experts.num_local_experts):
             tensors = [getattr(fc1, f"weight{i}"), getattr(fc2, f"weight{i}")]

@@ -175,7 +175,7 @@ def test_single_grouped_expert_weights_are_rejected_before_training(megatron_lm,
     cmd = [sys.executable, str(SCRIPT), "--microep-check", "args", *_flags("tiny-cpu", *MOCK_DATA), *grouped]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "error: --moe-single-grouped-weight is not supported with --moe-token-dispatcher-type microep" in (
+    assert "error: --moe-single-grouped-weight cannot be used with --moe-token-dispatcher-type microep" in (
         result.stderr
     )
 

@@ -6,8 +6,8 @@ version (CI: 0.16.1, 0.19.2, and 0.20.0 from Megatron-LM main).
   fused and unfused, a stock MoELayer and a MicroEPMoELayer with a clamp that bites must agree on the
   output and every gradient, and stock's fused output must equal its clamped unfused output exactly
   when the version clamps there.
-- TE's single grouped expert parameters (0.20) are rejected by name, from the settings and from
-  the experts module.
+- TE's single grouped expert parameters (0.20) are rejected by name when MicroEP reads the experts
+  module (the settings: tests/megatron/test_rejections.py).
 """
 
 import os
@@ -110,22 +110,24 @@ def test_stock_clamps_in_the_fused_swiglu_from_0_20(clamp_run):
 
 
 @pytest.mark.parametrize("name", ["moe_single_grouped_weight", "moe_single_grouped_bias"])
-def test_single_grouped_expert_parameters_are_rejected_by_name(name):
+def test_a_single_grouped_expert_parameter_is_refused_by_name(name):
+    """The settings are refused by glue/config.py's registry (tests/megatron/test_rejections.py); a
+    TEGroupedMLP whose GroupedLinear holds one grouped parameter (TE's attribute, set by 0.20) is
+    refused when MicroEP reads its experts."""
     from megatron.core.transformer.moe.experts import TEGroupedMLP
 
-    from megatron_microep.glue.compat import check_expert_storage, expert_tensors
+    from megatron_microep.glue.compat import expert_tensors
     from megatron_microep.glue.config import MicroEPConfigError
 
-    flag = "--" + name.replace("_", "-")
-    with pytest.raises(MicroEPConfigError, match=flag):
-        check_expert_storage(types.SimpleNamespace(**{name: True}))
-    check_expert_storage(types.SimpleNamespace(moe_use_grouped_tensor=True))  # accepted on its own
-    # A TEGroupedMLP whose GroupedLinear holds one grouped parameter (TE's attribute, set by 0.20).
     experts = TEGroupedMLP.__new__(TEGroupedMLP)
     torch.nn.Module.__init__(experts)
     experts.config = types.SimpleNamespace()
     experts.num_local_experts = 2
     experts.linear_fc1, experts.linear_fc2 = torch.nn.Module(), torch.nn.Module()
-    setattr(experts.linear_fc1, name.removeprefix("moe_"), True)
-    with pytest.raises(MicroEPConfigError, match=flag):
+    for i in range(2):  # what expert_tensors reads when the experts are stored one by one
+        experts.linear_fc1.register_parameter(f"weight{i}", torch.nn.Parameter(torch.zeros(8, 4)))
+        experts.linear_fc2.register_parameter(f"weight{i}", torch.nn.Parameter(torch.zeros(4, 4)))
+    assert len(expert_tensors(experts)) == 2
+    setattr(experts.linear_fc2, name.removeprefix("moe_"), True)
+    with pytest.raises(MicroEPConfigError, match="--" + name.replace("_", "-") + " cannot be used"):
         expert_tensors(experts)
