@@ -235,6 +235,21 @@ def _patch_default_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
+def _patch_mtp_inference_linear_check() -> None:
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    if not hasattr(mtp, "is_inference_column_parallel_linear"):
+        return  # before megatron-core 0.20 MTP layers make no such check
+    from megatron.core.tensor_parallel import inference_layers
+
+    if inference_layers.HAVE_TE:
+        return
+    # From 0.20 an MTP layer asks isinstance(eh_proj, (InferenceColumnParallelLinear, ...)); without
+    # TransformerEngine those classes derive from a MagicMock stand-in, are no types, and isinstance
+    # raises TypeError, so no MTP layer builds. Without TE no inference-optimized linear exists.
+    mtp.is_inference_column_parallel_linear = lambda module: False
+
+
 def _is_cuda_device(device) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
@@ -355,6 +370,7 @@ _PATCHES: tuple[_Patch, ...] = (
     _Patch("moe_utils: te_general_gemm, CPU split sizes", _patch_moe_utils),
     _Patch("uneven first-dim all-gather on gloo", _patch_uneven_all_gather),
     _Patch("default causal attention mask on CPU", _patch_default_causal_mask),
+    _Patch("0.20 MTP layers build without TransformerEngine", _patch_mtp_inference_linear_check),
     _Patch("optimizer, clipping, schedules: device='cuda' allocations on CPU", _patch_cuda_literal_allocations),
     _Patch("optimizer parameter type checks accept CPU tensors", _patch_type_checks),
 )
