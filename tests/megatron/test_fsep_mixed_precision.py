@@ -86,7 +86,9 @@ def _config(dispatcher: str, dtype: torch.dtype):
         pipeline_dtype=dtype,
     )
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=SLOTS - NUM_EXPERTS // EP, expert_sharding="fsep"))
+        attach_microep_config(
+            config, MicroEPConfig(redundant_slots=SLOTS - NUM_EXPERTS // EP, replan_interval=0, expert_sharding="fsep")
+        )
     return config
 
 

@@ -75,7 +75,8 @@ def _config(model: str):
     )
     if model != "stock":
         attach_microep_config(
-            config, MicroEPConfig(redundant_slots=1, expert_sharding="fsep", fsep_memory_policy=model)
+            config,
+            MicroEPConfig(redundant_slots=1, replan_interval=0, expert_sharding="fsep", fsep_memory_policy=model),
         )
     return config
 

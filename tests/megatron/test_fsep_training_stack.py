@@ -76,7 +76,12 @@ def _config(model: str):
         policy = "regather" if model == "regather" else "keep"
         attach_microep_config(
             config,
-            MicroEPConfig(redundant_slots=SLOTS - NUM_EXPERTS // EP, expert_sharding="fsep", fsep_memory_policy=policy),
+            MicroEPConfig(
+                redundant_slots=SLOTS - NUM_EXPERTS // EP,
+                replan_interval=0,
+                expert_sharding="fsep",
+                fsep_memory_policy=policy,
+            ),
         )
     return config
 

@@ -79,7 +79,12 @@ def _config(model: str):
     if model != "stock":
         attach_microep_config(
             config,
-            MicroEPConfig(redundant_slots=SLOTS - NUM_EXPERTS // EP, expert_sharding="fsep", fsep_memory_policy=model),
+            MicroEPConfig(
+                redundant_slots=SLOTS - NUM_EXPERTS // EP,
+                replan_interval=0,
+                expert_sharding="fsep",
+                fsep_memory_policy=model,
+            ),
         )
     return config
 

@@ -44,7 +44,7 @@ def _config(dispatcher: str, mode: str):
     sharding = "fsep" if mode == "fsep" else "none"
     return moe_config(
         dispatcher,
-        MicroEPConfig(redundant_slots=1, expert_sharding=sharding),
+        MicroEPConfig(redundant_slots=1, replan_interval=0, expert_sharding=sharding),
         num_layers=2,
         num_moe_experts=NUM_EXPERTS,
         expert_model_parallel_size=EP,

@@ -55,7 +55,7 @@ def _configs(ep_size: int, topk: int, redundant_slots: int, stock_dispatcher: st
     common.update(overrides)
     stock = TransformerConfig(moe_token_dispatcher_type=stock_dispatcher, **common)
     micro = TransformerConfig(moe_token_dispatcher_type="microep", **common)
-    attach_microep_config(micro, MicroEPConfig(redundant_slots=redundant_slots))
+    attach_microep_config(micro, MicroEPConfig(redundant_slots=redundant_slots, replan_interval=0))
     return stock, micro
 
 

@@ -52,7 +52,7 @@ def _config(dispatcher):
         pipeline_dtype=torch.float32,
     )
     if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=1))
+        attach_microep_config(config, MicroEPConfig(redundant_slots=1, replan_interval=0))
     return config
 
 

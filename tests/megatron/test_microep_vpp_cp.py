@@ -46,7 +46,7 @@ def _config(dispatcher: str, **parallel):
 
     return moe_config(
         dispatcher,
-        MicroEPConfig(redundant_slots=1),
+        MicroEPConfig(redundant_slots=1, replan_interval=0),
         num_layers=len(PATTERN),
         num_moe_experts=NUM_EXPERTS,
         moe_layer_freq=PATTERN,
