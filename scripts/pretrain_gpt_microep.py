@@ -2,8 +2,8 @@
 """Megatron-LM GPT pretraining with MicroEP, without a fork.
 
 Runs Megatron-LM's own ``pretrain_gpt.py`` pipeline (data, model provider, forward step, training
-loop) from a Megatron-LM checkout on ``PYTHONPATH`` (or ``MEGATRON_LM_PATH``), core_r0.16 to
-core_r0.19, and adds MicroEP through Megatron-LM's own hooks:
+loop) from a Megatron-LM checkout on ``PYTHONPATH`` (or ``MEGATRON_LM_PATH``), core_r0.16 to main
+(megatron-core 0.20), and adds MicroEP through Megatron-LM's own hooks:
 
 - ``--microep-*`` flags and the ``microep`` value of ``--moe-token-dispatcher-type``: an
   ``extra_args_provider`` (passed to ``pretrain`` up to core_r0.17 and to
@@ -11,6 +11,12 @@ core_r0.19, and adds MicroEP through Megatron-LM's own hooks:
 - the MicroEP layers: ``--spec megatron_microep.glue.spec microep_layer_spec``, added when the
   dispatcher is ``microep`` and no ``--spec`` is given;
 - the MicroEP flags are checked against the rest of the job before anything is built.
+
+Without a visible GPU the same command trains on CPU ranks (gloo): the CPU harness
+(``megatron_microep.glue.cpu.enable_cpu_megatron_training``) patches Megatron at runtime, and
+``CPU_FLAGS`` are added to the command line (the first log line says so). With a GPU nothing of this
+happens. On Python 3.11, ``typing.override`` (3.12), which ``megatron.training`` imports from
+core_r0.17 on, is provided from ``typing_extensions`` before Megatron-LM is imported.
 
     torchrun --nproc-per-node 8 ... scripts/pretrain_gpt_microep.py $(microep launch-args mixtral-8x7b) \\
         --data-path /data/corpus_text_document --save /ckpt --load /ckpt
@@ -36,12 +42,23 @@ import types
 _PROGRAM_START = time.time()
 
 SPEC = ("megatron_microep.glue.spec", "microep_layer_spec")
-SUPPORTED = ((0, 16), (0, 19))
+SUPPORTED = ((0, 16), (0, 20))
 CHECK_FLAG = "--microep-check"
 CHECK_LEVELS = ("args", "model")
 # What ``--microep-check args`` tells Megatron's argument validation about the GPU when there is none.
 ASSUMED_GPU = types.SimpleNamespace(
     name="an H100 (compute capability 9.0, 80 GB)", major=9, minor=0, total_memory=80 * 2**30, multi_processor_count=132
+)
+
+
+# Added on CPU ranks (training and --microep-check model): gloo instead of NCCL, and the three fused
+# kernels Megatron-LM turns on by default that need TransformerEngine or apex (CUDA); each one of them
+# stops a CPU run. Megatron-LM's other fusions run on CPU (torch.compile) and stay as given.
+CPU_FLAGS = (
+    ("--distributed-backend", "gloo"),
+    ("--no-rope-fusion",),
+    ("--no-persist-layer-norm",),
+    ("--no-gradient-accumulation-fusion",),
 )
 
 
@@ -141,8 +158,33 @@ def wrap_own_flag_parsers() -> None:
     ft_integration.setup = setup
 
 
+def cpu_argv(argv):
+    """``argv`` for CPU ranks: ``CPU_FLAGS`` added; exit 2 for settings that need a GPU."""
+    impl = option_value(argv, "--transformer-impl")
+    if impl != "local":
+        fail(
+            f"CPU ranks need --transformer-impl local, got {impl or 'transformer_engine (the default)'}: "
+            "TransformerEngine needs CUDA"
+        )
+    if "--moe-grouped-gemm" in argv:
+        fail("--moe-grouped-gemm needs TransformerEngine (CUDA); CPU ranks run the local experts")
+    backend = option_value(argv, "--distributed-backend")
+    if backend not in (None, "gloo"):
+        fail(f"CPU ranks communicate over gloo, got --distributed-backend {backend}")
+    given = {item.split("=", 1)[0] for item in argv}
+    return [*argv, *(item for flag in CPU_FLAGS if flag[0] not in given for item in flag)]
+
+
+def rank0_print(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
 def import_megatron_lm():
     """The checkout's ``pretrain_gpt`` module and megatron-core's (major, minor) version."""
+    from megatron_microep.glue.cpu import provide_typing_override
+
+    provide_typing_override()
     root = os.environ.get("MEGATRON_LM_PATH")
     if root:
         sys.path.insert(0, root)
@@ -151,8 +193,8 @@ def import_megatron_lm():
     except ModuleNotFoundError as err:
         if err.name in ("pretrain_gpt", "gpt_builders", "model_provider", "megatron.training", "megatron"):
             fail(
-                f"cannot import {err.name}: put a Megatron-LM checkout (core_r0.16 to core_r0.19) on PYTHONPATH "
-                "or set MEGATRON_LM_PATH"
+                f"cannot import {err.name}: put a Megatron-LM checkout (core_r0.16 to main, megatron-core 0.20) "
+                "on PYTHONPATH or set MEGATRON_LM_PATH"
             )
         raise
     from megatron.core import package_info
@@ -161,7 +203,7 @@ def import_megatron_lm():
     if not SUPPORTED[0] <= version <= SUPPORTED[1]:
         fail(
             f"Megatron-LM with megatron-core {package_info.__version__} is not supported "
-            f"(core_r{SUPPORTED[0][0]}.{SUPPORTED[0][1]} to core_r{SUPPORTED[1][0]}.{SUPPORTED[1][1]})"
+            f"(megatron-core {SUPPORTED[0][0]}.{SUPPORTED[0][1]} to {SUPPORTED[1][0]}.{SUPPORTED[1][1]})"
         )
     return pretrain_gpt, version
 
@@ -276,14 +318,21 @@ def check(pretrain_gpt, version, level: str) -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
     import torch
 
-    if not torch.cuda.is_available():
-        # validate_args asks for the GPU architecture in some branches (grouped GEMM, fusions):
-        # answer as a Hopper GPU (sm_90), the kind the presets target.
-        torch.cuda.get_device_capability = lambda device=None: (ASSUMED_GPU.major, ASSUMED_GPU.minor)
-        torch.cuda.get_device_properties = lambda device=None: ASSUMED_GPU
+    if torch.cuda.is_available():
+        args = parse_and_validate(pretrain_gpt)
+    else:
         if level == "args":
             print(f"check: no GPU here: validating as on {ASSUMED_GPU.name}")
-    args = parse_and_validate(pretrain_gpt)
+        # validate_args asks for the GPU architecture in some branches (grouped GEMM, fusions):
+        # answer as a Hopper GPU (sm_90), the kind the presets target, while it runs (torch.compile
+        # asks too, on the model check's CPU ranks, and must hear the truth).
+        queries = torch.cuda.get_device_capability, torch.cuda.get_device_properties
+        torch.cuda.get_device_capability = lambda device=None: (ASSUMED_GPU.major, ASSUMED_GPU.minor)
+        torch.cuda.get_device_properties = lambda device=None: ASSUMED_GPU
+        try:
+            args = parse_and_validate(pretrain_gpt)
+        finally:
+            torch.cuda.get_device_capability, torch.cuda.get_device_properties = queries
     rank = int(os.environ.get("RANK", "0"))
     from megatron.core import package_info
 
@@ -297,20 +346,6 @@ def check(pretrain_gpt, version, level: str) -> None:
     if level == "args":
         return
     check_model(pretrain_gpt, version, args, rank)
-
-
-# Megatron-LM argument -> its value without the fused kernel (flags named no_* store the negation).
-CPU_UNAVAILABLE_FUSIONS = {
-    "apply_rope_fusion": False,
-    "masked_softmax_fusion": False,
-    "bias_swiglu_fusion": False,
-    "bias_gelu_fusion": False,
-    "bias_dropout_fusion": False,
-    "gradient_accumulation_fusion": False,
-    "no_persist_layer_norm": True,
-    "cross_entropy_loss_fusion": False,
-    "moe_permute_fusion": False,
-}
 
 
 def check_model(pretrain_gpt, version, args, rank: int) -> None:
@@ -330,15 +365,6 @@ def check_model(pretrain_gpt, version, args, rank: int) -> None:
         seed=args.seed,
     )
     args.use_cpu_initialization = True
-    # Fused kernels that exist only with TransformerEngine / CUDA: off for the CPU check (they do not
-    # touch what MicroEP changes). Megatron-LM turns several of them on by default.
-    switched = [
-        name for name, value in CPU_UNAVAILABLE_FUSIONS.items() if hasattr(args, name) and getattr(args, name) != value
-    ]
-    for name in switched:
-        setattr(args, name, CPU_UNAVAILABLE_FUSIONS[name])
-    if switched and rank == 0:
-        print(f"check: CPU run without TransformerEngine, fused kernels off: {', '.join(switched)}")
     if version >= (0, 19):
         from megatron.training import argument_utils
 
@@ -386,9 +412,25 @@ def check_model(pretrain_gpt, version, args, rank: int) -> None:
     dist.destroy_process_group()
 
 
+def runs_on_cpu(level: str | None, cuda_visible: bool) -> bool:
+    """Whether this launch runs on CPU ranks: the model check always; training without a GPU."""
+    return level == "model" or (level is None and not cuda_visible)
+
+
 def main() -> None:
+    import torch
+
     argv, level = pop_check_level(sys.argv[1:])
-    sys.argv = [sys.argv[0], *with_microep_spec(argv)]
+    argv = with_microep_spec(argv)
+    on_cpu = runs_on_cpu(level, torch.cuda.is_available())
+    if on_cpu:
+        argv = cpu_argv(argv)
+        what = "the model check" if level == "model" else "no GPU visible: Megatron-LM's pretrain()"
+        rank0_print(
+            f"pretrain_gpt_microep.py: {what} on CPU ranks (gloo) through the CPU harness "
+            f"(megatron_microep.glue.cpu), with {' '.join(' '.join(flag) for flag in CPU_FLAGS)}"
+        )
+    sys.argv = [sys.argv[0], *argv]
     pretrain_gpt, version = import_megatron_lm()
     if version < (0, 19) and option_value(argv, "--mtp-num-layers") is not None:
         fail(
@@ -400,8 +442,12 @@ def main() -> None:
     build_mtp_blocks_with_microep()  # the checkout's builders take MTP layers from Megatron's specs
     if level is not None:
         check(pretrain_gpt, version, level)
-    else:
-        pretrain(pretrain_gpt)
+        return
+    if on_cpu:
+        from megatron_microep.glue.cpu import enable_cpu_megatron_training
+
+        rank0_print(f"CPU harness: {'; '.join(enable_cpu_megatron_training())}")
+    pretrain(pretrain_gpt)
 
 
 if __name__ == "__main__":

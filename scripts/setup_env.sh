@@ -4,10 +4,13 @@
 #   scripts/setup_env.sh VENV_DIR [MCORE_VERSION]      (MCORE_VERSION defaults to 0.16.1)
 #
 # Installs torch 2.13.0 (kept as is if the venv already has a CUDA build of torch), megatron-core,
-# then this package in editable mode with its test extras. megatron-core 0.17+ declares
+# then this package in editable mode with its test and megatron-lm extras (the latter: what
+# Megatron-LM's own training code imports, for scripts/pretrain_gpt_microep.py). megatron-core 0.17+ declares
 # Python >= 3.12 although megatron.core itself runs on 3.11; there it is installed with
 # --no-deps --ignore-requires-python after its real runtime imports (numpy, packaging, and triton,
 # which megatron/core/transformer/moe/paged_stash.py imports unconditionally).
+# megatron-core 0.20 is not on PyPI yet: CI runs it from the Megatron-LM main snapshot on PYTHONPATH
+# in the 0.19.2 venv (scripts/test.sh).
 # Re-running with the same arguments is a no-op (a stamp in the venv records what was installed).
 # PYTHON selects the interpreter used to create a new venv (default python3).
 set -euo pipefail
@@ -82,8 +85,8 @@ fi
 
 # After megatron-core: pip keeps an installed megatron-core that satisfies setup.py's range,
 # so a 0.19 install is not replaced by the newest release that declares Python 3.11 support.
-echo "setup_env: installing megatron-microep (editable, with test extras)"
-pip_install -e "$repo[test]"
+echo "setup_env: installing megatron-microep (editable, with the test and megatron-lm extras)"
+pip_install -e "$repo[test,megatron-lm]"
 
 have_mcore=$(installed_mcore)
 [[ $have_mcore == "$mcore" ]] || {
@@ -95,6 +98,7 @@ have_mcore=$(installed_mcore)
 "$py" -W ignore -c '
 import megatron.core.transformer.moe.moe_layer, megatron.core.models.gpt.gpt_model
 import megatron_microep.glue.cpu, megatron_microep.glue.distributed
+import six, regex, pydantic, triton, pybind11, tensorboard  # the megatron-lm extra
 ' || { echo "setup_env: megatron-core $mcore does not import in $venv" >&2; exit 1; }
 
 echo "$stamp" >"$stamp_file"

@@ -1,4 +1,4 @@
-"""What differs between megatron-core 0.16 and 0.19 (and what MicroEP reads from Megatron objects).
+"""What differs between megatron-core 0.16 and 0.20 (and what MicroEP reads from Megatron objects).
 
 - MoE mlp specs are ``ModuleSpec(module=MoELayer, ...)`` in 0.16 and ``functools.partial(MoELayer,
   ...)`` in 0.19; ``swap_moe_mlp`` rewrites either.
@@ -9,7 +9,14 @@
 - ``MoELayer.__init__`` builds its dispatcher with an if/elif on ``moe_token_dispatcher_type``;
   ``stock_dispatcher_during_init`` lets it build a throw-away stock one that the subclass replaces.
 - Expert weights are read from the stock experts module (``SequentialMLP``: one MLP per expert;
-  ``TEGroupedMLP``: ``weight{i}`` / ``bias{i}`` of two GroupedLinear), never copied.
+  ``TEGroupedMLP``: ``weight{i}`` / ``bias{i}`` of two GroupedLinear), never copied. From 0.20 TE
+  may keep all local experts in one grouped parameter (``moe_single_grouped_weight`` /
+  ``moe_single_grouped_bias``); MicroEP reads and sends single experts, so those are rejected by name
+  (``glue/config.py``'s registry; ``expert_tensors`` also refuses such a GroupedLinear);
+  ``moe_use_grouped_tensor`` alone changes only TE's own GEMM, which MicroEP does not call.
+- SwiGLU clamping (``activation_func_clamp_value``): the unfused paths clamp in every version; the
+  fused SwiGLU kernels (``bias_activation_fusion``) ignore the clamp before 0.20 and apply it from
+  0.20. ``expert_math`` follows the running version, so MicroEP computes what stock computes.
 """
 
 from __future__ import annotations
@@ -18,15 +25,19 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import types
 
 import torch
+import torch.nn.functional as F
 from megatron.core import package_info
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_microep.glue.config import MicroEPConfigError
+from megatron_microep.glue.config import MicroEPConfigError, check_unsupported_settings
 from megatron_microep.runtime.experts import ExpertMath, ExpertWeights
+
+MCORE_VERSION = (int(package_info.MAJOR), int(package_info.MINOR))
 
 
 @contextlib.contextmanager
@@ -73,7 +84,12 @@ def swap_moe_mlp(mlp, layer_class: type, **params):
     raise TypeError(f"not an MoE mlp spec: {mlp!r}")
 
 
-LAYER_PASSES_GROUPS_TO_ANY_MLP = (int(package_info.MAJOR), int(package_info.MINOR)) >= (0, 18)
+LAYER_PASSES_GROUPS_TO_ANY_MLP = MCORE_VERSION >= (0, 18)
+# megatron-core 0.20 (Megatron-LM #5940) passes activation_func_clamp_value to its fused SwiGLU kernels.
+FUSED_SWIGLU_CLAMPS = MCORE_VERSION >= (0, 20)
+# TransformerConfig fields (0.20) that store every local expert in one TE GroupedTensor parameter
+# (rejected in glue/config.py's UNSUPPORTED_SETTINGS).
+SINGLE_GROUPED_PARAMS = ("moe_single_grouped_weight", "moe_single_grouped_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +131,8 @@ def expert_tensors(experts: torch.nn.Module) -> list[list[torch.Tensor]]:
     """Per local expert: [fc1 weight, fc2 weight] + [fc1 bias, fc2 bias] when the model has biases.
 
     Shapes: fc1 [F1/ETP, H], fc2 [H, F/ETP], biases [F1/ETP] and [H]. Raises TypeError for expert
-    classes MicroEP cannot read (e.g. the legacy GroupedMLP).
+    classes MicroEP cannot read (e.g. the legacy GroupedMLP) and MicroEPConfigError for TE's single
+    grouped parameters (0.20).
     """
     if isinstance(experts, SequentialMLP):
         out = []
@@ -127,6 +144,10 @@ def expert_tensors(experts: torch.nn.Module) -> list[list[torch.Tensor]]:
         return out
     if isinstance(experts, TEGroupedMLP):
         fc1, fc2 = experts.linear_fc1, experts.linear_fc2
+        for linear in (fc1, fc2):
+            for name in SINGLE_GROUPED_PARAMS:  # TE's GroupedLinear attribute: the name without "moe_"
+                if getattr(linear, name.removeprefix("moe_"), False):
+                    check_unsupported_settings(types.SimpleNamespace(**{name: True}))
         out = []
         for i in range(experts.num_local_experts):
             tensors = [getattr(fc1, f"weight{i}"), getattr(fc2, f"weight{i}")]
@@ -148,6 +169,20 @@ def expert_weights(tensors: list[torch.Tensor], feeds_replicas: bool = False) ->
     return ExpertWeights(fc1=tensors[0], fc2=tensors[1], feeds_replicas=feeds_replicas)
 
 
+def stock_activation_clamp(config) -> float | None:
+    """The SwiGLU/GLU clamp stock experts apply with ``config`` on the running megatron-core."""
+    clamp = getattr(config, "activation_func_clamp_value", None)
+    fused_swiglu = (
+        bool(getattr(config, "bias_activation_fusion", False))
+        and not getattr(config, "use_te_activation_func", False)
+        and config.activation_func is F.silu
+        and bool(config.gated_linear_unit)
+    )
+    if clamp is None or (fused_swiglu and not FUSED_SWIGLU_CLAMPS):
+        return None
+    return clamp
+
+
 def expert_math(config) -> ExpertMath:
     """How Megatron's grouped expert MLP (``TEGroupedMLP``) computes for ``config``: its fused
     weighted activation where ``bias_activation_fusion`` selects one, and weight gradients into
@@ -160,7 +195,7 @@ def expert_math(config) -> ExpertMath:
     return ExpertMath(
         activation=config.activation_func,
         gated=bool(config.gated_linear_unit),
-        clamp=getattr(config, "activation_func_clamp_value", None),
+        clamp=stock_activation_clamp(config),
         glu_offset=float(getattr(config, "glu_linear_offset", 0.0) or 0.0),
         probs_on_input=bool(getattr(config, "moe_apply_probs_on_input", False)),
         weighted_activation=weighted_activation(config),

@@ -233,6 +233,14 @@ UNSUPPORTED_SETTINGS: tuple[UnsupportedSetting, ...] = (
     UnsupportedSetting(
         _enabled("moe_latent_size"), "latent MoE projections (TransformerEngine only) are not supported"
     ),
+    *(
+        UnsupportedSetting(
+            _enabled(name),
+            "TransformerEngine then keeps all local experts in one grouped parameter, and MicroEP reads and "
+            "sends single experts (--moe-use-grouped-tensor alone is fine)",
+        )
+        for name in ("moe_single_grouped_weight", "moe_single_grouped_bias")  # megatron-core 0.20
+    ),
 )
 
 

@@ -8,7 +8,8 @@ check parameter types against CUDA type names. ``enable_cpu_megatron()`` neutral
 uses so that the stock ``MoELayer`` (local spec, ``SequentialMLP``) and our dispatcher run forward
 and backward on CPU processes joined by gloo, and train through Megatron's
 ``DistributedDataParallel``, ``get_megatron_optimizer`` and ``get_forward_backward_func``.
-Checked against megatron-core 0.16.1 and 0.19.2; see docs/cpu-harness.md.
+Checked against megatron-core 0.16.1, 0.19.2 and 0.20.0 (Megatron-LM main); see docs/cpu-harness.md.
+``enable_cpu_megatron_training`` adds what Megatron-LM's own ``pretrain()`` needs (megatron.training).
 
 The shim is only for processes without CUDA: every ``torch.cuda`` function it replaces, and every
 ``device="cuda"`` allocation it redirects, raises there, so replacing it cannot change behaviour
@@ -75,7 +76,7 @@ def _require(module, *names: str) -> None:
 
         raise RuntimeError(
             f"enable_cpu_megatron: {module.__name__} in megatron-core {megatron.core.__version__} "
-            f"has no {', '.join(missing)}; the CPU harness is checked against 0.16.1 and 0.19.2 "
+            f"has no {', '.join(missing)}; the CPU harness is checked against 0.16.1, 0.19.2 and 0.20.0 "
             "(see docs/cpu-harness.md)"
         )
 
@@ -234,6 +235,21 @@ def _patch_default_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
+def _patch_mtp_inference_linear_check() -> None:
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    if not hasattr(mtp, "is_inference_column_parallel_linear"):
+        return  # before megatron-core 0.20 MTP layers make no such check
+    from megatron.core.tensor_parallel import inference_layers
+
+    if inference_layers.HAVE_TE:
+        return
+    # From 0.20 an MTP layer asks isinstance(eh_proj, (InferenceColumnParallelLinear, ...)); without
+    # TransformerEngine those classes derive from a MagicMock stand-in, are no types, and isinstance
+    # raises TypeError, so no MTP layer builds. Without TE no inference-optimized linear exists.
+    mtp.is_inference_column_parallel_linear = lambda module: False
+
+
 def _is_cuda_device(device) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
@@ -354,6 +370,7 @@ _PATCHES: tuple[_Patch, ...] = (
     _Patch("moe_utils: te_general_gemm, CPU split sizes", _patch_moe_utils),
     _Patch("uneven first-dim all-gather on gloo", _patch_uneven_all_gather),
     _Patch("default causal attention mask on CPU", _patch_default_causal_mask),
+    _Patch("0.20 MTP layers build without TransformerEngine", _patch_mtp_inference_linear_check),
     _Patch("optimizer, clipping, schedules: device='cuda' allocations on CPU", _patch_cuda_literal_allocations),
     _Patch("optimizer parameter type checks accept CPU tensors", _patch_type_checks),
 )
@@ -381,4 +398,161 @@ def enable_cpu_megatron() -> list[str]:
         patch.apply()
         applied.append(patch.name)
     _ENABLED = applied
+    return list(applied)
+
+
+# --- Megatron-LM's own training loop (megatron.training's pretrain()) on CPU ranks ---------------
+
+
+def provide_typing_override() -> bool:
+    """Give ``typing`` the ``override`` decorator of Python 3.12 where it lacks it; True if added.
+
+    From core_r0.17 ``megatron.training`` imports ``typing.override``, and that is its only use of
+    3.12 (megatron.core takes it from ``typing_extensions``). ``typing_extensions.override`` is
+    the same decorator (it only marks the function). Call before Megatron-LM is imported.
+    """
+    import typing
+
+    if hasattr(typing, "override"):
+        return False
+    import typing_extensions
+
+    typing.override = typing_extensions.override
+    return True
+
+
+class _TorchForTrainingLoop(_TorchWithCpuFactories):
+    """``torch`` as seen from one ``megatron.training`` module: ``device="cuda"`` tensors on the CPU."""
+
+    _FACTORIES = (*_TorchWithCpuFactories._FACTORIES, "rand")
+
+
+class _CudaAsOneDevicePerRank(types.ModuleType):
+    """``torch.cuda`` as seen from ``megatron.training.initialize``: one device per rank, the CPU.
+
+    Without a device, Megatron-LM's initialisation refuses to start, and (with ``allow_no_cuda``)
+    would skip the model-parallel set-up and the RNG-tracker seeding, both guarded by
+    ``device_count() > 0``; with one device it runs both as on a GPU (the harness keeps the
+    tracker's states on the CPU generator), and selecting the device does nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+        self.is_available = lambda: True
+        self.device_count = lambda: 1
+        self.set_device = lambda device: None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchForInitialize(_TorchForTrainingLoop):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cuda = _CudaAsOneDevicePerRank()
+
+
+_TRAINING_LOOP_TORCH = _TorchForTrainingLoop()
+_INITIALIZE_TORCH = _TorchForInitialize()
+
+# Modules of Megatron-LM's training loop that allocate with a literal device="cuda": flags, losses,
+# timers and iteration counts of pretrain()/train()/evaluate(), the batch broadcast, the rerun
+# state machine's checks, and checkpointing. Per version some do not exist (training/utils.py
+# became the package training/utils/ in core_r0.19); each one that exists is patched.
+_TRAINING_LOOP_MODULES = (
+    "megatron.training.training",
+    "megatron.training.utils",
+    "megatron.training.utils.common_utils",
+    "megatron.training.checkpointing",
+    "megatron.core.rerun_state_machine",
+)
+
+
+def _patch_training_initialize() -> None:
+    from megatron.training import initialize
+
+    _require(initialize, "torch", "initialize_megatron", "_initialize_distributed", "_set_random_seed")
+    initialize.torch = _INITIALIZE_TORCH
+    if hasattr(initialize, "fused_kernels"):
+        # core_r0.16's legacy fused kernels: load() only asks nvcc for the CUDA version.
+        initialize.fused_kernels = types.SimpleNamespace(load=lambda args: None)
+
+
+def _patch_training_loop_allocations() -> None:
+    patched = 0
+    for name in _TRAINING_LOOP_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        if isinstance(module, types.ModuleType) and getattr(module, "__path__", None) is not None:
+            continue  # a package (training/utils/ from core_r0.19): its modules are listed themselves
+        _require(module, "torch")
+        if module.torch is not torch and module.torch is not _TRAINING_LOOP_TORCH:
+            raise RuntimeError(f"enable_cpu_megatron_training: {name}.torch is not the torch module")
+        module.torch = _TRAINING_LOOP_TORCH
+        patched += 1
+    if patched < 4:
+        raise RuntimeError(
+            f"enable_cpu_megatron_training: only {patched} of the training-loop modules "
+            f"{', '.join(_TRAINING_LOOP_MODULES)} exist in this Megatron-LM"
+        )
+
+
+def _patch_cuda_rng_state() -> None:
+    # The rerun state machine and checkpoints save and restore "the CUDA generator" next to the CPU
+    # one; on CPU ranks the CPU generator is the one megatron's tracker forks (see above).
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+
+
+def _cpu_tensor_cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
+    return self
+
+
+def _cpu_module_cuda(self, device=None):
+    return self
+
+
+def _patch_cuda_moves() -> None:
+    # get_model() moves the model with .cuda(current_device()); the batch getters move each batch
+    # with .cuda(non_blocking=True). On CPU ranks the CPU is the device.
+    torch.Tensor.cuda = _cpu_tensor_cuda
+    torch.nn.Module.cuda = _cpu_module_cuda
+
+
+_TRAINING_PATCHES: tuple[_Patch, ...] = (
+    _Patch("megatron.training.initialize: one device per rank (the CPU)", _patch_training_initialize),
+    _Patch(
+        "training loop, checkpointing, rerun checks: device='cuda' allocations on CPU", _patch_training_loop_allocations
+    ),
+    _Patch("torch.cuda RNG state is the CPU generator's", _patch_cuda_rng_state),
+    _Patch("Tensor.cuda() / Module.cuda() keep tensors on the CPU", _patch_cuda_moves),
+)
+_TRAINING_ENABLED: list[str] | None = None
+
+
+def enable_cpu_megatron_training() -> list[str]:
+    """``enable_cpu_megatron()`` plus what Megatron-LM's own ``pretrain()`` needs on CPU ranks.
+
+    Covers ``megatron.training``: initialisation, the training and evaluation loop, timers, logging
+    and distributed checkpointing. Process-wide, ``Tensor.cuda()`` and ``Module.cuda()`` return
+    their input (they raise on CPU-only torch), and ``torch.cuda``'s RNG state is the CPU
+    generator's; so call it only in a process that runs Megatron-LM's training on CPU (the entry
+    script does, when no GPU is visible), never in the plugin's own tests of device code.
+    Idempotent; returns the names of every patch applied. Same refusals as ``enable_cpu_megatron``;
+    ``ImportError`` when ``megatron.training`` (a Megatron-LM checkout) is not importable.
+    """
+    global _TRAINING_ENABLED
+    if _TRAINING_ENABLED is not None:
+        return list(_TRAINING_ENABLED)
+    applied = enable_cpu_megatron()
+    import megatron.training  # noqa: F401 - a clear ImportError before any training patch
+
+    for patch in _TRAINING_PATCHES:
+        patch.apply()
+        applied.append(patch.name)
+    _TRAINING_ENABLED = applied
     return list(applied)

@@ -432,9 +432,18 @@ class MicroEPMoELayer(MoELayer):
     def log_telemetry(self, step: int) -> dict[str, float]:
         """Summarise (and clear) the stats since the last call; write them to Megatron's writers."""
         summary = summarize(self.telemetry.drain())
-        if not summary or dist.get_rank(self.microep_groups.tp_ep) != 0 or self._expt_dp_rank != 0:
+        if not summary:
             return summary
+        # Megatron-LM gives its writers to the last rank only; the EP group's ranks see the same counts.
         tag = f"microep/layer{self.model_layer_id}"
+        writers = _metrics_writers()
+        if "tensorboard" in writers:
+            for key, value in summary.items():
+                writers["tensorboard"].add_scalar(f"{tag}/{key}", value, step)
+        if "wandb" in writers:
+            writers["wandb"].log({f"{tag}/{key}": value for key, value in summary.items()}, step)
+        if dist.get_rank(self.microep_groups.tp_ep) != 0 or self._expt_dp_rank != 0:
+            return summary
         logger.info(
             "MicroEP layer %s step %d: max/mean before %.3f after %.3f, remote tokens %.0f -> %.0f, "
             "%d replicas carrying %.0f tokens, scheduling %.2f ms per micro-batch",
@@ -448,12 +457,6 @@ class MicroEPMoELayer(MoELayer):
             summary["replica_tokens"],
             summary["scheduling_ms"],
         )
-        writers = _metrics_writers()
-        if "tensorboard" in writers:
-            for key, value in summary.items():
-                writers["tensorboard"].add_scalar(f"{tag}/{key}", value, step)
-        if "wandb" in writers:
-            writers["wandb"].log({f"{tag}/{key}": value for key, value in summary.items()}, step)
         return summary
 
     # --- experts --------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def _tiny_raw():
         ),
         (
             lambda r: r["training"].update(lr_warmup_iters=500),
-            "training.lr_warmup_iters 500 must be smaller than training.train_iters 120",
+            "training.lr_warmup_iters 500 must be smaller than training.lr_decay_iters 120",
         ),
         (
             lambda r: r["microep"].update(redundant_slots=4),

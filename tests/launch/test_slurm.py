@@ -1,12 +1,14 @@
-"""A real single-node Slurm runs the tiny CPU config through scripts/slurm/train_embedded_cpu.sbatch.
+"""A real single-node Slurm runs the tiny CPU config through both batch scripts.
 
 The fixture starts munge (unless one already answers) and a one-node Slurm (Debian's slurm-wlm;
 installed with apt-get when missing and this runs as root) from a slurm.conf in a temporary
-directory on free ports, and stops every daemon it started by its pid file. The job goes through the
+directory on free ports, and stops every daemon it started by its pid file. Both jobs go through the
 same path as a multi-node GPU job: sbatch -> srun (one task per node) -> node_launch.sh -> torchrun
-c10d rendezvous -> 4 gloo ranks of `microep train`. It must complete and its log must show the
-per-layer balance figures and the balance report; the run directory must hold the metrics and the
-report.
+c10d rendezvous -> 4 gloo ranks, of `microep train` (train_embedded_cpu.sbatch: it must complete,
+and its log show the per-layer balance figures and the balance report, its run directory hold the
+metrics and the report) and of scripts/pretrain_gpt_microep.py, i.e. Megatron-LM's own pretrain()
+from a checkout on CPU ranks (pretrain_megatron_lm.sbatch, submitted without GPUs: it must train,
+log MicroEP's balance lines and save a Megatron checkpoint).
 """
 
 import json
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CHECKOUTS, megatron_lm_env
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -157,8 +160,37 @@ def _job_state(env, job_id: str) -> dict:
     return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
 
-def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
+def _submit_and_wait(slurm, job_env, log: Path, script: str, *args: str, sbatch=()) -> str:
+    """Submit ``scripts/slurm/<script>`` (arguments ``args``); the job's output once it has ended.
+    Fails unless it COMPLETED with exit code 0."""
     env, root = slurm
+    submitted = _run(
+        ["sbatch", "--parsable", "--nodes", "1", *sbatch, f"--output={log}", f"--chdir={REPO}"]
+        + [str(REPO / "scripts" / "slurm" / script), *args],
+        env=job_env,
+        cwd=REPO,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 600
+    state = {}
+    while time.monotonic() < deadline:
+        state = _job_state(env, job_id)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(2)
+    output = log.read_text() if log.exists() else "(no job output)"
+    if state.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
+        _run(["scancel", job_id], env=env)
+    assert state.get("JobState") == "COMPLETED", (
+        f"job {job_id}: {state.get('JobState')} (exit {state.get('ExitCode')})\n{output[-4000:]}\n{_logs(root)}"
+    )
+    assert state.get("ExitCode") == "0:0"
+    return output
+
+
+def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
+    env, _ = slurm
     run_dir = tmp_path / "run"
     overrides = [
         f"training.train_iters={STEPS}",
@@ -182,38 +214,9 @@ def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
         "GLOO_SOCKET_IFNAME": "lo",
         "MASTER_PORT": str(_free_port()),
     }
-    log = tmp_path / "job.out"
-    submitted = _run(
-        [
-            "sbatch",
-            "--parsable",
-            "--nodes",
-            "1",
-            f"--output={log}",
-            f"--chdir={REPO}",
-            str(REPO / "scripts" / "slurm" / "train_embedded_cpu.sbatch"),
-            "--output",
-            str(run_dir),
-        ],
-        env=job_env,
-        cwd=REPO,
+    output = _submit_and_wait(
+        slurm, job_env, tmp_path / "job.out", "train_embedded_cpu.sbatch", "--output", str(run_dir)
     )
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 600
-    state = {}
-    while time.monotonic() < deadline:
-        state = _job_state(env, job_id)
-        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            break
-        time.sleep(2)
-    output = log.read_text() if log.exists() else "(no job output)"
-    if state.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
-        _run(["scancel", job_id], env=env)
-    assert state.get("JobState") == "COMPLETED", (
-        f"job {job_id}: {state.get('JobState')} (exit {state.get('ExitCode')})\n{output[-4000:]}\n{_logs(root)}"
-    )
-    assert state.get("ExitCode") == "0:0"
     assert "1 node(s) x 4 CPU ranks" in output
     assert "max/mean before->after L1" in output and "tok/s" in output
     assert "balance report (measured figures, modeled replay and what it can say):" in output
@@ -223,3 +226,34 @@ def test_tiny_cpu_config_runs_as_a_slurm_job(slurm, tmp_path):
     assert all({"before", "after"} <= set(f) for r in steps for f in r["layers"].values())
     assert (run_dir / "report" / "report.md").exists() and (run_dir / "report" / "replay" / "summary.csv").exists()
     assert (run_dir / "checkpoints" / f"step_{STEPS:07d}" / "complete.json").exists()
+
+
+def test_megatron_lm_pretrain_runs_as_a_slurm_job(slurm, megatron_lm, tmp_path):
+    """pretrain_megatron_lm.sbatch, the GPU batch script, submitted without GPUs: the entry script runs
+    Megatron-LM's pretrain() from the checkout on 4 CPU ranks (the newest checkout of the session)."""
+    env, _ = slurm
+    checkout = megatron_lm(CHECKOUTS[-1])
+    save = tmp_path / "ckpt"
+    job_env = megatron_lm_env(
+        checkout,
+        SLURM_CONF=env["SLURM_CONF"],
+        CONFIG="tiny-cpu",
+        MEGATRON_LM=str(checkout),
+        GPUS_PER_NODE="4",  # ranks per node; the CPU harness takes over as no GPU is visible
+        PYTHON=sys.executable,
+        MASTER_PORT=str(_free_port()),
+    )
+    output = _submit_and_wait(
+        slurm,
+        job_env,
+        tmp_path / "job.out",
+        "pretrain_megatron_lm.sbatch",
+        *("--train-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1"),
+        *("--save", str(save), "--load", str(save), "--save-interval", "2"),
+        sbatch=["--gpus-per-node=0"],  # the script asks for 8 GPUs per node; this node has none
+    )
+    assert "microep: 1 nodes x 4 GPUs" in output  # the GPU script's own line
+    assert "no GPU visible: Megatron-LM's pretrain() on CPU ranks (gloo)" in output
+    assert "iteration        2/       2" in output
+    assert "MicroEP layer 1 step 1: max/mean before" in output
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

@@ -76,6 +76,16 @@ CASES = {
         "--moe-latent-size cannot be used",
         dict(moe_latent_size=None),
     ),
+    "single_grouped_weight": (  # megatron-core 0.20
+        dict(moe_use_grouped_tensor=True, moe_single_grouped_weight=True),
+        "--moe-single-grouped-weight cannot be used",
+        dict(moe_use_grouped_tensor=True, moe_single_grouped_weight=False),
+    ),
+    "single_grouped_bias": (
+        dict(moe_use_grouped_tensor=True, moe_single_grouped_bias=True),
+        "--moe-single-grouped-bias cannot be used",
+        dict(moe_use_grouped_tensor=True, moe_single_grouped_bias=False),
+    ),
     # --- CUDA graphs, TransformerEngine implementation --------------------------------------------------
     "te_graph_moe": (
         dict(cuda_graph_impl="transformer_engine", cuda_graph_scope=[Region.moe]),
