@@ -60,7 +60,11 @@ def select_files(
             break
         picked.append(path)
         total += path.stat().st_size
-    valid = [p for p in picked if _rank_key(str(p.relative_to(root)), seed + 1)[0] < 256 * validation_fraction]
+    valid_key = {p: _rank_key(str(p.relative_to(root)), seed + 1) for p in picked}
+    valid = [p for p in picked if valid_key[p][0] < 256 * validation_fraction]
+    if not valid and len(picked) > 1 and validation_fraction > 0:
+        # A small selection can draw no validation file by chance; evaluation needs one.
+        valid = [min(picked, key=valid_key.__getitem__)]
     held = set(valid)
     return [p for p in picked if p not in held], valid
 
