@@ -134,6 +134,7 @@ def _train(model: str, seed: int, check: _GatherCheck) -> dict:
     forward_backward = get_forward_backward_func()
     out = {"schedule": forward_backward.__name__, "losses": [], "in_flight_after_step": []}
     placement = None
+    initial = all_params(chunks, layers)
     for step in range(1, STEPS + 1):
         if layers:
             placement = _random_layout(rng, placement.to_lists() if placement is not None else None)
@@ -163,6 +164,7 @@ def _train(model: str, seed: int, check: _GatherCheck) -> dict:
     }
     out["checked"], out["stale"] = check.checked, list(check.stale)
     out["params"] = all_params(chunks, layers)
+    out["moved"] = max(_rel(out["params"][n], p) for n, p in initial.items())
     return out
 
 
@@ -204,10 +206,10 @@ def test_fsep_matches_stock_under_interleaved_1f1b(vpp_run, model):
         worst = max((_rel(fsep["params"][n], p), n) for n, p in stock["params"].items())
         print(f"{model} rank {rank}: worst parameter {worst[1]} {worst[0]:.1e}")
         assert worst[0] <= PARAM_REL_TOL, f"rank {rank} {model}: {worst}"
-    last = [res["stock"]["losses"] for res in vpp_run if res["stage"] == PP - 1][0]
-    # Parity above is the check; this one only rules out a run that never updated (the drop over 20
-    # steps depends on the seeds' initialisation: 0.08-0.2 seen).
-    assert np.mean(last[-1]) < 0.99 * np.mean(last[0]), "training did not learn"
+    # Parity above is the check; this one only rules out runs that never updated. (Not the loss: over
+    # 20 steps on random tokens its drop depends on the seed, and one seed's loss rose 0.2%.)
+    for rank, res in enumerate(vpp_run):
+        assert res["stock"]["moved"] > 1e-2 and res[model]["moved"] > 1e-2, f"rank {rank}: parameters did not move"
 
 
 @pytest.mark.parametrize("model", MODELS[1:])
