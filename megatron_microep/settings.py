@@ -157,7 +157,10 @@ class MicroEPConfig:
         "replicas'; inside the expert's home node (--microep-gpus-per-node EP ranks when set, else the "
         "launcher's node); memory: D "
         "experts' weights plus their fp32 gradients per layer at most (0: off, the default, so enabling it is "
-        "a deliberate memory choice; the simulator's burst tables use 2, docs/benchmarks.md)",
+        "a deliberate memory choice; the simulator's burst tables use 2, docs/benchmarks.md); with "
+        "--microep-expert-sharding fsep: copies on any rank, gathered from every rank's shards for their "
+        "micro-batch only (one extra all-to-all when any is chosen), gradients returned as shards with the "
+        "layout's (docs/fsep.md)",
         minimum=0,
         metavar="D",
         simulator="burst_slots",
@@ -205,11 +208,6 @@ class MicroEPConfig:
         if self.replan_interval and self.redundant_slots == 0 and self.expert_sharding == "none":
             raise MicroEPConfigError(
                 f"{flag_of('replan_interval')} > 0 needs {flag_of('redundant_slots')} >= 1 (nothing to place)"
-            )
-        if self.burst_slots and self.expert_sharding != "none":
-            raise MicroEPConfigError(
-                f"{flag_of('burst_slots')} > 0 is not supported with {flag_of('expert_sharding')} "
-                f"{self.expert_sharding} (burst copies are pushed from home experts that FSEP does not keep)"
             )
         return self
 

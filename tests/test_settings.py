@@ -133,7 +133,6 @@ def test_docs_flag_table_is_the_generated_one():
     assert settings_table() in doc, "docs/dispatcher.md is stale: run python scripts/update_settings_table.py"
 
 
-def test_burst_slots_are_refused_under_fsep():
+def test_burst_slots_are_accepted_under_fsep():
     MicroEPConfig(burst_slots=2).validate()
-    with pytest.raises(MicroEPConfigError, match=f"^{flag_of('burst_slots')} > 0 is not supported with"):
-        MicroEPConfig(burst_slots=2, expert_sharding="fsep").validate()
+    assert MicroEPConfig(burst_slots=2, expert_sharding="fsep").validate().burst_slots == 2

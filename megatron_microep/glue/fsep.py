@@ -338,6 +338,12 @@ class FSEPMoELayer(MicroEPMoELayer):
         self.prefetch_dropped = 0
         self._shard_exchange: ShardExchange | None = None
         self._shard_grads: ShardGradients | None = None
+        # Burst copies (--microep-burst-slots): any rank may take one, whatever its node (a copy is
+        # gathered from every EP rank's shard, as the layout's are), none is held past its micro-batch.
+        self._burst_node_size = None
+        self._burst_layout: PhysicalLayout | None = None
+        self._burst_gather: tuple[ShardExchange, PendingGather] | None = None
+        self.burst_copies_gathered = 0  # burst copies this rank's layer gathered (with every rank), in total
         _register(config, self)
 
     # --- layout ---------------------------------------------------------------------------------
@@ -500,14 +506,21 @@ class FSEPMoELayer(MicroEPMoELayer):
         grads, self._shard_grads = self._shard_grads, None
         if grads is None:
             raise RuntimeError("FSEP layer: routed_experts_compute ran without this layer's dispatch")
-        tokens, per_slot, probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
-        layout = self.token_dispatcher.routing.layout
+        tokens, _, probs = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
+        burst, self._burst_gather = self._burst_gather, None
+        routing = self.token_dispatcher.routing
+        layout = routing.layout  # with burst copies: the layout's plus burst slots
         self.experts.materialize()
         self.make_current()
-        exchange = self.exchange_for(layout)
-        counts = per_slot.tolist()
+        exchange = self.exchange_for(self.layout)
+        counts = list(routing.group_rows)  # rows per local slot (host values, from the schedule)
+        C = self.slots_per_rank
         rows = counts[: exchange.num_local]
-        if any(counts[exchange.num_local :]):
+        if burst is not None:
+            rows += counts[C : C + burst[0].num_local]
+        elif layout is not self.layout:
+            raise RuntimeError("FSEP layer: a micro-batch layout with burst copies but no burst gather")
+        if sum(rows) != sum(counts):
             raise RuntimeError(f"empty FSEP slots were sent tokens: {counts}")
         if self._backend is None:
             fc1, fc2 = self.fsep_spec.shapes[0], self.fsep_spec.shapes[1]
@@ -522,8 +535,15 @@ class FSEPMoELayer(MicroEPMoELayer):
             self._prefetch(self._neighbour(+1), "forward")
         backend, math = self._backend, self._math
 
+        per = len(self.fsep_spec.shapes)
+
         def run(x, p, tensors):
-            weights = [compat.expert_weights([t[j] for t in tensors]) for j in range(exchange.num_local)]
+            # The layout's copies' tensors, then the burst copies' (per tensors each, [copies, *shape]).
+            weights = [
+                compat.expert_weights([t[j] for t in tensors[first : first + per]])
+                for first in range(0, len(tensors), per)
+                for j in range(tensors[first].shape[0])
+            ]
             return run_experts(backend, x, rows, p, weights, math)
 
         def regather() -> PendingGather:
@@ -541,8 +561,47 @@ class FSEPMoELayer(MicroEPMoELayer):
             grads,
             pending,
             regather,
+            burst,
         )
         return self.token_dispatcher.combine_preprocess(output), None
+
+    # --- burst copies ---------------------------------------------------------------------------
+    def _bursts_on(self, step: int | None) -> bool:
+        """FSEP's burst copies live one micro-batch (gathered for it, returned by its backward), so
+        they need no training step; on whenever ``--microep-burst-slots`` > 0."""
+        return self.microep_settings.burst_slots > 0
+
+    def _plan_burst(self, tokens: np.ndarray):
+        layout, schedule, order = super()._plan_burst(tokens)
+        self._burst_layout = layout  # the layout's copies plus the burst copies, for their exchange
+        return layout, schedule, order
+
+    def _push_burst(self) -> None:
+        """Start gathering the micro-batch's burst copies (one all-to-all of their shards over the
+        shard group, from the side stream): it runs beside the token dispatch and is waited for at the
+        experts. Nothing is held past the micro-batch, so ``plan_burst`` never sees held copies."""
+        plan, self._burst_plan = self._burst_plan, None
+        layout, self._burst_layout = self._burst_layout, None
+        if plan.num_held:
+            raise RuntimeError("FSEP burst copies are not held across micro-batches")
+        if not len(plan.copies):
+            return
+        self.experts.materialize()
+        self.make_current()
+        exchange = ShardExchange(
+            layout,
+            self.microep_groups.ep_rank,
+            shard_group(self.microep_groups.ep),
+            self.fsep_spec,
+            self.experts.shards.device,
+            memory=GATHERED_MEMORY,
+            first_slot=self.slots_per_rank,
+            non_blocking_index=True,
+        )
+        if self._burst_gather is not None:  # a forward whose experts never ran: let its gather finish
+            self._burst_gather[1].wait()
+        self._burst_gather = (exchange, exchange.start_gather(self.experts.shards))
+        self.burst_copies_gathered += len(plan.copies)
 
 
 class FSEPLayoutStateError(ValueError):

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_microep.planning.placement import Placement, PlacementError
+from megatron_microep.runtime.device import copy_to_device
 from megatron_microep.runtime.layout import PhysicalLayout
 
 logger = logging.getLogger(__name__)
@@ -363,6 +364,11 @@ class ShardExchange:
     sit on distinct ranks, so adding the rows received from source rank g = 0, 1, ... in turn adds
     each expert's contributions in ascending source-rank order with no two updates of one row at
     once. The index tensors go to the device here, once per layout.
+
+    ``first_slot``: the exchange moves the copies in local slots ``first_slot..`` only (a burst
+    exchange: the burst slots of a layout ``with_burst``, gathered on demand beside the layout's own
+    prefetched exchange). ``non_blocking_index``: copy the index through ``runtime.device``
+    (pinned, queued without waiting: for an exchange built every micro-batch).
     """
 
     def __init__(
@@ -374,6 +380,8 @@ class ShardExchange:
         device: torch.device,
         streams: HostOrder | CudaSideStream | None = None,
         memory: GatheredMemory | None = None,
+        first_slot: int = 0,
+        non_blocking_index: bool = False,
     ):
         G = layout.num_ranks
         if spec.num_ranks != G:
@@ -381,7 +389,7 @@ class ShardExchange:
         self.layout, self.ep_rank, self.group, self.spec = layout, ep_rank, group, spec
         self.streams = streams if streams is not None else side_streams(device)
         self.memory = memory
-        slots = layout.local_slot  # [G, C]
+        slots = layout.local_slot[:, first_slot:]  # [G, C]
         present = slots >= 0
         experts = np.where(present, layout.slot_expert[np.maximum(slots, 0)], -1)
         self.counts = present.sum(axis=1).astype(np.int64)  # copies per rank
@@ -391,7 +399,10 @@ class ShardExchange:
         S, C = spec.shard_numel, int(self.counts[ep_rank])
         self._by_rank = (self.counts * S).tolist()  # elements to (gather) / from (return) each rank
         self._mine = [C * S] * G
-        self._send_index = torch.as_tensor(self.send_experts, device=device)  # the one host-to-device copy
+        if non_blocking_index:
+            self._send_index = copy_to_device(self.send_experts.astype(np.int64), device)
+        else:
+            self._send_index = torch.as_tensor(self.send_experts, device=device)  # the one host-to-device copy
 
     @property
     def num_local(self) -> int:
@@ -430,26 +441,34 @@ class ShardExchange:
             )
         return PendingReturn(send, recv, work)
 
-    def finish_return(self, pending: PendingReturn, shards: torch.Tensor) -> torch.Tensor:
-        """Wait for ``pending`` and add the received rows to the shards' gradient.
+    def finish_return(
+        self, pending: PendingReturn, shards: torch.Tensor, more: Sequence[tuple[ShardExchange, PendingReturn]] = ()
+    ) -> torch.Tensor:
+        """Wait for ``pending`` and add the received rows to the shards' gradient; then the same for
+        each (exchange, return) of ``more`` (the micro-batch's burst copies), in that order.
 
         Under Megatron's DDP (``main_grad`` present), add them to ``main_grad`` directly, in its dtype
         (fp32), one source rank's rows at a time (at most C rows converted at once), and return the
         placeholder DDP's hook skips (``grad_added_to_main_grad``), as Megatron's fused
         weight-gradient path does. Otherwise return the summed gradient (accumulated in fp32, or in
         the rows' dtype if wider)."""
-        rows = pending.wait()
+        returns = [(self, pending), *more]
         main = getattr(shards, "main_grad", None)
         with torch.no_grad():
             if main is not None and hasattr(shards, "grad_added_to_main_grad"):
-                self._accumulate(rows, main.view(shards.shape))
-                del rows
+                for exchange, started in returns:
+                    exchange._accumulate(started.wait(), main.view(shards.shape))
                 shards.grad_added_to_main_grad = True
                 return (
                     torch.zeros_like(shards) if getattr(shards, "zero_out_wgrad", False) else torch.empty_like(shards)
                 )
-            total = torch.zeros(shards.shape, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
-            self._accumulate(rows, total)
+            total = None
+            for exchange, started in returns:
+                rows = started.wait()
+                if total is None:
+                    wide = torch.promote_types(rows.dtype, torch.float32)
+                    total = torch.zeros(shards.shape, dtype=wide, device=rows.device)
+                exchange._accumulate(rows, total)
             return total.to(shards.dtype)
 
     def _accumulate(self, rows: torch.Tensor, into: torch.Tensor) -> None:
@@ -499,22 +518,21 @@ def fsep_buffer_bytes(layout: PhysicalLayout, rank: int, spec: ShardSpec, elemen
 
 # --- autograd ----------------------------------------------------------------------------------
 class ShardGradients:
-    """One layer's micro-batch: the gradient return the experts' backward starts and the backward of
-    ``attach_shard_gradients`` finishes."""
+    """One layer's micro-batch: the gradient returns the experts' backward starts (the layout's
+    copies, then any burst copies) and the backward of ``attach_shard_gradients`` finishes."""
 
     def __init__(self) -> None:
         self.attached = False
-        self.exchange: ShardExchange | None = None
-        self.pending: PendingReturn | None = None
+        self.returns: list[tuple[ShardExchange, PendingReturn]] = []
 
     def start(self, exchange: ShardExchange, pending: PendingReturn) -> None:
         if not self.attached:
             raise RuntimeError("FSEP: the experts' gradients were returned but no attach_shard_gradients will add them")
-        self.exchange, self.pending = exchange, pending
+        self.returns.append((exchange, pending))
 
 
 class _FinishReturn(torch.autograd.Function):
-    """tokens, shards -> tokens; backward: the shards' gradient from the return started by the
+    """tokens, shards -> tokens; backward: the shards' gradient from the returns started by the
     experts' backward (which runs first: these tokens reach the experts only through the dispatch)."""
 
     @staticmethod
@@ -525,10 +543,11 @@ class _FinishReturn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tokens):
         grads = ctx.grads
-        if grads.pending is None:
+        if not grads.returns:
             raise RuntimeError("FSEP: the experts' backward did not start the gradient return")
-        grad_shards = grads.exchange.finish_return(grads.pending, ctx.shards)
-        grads.pending = None
+        (exchange, pending), *more = grads.returns
+        grads.returns = []
+        grad_shards = exchange.finish_return(pending, ctx.shards, more)
         return grad_tokens, grad_shards, None
 
 
@@ -543,23 +562,35 @@ def _grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
     return grad if grad is not None else torch.zeros_like(like)
 
 
-class _GatherKeep(torch.autograd.Function):
-    """tokens -> (tokens, this rank's copies [C, *shape_i]); backward starts the copies' gradient return.
+def _assemble(exchanges: Sequence[ShardExchange], pendings: Sequence[PendingGather]) -> list[torch.Tensor]:
+    """Every exchange's copies' tensors in turn (``ShardSpec`` order, [C_x, *shape_i] each)."""
+    return [t for exchange, pending in zip(exchanges, pendings) for t in exchange.assemble(pending.wait())]
 
-    The tokens pass through so that this node's backward (a collective) runs at the same point of
+
+def _start_returns(exchanges, grad_copies, dtype: torch.dtype, grads: ShardGradients) -> None:
+    """Start each exchange's gradient return (in exchange order) from its slice of ``grad_copies``."""
+    per = len(exchanges[0].spec.shapes)
+    for x, exchange in enumerate(exchanges):
+        grads.start(exchange, exchange.start_return(grad_copies[x * per : (x + 1) * per], dtype))
+
+
+class _GatherKeep(torch.autograd.Function):
+    """tokens -> (tokens, the copies' tensors of every exchange); backward starts their gradient returns.
+
+    The tokens pass through so that this node's backward (collectives) runs at the same point of
     every rank's backward: after the expert GEMMs' backward, before the token all-to-all's.
     """
 
     @staticmethod
-    def forward(ctx, tokens, exchange: ShardExchange, pending: PendingGather, grads: ShardGradients):
-        ctx.exchange, ctx.grads = exchange, grads
-        copies = exchange.assemble(pending.wait())
+    def forward(ctx, tokens, exchanges, pendings, grads: ShardGradients):
+        ctx.exchanges, ctx.grads = exchanges, grads
+        copies = _assemble(exchanges, pendings)
         ctx.dtype = copies[0].dtype
         return (tokens.view_as(tokens), *copies)
 
     @staticmethod
     def backward(ctx, grad_tokens, *grad_copies):
-        ctx.grads.start(ctx.exchange, ctx.exchange.start_return(grad_copies, ctx.dtype))
+        _start_returns(ctx.exchanges, grad_copies, ctx.dtype, ctx.grads)
         return grad_tokens, None, None, None
 
 
@@ -569,8 +600,9 @@ ExpertsRun = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Te
 class _GatherRegather(torch.autograd.Function):
     """tokens, probs -> expert output; nothing of the experts kept for the backward.
 
-    Backward: gather again (or take a prefetched gather), recompute the expert forward with
-    gradients, back-propagate ``grad_out`` through it, start the copies' gradient return.
+    Backward: gather again (the layout's copies from ``regather()`` if it started their gather, the
+    burst copies on demand), recompute the expert forward with gradients, back-propagate
+    ``grad_out`` through it, start the copies' gradient returns.
     """
 
     @staticmethod
@@ -579,31 +611,33 @@ class _GatherRegather(torch.autograd.Function):
         tokens,
         probs,
         shards,
-        exchange: ShardExchange,
-        pending: PendingGather,
+        exchanges,
+        pendings,
         run: ExpertsRun,
         regather: Callable[[], PendingGather | None],
         grads: ShardGradients,
     ):
-        ctx.exchange, ctx.shards, ctx.run, ctx.regather, ctx.grads = exchange, shards, run, regather, grads
+        ctx.exchanges, ctx.shards, ctx.run, ctx.regather, ctx.grads = exchanges, shards, run, regather, grads
         ctx.save_for_backward(tokens, probs)
         with torch.no_grad():
-            return run(tokens, probs, exchange.assemble(pending.wait()))
+            return run(tokens, probs, _assemble(exchanges, pendings))
 
     @staticmethod
     def backward(ctx, grad_out):
         tokens, probs = ctx.saved_tensors
-        pending = ctx.regather() or ctx.exchange.start_gather(ctx.shards)
+        exchanges = ctx.exchanges
+        pendings = [ctx.regather() or exchanges[0].start_gather(ctx.shards)]
+        pendings += [exchange.start_gather(ctx.shards) for exchange in exchanges[1:]]
         with torch.enable_grad():
             x = tokens.detach().requires_grad_(tokens.requires_grad)
             p = probs.detach().requires_grad_(probs.requires_grad)
-            copies = [t.requires_grad_(True) for t in ctx.exchange.assemble(pending.wait())]
+            copies = [t.requires_grad_(True) for t in _assemble(exchanges, pendings)]
             out = ctx.run(x, p, copies)
             inputs = [t for t in (x, p, *copies) if t.requires_grad]
             by_id = dict(zip(map(id, inputs), torch.autograd.grad(out, inputs, grad_out, allow_unused=True)))
         grad_copies, dtype = [by_id.get(id(c)) for c in copies], copies[0].dtype
         del out, copies, inputs  # free the recomputed experts before the return's buffers
-        ctx.grads.start(ctx.exchange, ctx.exchange.start_return(grad_copies, dtype))
+        _start_returns(exchanges, grad_copies, dtype, ctx.grads)
         grad_x = _grad_or_zeros(by_id.get(id(x)), x) if tokens.requires_grad else None
         return grad_x, by_id.get(id(p)), None, None, None, None, None, None
 
@@ -618,25 +652,31 @@ def run_sharded_experts(
     grads: ShardGradients,
     pending: PendingGather | None = None,
     regather: Callable[[], PendingGather | None] = lambda: None,
+    burst: tuple[ShardExchange, PendingGather] | None = None,
 ) -> torch.Tensor:
     """Expert output [N, H] of this rank's copies under memory ``policy`` (``MEMORY_POLICIES``).
 
     ``run(tokens, probs, tensors)`` computes the experts from the copies' tensors (each
-    [C, *shape_i], ``ShardSpec`` order); ``grads``: the ``ShardGradients`` that
-    ``attach_shard_gradients`` put on these tokens before their dispatch (the shards' gradient
-    arrives there); ``pending``: this layer's gather if already started; ``regather()``: under
-    ``regather``, a started gather for the backward, or None to gather there. Call on every rank of
-    the EP group (it runs collectives in forward and backward).
+    [C, *shape_i], ``ShardSpec`` order; with ``burst``, the burst copies' tensors follow, [B,
+    *shape_i] each); ``grads``: the ``ShardGradients`` that ``attach_shard_gradients`` put on these
+    tokens before their dispatch (the shards' gradient arrives there); ``pending``: this layer's
+    gather if already started; ``regather()``: under ``regather``, a started gather for the
+    backward, or None to gather there; ``burst``: the micro-batch's burst copies (their exchange
+    and started gather): gathered again in the backward under ``regather``, their gradients returned
+    after the layout's. Call on every rank of the EP group (it runs collectives in forward and backward).
     """
     if policy not in MEMORY_POLICIES:
         raise ValueError(f"unknown FSEP memory policy {policy!r}; choose from {', '.join(MEMORY_POLICIES)}")
     if torch.is_grad_enabled() and shards.requires_grad and not grads.attached:
         raise RuntimeError("FSEP: attach_shard_gradients was not applied to these tokens before their dispatch")
     pending = pending if pending is not None else exchange.start_gather(shards)
+    exchanges, pendings = (exchange,), (pending,)
+    if burst is not None:
+        exchanges, pendings = (exchange, burst[0]), (pending, burst[1])
     if policy == "keep":
-        tokens, *copies = _GatherKeep.apply(tokens, exchange, pending, grads)
+        tokens, *copies = _GatherKeep.apply(tokens, exchanges, pendings, grads)
         return run(tokens, probs, copies)
-    return _GatherRegather.apply(tokens, probs, shards.detach(), exchange, pending, run, regather, grads)
+    return _GatherRegather.apply(tokens, probs, shards.detach(), exchanges, pendings, run, regather, grads)
 
 
 # --- building and inspecting shards ------------------------------------------------------------

@@ -232,9 +232,13 @@ class CostModel:
         ``recv_intra``, ``recv_inter``. GPU g receives shard r of each of its copies from every other
         GPU r; it sends its own shard of every copy held elsewhere. The gradient return is the same
         traffic reversed (send and receive swapped), in the same dtype."""
-        num_gpus = placement.num_gpus
+        return self.fsep_copies_traffic(placement.slots_per_gpu(), node_size)
+
+    def fsep_copies_traffic(self, copies_per_gpu: np.ndarray, node_size: int) -> dict[str, np.ndarray]:
+        """``fsep_shard_traffic`` of a gather of ``copies_per_gpu`` int [G] copies on each GPU."""
+        num_gpus = len(copies_per_gpu)
         shard = self.expert_param_bytes / num_gpus
-        copies = placement.slots_per_gpu().astype(np.float64)  # [G]
+        copies = np.asarray(copies_per_gpu, dtype=np.float64)  # [G]
         node = np.arange(num_gpus) // node_size
         node_copies = np.bincount(node, weights=copies)[node]  # copies held in each GPU's node
         recv_intra = copies * (node_size - 1) * shard
@@ -242,6 +246,23 @@ class CostModel:
         send_intra = (node_copies - copies) * shard
         send_inter = (copies.sum() - node_copies) * shard
         return {"send_intra": send_intra, "send_inter": send_inter, "recv_intra": recv_intra, "recv_inter": recv_inter}
+
+    def fsep_burst_traffic(self, copies: np.ndarray, num_gpus: int, node_size: int) -> dict[str, np.ndarray]:
+        """Bytes per GPU of one on-demand gather of FSEP burst copies ``copies`` int [K, 2] (expert, gpu):
+        ``fsep_copies_traffic`` of the copies each GPU takes (every copy is gathered from every GPU's
+        shard, wherever its expert's other copies are)."""
+        return self.fsep_copies_traffic(np.bincount(copies[:, 1], minlength=num_gpus), node_size)
+
+    def fsep_burst_rank_bytes(self, copies: np.ndarray, num_gpus: int) -> dict[str, np.ndarray]:
+        """``fsep_rank_bytes`` of the burst copies ``copies`` int [K, 2] of one micro-batch and layer:
+        ``fsep_gathers`` gathers (the second under ``regather``, in the backward) and one gradient return."""
+        return self.fsep_copies_rank_bytes(np.bincount(copies[:, 1], minlength=num_gpus))
+
+    def fsep_copies_rank_bytes(self, copies_per_gpu: np.ndarray) -> dict[str, np.ndarray]:
+        """``fsep_rank_bytes`` of a gather of ``copies_per_gpu`` int [G] copies on each GPU."""
+        t = self.fsep_copies_traffic(copies_per_gpu, node_size=len(copies_per_gpu))
+        send, recv = t["send_intra"], t["recv_intra"]
+        return {"sent": self.fsep_gathers * send + recv, "received": self.fsep_gathers * recv + send}
 
     def fsep_gather_s(self, placement: Placement, node_size: int) -> float:
         """Seconds of one FSEP gather (or gradient return): the busiest GPU's slowest link."""
@@ -256,9 +277,7 @@ class CostModel:
         """Bytes each GPU sends (``sent``) and receives (``received``) for one micro-batch of one FSEP
         layer, float64 [G] each: ``fsep_gathers`` gathers and one gradient return (the gather's
         traffic reversed, in the parameter dtype). What MicroEP's runtime hands to its all-to-alls."""
-        t = self.fsep_shard_traffic(placement, node_size=placement.num_gpus)
-        send, recv = t["send_intra"], t["recv_intra"]
-        return {"sent": self.fsep_gathers * send + recv, "received": self.fsep_gathers * recv + send}
+        return self.fsep_copies_rank_bytes(placement.slots_per_gpu())
 
     def fsep_bytes(self, placement: Placement) -> float:
         """Bytes moved by one micro-batch of FSEP on one layer (all GPUs): the gathers and the
@@ -320,12 +339,27 @@ def record_cost(
         weight_bytes += len(moves) * model.expert_grad_bytes
     fsep = 0.0
     if fully_sharded:
-        transfer = model.fsep_gather_s(placement, node_size)
+        burst = assignment.gathered_copies
+        G = placement.num_gpus
+        held = placement.slots_per_gpu() - np.bincount(burst[:, 1], minlength=G)  # the prefetched layout's
+        transfer = model.link_s(**model.fsep_copies_traffic(held, node_size))
         backward = transfer * (model.fsep_gathers - 1) + transfer  # gather again (if so), then return
         if model.fsep_recompute:
             bwd += fwd
-        fsep = max(0.0, transfer - fwd) + max(0.0, backward - bwd)
-        weight_bytes += model.fsep_bytes(placement)
+        if len(burst):
+            # Burst copies: gathered after the count read, beside the dispatch all-to-all (the pair's
+            # excess over the dispatch alone is exposed); under regather gathered again on demand in
+            # the backward (exposed); their gradients return with the layout's.
+            t = model.fsep_burst_traffic(burst, G, node_size)
+            tokens = {name: getattr(flow, name) * model.token_bytes for name in t}
+            alone = model.link_s(**tokens)
+            fsep += model.link_s(**{name: tokens[name] + t[name] for name in t}) - alone
+            burst_s = model.link_s(**t)
+            fsep += burst_s * (model.fsep_gathers - 1)
+            backward += burst_s
+            weight_bytes += float(model.fsep_burst_rank_bytes(burst, G)["sent"].sum())
+        fsep += max(0.0, transfer - fwd) + max(0.0, backward - bwd)
+        weight_bytes += float(model.fsep_copies_rank_bytes(held)["sent"].sum())
     return RecordCost(
         gpu_load=assignment.gpu_load(),
         compute_fwd_s=fwd,

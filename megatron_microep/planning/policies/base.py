@@ -163,6 +163,9 @@ class Assignment:
     the end of the step (MicroEP's burst copies); the ones the previous micro-batch of the step did
     not hold are pushed from their expert's home GPU beside the dispatch all-to-all, and their
     gradients go home once per step.
+    ``gathered_copies`` int64 [K, 2]: (expert, gpu) of the copies in ``placement`` gathered from
+    shards for this micro-batch alone, on demand after the count read (MicroEP's FSEP burst copies);
+    the rest of a fully sharded policy's placement is its prefetched layout.
     """
 
     tokens: np.ndarray
@@ -173,6 +176,7 @@ class Assignment:
     piece_count: np.ndarray
     weight_moves: np.ndarray
     step_copies: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    gathered_copies: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     def gpu_load(self) -> np.ndarray:
         """int64 [G]: tokens each GPU processes."""
