@@ -49,6 +49,11 @@ backward gather. At most one prefetch per direction is in flight in a process, a
 pass of that direction takes it (or, if it is another layer's, waits for it and drops it), so a
 prefetch never outlives that pass; a forward pass inside the backward (activation recompute)
 prefetches nothing, since the next forward pass is not the next layer's.
+
+Burst copies (``--microep-burst-slots``). After the count read every rank plans the same burst
+copies for the micro-batch (``planning.burst.plan_burst`` over the layout, no home or node rule, none
+held from earlier micro-batches); their shards are gathered on demand, right after the decision,
+beside the token dispatch, and their gradients return with the layout copies' (docs/fsep.md).
 """
 
 from __future__ import annotations

@@ -31,6 +31,11 @@ it. The gradient return is started asynchronously by the experts' backward and f
 into the fp32 ``main_grad``) by the backward of ``attach_shard_gradients``, which the layer applies
 to its tokens before the token dispatch: the return overlaps the dispatch's backward all-to-all.
 
+Burst copies. A micro-batch may add copies to its layout (``--microep-burst-slots``): a second
+``ShardExchange`` over the burst slots (``first_slot``), built every micro-batch that has them (its
+index copied without blocking), gathered on demand and passed to ``run_sharded_experts`` as
+``burst``; its gradient return follows the layout's and ``finish_return`` adds both.
+
 Host synchronisation. A ``ShardExchange`` copies its index tensors to the device once, when it is
 built for a layout (in a forward); the gather, the return and both backward passes read no device
 value on the host and copy nothing from host to device.
