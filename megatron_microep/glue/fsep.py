@@ -427,15 +427,15 @@ class FSEPMoELayer(MicroEPMoELayer):
         """The shard exchange of ``layout`` (built once per layout, in a forward: it copies index tensors
         to the device)."""
         if self._shard_exchange is None or self._shard_exchange.layout is not layout:
-            self._shard_exchange = ShardExchange(
-                layout,
-                self.microep_groups.ep_rank,
-                shard_group(self.microep_groups.ep),
-                self.fsep_spec,
-                self.experts.shards.device,
-                memory=GATHERED_MEMORY,
-            )
+            self._shard_exchange = self._new_exchange(layout)
         return self._shard_exchange
+
+    def _new_exchange(self, layout: PhysicalLayout, **options) -> ShardExchange:
+        groups = self.microep_groups
+        device = self.experts.shards.device
+        return ShardExchange(
+            layout, groups.ep_rank, shard_group(groups.ep), self.fsep_spec, device, memory=GATHERED_MEMORY, **options
+        )
 
     # --- prefetch -------------------------------------------------------------------------------
     def model_chunk(self) -> int:
@@ -593,16 +593,7 @@ class FSEPMoELayer(MicroEPMoELayer):
             return
         self.experts.materialize()
         self.make_current()
-        exchange = ShardExchange(
-            layout,
-            self.microep_groups.ep_rank,
-            shard_group(self.microep_groups.ep),
-            self.fsep_spec,
-            self.experts.shards.device,
-            memory=GATHERED_MEMORY,
-            first_slot=self.slots_per_rank,
-            non_blocking_index=True,
-        )
+        exchange = self._new_exchange(layout, first_slot=self.slots_per_rank, non_blocking_index=True)
         if self._burst_gather is not None:  # a forward whose experts never ran: let its gather finish
             self._burst_gather[1].wait()
         self._burst_gather = (exchange, exchange.start_gather(self.experts.shards))

@@ -12,16 +12,16 @@ gather as issued after the count read beside the dispatch all-to-all (``simulato
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_microep.planning.burst import NO_COPIES, plan_burst
+from megatron_microep.planning.burst import NO_COPIES
 from megatron_microep.planning.placement import Placement
 from megatron_microep.planning.plan import PlanTarget, plan_from_history
 from megatron_microep.planning.policies.base import Assignment, History, PolicyError, param
 from megatron_microep.planning.policies.microep import MicroEpParams, MicroEpPolicy
-from megatron_microep.planning.scheduler import schedule
 
 
 @dataclass(frozen=True)
@@ -55,21 +55,6 @@ class MicroEpFsepPolicy(MicroEpPolicy):
             raise PolicyError(f"microep_fsep planner: {err}") from None
 
     def assign_in_step(self, tokens: np.ndarray, placement: Placement, held: np.ndarray) -> Assignment:
-        p = self.params
-        copies = NO_COPIES
-        if p.burst_slots == 0:
-            result = schedule(tokens, placement)
-        else:  # nothing is held: a copy lives one micro-batch
-            plan = plan_burst(tokens, placement, NO_COPIES, p.burst_slots, None, p.burst_tolerance)
-            placement, result, copies = plan.placement, plan.schedule, plan.copies
-        return Assignment(
-            tokens,
-            placement,
-            result.slot_tokens,
-            result.piece_src,
-            result.piece_slot,
-            result.piece_count,
-            np.zeros((0, 2), dtype=np.int64),
-            NO_COPIES,
-            copies,
-        )
+        # microep's decision with nothing held and no node rule (validated); its copies live one micro-batch.
+        assignment = super().assign_in_step(tokens, placement, NO_COPIES)
+        return dataclasses.replace(assignment, step_copies=NO_COPIES, gathered_copies=assignment.step_copies)
