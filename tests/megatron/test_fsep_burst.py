@@ -8,7 +8,7 @@ expert onto EP rank 1 for that micro-batch (and for that micro-batch only). Mega
 gradients), megatron-core's Adam optimizer, ``get_forward_backward_func`` with 3 micro-batches, 4
 steps, against stock EP (alltoall) from the same weights:
 
-- ``keep`` and ``regather``: losses within 1e-4 every step and all parameters within 1e-5 relative
+- ``keep``, ``regather`` and ``keep`` with the MoE layer recomputed (``recompute_modules=["moe"]``): losses within 1e-4 every step and all parameters within 1e-5 relative
   at the end (experts as full tensors gathered from the shards);
 - on the rows the experts ran (a spy on the expert call, each slot's expert named by its weights),
   every routed (token, expert) pair ran exactly once on a copy of its expert, and in every training
@@ -58,13 +58,17 @@ def _model(kind: str, seed: int):
     """(GPT model, config): stock EP, or FSEP with ``kind`` memory policy and one burst slot."""
     from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
 
-    config = tiny_moe_config("alltoall" if kind == "stock" else "microep", EP, NUM_EXPERTS, moe_router_topk=TOPK)
+    # "recompute": keep, with the MoE layer recomputed in the backward (the recomputed forward plans
+    # and gathers its burst copies again).
+    recompute = {"recompute_granularity": "selective", "recompute_modules": ["moe"]} if kind == "recompute" else {}
+    dispatcher = "alltoall" if kind == "stock" else "microep"
+    config = tiny_moe_config(dispatcher, EP, NUM_EXPERTS, moe_router_topk=TOPK, **recompute)
     if kind != "stock":
         settings = MicroEPConfig(
             redundant_slots=0,
             replan_interval=0,
             expert_sharding="fsep",
-            fsep_memory_policy=kind,
+            fsep_memory_policy="regather" if kind == "regather" else "keep",
             burst_slots=BURST_SLOTS,
         )
         attach_microep_config(config, settings)
@@ -254,7 +258,7 @@ def _burst_bytes(seed: int):
 def _rank(rank, world_size, seed):
     torch._dynamo.config.disable = True  # Megatron's fused activations: eager on CPU
     init_megatron_parallel(expert_model_parallel_size=EP, seed=seed)
-    runs = {kind: _train(kind, seed) for kind in ("stock", "keep", "regather")}
+    runs = {kind: _train(kind, seed) for kind in ("stock", "keep", "regather", "recompute")}
     runs["dropped"] = _train("keep", seed, _burst_gradients_dropped)
     stock = runs["stock"]["params"]
     out = {}
@@ -287,7 +291,7 @@ def results():
     return spawn_gloo(_rank, WORLD, seed, timeout_s=600), seed
 
 
-@pytest.mark.parametrize("policy", ["keep", "regather"])
+@pytest.mark.parametrize("policy", ["keep", "regather", "recompute"])
 def test_fsep_with_burst_copies_matches_stock(results, policy):
     per_rank, seed = results
     print(f"seed {seed}")
@@ -303,7 +307,7 @@ def test_fsep_with_burst_copies_matches_stock(results, policy):
     assert per_rank[0]["keep"]["moved"] > 1e-3  # the runs trained
 
 
-@pytest.mark.parametrize("policy", ["keep", "regather"])
+@pytest.mark.parametrize("policy", ["keep", "regather", "recompute"])
 def test_burst_copies_ran_tokens_and_every_routed_pair_ran_once(results, policy):
     per_rank, seed = results
     print(f"seed {seed}")
