@@ -15,6 +15,7 @@ steps, against stock EP (alltoall) from the same weights:
   micro-batch of every layer some expert ran on two copies: a burst copy carried tokens (with C = n
   and no replica slot nothing else can split an expert);
 - a control drops the burst copies' returned gradients: parity breaks;
+- an evaluation forward (eval mode, no grad) gathers burst copies and matches stock's losses;
 - host reads (``runtime.audit.HostReads``): one boundary call (the count exchange) per layer forward,
   no other read, none in the backward, with burst copies gathered;
 - bytes: a spy on ``all_to_all_single`` over FSEP's shard group counts, per micro-batch, what the
@@ -211,6 +212,22 @@ def _host_reads(seed: int):
     }
 
 
+def _evaluation(seed: int):
+    """An evaluation forward (eval mode, no grad) of FSEP with burst slots and of stock EP from the
+    same weights: (largest loss difference, burst copies gathered)."""
+    from megatron_microep.glue.fsep import fsep_layers
+
+    tokens, labels, positions, mask = synthetic_batches(seed + 7, VOCAB, SEQ_LEN, MICRO_BATCH, 1)[0]
+    losses = {}
+    for kind in ("stock", "keep"):
+        model, _ = _model(kind, seed)
+        model.eval()
+        with torch.no_grad():
+            losses[kind] = model(tokens, positions, mask, labels=labels)
+        gathered = sum(layer.burst_copies_gathered for layer in fsep_layers(model))
+    return (losses["keep"] - losses["stock"]).abs().max().item(), gathered
+
+
 def _burst_bytes(seed: int):
     """One FSEP layer's forward and backward (keep, bursting) with the bytes this rank hands to the
     shard group's all-to-alls measured (``runtime.comm_spy``), and the burst copies its plan chose."""
@@ -281,6 +298,7 @@ def _rank(rank, world_size, seed):
             "layer_ids": run["layer_ids"],
         }
     out["reads"] = _host_reads(seed)
+    out["evaluation"] = _evaluation(seed)
     out["bytes"] = _burst_bytes(seed)
     return out
 
@@ -340,6 +358,14 @@ def test_one_host_read_per_layer_forward_none_in_backward(results):
         assert reads["bursts"] > 0, "no burst copy was gathered in the audited pass"
         assert reads["forward"] == (reads["layers"], {}), f"rank {rank}: {reads}"
         assert reads["backward"] == (0, {}), f"rank {rank}: {reads}"
+
+
+def test_evaluation_forward_with_burst_copies_matches_stock(results):
+    per_rank, _ = results
+    for rank, res in enumerate(per_rank):
+        difference, gathered = res["evaluation"]
+        print(f"rank {rank}: evaluation loss {difference:.1e} off stock, {gathered} burst copies gathered")
+        assert gathered > 0 and difference <= LOSS_TOL
 
 
 def test_simulator_charges_the_measured_burst_bytes(results):
