@@ -1,6 +1,8 @@
-"""spawn_gloo: results in rank order, and failures that name the rank instead of hanging."""
+"""spawn_gloo: results in rank order, failures that name the rank instead of hanging, and no process
+left behind."""
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -60,3 +62,44 @@ def test_hard_exit_is_reported_without_waiting_for_timeout():
 def test_timeout_names_unfinished_ranks():
     with pytest.raises(RankFailedError, match=r"timed out after 15 s; ranks \[1\] of 2"):
         spawn_gloo(_rank_one_sleeps, 2, timeout_s=15)
+
+
+def _start_time(pid):
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), or None if it is
+    gone or a zombie; with the pid it names one process even if the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def _helper_then(rank, world_size, pid_dir, outcome):
+    # A helper process the rank never stops, as Megatron's checkpoint writer's Manager when its rank dies.
+    helper = subprocess.Popen(["sleep", "600"])
+    with open(os.path.join(pid_dir, f"rank{rank}"), "w") as f:
+        f.write(f"{helper.pid} {_start_time(helper.pid)}")
+    if rank == 1 and outcome == "exit":
+        os._exit(3)
+    if rank == 1 and outcome == "timeout":
+        time.sleep(600)
+    dist.barrier()
+    return rank
+
+
+@pytest.mark.parametrize("outcome", ["return", "exit", "timeout"])
+def test_no_process_survives_the_run(outcome, tmp_path):
+    """Every helper process a rank started is gone once spawn_gloo returns or raises (checked by pid
+    and start time in /proc), whether the ranks return, one exits hard, or the run times out."""
+    if outcome == "return":
+        assert spawn_gloo(_helper_then, 2, str(tmp_path), outcome, timeout_s=120) == [0, 1]
+    else:
+        with pytest.raises(RankFailedError):
+            spawn_gloo(_helper_then, 2, str(tmp_path), outcome, timeout_s=120 if outcome == "exit" else 20)
+    helpers = [(tmp_path / f"rank{rank}").read_text().split() for rank in range(2)]
+    deadline = time.monotonic() + 10  # a killed process is gone once init has reaped it
+    while time.monotonic() < deadline and any(_start_time(pid) == start for pid, start in helpers):
+        time.sleep(0.1)
+    survivors = [pid for pid, start in helpers if _start_time(pid) == start]
+    assert not survivors, f"helper processes {survivors} outlived spawn_gloo ({outcome})"

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -37,6 +38,9 @@ def _free_loopback_port() -> int:
 
 
 def _rank_entry(fn, rank, world_size, port, timeout_s, threads_per_rank, results, args):
+    # A process group of its own, which every helper process the rank starts joins, so the launcher
+    # can end them all (see _signal_rank); spawn_gloo also sets it from the parent, whichever comes first.
+    _own_process_group(0)
     # Hide accelerators: these are CPU ranks, and the CPU harness refuses to run beside CUDA.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(
@@ -84,7 +88,8 @@ def spawn_gloo(
 
     Raises ``RankFailedError`` with the failing rank's traceback as soon as any rank raises or
     dies, and after ``timeout_s`` seconds if some rank has not finished; the other ranks are
-    terminated in both cases, so a broken collective never hangs the caller.
+    terminated in both cases, so a broken collective never hangs the caller. Each rank leads a process
+    group of its own; whatever processes are left in it when ``spawn_gloo`` returns or raises are ended.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -104,6 +109,7 @@ def spawn_gloo(
     ]
     for proc in procs:
         proc.start()
+        _own_process_group(proc.pid)
     finished = False
     try:
         values = _collect(procs, results, world_size, timeout_s)
@@ -114,15 +120,34 @@ def spawn_gloo(
             # Every rank reported: let them exit by themselves (their own cleanup included).
             for proc in procs:
                 proc.join(timeout=_EXIT_GRACE_S)
+        # Every rank and whatever it started and left behind (a rank killed or exiting hard never
+        # stops its helpers, e.g. the multiprocessing Manager of Megatron's checkpoint writer).
         for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
+            _signal_rank(proc, signal.SIGTERM)
         for proc in procs:
             proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            _signal_rank(proc, signal.SIGKILL)
+            proc.join()
         results.close()
+
+
+def _own_process_group(pid: int) -> None:
+    """Make ``pid`` (0: this process) the leader of a new process group."""
+    try:
+        os.setpgid(pid, 0)
+    except (PermissionError, ProcessLookupError):
+        pass  # the rank already runs its own code (it sets the group itself) or has exited
+
+
+def _signal_rank(proc, signum: int) -> None:
+    """Send ``signum`` to the rank, if alive, and to every process left in its process group."""
+    if proc.is_alive():
+        os.kill(proc.pid, signum)
+    try:
+        # The group's id cannot be reused while any process is in it, even after the rank is reaped.
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass  # nothing left in the group
 
 
 # How long ranks that reported a result get to exit by themselves before they are terminated.

@@ -48,6 +48,17 @@ def moe_config(dispatcher: str, microep=None, **fields):
     return config
 
 
+def fsep_moe_config(policy: str | None, microep: dict, **fields):
+    """``moe_config`` with gated experts: stock EP (the alltoall dispatcher) when ``policy`` is None,
+    else FSEP layers under memory policy ``policy`` with the MicroEPConfig fields ``microep``."""
+    from megatron_microep.glue.config import MicroEPConfig
+
+    if policy is None:
+        return moe_config("alltoall", gated_linear_unit=True, **fields)
+    settings = MicroEPConfig(expert_sharding="fsep", fsep_memory_policy=policy, **microep)
+    return moe_config("microep", settings, gated_linear_unit=True, **fields)
+
+
 def skew_router(model, hot_experts: Iterable[int]) -> None:
     """Route most tokens to ``hot_experts``: a fixed router expert bias (bias update rate 0 keeps it)."""
     with torch.no_grad():

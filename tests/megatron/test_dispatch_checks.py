@@ -33,7 +33,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 import torch  # noqa: E402
-from _gpt_case import forward_step, gpt_model, synthetic_batches  # noqa: E402
+from _gpt_case import forward_step, gpt_model, moe_config, synthetic_batches  # noqa: E402
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo  # noqa: E402
 
@@ -256,36 +256,19 @@ def _burst_reads(pg, state, x, upstream):
 
 
 def _gpt_config(dispatcher, dtype, backend="auto"):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron_microep.glue.config import MicroEPConfig
 
-    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
-
-    config = TransformerConfig(
+    return moe_config(
+        dispatcher,
+        MicroEPConfig(redundant_slots=1, replan_interval=0, expert_backend=backend),
         num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=32,
         num_moe_experts=4,
-        moe_router_topk=2,
-        moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=WORLD,
-        add_bias_linear=False,
         use_cpu_initialization=False,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_load_balancing_type="none",
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
     )
-    if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=1, replan_interval=0, expert_backend=backend))
-    return config
 
 
 @contextlib.contextmanager

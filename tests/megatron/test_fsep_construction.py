@@ -19,7 +19,7 @@ import random
 
 import pytest
 import torch
-from _gpt_case import gpt_model, synthetic_batches
+from _gpt_case import fsep_moe_config, gpt_model, synthetic_batches
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 from megatron_microep.runtime.comm_spy import CollectiveSpy
@@ -28,33 +28,20 @@ EP, NUM_EXPERTS, VOCAB, SEQ_LEN = 2, 4, 64, 16
 
 
 def _config(dispatcher: str, dtype=torch.float32):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
-
-    config = TransformerConfig(
+    return fsep_moe_config(
+        "keep" if dispatcher == "microep" else None,
+        dict(redundant_slots=1),
         num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
-        moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=EP,
-        add_bias_linear=False,
         use_cpu_initialization=True,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_load_balancing_type="none",
-        gated_linear_unit=True,
+        # Megatron's default router (softmax scores, no expert bias), as this test has always built it.
+        moe_router_score_function="softmax",
+        moe_router_enable_expert_bias=False,
+        moe_router_bias_update_rate=1e-3,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
     )
-    if dispatcher == "microep":
-        attach_microep_config(config, MicroEPConfig(redundant_slots=1, expert_sharding="fsep"))
-    return config
 
 
 def _build(dispatcher: str, seed: int, spy: CollectiveSpy, dtype=torch.float32):

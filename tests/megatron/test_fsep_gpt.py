@@ -54,7 +54,7 @@ from _expert_rows import (
     count_routed_tokens,
     name_slot_experts,
 )
-from _gpt_case import gpt_model, synthetic_batches
+from _gpt_case import fsep_moe_config, gpt_model, synthetic_batches
 
 from megatron_microep.glue.distributed import RankFailedError, init_megatron_parallel, spawn_gloo
 from megatron_microep.runtime.comm_spy import CollectiveSpy
@@ -76,50 +76,19 @@ MEGATRON_LM_DEFAULT_STRICTNESS = "assume_ok_unexpected"
 
 
 def _config(dispatcher: str, ep: int, policy: str = "keep"):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
-
-    config = TransformerConfig(
+    return fsep_moe_config(
+        policy if dispatcher == "microep" else None,
+        dict(redundant_slots=1, replan_interval=1, replan_lag=1, history_window=4, planner_time_limit_s=0.3),
         num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
-        moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=ep,
-        add_bias_linear=False,
         # Each EP rank draws its own experts (Megatron's RNG tracker, as on GPU): with
         # use_cpu_initialization=True every EP rank holds identical experts, which would hide a copy
         # running the wrong expert's weights.
         use_cpu_initialization=False,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_load_balancing_type="none",
-        gated_linear_unit=True,
         bf16=False,
         params_dtype=torch.float32,
     )
-    if dispatcher == "microep":
-        attach_microep_config(
-            config,
-            MicroEPConfig(
-                redundant_slots=1,
-                replan_interval=1,
-                replan_lag=1,
-                history_window=4,
-                planner_time_limit_s=0.3,
-                expert_sharding="fsep",
-                fsep_memory_policy=policy,
-            ),
-        )
-    return config
 
 
 def _build(config, seed: int):

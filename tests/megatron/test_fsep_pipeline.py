@@ -32,7 +32,7 @@ from _expert_rows import (
     count_routed_tokens,
     name_slot_experts,
 )
-from _gpt_case import forward_step, gpt_model, synthetic_batches
+from _gpt_case import forward_step, fsep_moe_config, gpt_model, synthetic_batches
 from test_fsep_gpt import _expert_grads_as_shards, _rel
 from test_fsep_mixed_precision import _random_layout
 
@@ -49,40 +49,18 @@ MODELS = ("stock", "keep", "regather")
 
 
 def _config(model: str):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
-
-    config = TransformerConfig(
+    return fsep_moe_config(
+        None if model == "stock" else model,
+        dict(redundant_slots=1, replan_interval=0),
         num_layers=len(PATTERN),
         hidden_size=HIDDEN,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
         moe_layer_freq=PATTERN,
-        moe_token_dispatcher_type="alltoall" if model == "stock" else "microep",
         expert_model_parallel_size=EP,
         pipeline_model_parallel_size=PP,
-        add_bias_linear=False,
         use_cpu_initialization=False,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_load_balancing_type="none",
-        gated_linear_unit=True,
         pipeline_dtype=torch.float32,
     )
-    if model != "stock":
-        attach_microep_config(
-            config,
-            MicroEPConfig(redundant_slots=1, replan_interval=0, expert_sharding="fsep", fsep_memory_policy=model),
-        )
-    return config
 
 
 def _build(model: str, seed: int, first: bool, last: bool):

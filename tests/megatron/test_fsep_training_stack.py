@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _gpt_case import forward_step, gpt_model, synthetic_batches
+from _gpt_case import forward_step, fsep_moe_config, gpt_model, synthetic_batches
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
@@ -46,43 +46,16 @@ MODELS = ("stock", "keep", "regather", "recompute")
 
 
 def _config(model: str):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from megatron_microep.glue.config import MicroEPConfig, attach_microep_config
-
-    config = TransformerConfig(
+    recompute = {"recompute_granularity": "selective", "recompute_modules": ["moe"]} if model == "recompute" else {}
+    return fsep_moe_config(
+        None if model == "stock" else "regather" if model == "regather" else "keep",
+        dict(redundant_slots=SLOTS - NUM_EXPERTS // EP, replan_interval=0),
         num_layers=2,
         hidden_size=HIDDEN,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=32,
         num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=2,
-        moe_token_dispatcher_type="alltoall" if model == "stock" else "microep",
         expert_model_parallel_size=EP,
-        add_bias_linear=False,
-        transformer_impl="local",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_load_balancing_type="none",
-        gated_linear_unit=True,
-        **({"recompute_granularity": "selective", "recompute_modules": ["moe"]} if model == "recompute" else {}),
+        **recompute,
     )
-    if model != "stock":
-        policy = "regather" if model == "regather" else "keep"
-        attach_microep_config(
-            config,
-            MicroEPConfig(
-                redundant_slots=SLOTS - NUM_EXPERTS // EP,
-                replan_interval=0,
-                expert_sharding="fsep",
-                fsep_memory_policy=policy,
-            ),
-        )
-    return config
 
 
 def wrap_chunks(config, gpts, lr: float):

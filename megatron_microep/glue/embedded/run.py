@@ -95,7 +95,7 @@ def run(
         previous = {}
 
         def request_stop(signum, frame):
-            # Ranks see the signal too when it came from the terminal; the file reaches them otherwise.
+            # The file reaches the ranks (each leads its own process group: a terminal's signal does not).
             stop_file.touch()
             log(f"stop requested ({signal.Signals(signum).name}): finishing the current step and saving")
             for sig, handler in previous.items():
