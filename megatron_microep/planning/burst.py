@@ -48,6 +48,7 @@ from megatron_microep.planning.scheduler import (
 )
 
 NO_COPIES = np.zeros((0, 2), dtype=np.int64)
+AFTER_COPY_TARGETS = 4  # GPUs with spare a search serves once copies are being added
 TOLERANCE_UNIT = 1000  # the tolerance is an integer number of thousandths on the critical path
 
 
@@ -285,7 +286,7 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
     via_slot_gpu = np.empty(num_gpus, np.int64)
     via_slot_expert = np.empty(num_experts, np.int64)
     queue = np.empty(num_experts, np.int64)
-    targets = np.empty(num_gpus, np.int64)
+    all_targets = np.empty(num_gpus, np.int64)
     new = np.empty((limit, 2), np.int64)
     keep = np.zeros(nnz + limit, np.int64)  # nothing is protected; sized for every copy added
     n = 0
@@ -294,6 +295,10 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
         bound_num += load[e]
     bound_den = num_gpus
     while True:
+        # Before the first copy the unplaced load is spread wide, and serving every GPU with
+        # spare a search reaches pays; after it, paths run through the new copy, so a search
+        # stops at a few (the later pushes of a wide search mostly find the path used up).
+        targets = all_targets if n == 0 else all_targets[:AFTER_COPY_TARGETS]
         found = _find_path(
             excess,
             spare,
