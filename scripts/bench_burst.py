@@ -58,9 +58,10 @@ def time_part(repeat: int, micro_batches: int, seed: int) -> None:
     )
     print(
         "| workload | tolerance | micro-batches with new copies | new copies per such micro-batch | max/mean before "
-        "| max/mean after | schedule us (median CPU) | added us: mean | p50 | p90 | p99 | max | added us on micro-batches with new copies: mean |"
+        "| max/mean after | schedule us (median CPU) | added us: mean | p50 | p90 | p99 | max "
+        "| added us on micro-batches with new copies: mean | p90 | max | mean / schedule us |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for workload in TIME_WORKLOADS:
         trace = generate(workload, HISTORY + micro_batches, GPUS, EXPERTS, TOKENS, TOPK, seed)
         placement = eplb_placement(expert_loads(trace[:HISTORY]), GPUS, REDUNDANT)
@@ -88,7 +89,9 @@ def time_part(repeat: int, micro_batches: int, seed: int) -> None:
                 f"{np.mean(np.asarray(new_counts)[bursting]) if bursting.any() else 0:.1f} | "
                 f"{np.mean(before):.3f} | {np.mean(after):.3f} | {statistics.median(base_us):.0f} | {added.mean():.0f} | "
                 f"{np.percentile(added, 50):.0f} | {np.percentile(added, 90):.0f} | {np.percentile(added, 99):.0f} | "
-                f"{added.max():.0f} | {busy.mean() if len(busy) else 0:.0f} |"
+                f"{added.max():.0f} | {busy.mean() if len(busy) else 0:.0f} | "
+                f"{np.percentile(busy, 90) if len(busy) else 0:.0f} | {busy.max(initial=0):.0f} | "
+                f"{busy.mean() / statistics.median(base_us) if len(busy) else 0:.2f} |"
             )
             sys.stdout.flush()
     print()

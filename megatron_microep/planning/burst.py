@@ -48,6 +48,7 @@ from megatron_microep.planning.scheduler import (
 )
 
 NO_COPIES = np.zeros((0, 2), dtype=np.int64)
+AFTER_COPY_TARGETS = 4  # GPUs with spare a search serves once copies are being added
 TOLERANCE_UNIT = 1000  # the tolerance is an integer number of thousandths on the critical path
 
 
@@ -168,25 +169,30 @@ def _reverse(gpus, num_gpus):
 
 
 @numba.njit(cache=True, nogil=True)
-def _insert_copy(ptr, gpus, slot_tokens, slot_expert, expert, gpu):
-    """The CSR arrays with one more (empty) copy of ``expert`` on ``gpu``, after its other copies."""
-    nnz = gpus.size
+def _insert_copy(ptr, gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, nnz, expert, gpu):
+    """Insert one (empty) copy of ``expert`` on ``gpu`` after its other copies, in place: the CSR
+    arrays and the GPU -> slots adjacency (as ``_reverse`` would rebuild it) hold ``nnz`` slots
+    and have room for one more (sized once for every copy the search may add)."""
     at = ptr[expert + 1]
-    new_ptr = ptr.copy()
-    new_ptr[expert + 1 :] += 1
-    new_gpus = np.empty(nnz + 1, np.int64)
-    new_tokens = np.empty(nnz + 1, np.int64)
-    new_expert = np.empty(nnz + 1, np.int64)
-    new_gpus[:at] = gpus[:at]
-    new_tokens[:at] = slot_tokens[:at]
-    new_expert[:at] = slot_expert[:at]
-    new_gpus[at] = gpu
-    new_tokens[at] = 0
-    new_expert[at] = expert
-    new_gpus[at + 1 :] = gpus[at:]
-    new_tokens[at + 1 :] = slot_tokens[at:]
-    new_expert[at + 1 :] = slot_expert[at:]
-    return new_ptr, new_gpus, new_tokens, new_expert
+    for r in range(nnz, at, -1):
+        gpus[r] = gpus[r - 1]
+        slot_tokens[r] = slot_tokens[r - 1]
+        slot_expert[r] = slot_expert[r - 1]
+    gpus[at] = gpu
+    slot_tokens[at] = 0
+    slot_expert[at] = expert
+    ptr[expert + 1 :] += 1
+    for i in range(nnz):
+        if gpu_slot[i] >= at:
+            gpu_slot[i] += 1
+    # Slot ``at`` joins its GPU's list in slot order.
+    pos = gpu_ptr[gpu + 1]
+    while pos > gpu_ptr[gpu] and gpu_slot[pos - 1] > at:
+        pos -= 1
+    for i in range(nnz, pos, -1):
+        gpu_slot[i] = gpu_slot[i - 1]
+    gpu_slot[pos] = at
+    gpu_ptr[gpu + 1 :] += 1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -214,19 +220,15 @@ def _eligible_gpu(expert, ptr, gpus, seen_gpu, spare, free, anchor, node_size):
 @numba.njit(cache=True, nogil=True)
 def _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor, node_size):
     """The heaviest expert of the violator S, by load per copy (ties: lower id), with an eligible GPU
-    outside U; -1 if none. Per copy, so that an expert just copied yields to one that has fewer."""
-    num_experts = load.size
-    tried = np.zeros(num_experts, np.bool_)
-    while True:
-        e = -1
-        for e2 in range(num_experts):
-            if seen_expert[e2] and not tried[e2]:
-                # load[e2] / copies(e2) > load[e] / copies(e), in integers.
-                if e < 0 or load[e2] * (ptr[e + 1] - ptr[e]) > load[e] * (ptr[e2 + 1] - ptr[e2]):
-                    e = e2
-        if e < 0 or _eligible_gpu(e, ptr, gpus, seen_gpu, spare, free, anchor, node_size) >= 0:
-            return e
-        tried[e] = True
+    outside U; -1 if none. Per copy, so that an expert just copied yields to one that has fewer.
+    One pass in id order: only an expert heavier than the best so far needs its eligibility checked."""
+    best = -1
+    for e in range(load.size):
+        # load[e] / copies(e) > load[best] / copies(best), in integers.
+        if seen_expert[e] and (best < 0 or load[e] * (ptr[best + 1] - ptr[best]) > load[best] * (ptr[e + 1] - ptr[e])):
+            if _eligible_gpu(e, ptr, gpus, seen_gpu, spare, free, anchor, node_size) >= 0:
+                best = e
+    return best
 
 
 @numba.njit(cache=True, nogil=True)
@@ -243,8 +245,15 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
     """
     num_experts = load.size
     nnz = gpus.size
-    slot_tokens = flow.copy()
-    slot_expert = np.empty(nnz, np.int64)
+    limit = free.sum()
+    # Room for every copy the search may add, so that a copy is inserted in place.
+    ptr = ptr.copy()
+    gpus_room = np.empty(nnz + limit, np.int64)
+    gpus_room[:nnz] = gpus
+    tokens_room = np.empty(nnz + limit, np.int64)
+    tokens_room[:nnz] = flow
+    expert_room = np.empty(nnz + limit, np.int64)
+    gpus, slot_tokens, slot_expert = gpus_room[:nnz], tokens_room[:nnz], expert_room[:nnz]
     for e in range(num_experts):
         for r in range(ptr[e], ptr[e + 1]):
             slot_expert[r] = e
@@ -269,13 +278,15 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
             spare[gpus[r]] -= take
             excess[e] -= take
     gpu_ptr, gpu_slot = _reverse(gpus, num_gpus)
+    slot_room = np.empty(nnz + limit, np.int64)
+    slot_room[:nnz] = gpu_slot
+    gpu_slot = slot_room[:nnz]
     seen_expert = np.zeros(num_experts, np.bool_)
     seen_gpu = np.zeros(num_gpus, np.bool_)
     via_slot_gpu = np.empty(num_gpus, np.int64)
     via_slot_expert = np.empty(num_experts, np.int64)
     queue = np.empty(num_experts, np.int64)
-    targets = np.empty(num_gpus, np.int64)
-    limit = free.sum()
+    all_targets = np.empty(num_gpus, np.int64)
     new = np.empty((limit, 2), np.int64)
     keep = np.zeros(nnz + limit, np.int64)  # nothing is protected; sized for every copy added
     n = 0
@@ -284,6 +295,10 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
         bound_num += load[e]
     bound_den = num_gpus
     while True:
+        # Before the first copy the unplaced load is spread wide, and serving every GPU with
+        # spare a search reaches pays; after it, paths run through the new copy, so a search
+        # stops at a few (the later pushes of a wide search mostly find the path used up).
+        targets = all_targets if n == 0 else all_targets[:AFTER_COPY_TARGETS]
         found = _find_path(
             excess,
             spare,
@@ -334,12 +349,18 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
             cap = raised
             continue
         t = _eligible_gpu(e, ptr, gpus, seen_gpu, spare, free, anchor, node_size)
-        ptr, gpus, slot_tokens, slot_expert = _insert_copy(ptr, gpus, slot_tokens, slot_expert, e, t)
+        _insert_copy(ptr, gpus_room, tokens_room, expert_room, gpu_ptr, slot_room, nnz, e, t)
+        nnz += 1
+        gpus, slot_tokens, slot_expert, gpu_slot = (
+            gpus_room[:nnz],
+            tokens_room[:nnz],
+            expert_room[:nnz],
+            slot_room[:nnz],
+        )
         take = min(excess[e], spare[t])
         slot_tokens[ptr[e + 1] - 1] = take
         spare[t] -= take
         excess[e] -= take
-        gpu_ptr, gpu_slot = _reverse(gpus, num_gpus)
         free[t] -= 1
         new[n, 0] = e
         new[n, 1] = t

@@ -145,7 +145,8 @@ def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_
     """Push the bottleneck amount along ``_find_path``'s search tree to GPU ``target``.
 
     Walks back to the root expert measuring the bottleneck (spare of the target, excess of the
-    root, flow above ``keep`` on every backward edge), then moves that much along the path.
+    root, flow above ``keep`` on every backward edge), then moves that much along the path. A path
+    an earlier push along the same tree used up is left at the first empty edge.
     """
     push = spare[target]
     g = target
@@ -158,7 +159,11 @@ def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_
             break
         if slot_tokens[back] - keep[back] < push:
             push = slot_tokens[back] - keep[back]
+            if push <= 0:
+                return
         g = gpus[back]
+    if push <= 0:
+        return
     g = target
     while True:
         r = via_slot_gpu[g]

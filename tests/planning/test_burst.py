@@ -9,6 +9,8 @@ import pytest
 
 from megatron_microep.planning.burst import (
     NO_COPIES,
+    _insert_copy,
+    _reverse,
     check_burst_copies,
     plan_burst,
     tolerance_cap,
@@ -183,6 +185,39 @@ def test_held_copies_are_reused_and_fill_slots(rng):
     slots = two.burst_slot()
     for g in np.unique(two.copies[:, 1]):
         np.testing.assert_array_equal(np.sort(slots[two.copies[:, 1] == g]), np.arange((two.copies[:, 1] == g).sum()))
+
+
+def test_copies_inserted_in_place_match_a_rebuild(rng):
+    """The search inserts each new copy into arrays sized once, in place; after every insertion the
+    CSR arrays, the copies' flow and the GPU -> slots adjacency (whose order the searches follow)
+    must equal a rebuild from scratch (``with_copies``, ``_reverse``)."""
+    num_gpus, num_experts, limit = 8, 24, 12
+    _, placement = random_instance(rng, num_gpus, num_experts, replicas=1.0)
+    nnz = placement.num_slots
+    ptr = placement.ptr.copy()
+    gpus, flow, slot_expert, gpu_slot = (np.zeros(nnz + limit, dtype=np.int64) for _ in range(4))
+    gpus[:nnz] = placement.gpus
+    flow[:nnz] = rng.integers(1, 100, nnz)
+    slot_expert[:nnz] = np.repeat(np.arange(num_experts), placement.replica_counts())
+    gpu_ptr, gpu_slot[:nnz] = _reverse(placement.gpus, num_gpus)
+    per_copy = [[int(flow[r]) for r in range(placement.ptr[e], placement.ptr[e + 1])] for e in range(num_experts)]
+    copies = []
+    for _ in range(limit):
+        current = with_copies(placement, np.asarray(copies, dtype=np.int64).reshape(-1, 2))
+        e = int(rng.integers(num_experts))
+        g = int(rng.choice(np.setdiff1d(np.arange(num_gpus), current.copies(e))))
+        _insert_copy(ptr, gpus, flow, slot_expert, gpu_ptr, gpu_slot, nnz, e, g)
+        nnz += 1
+        copies.append((e, g))
+        per_copy[e].append(0)
+        expected = with_copies(placement, np.asarray(copies, dtype=np.int64))
+        np.testing.assert_array_equal(ptr, expected.ptr)
+        np.testing.assert_array_equal(gpus[:nnz], expected.gpus)
+        np.testing.assert_array_equal(slot_expert[:nnz], np.repeat(np.arange(num_experts), expected.replica_counts()))
+        np.testing.assert_array_equal(flow[:nnz], np.concatenate(per_copy))
+        expected_ptr, expected_slot = _reverse(expected.gpus, num_gpus)
+        np.testing.assert_array_equal(gpu_ptr, expected_ptr)
+        np.testing.assert_array_equal(gpu_slot[:nnz], expected_slot)
 
 
 def test_bad_input_is_named():
