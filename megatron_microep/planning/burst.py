@@ -232,19 +232,24 @@ def _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor,
 
 
 @numba.njit(cache=True, nogil=True)
-def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size):
+def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, node_size):
     """Add copies until ``load`` fits under ``cap`` or no copy helps (see the module doc).
 
     load int64 [E]; flow int64 [nnz]: tokens per copy of (ptr int64 [E+1], gpus int64 [nnz]) placing
-    every expert's load (the scheduler's slot_tokens); free int64 [G]: burst slots left per GPU
-    (decremented in place); anchor int64 [E]: the GPU whose node an expert's new copies must share
-    (node_size 0: any GPU). Returns (ptr, gpus, slot_tokens, gpu_load, new int64 [N, 2], bound_num,
-    bound_den): the extended placement (new copies (expert, gpu) after their expert's others, in the
-    order chosen) and its flow, whose max load is at most max(cap, ceil(bound_num / bound_den)), a
-    lower bound proven for the extended placement (total / G, or the last violator no copy could help).
+    every expert's load (the scheduler's slot_tokens); held int64 [K, 2]: the burst copies among
+    them, of ``slots`` per GPU; anchor int64 [E]: each expert's home GPU, whose node its new copies
+    must share (node_size 0: any GPU). Returns (ptr, gpus, slot_tokens, gpu_load, copies int64
+    [K+N, 2], pushes int64 [N, 2], bound_num, bound_den): the extended placement (new copies
+    (expert, gpu) after their expert's others, in the order chosen), its flow, whose max load is at
+    most max(cap, ceil(bound_num / bound_den)), a lower bound proven for the extended placement
+    (total / G, or the last violator no copy could help), the held then the new copies, and the new
+    copies' (home GPU, gpu) weight transfers.
     """
     num_experts = load.size
     nnz = gpus.size
+    free = np.full(num_gpus, slots, np.int64)
+    for k in range(held.shape[0]):
+        free[held[k, 1]] -= 1
     limit = free.sum()
     # Room for every copy the search may add, so that a copy is inserted in place.
     ptr = ptr.copy()
@@ -331,7 +336,14 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, free, anchor, node_size)
             gpu_load[:] = 0
             for r in range(gpus.size):
                 gpu_load[gpus[r]] += slot_tokens[r]
-            return ptr, gpus, slot_tokens, gpu_load, new[:n], bound_num, bound_den
+            copies = np.empty((held.shape[0] + n, 2), np.int64)
+            copies[: held.shape[0]] = held
+            copies[held.shape[0] :] = new[:n]
+            pushes = np.empty((n, 2), np.int64)
+            for k in range(n):
+                pushes[k, 0] = anchor[new[k, 0]]
+                pushes[k, 1] = new[k, 1]
+            return ptr, gpus, slot_tokens, gpu_load, copies, pushes, bound_num, bound_den
         # Hall violator (S = seen experts, U = seen GPUs): the certificate names what binds.
         e = _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor, node_size)
         if e < 0:
@@ -402,17 +414,15 @@ def plan_burst(
     load = tokens.sum(axis=0)
     routed = _route(load, tokens, current.ptr, current.gpus, num_gpus, 0)
     cap = tolerance_cap(int(load.sum()), num_gpus, tolerance)
-    free = slots - np.bincount(held[:, 1], minlength=num_gpus)
-    if routed[1].max(initial=0) <= cap or not free.any():
+    if routed[1].max(initial=0) <= cap or len(held) == num_gpus * slots:
         return BurstPlan(current, held, len(held), NO_COPIES, _complete(tokens, current, load, routed))
     home = placement.gpus[placement.ptr[:-1]]
-    ptr, gpus, slot_tokens, gpu_load, new, num, den = _burst_copies(
-        load, routed[0], current.ptr, current.gpus, num_gpus, cap, free, home, node_size or 0
+    ptr, gpus, slot_tokens, gpu_load, copies, pushes, num, den = _burst_copies(
+        load, routed[0], current.ptr, current.gpus, num_gpus, cap, held, slots, home, node_size or 0
     )
-    if len(new) == 0:
+    if len(pushes) == 0:
         return BurstPlan(current, held, len(held), NO_COPIES, _complete(tokens, current, load, routed))
     src, slot, count, remote = _split_by_source(tokens, slot_tokens, ptr, gpus)
     flow = Schedule(int(gpu_load.max()), gpu_load, num / den, int(remote), slot_tokens, src, slot, count)
-    pushes = np.stack([home[new[:, 0]], new[:, 1]], axis=1)
     extended = Placement(num_gpus=num_gpus, ptr=ptr, gpus=gpus)
-    return BurstPlan(extended, np.concatenate([held, new]), len(held), pushes, flow)
+    return BurstPlan(extended, copies, len(held), pushes, flow)
