@@ -59,13 +59,13 @@ def fsep_moe_config(policy: str | None, microep: dict, **fields):
     return moe_config("microep", settings, gated_linear_unit=True, **fields)
 
 
-def skew_router(model, hot_experts: Iterable[int]) -> None:
+def skew_router(model, hot_experts: Iterable[int], bias: float = HOT_BIAS) -> None:
     """Route most tokens to ``hot_experts``: a fixed router expert bias (bias update rate 0 keeps it)."""
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name.endswith("router.expert_bias"):
                 buffer.zero_()
-                buffer[list(hot_experts)] = HOT_BIAS
+                buffer[list(hot_experts)] = bias
 
 
 def tiny_moe_config(dispatcher: str, ep: int, num_experts: int, dtype=torch.float32, **overrides):

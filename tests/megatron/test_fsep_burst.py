@@ -1,9 +1,9 @@
 """Burst copies under FSEP (``--microep-burst-slots`` with ``--microep-expert-sharding fsep``), on CPU ranks.
 
-One gloo launch, 2 ranks, EP = 2: a 2-layer MoE GPT with 4 experts, routing skewed towards expert 0
+One gloo launch, 2 ranks, EP = 2: a 2-layer MoE GPT with 4 experts, every token routed to expert 0 first
 (homed on EP rank 0). FSEP with no redundant slot (C = 2: the layout is Megatron's home layout, so
 without burst copies every token of expert 0 runs on EP rank 0) and one burst slot per rank, no
-re-planning. Each micro-batch's counts overload EP rank 0, so ``plan_burst`` gathers a copy of a hot
+re-planning. Most micro-batches' counts overload EP rank 0, so ``plan_burst`` gathers a copy of a hot
 expert onto EP rank 1 for that micro-batch (and for that micro-batch only). Megatron's DDP (fp32 main
 gradients), megatron-core's Adam optimizer, ``get_forward_backward_func`` with 3 micro-batches, 4
 steps, against stock EP (alltoall) from the same weights:
@@ -11,9 +11,10 @@ steps, against stock EP (alltoall) from the same weights:
 - ``keep``, ``regather`` and ``keep`` with the MoE layer recomputed (``recompute_modules=["moe"]``): losses within 1e-4 every step and all parameters within 1e-5 relative
   at the end (experts as full tensors gathered from the shards);
 - on the rows the experts ran (a spy on the expert call, each slot's expert named by its weights),
-  every routed (token, expert) pair ran exactly once on a copy of its expert, and in every training
-  micro-batch of every layer some expert ran on two copies: a burst copy carried tokens (with C = n
-  and no replica slot nothing else can split an expert);
+  every routed (token, expert) pair ran exactly once on a copy of its expert, and an expert ran on
+  two copies (a burst copy carried tokens: with C = n and no replica slot nothing else can split an
+  expert) in exactly the micro-batches whose routed counts put EP rank 0 above the tolerance's cap
+  (most of them: expert 1 is some tokens' second choice; a micro-batch may route none to it);
 - a control drops the burst copies' returned gradients: parity breaks;
 - an evaluation forward (eval mode, no grad) gathers burst copies and matches stock's losses;
 - host reads (``runtime.audit.HostReads``): one boundary call (the count exchange) per layer forward,
@@ -37,7 +38,7 @@ from _expert_rows import (
     count_routed_tokens,
     name_slot_experts,
 )
-from _gpt_case import forward_step, gpt_model, synthetic_batches, tiny_moe_config
+from _gpt_case import forward_step, gpt_model, skew_router, synthetic_batches, tiny_moe_config
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
@@ -47,6 +48,7 @@ VOCAB, SEQ_LEN, MICRO_BATCH, MICRO_BATCHES, STEPS = 64, 16, 2, 3, 4
 LR, ADAM_EPS = 1e-2, 1e-4  # eps 1e-4: a near-zero gradient element moves its parameter by ~lr*g/eps, not lr
 LOSS_TOL, PARAM_REL_TOL = 1e-4, 1e-5
 BURST_SLOTS = 1
+ALWAYS_FIRST = 2.0  # router bias above any sigmoid score
 
 
 def _seed() -> int:
@@ -74,6 +76,10 @@ def _model(kind: str, seed: int):
         )
         attach_microep_config(config, settings)
     model = gpt_model(config, seed, VOCAB, SEQ_LEN, [0])
+    # Expert 0 first for every token (sigmoid scores lie in (0, 1)): EP rank 0 carries every token plus
+    # those whose second choice is expert 1, so a burst copy of expert 0 on EP rank 1 splits expert 0
+    # whenever rank 0 is above the cap (with HOT_BIAS some tokens skip expert 0 and copies vary more).
+    skew_router(model, [0], bias=ALWAYS_FIRST)
     model.cpu()  # as Megatron-LM's model.cuda(): FSEP cuts its shards here
     return model, config
 
@@ -321,8 +327,16 @@ def test_fsep_with_burst_copies_matches_stock(results, policy):
         assert got["same_names"]
         assert got["loss"] <= LOSS_TOL, f"rank {rank} {policy}: losses {got['loss']:.2e} off stock"
         assert got["param_rel"] <= PARAM_REL_TOL, f"rank {rank} {policy}: parameters {got['param_rel']:.2e} off"
-        assert all(g >= STEPS * MICRO_BATCHES for g in got["gathered"]), got["gathered"]
+        assert all(g >= STEPS * MICRO_BATCHES // 2 for g in got["gathered"]), got["gathered"]
     assert per_rank[0]["keep"]["moved"] > 1e-3  # the runs trained
+
+
+def _needs_burst(routed) -> bool:
+    """Whether the router's counts (per expert, over the EP group) put an EP rank's home experts above
+    the cap of the default tolerance 1.02: max(ceil(mean), floor(1.02 * mean)) tokens."""
+    home = np.asarray(routed).reshape(EP, -1).sum(1)
+    total = int(home.sum())
+    return int(home.max()) > max(-(-total // EP), (1020 * total) // (1000 * EP))
 
 
 @pytest.mark.parametrize("policy", ["keep", "regather", "recompute"])
@@ -339,7 +353,9 @@ def test_burst_copies_ran_tokens_and_every_routed_pair_ran_once(results, policy)
         )
         assert len(calls) == STEPS * MICRO_BATCHES, f"layer {layer}: {len(calls)} forward calls"
         split = assert_each_routed_pair_ran_once(calls, WORLD * MICRO_BATCH * SEQ_LEN * TOPK, f"{policy} {layer}")
-        assert all(split), f"{policy} layer {layer}: no expert ran on two copies in some micro-batch: {split}"
+        needs = [_needs_burst(call["routed"]) for call in calls]
+        assert sum(needs) >= len(calls) // 2, f"layer {layer}: too few micro-batches need a burst copy: {needs}"
+        assert split == needs, f"{policy} layer {layer}: an expert ran on two copies in {split}, needed in {needs}"
 
 
 def test_parity_breaks_without_the_burst_gradient_return(results):
