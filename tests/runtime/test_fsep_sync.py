@@ -16,7 +16,6 @@ scalar read.
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,16 +56,6 @@ class _Syncs(TorchDispatchMode):
             if torch.device(target).type != source.device.type:
                 self.seen.append(f"{func} {source.device.type}->{torch.device(target).type}")
         return func(*args, **kwargs)
-
-
-class _Done:
-    def wait(self):
-        pass
-
-
-@pytest.fixture
-def no_op_collectives(monkeypatch):
-    monkeypatch.setattr(dist, "all_to_all_single", lambda *args, **kwargs: _Done())
 
 
 def _layout():
