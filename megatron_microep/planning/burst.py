@@ -42,6 +42,7 @@ from megatron_microep.planning.scheduler import (
     _check_tokens,
     _complete,
     _find_path,
+    _pending_experts,
     _push_path,
     _route,
     _split_by_source,
@@ -294,13 +295,7 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
     all_targets = np.empty(num_gpus, np.int64)
     new = np.empty((limit, 2), np.int64)
     keep = np.zeros(nnz + limit, np.int64)  # nothing is protected; sized for every copy added
-    # Experts with unplaced load, in id order (a search drops those placed; excess only falls).
-    pending = np.empty(num_experts, np.int64)
-    num_pending = np.zeros(1, np.int64)
-    for e in range(num_experts):
-        if excess[e] > 0:
-            pending[num_pending[0]] = e
-            num_pending[0] += 1
+    pending, num_pending = _pending_experts(excess)  # excess only falls from here
     fresh = np.full(3, -1, np.int64)  # every search starts afresh (several targets, one tree each)
     n = 0
     bound_num = 0
