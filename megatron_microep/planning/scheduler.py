@@ -156,7 +156,7 @@ def _find_path(
         head = 0
     else:
         # Resume: expand the now-full last target, then the rest of the copies of its expert (a loop
-        # of its own: folded into the one below, the burst kernel's fresh searches ran 2-5% slower).
+        # of its own: folded into the one below, the burst kernel ran up to 7% slower).
         head, tail, last = frontier[0], frontier[1], frontier[2]
         tail = _expand(
             gpus[last], tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue
