@@ -42,6 +42,7 @@ from megatron_microep.planning.scheduler import (
     _check_tokens,
     _complete,
     _find_path,
+    _pending_experts,
     _push_path,
     _route,
     _split_by_source,
@@ -294,6 +295,8 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
     all_targets = np.empty(num_gpus, np.int64)
     new = np.empty((limit, 2), np.int64)
     keep = np.zeros(nnz + limit, np.int64)  # nothing is protected; sized for every copy added
+    pending, num_pending = _pending_experts(excess)  # excess only falls from here
+    fresh = np.full(3, -1, np.int64)  # every search starts afresh (several targets, one tree each)
     n = 0
     bound_num = 0
     for e in range(num_experts):
@@ -320,19 +323,23 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
             via_slot_expert,
             queue,
             targets,
+            pending,
+            num_pending,
+            fresh,
         )
+        fresh[0] = -1
         if found > 0:
             for i in range(found):
                 _push_path(
                     targets[i], excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert
                 )
             continue
-        pending = False
-        for e in range(num_experts):
-            if excess[e] > 0:
-                pending = True
+        left = False
+        for i in range(num_pending[0]):
+            if excess[pending[i]] > 0:
+                left = True
                 break
-        if not pending:
+        if not left:
             gpu_load[:] = 0
             for r in range(gpus.size):
                 gpu_load[gpus[r]] += slot_tokens[r]

@@ -76,6 +76,33 @@ def _ceil_div(num: int, den: int) -> int:
 _ceil_div_jit = numba.njit(cache=True, nogil=True)(_ceil_div)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _expand(g, tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue):
+    """Queue the unseen experts that full GPU ``g``'s flow above ``keep`` leads back to; the new tail."""
+    for i in range(gpu_ptr[g], gpu_ptr[g + 1]):
+        r2 = gpu_slot[i]
+        e2 = slot_expert[r2]
+        if slot_tokens[r2] > keep[r2] and not seen_expert[e2]:
+            seen_expert[e2] = True
+            via_slot_expert[e2] = r2
+            queue[tail] = e2
+            tail += 1
+    return tail
+
+
+@numba.njit(cache=True, nogil=True)
+def _pending_experts(excess):
+    """The experts with unplaced load ``excess`` int64 [E] > 0, in id order, as ``_find_path`` takes
+    them: (pending int64 [E], num_pending int64 [1])."""
+    pending = np.empty(excess.size, np.int64)
+    num_pending = np.zeros(1, np.int64)
+    for e in range(excess.size):
+        if excess[e] > 0:
+            pending[num_pending[0]] = e
+            num_pending[0] += 1
+    return pending, num_pending
+
+
 @numba.njit(cache=True, nogil=True)
 def _find_path(
     excess,
@@ -93,6 +120,9 @@ def _find_path(
     via_slot_expert,
     queue,
     targets,
+    pending,
+    num_pending,
+    frontier,
 ):
     """BFS from every expert with unplaced load to GPUs with spare capacity.
 
@@ -101,19 +131,50 @@ def _find_path(
     stopping once ``targets`` is full) and returns how many; leaves the search tree in
     ``via_slot_*`` and the reached sets in ``seen_*``. When it finds none, the reached sets are a
     Hall violator: experts S with unplaced load whose copies all sit on full GPUs U.
+    ``pending[:num_pending[0]]`` lists, in id order, every expert that may still have unplaced load
+    (a caller's excess only ever falls); the search drops those that have none left.
+    ``frontier`` int64 [3]: where a search that filled ``targets`` stopped (queue head, tail, the
+    last target's slot), else -1 in [0]. A caller passes it back unchanged to resume that search,
+    with ``targets`` of one, when the push to its target filled the target and left the rest of the
+    state as it was (``_push_path`` says so): a fresh search would retrace the same tree up to
+    there, then expand the now-full target. frontier[0] = -1 searches afresh.
     """
-    num_experts = excess.size
-    seen_expert[:] = False
-    seen_gpu[:] = False
-    tail = 0
-    for e in range(num_experts):
-        if excess[e] > 0:
-            seen_expert[e] = True
-            via_slot_expert[e] = -1
-            queue[tail] = e
-            tail += 1
     found = 0
-    head = 0
+    if frontier[0] < 0:
+        seen_expert[:] = False
+        seen_gpu[:] = False
+        tail = 0
+        for i in range(num_pending[0]):
+            e = pending[i]
+            if excess[e] > 0:
+                pending[tail] = e
+                seen_expert[e] = True
+                via_slot_expert[e] = -1
+                queue[tail] = e
+                tail += 1
+        num_pending[0] = tail
+        head = 0
+    else:
+        # Resume: expand the now-full last target, then the rest of the copies of its expert (a loop
+        # of its own: folded into the one below, the burst kernel ran up to 7% slower).
+        head, tail, last = frontier[0], frontier[1], frontier[2]
+        tail = _expand(
+            gpus[last], tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue
+        )
+        for r in range(last + 1, ptr[slot_expert[last] + 1]):
+            g = gpus[r]
+            if seen_gpu[g]:
+                continue
+            seen_gpu[g] = True
+            via_slot_gpu[g] = r
+            if spare[g] > 0:
+                targets[0] = g
+                frontier[2] = r
+                frontier[1] = tail
+                return 1
+            tail = _expand(
+                g, tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue
+            )
     while head < tail:
         e = queue[head]
         head += 1
@@ -127,16 +188,15 @@ def _find_path(
                 targets[found] = g
                 found += 1
                 if found == targets.size:
+                    frontier[0] = head
+                    frontier[1] = tail
+                    frontier[2] = r
                     return found
                 continue
-            for i in range(gpu_ptr[g], gpu_ptr[g + 1]):
-                r2 = gpu_slot[i]
-                e2 = slot_expert[r2]
-                if slot_tokens[r2] > keep[r2] and not seen_expert[e2]:
-                    seen_expert[e2] = True
-                    via_slot_expert[e2] = r2
-                    queue[tail] = e2
-                    tail += 1
+            tail = _expand(
+                g, tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue
+            )
+    frontier[0] = -1
     return found
 
 
@@ -146,24 +206,28 @@ def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_
 
     Walks back to the root expert measuring the bottleneck (spare of the target, excess of the
     root, flow above ``keep`` on every backward edge), then moves that much along the path. A path
-    an earlier push along the same tree used up is left at the first empty edge.
+    an earlier push along the same tree used up is left at the first empty edge. Returns whether
+    the target's spare alone was the bottleneck (the root and every backward edge keep some).
     """
     push = spare[target]
+    by_target = True
     g = target
     while True:
         e = slot_expert[via_slot_gpu[g]]
         back = via_slot_expert[e]
         if back < 0:
-            if excess[e] < push:
+            if excess[e] <= push:
                 push = excess[e]
+                by_target = False
             break
-        if slot_tokens[back] - keep[back] < push:
+        if slot_tokens[back] - keep[back] <= push:
             push = slot_tokens[back] - keep[back]
+            by_target = False
             if push <= 0:
-                return
+                return False
         g = gpus[back]
     if push <= 0:
-        return
+        return False
     g = target
     while True:
         r = via_slot_gpu[g]
@@ -176,15 +240,17 @@ def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_
         slot_tokens[back] -= push
         g = gpus[back]
     spare[target] -= push
+    return by_target
 
 
 @numba.njit(cache=True, nogil=True)
-def _route(load, local, ptr, gpus, num_gpus, start_cap):
+def _route(load, local, ptr, gpus, num_gpus, start_cap, resume=True):
     """Exact min-max routing of per-expert loads over their copies.
 
     load int64 [E]; local int64 [G, E] tokens already on each GPU (shape [0, E] disables the
     local-first pass); ptr int64 [E+1]; gpus int64 [nnz]; start_cap: a known lower bound on the
-    optimum to start from (0 if none).
+    optimum to start from (0 if none); resume: let a search continue the previous one's tree where
+    that gives the same tree (``_find_path``), False searching afresh every time (the reference).
     Returns (slot_tokens int64 [nnz], gpu_load int64 [G], bound_num, bound_den, raised) with
     max(gpu_load) == ceil(bound_num / bound_den), the proven optimum; ``raised`` tells whether the
     capacity had to grow past the one the local-first fill ran at.
@@ -268,13 +334,15 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
     queue = np.empty(num_experts, np.int64)
     target = np.empty(1, np.int64)  # the first GPU with spare a search reaches
     no_protection = np.zeros(nnz, np.int64)
+    pending, num_pending = _pending_experts(excess)  # excess only falls from here
+    frontier = np.full(3, -1, np.int64)  # a protected search to resume, if its push kept its tree
     while True:
-        pending = False
-        for e in range(num_experts):
-            if excess[e] > 0:
-                pending = True
+        left = False
+        for i in range(num_pending[0]):
+            if excess[pending[i]] > 0:
+                left = True
                 break
-        if not pending:
+        if not left:
             break
         found = _find_path(
             excess,
@@ -292,10 +360,15 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
             via_slot_expert,
             queue,
             target,
+            pending,
+            num_pending,
+            frontier,
         )
         keep = protected
+        found_unprotected = False
         if not found:
             keep = no_protection
+            found_unprotected = True
             found = _find_path(
                 excess,
                 spare,
@@ -312,6 +385,9 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
                 via_slot_expert,
                 queue,
                 target,
+                pending,
+                num_pending,
+                frontier,
             )
         if not found:
             # Hall violator: experts S (seen) only reach GPUs U (seen), all full.
@@ -332,7 +408,11 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap):
             cap = new_cap
             raised = True
             continue
-        _push_path(target[0], excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert)
+        kept_tree = _push_path(
+            target[0], excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert
+        )
+        if not (kept_tree and resume) or found_unprotected:
+            frontier[0] = -1
 
     gpu_load = fixed.copy()
     for r in range(nnz):

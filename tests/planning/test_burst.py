@@ -18,7 +18,7 @@ from megatron_microep.planning.burst import (
 )
 from megatron_microep.planning.burst_reference import admissible_copies, fewest_copies, min_max_load
 from megatron_microep.planning.placement import Placement, PlacementError, home_gpu
-from megatron_microep.planning.scheduler import optimal_max_load, schedule
+from megatron_microep.planning.scheduler import _route, optimal_max_load, schedule
 
 SEED = int(os.environ.get("MICROEP_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
 
@@ -218,6 +218,25 @@ def test_copies_inserted_in_place_match_a_rebuild(rng):
         expected_ptr, expected_slot = _reverse(expected.gpus, num_gpus)
         np.testing.assert_array_equal(gpu_ptr, expected_ptr)
         np.testing.assert_array_equal(gpu_slot[:nnz], expected_slot)
+
+
+def test_resumed_searches_route_as_fresh_ones(rng):
+    """``_route`` lets a search continue the previous one's tree when the push only filled its
+    target; every result must equal routing with a fresh search each time (the reference), on
+    placements as ``plan_burst`` routes them (persistent replicas plus burst copies), at the start
+    and at the optimum (``_complete``'s second route)."""
+    for _ in range(60):
+        num_gpus = int(rng.choice([8, 16, 32]))
+        tokens, placement = random_instance(rng, num_gpus, 4 * num_gpus, replicas=2.0, sigma=float(rng.uniform(0.5, 2)))
+        placement = with_copies(placement, random_held(rng, placement, 2, None))
+        load = tokens.sum(axis=0)
+        for local in (tokens, np.zeros((0, placement.num_experts), dtype=np.int64)):
+            fresh = _route(load, local, placement.ptr, placement.gpus, num_gpus, 0, False)
+            for start in (0, int(fresh[1].max())):
+                expected = _route(load, local, placement.ptr, placement.gpus, num_gpus, start, False)
+                got = _route(load, local, placement.ptr, placement.gpus, num_gpus, start)
+                for a, b in zip(got, expected):
+                    np.testing.assert_array_equal(a, b)
 
 
 def test_bad_input_is_named():
