@@ -125,3 +125,18 @@ def synthetic_batches(seed: int, vocab: int, seq_len: int, micro_batch: int, mic
         tokens = (start + torch.arange(seq_len + 1)) % vocab
         out.append((tokens[:, :-1], tokens[:, 1:], positions, mask))
     return out
+
+
+def stock_full_experts(moe) -> list[torch.Tensor]:
+    """A stock MoE layer's experts as full tensors [E, *shape], one per expert tensor (all-gathered over EP)."""
+    import torch.distributed as dist
+
+    from megatron_microep.glue import compat
+
+    out = []
+    for mine in zip(*compat.expert_tensors(moe.experts)):
+        local = torch.stack([t.detach() for t in mine])
+        everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(moe.ep_group))]
+        dist.all_gather(everyone, local, group=moe.ep_group)
+        out.append(torch.cat(everyone))
+    return out

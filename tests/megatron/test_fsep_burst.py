@@ -38,7 +38,7 @@ from _expert_rows import (
     count_routed_tokens,
     name_slot_experts,
 )
-from _gpt_case import forward_step, gpt_model, skew_router, synthetic_batches, tiny_moe_config
+from _gpt_case import forward_step, gpt_model, skew_router, stock_full_experts, synthetic_batches, tiny_moe_config
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
@@ -102,23 +102,13 @@ def _wrap(model, config):
 
 def _params(ddp) -> dict[str, torch.Tensor]:
     """Dense parameters by name; experts as full tensors per MoE layer (FSEP's from the shards)."""
-    import torch.distributed as dist
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_microep.glue import compat
     from megatron_microep.glue.fsep import FSEPMoELayer, full_experts
 
     out = {n: p.detach().clone() for n, p in ddp.module.named_parameters() if getattr(p, "allreduce", True)}
     for moe in [m for m in ddp.module.modules() if isinstance(m, MoELayer)]:
-        if isinstance(moe, FSEPMoELayer):
-            tensors = full_experts(moe)
-        else:
-            tensors = []
-            for mine in zip(*compat.expert_tensors(moe.experts)):
-                local = torch.stack([t.detach() for t in mine])
-                everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(moe.ep_group))]
-                dist.all_gather(everyone, local, group=moe.ep_group)
-                tensors.append(torch.cat(everyone))
+        tensors = full_experts(moe) if isinstance(moe, FSEPMoELayer) else stock_full_experts(moe)
         out.update({f"experts{moe.layer_number}.{i}": t for i, t in enumerate(tensors)})
     return out
 

@@ -19,7 +19,7 @@ import random
 
 import pytest
 import torch
-from _gpt_case import fsep_moe_config, gpt_model, synthetic_batches
+from _gpt_case import fsep_moe_config, gpt_model, stock_full_experts, synthetic_batches
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 from megatron_microep.runtime.comm_spy import CollectiveSpy
@@ -55,21 +55,9 @@ def _build(dispatcher: str, seed: int, spy: CollectiveSpy, dtype=torch.float32):
 
 def _stock_experts(model):
     """Every expert's full tensors [E, *shape] of each MoE layer of a stock model (all-gather over EP)."""
-    import torch.distributed as dist
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_microep.glue import compat
-
-    out = []
-    for moe in [m for m in model.modules() if isinstance(m, MoELayer)]:
-        per_tensor = []
-        for mine in zip(*compat.expert_tensors(moe.experts)):
-            local = torch.stack([t.detach() for t in mine])
-            everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(moe.ep_group))]
-            dist.all_gather(everyone, local, group=moe.ep_group)
-            per_tensor.append(torch.cat(everyone))
-        out.append(per_tensor)
-    return out
+    return [stock_full_experts(moe) for moe in model.modules() if isinstance(moe, MoELayer)]
 
 
 def _forward(model, seed):

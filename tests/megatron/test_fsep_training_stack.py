@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _gpt_case import forward_step, fsep_moe_config, gpt_model, synthetic_batches
+from _gpt_case import forward_step, fsep_moe_config, gpt_model, stock_full_experts, synthetic_batches
 
 from megatron_microep.glue.distributed import init_megatron_parallel, spawn_gloo
 
@@ -100,10 +100,8 @@ def wrap_chunks(config, gpts, lr: float):
 def all_params(chunks, layers):
     """Every parameter of this rank after the last step's all-gather: dense ones by chunk and name,
     experts as full tensors per MoE layer (FSEP's gathered from the shards, stock's over EP)."""
-    import torch.distributed as dist
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_microep.glue import compat
     from megatron_microep.glue.fsep import full_experts
 
     for chunk in chunks:
@@ -119,11 +117,8 @@ def all_params(chunks, layers):
     if layers:
         return out
     for moe in [m for chunk in chunks for m in chunk.module.modules() if isinstance(m, MoELayer)]:
-        for i, mine in enumerate(zip(*compat.expert_tensors(moe.experts))):
-            local = torch.stack([t.detach() for t in mine])
-            everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(moe.ep_group))]
-            dist.all_gather(everyone, local, group=moe.ep_group)
-            out[f"experts{moe.layer_number}.{i}"] = torch.cat(everyone)
+        for i, tensor in enumerate(stock_full_experts(moe)):
+            out[f"experts{moe.layer_number}.{i}"] = tensor
     return out
 
 
