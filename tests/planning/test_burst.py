@@ -10,6 +10,7 @@ import pytest
 from megatron_microep.planning.burst import (
     NO_COPIES,
     _insert_copy,
+    _move_copy,
     _reverse,
     check_burst_copies,
     plan_burst,
@@ -87,12 +88,11 @@ def check_plan(tokens, placement, held, slots, node_size, plan):
     assert result.remote_tokens == remote
 
 
-def test_against_best_choice_of_copies(rng):
-    """Fresh random instances: the plan keeps the rules, never beats the MIP's optimum (which would
-    mean a broken reference or an invalid plan), never loses to no copies, is exact over its own
-    placement whenever it ends above the tolerance cap, and stays close to the best choice."""
+def best_choice_ratios(rng, instances):
+    """Random small instances: each plan checked against the rules and the MIP's optimum; returns
+    the plan's max load / the best choice of copies on those at tolerance 1."""
     ratios = []
-    for _ in range(40):
+    for _ in range(instances):
         num_gpus = int(rng.choice([4, 6, 8]))
         tokens, placement = random_instance(rng, num_gpus, num_gpus * int(rng.integers(1, 4)))
         node_size = int(rng.choice([0, num_gpus // 2])) or None
@@ -113,13 +113,27 @@ def test_against_best_choice_of_copies(rng):
             assert got == schedule(tokens, with_copies(placement, held)).max_load
         if tolerance == 1.0:
             ratios.append(got / best)
-    ratios = np.asarray(ratios)
-    print(
-        f"plan / best choice of copies over {len(ratios)} instances: mean {ratios.mean():.4f}, max {ratios.max():.4f}"
-    )
-    # scripts/bench_burst.py --parts gap (300 instances of this kind): optimal in 98.7%, mean 1.0009,
-    # worst 1.12; choosing the heaviest expert by load instead of load per copy was 1.73x off in one.
-    assert ratios.mean() < 1.02 and ratios.max() < 1.25
+    return np.asarray(ratios)
+
+
+def test_against_best_choice_of_copies(rng):
+    """Fresh random instances: the plan keeps the rules, never beats the MIP's optimum (which would
+    mean a broken reference or an invalid plan), never loses to no copies, is exact over its own
+    placement whenever it ends above the tolerance cap, and is mostly the best choice. The choice is
+    greedy, so no bound on a single instance holds; ``test_gap_to_best_choice`` checks the gap."""
+    ratios = best_choice_ratios(rng, 40)
+    print(f"plan / best choice of copies over {len(ratios)} instances: optimal in {np.mean(ratios == 1):.0%}")
+    # About 99% are optimal (scripts/bench_burst.py --parts gap): 6 of some 20 missing the optimum
+    # is a broken choice, not chance.
+    assert np.sum(ratios > 1) <= 5
+
+
+def test_gap_to_best_choice():
+    """The gap on fixed instances (the seed of docs/benchmarks.md's gap table): a change to the
+    choice of copies that loses quality fails here, whatever seed the other tests draw."""
+    ratios = best_choice_ratios(np.random.default_rng(724048502), 200)
+    print(f"plan / best choice over {len(ratios)} instances: mean {ratios.mean():.4f}, max {ratios.max():.4f}")
+    assert ratios.mean() < 1.005 and ratios.max() < 1.1
 
 
 def test_reference_matches_enumeration(rng):
@@ -218,6 +232,49 @@ def test_copies_inserted_in_place_match_a_rebuild(rng):
         expected_ptr, expected_slot = _reverse(expected.gpus, num_gpus)
         np.testing.assert_array_equal(gpu_ptr, expected_ptr)
         np.testing.assert_array_equal(gpu_slot[:nnz], expected_slot)
+
+
+def test_moved_copies_match_a_rebuild(rng):
+    """A relocation moves a burst copy to another GPU in place, emptied; after every move the CSR
+    arrays, the flow and the GPU -> slots adjacency must equal a rebuild from the moved copies."""
+    num_gpus, num_experts = 8, 24
+    _, placement = random_instance(rng, num_gpus, num_experts, replicas=1.0)
+    copies = random_held(rng, placement, 3, None)
+    while len(copies) < 2:
+        copies = random_held(rng, placement, 3, None)
+    extended = with_copies(placement, copies)
+    gpus = extended.gpus.copy()
+    flow = rng.integers(1, 100, extended.num_slots)
+    gpu_ptr, gpu_slot = _reverse(gpus, num_gpus)
+    for _ in range(12):
+        k = int(rng.integers(len(copies)))
+        e = int(copies[k, 0])
+        current = with_copies(placement, copies)
+        g = int(rng.choice(np.setdiff1d(np.arange(num_gpus), current.copies(e))))
+        slot = int(current.ptr[e] + np.flatnonzero(current.copies(e) == copies[k, 1])[0])
+        _move_copy(gpus, flow, gpu_ptr, gpu_slot, slot, g)
+        copies[k, 1] = g
+        expected = with_copies(placement, copies)
+        np.testing.assert_array_equal(gpus, expected.gpus)
+        assert flow[slot] == 0
+        expected_ptr, expected_slot = _reverse(expected.gpus, num_gpus)
+        np.testing.assert_array_equal(gpu_ptr, expected_ptr)
+        np.testing.assert_array_equal(gpu_slot, expected_slot)
+
+
+def test_a_copy_moves_to_free_the_slot_a_violator_needs():
+    """One burst slot per GPU, GPU 0's taken by a held copy of expert 2. The heaviest expert 0 gets
+    the free slot of GPU 2 first; then expert 1 (190 tokens, GPU 1 only) is a violator whose one
+    free slot is its own GPU's. Moving expert 0's copy to GPU 1 frees GPU 2 for expert 1: max load
+    134 (the best choice of copies, total / G) instead of 190."""
+    placement = Placement.from_lists([[0], [1], [2]], 3)
+    tokens = np.diag([200, 190, 10])
+    held = np.array([[2, 0]])
+    plan = plan_burst(tokens, placement, held, 1, None, 1.0)
+    check_plan(tokens, placement, held, 1, None, plan)
+    assert plan.schedule.max_load == 134 == min_max_load(tokens, placement, held, 1, None)[0]
+    np.testing.assert_array_equal(plan.copies, [[2, 0], [0, 1], [1, 2]])
+    np.testing.assert_array_equal(plan.pushes, [[0, 1], [1, 2]])
 
 
 def test_resumed_searches_route_as_fresh_ones(rng):
