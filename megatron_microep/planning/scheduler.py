@@ -109,7 +109,8 @@ def _find_path(
     spare,
     slot_tokens,
     keep,
-    ptr,
+    begin,
+    end,
     gpus,
     slot_expert,
     gpu_ptr,
@@ -126,6 +127,9 @@ def _find_path(
 ):
     """BFS from every expert with unplaced load to GPUs with spare capacity.
 
+    Expert e's copies are slots ``begin[e]..end[e]-1`` (``ptr[:-1]``, ``ptr[1:]`` of a placement;
+    the burst kernel moves an expert's slots when it adds a copy).
+
     Forward edges expert -> GPU are unbounded; backward edges GPU -> expert carry the flow of a
     copy above its ``keep`` amount. Lists the GPUs with spare it reaches in ``targets`` (BFS order,
     stopping once ``targets`` is full) and returns how many; leaves the search tree in
@@ -137,7 +141,8 @@ def _find_path(
     last target's slot), else -1 in [0]. A caller passes it back unchanged to resume that search,
     with ``targets`` of one, when the push to its target filled the target and left the rest of the
     state as it was (``_push_path`` says so): a fresh search would retrace the same tree up to
-    there, then expand the now-full target. frontier[0] = -1 searches afresh.
+    there, then expand the now-full target. frontier[0] = -1 searches afresh. A search that ends
+    without filling ``targets`` leaves frontier[1] = how many experts it reached (``queue`` lists them).
     """
     found = 0
     if frontier[0] < 0:
@@ -161,7 +166,7 @@ def _find_path(
         tail = _expand(
             gpus[last], tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue
         )
-        for r in range(last + 1, ptr[slot_expert[last] + 1]):
+        for r in range(last + 1, end[slot_expert[last]]):
             g = gpus[r]
             if seen_gpu[g]:
                 continue
@@ -178,7 +183,7 @@ def _find_path(
     while head < tail:
         e = queue[head]
         head += 1
-        for r in range(ptr[e], ptr[e + 1]):
+        for r in range(begin[e], end[e]):
             g = gpus[r]
             if seen_gpu[g]:
                 continue
@@ -197,6 +202,7 @@ def _find_path(
                 g, tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue
             )
     frontier[0] = -1
+    frontier[1] = tail
     return found
 
 
@@ -336,6 +342,7 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap, resume=True):
     no_protection = np.zeros(nnz, np.int64)
     pending, num_pending = _pending_experts(excess)  # excess only falls from here
     frontier = np.full(3, -1, np.int64)  # a protected search to resume, if its push kept its tree
+    begin, end = ptr[:-1], ptr[1:]
     while True:
         left = False
         for i in range(num_pending[0]):
@@ -349,7 +356,8 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap, resume=True):
             spare,
             slot_tokens,
             protected,
-            ptr,
+            begin,
+            end,
             gpus,
             slot_expert,
             gpu_ptr,
@@ -374,7 +382,8 @@ def _route(load, local, ptr, gpus, num_gpus, start_cap, resume=True):
                 spare,
                 slot_tokens,
                 keep,
-                ptr,
+                begin,
+                end,
                 gpus,
                 slot_expert,
                 gpu_ptr,
