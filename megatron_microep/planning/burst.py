@@ -80,6 +80,17 @@ class BurstPlan:
         return rank
 
 
+@numba.njit(cache=True, nogil=True)
+def _peak_and_total(gpu_load):
+    """(max, sum) of gpu_load int64 [G] in one compiled call (two numpy reductions cost more)."""
+    peak = 0
+    total = 0
+    for g in range(gpu_load.size):
+        peak = max(peak, gpu_load[g])
+        total += gpu_load[g]
+    return peak, total
+
+
 def tolerance_cap(total: int, num_gpus: int, tolerance: float) -> int:
     """The load T a GPU may carry: max(ceil(total / G), floor(tolerance * total / G)), integers only
     (``tolerance`` rounded to 1/1000)."""
@@ -120,7 +131,7 @@ def check_burst_copies(copies: np.ndarray, placement: Placement, slots: int) -> 
     """Validate burst copies int [K, 2] (expert, gpu) against ``placement`` and ``slots`` per GPU;
     returns them as int64 [K, 2]. Raises PlacementError naming the problem."""
     copies = np.ascontiguousarray(copies, dtype=np.int64).reshape(-1, 2)
-    problem = _held_problem(copies, placement.ptr, placement.gpus, placement.num_gpus, slots)
+    problem = len(copies) and _held_problem(copies, placement.ptr, placement.gpus, placement.num_gpus, slots)
     if problem:
         raise PlacementError(_HELD_PROBLEMS[problem])
     return copies
@@ -451,8 +462,9 @@ def plan_burst(
     tokens = _check_tokens(tokens, current)
     load = tokens.sum(axis=0)
     routed = _route(load, tokens, current.ptr, current.gpus, num_gpus, 0)
-    cap = tolerance_cap(int(load.sum()), num_gpus, tolerance)
-    if routed[1].max(initial=0) <= cap or len(held) == num_gpus * slots:
+    peak, total = _peak_and_total(routed[1])
+    cap = tolerance_cap(total, num_gpus, tolerance)
+    if peak <= cap or len(held) == num_gpus * slots:
         return BurstPlan(current, held, len(held), NO_COPIES, _complete(tokens, current, load, routed))
     ptr, gpus, slot_tokens, gpu_load, copies, pushes, num, den = _burst_copies(
         load, routed[0], current.ptr, current.gpus, num_gpus, cap, held, slots, node_size or 0
