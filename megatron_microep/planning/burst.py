@@ -185,13 +185,38 @@ def _reverse(gpus, num_gpus):
 
 
 @numba.njit(cache=True, nogil=True)
+def _compact(begin, end, gpus, slot_tokens, slot_expert, gpu_slot, top, num_entries):
+    """Move the slots in use below ``top`` down to 0.. (keeping their order) and renumber them in
+    ``begin``, ``end`` and the ``num_entries`` entries of ``gpu_slot``; returns the new top."""
+    remap = np.empty(top, np.int64)
+    kept = 0
+    for r in range(top):
+        e = slot_expert[r]
+        if begin[e] <= r < end[e]:
+            remap[r] = kept
+            gpus[kept] = gpus[r]
+            slot_tokens[kept] = slot_tokens[r]
+            slot_expert[kept] = e
+            kept += 1
+    for e in range(begin.size):
+        if end[e] > begin[e]:
+            begin[e], end[e] = remap[begin[e]], remap[end[e] - 1] + 1
+    for i in range(num_entries):
+        gpu_slot[i] = remap[gpu_slot[i]]
+    return kept
+
+
+@numba.njit(cache=True, nogil=True)
 def _add_copy(begin, end, gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, top, num_entries, expert, gpu):
     """Add one (empty) copy of ``expert`` on ``gpu`` after its other copies, renumbering no other
     slot: the expert's slots ``begin..end`` move to the unused slots from ``top`` on, the new copy
     after them, and the old ones fall out of use (an insertion into CSR arrays shifted every later
-    slot, O(nnz) per copy). Each GPU's list in (gpu_ptr, gpu_slot), of ``num_entries`` entries with
-    room for one more, stays in expert order, the order ``_reverse`` gives a placement and the
-    searches follow. Returns the new top."""
+    slot, O(nnz) per copy); when the slot arrays have no room left for that, the slots in use are
+    compacted first. Each GPU's list in (gpu_ptr, gpu_slot), of ``num_entries`` entries with room
+    for one more, stays in expert order, the order ``_reverse`` gives a placement and the searches
+    follow. Returns the new top."""
+    if top + end[expert] - begin[expert] + 1 > gpus.size:
+        top = _compact(begin, end, gpus, slot_tokens, slot_expert, gpu_slot, top, num_entries)
     moved = end[expert] - begin[expert]
     for i in range(moved):
         old = begin[expert] + i
@@ -281,13 +306,9 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, node_size):
     for k in range(held.shape[0]):
         free[held[k, 1]] -= 1
     limit = free.sum()
-    # Slots in use lie anywhere below ``top``: a new copy moves its expert's slots (at most
-    # ``block`` with it) to ``top`` (``_add_copy``), so there is room for ``limit`` such moves.
-    most = 0
-    for e in range(num_experts):
-        most = max(most, ptr[e + 1] - ptr[e])
-    block = min(num_gpus, most + min(limit, node_size if node_size > 0 else num_gpus))
-    room = nnz + limit * block
+    # Slots in use lie anywhere below ``top``: a new copy moves its expert's slots (at most one per
+    # GPU) to ``top`` (``_add_copy``); at most nnz + limit are in use, so a compaction leaves room.
+    room = 2 * (nnz + limit) + num_gpus
     begin, end = ptr[:-1].copy(), ptr[1:].copy()
     gpus_room = np.empty(room, np.int64)
     gpus_room[:nnz] = gpus

@@ -192,13 +192,14 @@ def test_held_copies_are_reused_and_fill_slots(rng):
 
 def test_copies_added_by_moving_their_expert_match_a_rebuild(rng):
     """The search adds each new copy by moving its expert's slots to unused room (``_add_copy``),
-    renumbering no other slot; after every addition the experts' slot ranges read in expert order,
-    the copies' flow and each GPU's list of slots (whose order the searches follow) must equal a
-    rebuild from scratch (``with_copies``, ``_reverse``)."""
+    renumbering no other slot, and compacts the slots in use when the room runs out; after every
+    addition the experts' slot ranges read in expert order, the copies' flow and each GPU's list of
+    slots (whose order the searches follow) must equal a rebuild from scratch (``with_copies``,
+    ``_reverse``)."""
     num_gpus, num_experts, limit = 8, 24, 12
     _, placement = random_instance(rng, num_gpus, num_experts, replicas=1.0)
     nnz = placement.num_slots
-    room = nnz + limit * num_gpus
+    room = nnz + limit + num_gpus  # the least that always fits one more move: compactions happen
     begin, end = placement.ptr[:-1].copy(), placement.ptr[1:].copy()
     gpus, flow, slot_expert = (np.full(room, -1, dtype=np.int64) for _ in range(3))
     gpus[:nnz] = placement.gpus
@@ -207,12 +208,14 @@ def test_copies_added_by_moving_their_expert_match_a_rebuild(rng):
     gpu_slot = np.full(nnz + limit, -1, dtype=np.int64)
     gpu_ptr, gpu_slot[:nnz] = _reverse(placement.gpus, num_gpus)
     per_copy = [[int(flow[r]) for r in range(placement.ptr[e], placement.ptr[e + 1])] for e in range(num_experts)]
-    copies, top = [], nnz
+    copies, top, compacted = [], nnz, 0
     for n in range(limit):
         current = with_copies(placement, np.asarray(copies, dtype=np.int64).reshape(-1, 2))
         e = int(rng.integers(num_experts))
         g = int(rng.choice(np.setdiff1d(np.arange(num_gpus), current.copies(e))))
+        moved = top + end[e] - begin[e] + 1 > room
         top = _add_copy(begin, end, gpus, flow, slot_expert, gpu_ptr, gpu_slot, top, nnz + n, e, g)
+        compacted += moved
         copies.append((e, g))
         per_copy[e].append(0)
         expected = with_copies(placement, np.asarray(copies, dtype=np.int64))
@@ -225,6 +228,7 @@ def test_copies_added_by_moving_their_expert_match_a_rebuild(rng):
         expected_ptr, expected_slot = _reverse(expected.gpus, num_gpus)
         np.testing.assert_array_equal(gpu_ptr, expected_ptr)
         np.testing.assert_array_equal(gpu_slot[: nnz + n + 1], live[expected_slot])
+    assert compacted > 0
 
 
 def test_binding_expert_over_the_violator_matches_a_scan_of_every_expert(rng):
