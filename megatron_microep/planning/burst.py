@@ -244,7 +244,8 @@ def _add_copy(begin, end, gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, top
     return at + 1
 
 
-@numba.njit(cache=True, nogil=True)
+# _nrt=False: no allocation; see scheduler._find_path.
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _eligible_gpu(expert, begin, end, gpus, seen_gpu, spare, free, node_size):
     """The least-loaded (most spare) GPU outside U that may take a burst copy of ``expert``: a slot
     free, no copy of it yet, in its home GPU's node when node_size > 0 (ties: lower id); -1 if none.
@@ -267,7 +268,7 @@ def _eligible_gpu(expert, begin, end, gpus, seen_gpu, spare, free, node_size):
     return best
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _binding_expert(load, begin, end, gpus, violator, seen_gpu, spare, free, node_size):
     """The heaviest expert of the violator S (``violator`` int64 [|S|]: its experts, in any order),
     by load per copy (ties: lower id), with an eligible GPU outside U; -1 if none. Per copy, so that

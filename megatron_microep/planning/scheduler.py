@@ -103,7 +103,10 @@ def _pending_experts(excess):
     return pending, num_pending
 
 
-@numba.njit(cache=True, nogil=True)
+# _nrt=False (here and in _push_path; neither allocates): without numba's runtime a call does not
+# take and drop an atomic reference on each of its array arguments, about a tenth of the time of
+# the route and of the burst kernel, which call these hundreds of times per micro-batch.
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _find_path(
     excess,
     spare,
@@ -206,7 +209,7 @@ def _find_path(
     return found
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_slot_gpu, via_slot_expert):
     """Push the bottleneck amount along ``_find_path``'s search tree to GPU ``target``.
 
