@@ -75,17 +75,22 @@ def _ceil_div(num: int, den: int) -> int:
 
 _ceil_div_jit = numba.njit(cache=True, nogil=True)(_ceil_div)
 
+# numba wraps a negative signed index around (a compare and an add on every array access) but uses
+# an unsigned one as is; every index in the search's and the push's loops is a slot, GPU, expert or
+# queue position (never negative), so they index through ``_ix`` (about a tenth of the route's time).
+_ix = np.uint64
+
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _expand(g, tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue):
     """Queue the unseen experts that full GPU ``g``'s flow above ``keep`` leads back to; the new tail."""
-    for i in range(gpu_ptr[g], gpu_ptr[g + 1]):
-        r2 = gpu_slot[i]
-        e2 = slot_expert[r2]
-        if slot_tokens[r2] > keep[r2] and not seen_expert[e2]:
-            seen_expert[e2] = True
-            via_slot_expert[e2] = r2
-            queue[tail] = e2
+    for i in range(gpu_ptr[_ix(g)], gpu_ptr[_ix(g + 1)]):
+        r2 = gpu_slot[_ix(i)]
+        e2 = slot_expert[_ix(r2)]
+        if slot_tokens[_ix(r2)] > keep[_ix(r2)] and not seen_expert[_ix(e2)]:
+            seen_expert[_ix(e2)] = True
+            via_slot_expert[_ix(e2)] = r2
+            queue[_ix(tail)] = e2
             tail += 1
     return tail
 
@@ -184,15 +189,15 @@ def _find_path(
                 g, tail, slot_tokens, keep, slot_expert, gpu_ptr, gpu_slot, seen_expert, via_slot_expert, queue
             )
     while head < tail:
-        e = queue[head]
+        e = queue[_ix(head)]
         head += 1
-        for r in range(begin[e], end[e]):
-            g = gpus[r]
-            if seen_gpu[g]:
+        for r in range(begin[_ix(e)], end[_ix(e)]):
+            g = gpus[_ix(r)]
+            if seen_gpu[_ix(g)]:
                 continue
-            seen_gpu[g] = True
-            via_slot_gpu[g] = r
-            if spare[g] > 0:
+            seen_gpu[_ix(g)] = True
+            via_slot_gpu[_ix(g)] = r
+            if spare[_ix(g)] > 0:
                 targets[found] = g
                 found += 1
                 if found == targets.size:
@@ -222,32 +227,32 @@ def _push_path(target, excess, spare, slot_tokens, keep, gpus, slot_expert, via_
     by_target = True
     g = target
     while True:
-        e = slot_expert[via_slot_gpu[g]]
-        back = via_slot_expert[e]
+        e = slot_expert[_ix(via_slot_gpu[_ix(g)])]
+        back = via_slot_expert[_ix(e)]
         if back < 0:
-            if excess[e] <= push:
-                push = excess[e]
+            if excess[_ix(e)] <= push:
+                push = excess[_ix(e)]
                 by_target = False
             break
-        if slot_tokens[back] - keep[back] <= push:
-            push = slot_tokens[back] - keep[back]
+        if slot_tokens[_ix(back)] - keep[_ix(back)] <= push:
+            push = slot_tokens[_ix(back)] - keep[_ix(back)]
             by_target = False
             if push <= 0:
                 return False
-        g = gpus[back]
+        g = gpus[_ix(back)]
     if push <= 0:
         return False
     g = target
     while True:
-        r = via_slot_gpu[g]
-        slot_tokens[r] += push
-        e = slot_expert[r]
-        back = via_slot_expert[e]
+        r = via_slot_gpu[_ix(g)]
+        slot_tokens[_ix(r)] += push
+        e = slot_expert[_ix(r)]
+        back = via_slot_expert[_ix(e)]
         if back < 0:
-            excess[e] -= push
+            excess[_ix(e)] -= push
             break
-        slot_tokens[back] -= push
-        g = gpus[back]
+        slot_tokens[_ix(back)] -= push
+        g = gpus[_ix(back)]
     spare[target] -= push
     return by_target
 
