@@ -499,21 +499,21 @@ def _split_by_source(tokens, slot_tokens, ptr, gpus):
     for s in range(num_gpus):
         for i in range(gpu_ptr[s], gpu_ptr[s + 1]):
             kept_here[slot_expert[gpu_slot[i]]] = kept[gpu_slot[i]]
-        for e in flexible:
-            left = tokens[s, e] - kept_here[e]
-            r = cursor[e]
+        for e in flexible:  # the hot loop: unsigned indices (see _ix)
+            left = tokens[_ix(s), _ix(e)] - kept_here[_ix(e)]
+            r = cursor[_ix(e)]
             while left > 0:
-                while quota[r] == 0:
+                while quota[_ix(r)] == 0:
                     r += 1
-                take = min(left, quota[r])
-                piece_src[n] = s
-                piece_slot[n] = r
-                piece_count[n] = take
+                take = min(left, quota[_ix(r)])
+                piece_src[_ix(n)] = s
+                piece_slot[_ix(n)] = r
+                piece_count[_ix(n)] = take
                 n += 1
-                quota[r] -= take
+                quota[_ix(r)] -= take
                 left -= take
                 remote += take
-            cursor[e] = r
+            cursor[_ix(e)] = r
         for i in range(gpu_ptr[s], gpu_ptr[s + 1]):
             kept_here[slot_expert[gpu_slot[i]]] = 0
     return piece_src[:n], piece_slot[:n], piece_count[:n], remote
