@@ -87,6 +87,17 @@ class BurstPlan:
         return rank
 
 
+@numba.njit(cache=True, nogil=True)
+def _peak_and_total(gpu_load):
+    """(max, sum) of gpu_load int64 [G] in one compiled call (two numpy reductions cost more)."""
+    peak = 0
+    total = 0
+    for g in range(gpu_load.size):
+        peak = max(peak, gpu_load[g])
+        total += gpu_load[g]
+    return peak, total
+
+
 def tolerance_cap(total: int, num_gpus: int, tolerance: float) -> int:
     """The load T a GPU may carry: max(ceil(total / G), floor(tolerance * total / G)), integers only
     (``tolerance`` rounded to 1/1000)."""
@@ -127,7 +138,7 @@ def check_burst_copies(copies: np.ndarray, placement: Placement, slots: int) -> 
     """Validate burst copies int [K, 2] (expert, gpu) against ``placement`` and ``slots`` per GPU;
     returns them as int64 [K, 2]. Raises PlacementError naming the problem."""
     copies = np.ascontiguousarray(copies, dtype=np.int64).reshape(-1, 2)
-    problem = _held_problem(copies, placement.ptr, placement.gpus, placement.num_gpus, slots)
+    problem = len(copies) and _held_problem(copies, placement.ptr, placement.gpus, placement.num_gpus, slots)
     if problem:
         raise PlacementError(_HELD_PROBLEMS[problem])
     return copies
@@ -137,9 +148,13 @@ def check_burst_copies(copies: np.ndarray, placement: Placement, slots: int) -> 
 def _extend(ptr, gpus, copies):
     """(ptr, gpus) with copies int64 [K, 2] (expert, gpu) appended to their experts' copies, in order."""
     num_experts = ptr.size - 1
-    new_ptr = ptr.copy()
+    added = np.zeros(num_experts + 1, np.int64)
     for k in range(copies.shape[0]):
-        new_ptr[copies[k, 0] + 1 :] += 1
+        added[copies[k, 0] + 1] += 1
+    new_ptr = ptr.copy()
+    for e in range(num_experts):
+        added[e + 1] += added[e]
+        new_ptr[e + 1] += added[e + 1]
     new_gpus = np.empty(new_ptr[num_experts], np.int64)
     fill = new_ptr[:-1].copy()
     for e in range(num_experts):
@@ -177,46 +192,81 @@ def _reverse(gpus, num_gpus):
 
 
 @numba.njit(cache=True, nogil=True)
-def _insert_copy(ptr, gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, nnz, expert, gpu):
-    """Insert one (empty) copy of ``expert`` on ``gpu`` after its other copies, in place: the CSR
-    arrays and the GPU -> slots adjacency (as ``_reverse`` would rebuild it) hold ``nnz`` slots
-    and have room for one more (sized once for every copy the search may add)."""
-    at = ptr[expert + 1]
-    for r in range(nnz, at, -1):
-        gpus[r] = gpus[r - 1]
-        slot_tokens[r] = slot_tokens[r - 1]
-        slot_expert[r] = slot_expert[r - 1]
-    gpus[at] = gpu
-    slot_tokens[at] = 0
-    slot_expert[at] = expert
-    ptr[expert + 1 :] += 1
-    for i in range(nnz):
-        if gpu_slot[i] >= at:
-            gpu_slot[i] += 1
-    # Slot ``at`` joins its GPU's list in slot order.
-    pos = gpu_ptr[gpu + 1]
-    while pos > gpu_ptr[gpu] and gpu_slot[pos - 1] > at:
-        pos -= 1
-    for i in range(nnz, pos, -1):
-        gpu_slot[i] = gpu_slot[i - 1]
-    gpu_slot[pos] = at
-    gpu_ptr[gpu + 1 :] += 1
+def _compact(begin, end, gpus, slot_tokens, slot_expert, gpu_slot, top, num_entries):
+    """Move the slots in use below ``top`` down to 0.. (keeping their order) and renumber them in
+    ``begin``, ``end`` and the ``num_entries`` entries of ``gpu_slot``; returns the new top."""
+    remap = np.empty(top, np.int64)
+    kept = 0
+    for r in range(top):
+        e = slot_expert[r]
+        if begin[e] <= r < end[e]:
+            remap[r] = kept
+            gpus[kept] = gpus[r]
+            slot_tokens[kept] = slot_tokens[r]
+            slot_expert[kept] = e
+            kept += 1
+    for e in range(begin.size):
+        if end[e] > begin[e]:
+            begin[e], end[e] = remap[begin[e]], remap[end[e] - 1] + 1
+    for i in range(num_entries):
+        gpu_slot[i] = remap[gpu_slot[i]]
+    return kept
 
 
 @numba.njit(cache=True, nogil=True)
-def _eligible_gpu(expert, ptr, gpus, seen_gpu, spare, free, anchor, node_size):
+def _add_copy(begin, end, gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, top, num_entries, expert, gpu):
+    """Add one (empty) copy of ``expert`` on ``gpu`` after its other copies, renumbering no other
+    slot: the expert's slots ``begin..end`` move to the unused slots from ``top`` on, the new copy
+    after them, and the old ones fall out of use (an insertion into CSR arrays shifted every later
+    slot, O(nnz) per copy); when the slot arrays have no room left for that, the slots in use are
+    compacted first. Each GPU's list in (gpu_ptr, gpu_slot), of ``num_entries`` entries with room
+    for one more, stays in expert order, the order ``_reverse`` gives a placement and the searches
+    follow. Returns the new top."""
+    if top + end[expert] - begin[expert] + 1 > gpus.size:
+        top = _compact(begin, end, gpus, slot_tokens, slot_expert, gpu_slot, top, num_entries)
+    moved = end[expert] - begin[expert]
+    for i in range(moved):
+        old = begin[expert] + i
+        g = gpus[old]
+        gpus[top + i] = g
+        slot_tokens[top + i] = slot_tokens[old]
+        slot_expert[top + i] = expert
+        for j in range(gpu_ptr[g], gpu_ptr[g + 1]):
+            if gpu_slot[j] == old:
+                gpu_slot[j] = top + i
+                break
+    at = top + moved
+    gpus[at] = gpu
+    slot_tokens[at] = 0
+    slot_expert[at] = expert
+    begin[expert] = top
+    end[expert] = at + 1
+    pos = gpu_ptr[gpu + 1]
+    while pos > gpu_ptr[gpu] and slot_expert[gpu_slot[pos - 1]] > expert:
+        pos -= 1
+    for i in range(num_entries, pos, -1):
+        gpu_slot[i] = gpu_slot[i - 1]
+    gpu_slot[pos] = at
+    gpu_ptr[gpu + 1 :] += 1
+    return at + 1
+
+
+# _nrt=False: no allocation; see scheduler._find_path.
+@numba.njit(cache=True, nogil=True, _nrt=False)
+def _eligible_gpu(expert, begin, end, gpus, seen_gpu, spare, free, node_size):
     """The least-loaded (most spare) GPU outside U that may take a burst copy of ``expert``: a slot
-    free, no copy of it yet, in its anchor's node when node_size > 0 (ties: lower id); -1 if none."""
+    free, no copy of it yet, in its home GPU's node when node_size > 0 (ties: lower id); -1 if none.
+    Its copies are slots ``begin[expert]..end[expert]-1``, the home copy first."""
     lo, hi = 0, spare.size
     if node_size > 0:
-        lo = (anchor[expert] // node_size) * node_size
+        lo = (gpus[begin[expert]] // node_size) * node_size
         hi = lo + node_size
     best = -1
     for t in range(lo, hi):
         if seen_gpu[t] or free[t] == 0 or (best >= 0 and spare[t] <= spare[best]):
             continue
         holds = False
-        for r in range(ptr[expert], ptr[expert + 1]):
+        for r in range(begin[expert], end[expert]):
             if gpus[r] == t:
                 holds = True
                 break
@@ -225,35 +275,42 @@ def _eligible_gpu(expert, ptr, gpus, seen_gpu, spare, free, anchor, node_size):
     return best
 
 
-@numba.njit(cache=True, nogil=True)
-def _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor, node_size):
-    """The heaviest expert of the violator S, by load per copy (ties: lower id), with an eligible GPU
-    outside U; -1 if none. Per copy, so that an expert just copied yields to one that has fewer.
-    One pass in id order: only an expert heavier than the best so far needs its eligibility checked."""
+@numba.njit(cache=True, nogil=True, _nrt=False)
+def _binding_expert(load, begin, end, gpus, violator, seen_gpu, spare, free, node_size):
+    """The heaviest expert of the violator S (``violator`` int64 [|S|]: its experts, in any order),
+    by load per copy (ties: lower id), with an eligible GPU outside U; -1 if none. Per copy, so that
+    an expert just copied yields to one that has fewer. One pass over S, not every expert: only an
+    expert ahead of the best so far needs its eligibility checked."""
     best = -1
-    for e in range(load.size):
-        # load[e] / copies(e) > load[best] / copies(best), in integers.
-        if seen_expert[e] and (best < 0 or load[e] * (ptr[best + 1] - ptr[best]) > load[best] * (ptr[e + 1] - ptr[e])):
-            if _eligible_gpu(e, ptr, gpus, seen_gpu, spare, free, anchor, node_size) >= 0:
-                best = e
+    for e in violator:
+        if best >= 0:
+            # load[e] / copies(e) against load[best] / copies(best), in integers.
+            ours = load[e] * (end[best] - begin[best])
+            theirs = load[best] * (end[e] - begin[e])
+            if ours < theirs or (ours == theirs and e > best):
+                continue
+        if _eligible_gpu(e, begin, end, gpus, seen_gpu, spare, free, node_size) >= 0:
+            best = e
     return best
 
 
 @numba.njit(cache=True, nogil=True)
-def _move_copy(gpus, slot_tokens, gpu_ptr, gpu_slot, slot, gpu):
-    """Move copy ``slot`` to ``gpu`` in place, emptied, keeping its place among its expert's copies;
-    the GPU -> slots adjacency follows (slot order within each GPU, as ``_reverse`` builds it)."""
-    nnz = gpus.size
-    pos = gpu_ptr[gpus[slot]]
+def _move_copy(gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, num_entries, slot, gpu):
+    """Move copy ``slot`` to ``gpu`` in place, emptied, keeping its place among its expert's copies:
+    its entry leaves its GPU's list in (gpu_ptr, gpu_slot), of ``num_entries`` entries, and joins
+    ``gpu``'s in expert order."""
+    old = gpus[slot]
+    pos = gpu_ptr[old]
     while gpu_slot[pos] != slot:
         pos += 1
-    for i in range(pos, nnz - 1):
+    for i in range(pos, num_entries - 1):
         gpu_slot[i] = gpu_slot[i + 1]
-    gpu_ptr[gpus[slot] + 1 :] -= 1
+    gpu_ptr[old + 1 :] -= 1
+    expert = slot_expert[slot]
     pos = gpu_ptr[gpu + 1]
-    while pos > gpu_ptr[gpu] and gpu_slot[pos - 1] > slot:
+    while pos > gpu_ptr[gpu] and slot_expert[gpu_slot[pos - 1]] > expert:
         pos -= 1
-    for i in range(nnz - 1, pos, -1):
+    for i in range(num_entries - 1, pos, -1):
         gpu_slot[i] = gpu_slot[i - 1]
     gpu_slot[pos] = slot
     gpu_ptr[gpu + 1 :] += 1
@@ -261,31 +318,32 @@ def _move_copy(gpus, slot_tokens, gpu_ptr, gpu_slot, slot, gpu):
     slot_tokens[slot] = 0
 
 
-@numba.njit(cache=True, nogil=True)
-def _relocation(load, ptr, gpus, new, n, seen_expert, seen_gpu, spare, free, anchor, node_size):
-    """A way out for a violator no copy can help: a new copy (e', t) on a GPU t outside U that an
-    expert e of S may take, whose expert e' has another GPU u with a free slot (U included). Moving
-    (e', t) to u frees t for e. The heaviest such e of S (load per copy, then lower id), then the
-    earliest such copy. Returns (e, k, u), k indexing ``new``; (-1, -1, -1) if none."""
-    anywhere = np.zeros(seen_gpu.size, np.bool_)
+@numba.njit(cache=True, nogil=True, _nrt=False)
+def _relocation(load, begin, end, gpus, violator, new, n, seen_gpu, spare, free, node_size, nowhere):
+    """A way out for a violator no copy can help: a new copy (e', t) (``new[:n]``) on a GPU t outside
+    U that an expert e of S may take, whose expert e' has another GPU u with a free slot (U
+    included; ``nowhere``: an all-False mask). Moving (e', t) to u frees t for e. The heaviest such e
+    of S (load per copy, then lower id), then the earliest such copy. Returns (e, k, u), k indexing
+    ``new``; (-1, -1, -1) if none."""
     best, best_k, best_u = -1, -1, -1
-    for e in range(load.size):
-        if not seen_expert[e]:
-            continue
-        if best >= 0 and load[e] * (ptr[best + 1] - ptr[best]) <= load[best] * (ptr[e + 1] - ptr[e]):
-            continue
+    for e in violator:
+        if best >= 0:
+            ours = load[e] * (end[best] - begin[best])
+            theirs = load[best] * (end[e] - begin[e])
+            if ours < theirs or (ours == theirs and e > best):
+                continue
         for k in range(n):
             t = new[k, 1]
-            if seen_gpu[t] or (node_size > 0 and t // node_size != anchor[e] // node_size):
+            if seen_gpu[t] or (node_size > 0 and t // node_size != gpus[begin[e]] // node_size):
                 continue
             holds = False
-            for r in range(ptr[e], ptr[e + 1]):
+            for r in range(begin[e], end[e]):
                 if gpus[r] == t:
                     holds = True
                     break
             if holds:
                 continue
-            u = _eligible_gpu(new[k, 0], ptr, gpus, anywhere, spare, free, anchor, node_size)
+            u = _eligible_gpu(new[k, 0], begin, end, gpus, nowhere, spare, free, node_size)
             if u >= 0:
                 best, best_k, best_u = e, k, u
                 break
@@ -293,19 +351,19 @@ def _relocation(load, ptr, gpus, new, n, seen_expert, seen_gpu, spare, free, anc
 
 
 @numba.njit(cache=True, nogil=True)
-def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, node_size, relocate):
+def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, node_size, relocate):
     """Add copies until ``load`` fits under ``cap`` or no copy helps (see the module doc).
 
     load int64 [E]; flow int64 [nnz]: tokens per copy of (ptr int64 [E+1], gpus int64 [nnz]) placing
     every expert's load (the scheduler's slot_tokens); held int64 [K, 2]: the burst copies among
-    them, of ``slots`` per GPU; anchor int64 [E]: each expert's home GPU, whose node its new copies
-    must share (node_size 0: any GPU). Returns (ptr, gpus, slot_tokens, gpu_load, copies int64
-    [K+N, 2], pushes int64 [N, 2], bound_num, bound_den, relocatable): the extended placement (new
-    copies (expert, gpu) after their expert's others, in the order chosen), its flow, whose max load
-    is at most max(cap, ceil(bound_num / bound_den)), a lower bound proven for the extended
-    placement (total / G, or the last violator no copy could help), the held then the new copies,
-    the new copies' (home GPU, gpu) weight transfers, and whether the first violator no copy could
-    help had a relocation (``_relocation``): with ``relocate`` it was made, else only reported.
+    them, of ``slots`` per GPU; new copies must share their expert's home node of ``node_size`` GPUs
+    (0: any GPU). Returns (ptr, gpus, slot_tokens, gpu_load, copies int64 [K+N, 2], pushes int64
+    [N, 2], bound_num, bound_den): the extended placement (new copies (expert, gpu) after their
+    expert's others, in the order chosen), its flow, whose max load is at most max(cap,
+    ceil(bound_num / bound_den)), a lower bound proven for the extended placement (total / G, or
+    the last violator no copy could help), the held then the new copies, the new copies' (home
+    GPU, gpu) weight transfers, and whether the first violator no copy could help had a relocation
+    (``_relocation``): with ``relocate`` it was made, else only reported.
     """
     num_experts = load.size
     nnz = gpus.size
@@ -313,17 +371,20 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
     for k in range(held.shape[0]):
         free[held[k, 1]] -= 1
     limit = free.sum()
-    # Room for every copy the search may add, so that a copy is inserted in place.
-    ptr = ptr.copy()
-    gpus_room = np.empty(nnz + limit, np.int64)
+    # Slots in use lie anywhere below ``top``: a new copy moves its expert's slots (at most one per
+    # GPU) to ``top`` (``_add_copy``); at most nnz + limit are in use, so a compaction leaves room.
+    room = 2 * (nnz + limit) + num_gpus
+    begin, end = ptr[:-1].copy(), ptr[1:].copy()
+    gpus_room = np.empty(room, np.int64)
     gpus_room[:nnz] = gpus
-    tokens_room = np.empty(nnz + limit, np.int64)
-    tokens_room[:nnz] = flow
-    expert_room = np.empty(nnz + limit, np.int64)
-    gpus, slot_tokens, slot_expert = gpus_room[:nnz], tokens_room[:nnz], expert_room[:nnz]
+    gpus = gpus_room
+    slot_tokens = np.empty(room, np.int64)
+    slot_tokens[:nnz] = flow
+    slot_expert = np.empty(room, np.int64)
     for e in range(num_experts):
         for r in range(ptr[e], ptr[e + 1]):
             slot_expert[r] = e
+    top = nnz
     # Strip every GPU down to the cap; what it sheds is unplaced load of its experts.
     gpu_load = np.zeros(num_gpus, np.int64)
     for r in range(nnz):
@@ -344,10 +405,10 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
             slot_tokens[r] += take
             spare[gpus[r]] -= take
             excess[e] -= take
-    gpu_ptr, gpu_slot = _reverse(gpus, num_gpus)
-    slot_room = np.empty(nnz + limit, np.int64)
-    slot_room[:nnz] = gpu_slot
-    gpu_slot = slot_room[:nnz]
+    gpu_ptr, reversed_slots = _reverse(gpus[:nnz], num_gpus)
+    gpu_slot = np.empty(nnz + limit, np.int64)
+    gpu_slot[:nnz] = reversed_slots
+    num_entries = nnz
     seen_expert = np.zeros(num_experts, np.bool_)
     seen_gpu = np.zeros(num_gpus, np.bool_)
     via_slot_gpu = np.empty(num_gpus, np.int64)
@@ -355,16 +416,17 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
     queue = np.empty(num_experts, np.int64)
     all_targets = np.empty(num_gpus, np.int64)
     new = np.empty((limit, 2), np.int64)
-    keep = np.zeros(nnz + limit, np.int64)  # nothing is protected; sized for every copy added
-    pending, num_pending = _pending_experts(excess)  # excess only falls from here
+    keep = np.zeros(room, np.int64)  # nothing is protected
+    pending, num_pending = _pending_experts(excess)  # excess only falls from here, but at a relocation
     fresh = np.full(3, -1, np.int64)  # every search starts afresh (several targets, one tree each)
     n = 0
     bound_num = 0
     for e in range(num_experts):
         bound_num += load[e]
     bound_den = num_gpus
-    raised = False
+    cap_raised = False
     relocatable = False
+    nowhere = np.zeros(num_gpus, np.bool_)
     while True:
         # Before the first copy the unplaced load is spread wide, and serving every GPU with
         # spare a search reaches pays; after it, paths run through the new copy, so a search
@@ -375,7 +437,8 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
             spare,
             slot_tokens,
             keep,
-            ptr,
+            begin,
+            end,
             gpus,
             slot_expert,
             gpu_ptr,
@@ -403,35 +466,47 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
                 left = True
                 break
         if not left:
+            # The extended placement in CSR form, expert by expert.
+            out_ptr = np.empty(num_experts + 1, np.int64)
+            out_gpus = np.empty(num_entries, np.int64)
+            out_tokens = np.empty(num_entries, np.int64)
             gpu_load[:] = 0
-            for r in range(gpus.size):
-                gpu_load[gpus[r]] += slot_tokens[r]
+            out_ptr[0] = 0
+            k = 0
+            for e in range(num_experts):
+                for r in range(begin[e], end[e]):
+                    out_gpus[k] = gpus[r]
+                    out_tokens[k] = slot_tokens[r]
+                    gpu_load[gpus[r]] += slot_tokens[r]
+                    k += 1
+                out_ptr[e + 1] = k
             copies = np.empty((held.shape[0] + n, 2), np.int64)
             copies[: held.shape[0]] = held
             copies[held.shape[0] :] = new[:n]
             pushes = np.empty((n, 2), np.int64)
             for k in range(n):
-                pushes[k, 0] = anchor[new[k, 0]]
+                pushes[k, 0] = gpus[begin[new[k, 0]]]
                 pushes[k, 1] = new[k, 1]
-            return ptr, gpus, slot_tokens, gpu_load, copies, pushes, bound_num, bound_den, relocatable
+            return out_ptr, out_gpus, out_tokens, gpu_load, copies, pushes, bound_num, bound_den, relocatable
         # Hall violator (S = seen experts, U = seen GPUs): the certificate names what binds.
-        e = _binding_expert(load, ptr, gpus, seen_expert, seen_gpu, spare, free, anchor, node_size)
+        violator = queue[: fresh[1]]
+        e = _binding_expert(load, begin, end, gpus, violator, seen_gpu, spare, free, node_size)
         t = -1
-        if e < 0 and not raised:
+        if e < 0 and not cap_raised:
             # The slots S could use hold new copies that fit elsewhere: move one (before any raise,
             # so that every raise's bound still holds for the final placement).
-            e, k, u = _relocation(load, ptr, gpus, new, n, seen_expert, seen_gpu, spare, free, anchor, node_size)
+            e, k, u = _relocation(load, begin, end, gpus, violator, new, n, seen_gpu, spare, free, node_size, nowhere)
             relocatable = relocatable or e >= 0
             if not relocate:
                 e = -1
             if e >= 0:
                 moved, t = new[k, 0], new[k, 1]
-                slot = ptr[moved]
+                slot = begin[moved]
                 while gpus[slot] != t:
                     slot += 1
                 excess[moved] += slot_tokens[slot]
                 spare[t] += slot_tokens[slot]
-                _move_copy(gpus, slot_tokens, gpu_ptr, gpu_slot, slot, u)
+                _move_copy(gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, num_entries, slot, u)
                 take = min(excess[moved], spare[u])
                 slot_tokens[slot] = take
                 spare[u] -= take
@@ -450,23 +525,17 @@ def _burst_copies(load, flow, ptr, gpus, num_gpus, cap, held, slots, anchor, nod
             for g in range(num_gpus):
                 if seen_gpu[g]:
                     bound_den += 1
-            raised = True
-            new_cap = -(-bound_num // bound_den)
-            spare += new_cap - cap
-            cap = new_cap
+            cap_raised = True
+            raised = -(-bound_num // bound_den)
+            spare += raised - cap
+            cap = raised
             continue
         if t < 0:
-            t = _eligible_gpu(e, ptr, gpus, seen_gpu, spare, free, anchor, node_size)
-        _insert_copy(ptr, gpus_room, tokens_room, expert_room, gpu_ptr, slot_room, nnz, e, t)
-        nnz += 1
-        gpus, slot_tokens, slot_expert, gpu_slot = (
-            gpus_room[:nnz],
-            tokens_room[:nnz],
-            expert_room[:nnz],
-            slot_room[:nnz],
-        )
+            t = _eligible_gpu(e, begin, end, gpus, seen_gpu, spare, free, node_size)
+        top = _add_copy(begin, end, gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, top, num_entries, e, t)
+        num_entries += 1
         take = min(excess[e], spare[t])
-        slot_tokens[ptr[e + 1] - 1] = take
+        slot_tokens[end[e] - 1] = take
         spare[t] -= take
         excess[e] -= take
         free[t] -= 1
@@ -509,11 +578,11 @@ def plan_burst(
     tokens = _check_tokens(tokens, current)
     load = tokens.sum(axis=0)
     routed = _route(load, tokens, current.ptr, current.gpus, num_gpus, 0)
-    cap = tolerance_cap(int(load.sum()), num_gpus, tolerance)
-    if routed[1].max(initial=0) <= cap or len(held) == num_gpus * slots:
+    peak, total = _peak_and_total(routed[1])
+    cap = tolerance_cap(total, num_gpus, tolerance)
+    if peak <= cap or len(held) == num_gpus * slots:
         return BurstPlan(current, held, len(held), NO_COPIES, _complete(tokens, current, load, routed))
-    home = placement.gpus[placement.ptr[:-1]]
-    args = (load, routed[0], current.ptr, current.gpus, num_gpus, cap, held, slots, home, node_size or 0)
+    args = (load, routed[0], current.ptr, current.gpus, num_gpus, cap, held, slots, node_size or 0)
     ptr, gpus, slot_tokens, gpu_load, copies, pushes, num, den, relocatable = _burst_copies(*args, False)
     if relocatable:
         moved = _burst_copies(*args, True)

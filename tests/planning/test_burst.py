@@ -3,13 +3,16 @@ the MIP against brute-force enumeration, and the rules every plan must keep."""
 
 import itertools
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from megatron_microep.planning.burst import (
     NO_COPIES,
-    _insert_copy,
+    _add_copy,
+    _binding_expert,
+    _eligible_gpu,
     _move_copy,
     _reverse,
     check_burst_copies,
@@ -201,37 +204,71 @@ def test_held_copies_are_reused_and_fill_slots(rng):
         np.testing.assert_array_equal(np.sort(slots[two.copies[:, 1] == g]), np.arange((two.copies[:, 1] == g).sum()))
 
 
-def test_copies_inserted_in_place_match_a_rebuild(rng):
-    """The search inserts each new copy into arrays sized once, in place; after every insertion the
-    CSR arrays, the copies' flow and the GPU -> slots adjacency (whose order the searches follow)
-    must equal a rebuild from scratch (``with_copies``, ``_reverse``)."""
+def test_copies_added_by_moving_their_expert_match_a_rebuild(rng):
+    """The search adds each new copy by moving its expert's slots to unused room (``_add_copy``),
+    renumbering no other slot, and compacts the slots in use when the room runs out; after every
+    addition the experts' slot ranges read in expert order, the copies' flow and each GPU's list of
+    slots (whose order the searches follow) must equal a rebuild from scratch (``with_copies``,
+    ``_reverse``)."""
     num_gpus, num_experts, limit = 8, 24, 12
     _, placement = random_instance(rng, num_gpus, num_experts, replicas=1.0)
     nnz = placement.num_slots
-    ptr = placement.ptr.copy()
-    gpus, flow, slot_expert, gpu_slot = (np.zeros(nnz + limit, dtype=np.int64) for _ in range(4))
+    room = nnz + limit + num_gpus  # the least that always fits one more move: compactions happen
+    begin, end = placement.ptr[:-1].copy(), placement.ptr[1:].copy()
+    gpus, flow, slot_expert = (np.full(room, -1, dtype=np.int64) for _ in range(3))
     gpus[:nnz] = placement.gpus
     flow[:nnz] = rng.integers(1, 100, nnz)
     slot_expert[:nnz] = np.repeat(np.arange(num_experts), placement.replica_counts())
+    gpu_slot = np.full(nnz + limit, -1, dtype=np.int64)
     gpu_ptr, gpu_slot[:nnz] = _reverse(placement.gpus, num_gpus)
     per_copy = [[int(flow[r]) for r in range(placement.ptr[e], placement.ptr[e + 1])] for e in range(num_experts)]
-    copies = []
-    for _ in range(limit):
+    copies, top, compacted = [], nnz, 0
+    for n in range(limit):
         current = with_copies(placement, np.asarray(copies, dtype=np.int64).reshape(-1, 2))
         e = int(rng.integers(num_experts))
         g = int(rng.choice(np.setdiff1d(np.arange(num_gpus), current.copies(e))))
-        _insert_copy(ptr, gpus, flow, slot_expert, gpu_ptr, gpu_slot, nnz, e, g)
-        nnz += 1
+        moved = top + end[e] - begin[e] + 1 > room
+        top = _add_copy(begin, end, gpus, flow, slot_expert, gpu_ptr, gpu_slot, top, nnz + n, e, g)
+        compacted += moved
         copies.append((e, g))
         per_copy[e].append(0)
         expected = with_copies(placement, np.asarray(copies, dtype=np.int64))
-        np.testing.assert_array_equal(ptr, expected.ptr)
-        np.testing.assert_array_equal(gpus[:nnz], expected.gpus)
-        np.testing.assert_array_equal(slot_expert[:nnz], np.repeat(np.arange(num_experts), expected.replica_counts()))
-        np.testing.assert_array_equal(flow[:nnz], np.concatenate(per_copy))
+        live = np.concatenate([np.arange(begin[x], end[x]) for x in range(num_experts)])
+        np.testing.assert_array_equal(end - begin, expected.replica_counts())
+        np.testing.assert_array_equal(gpus[live], expected.gpus)
+        np.testing.assert_array_equal(slot_expert[live], np.repeat(np.arange(num_experts), expected.replica_counts()))
+        np.testing.assert_array_equal(flow[live], np.concatenate(per_copy))
+        # Slot r of the rebuild is slot live[r] here.
         expected_ptr, expected_slot = _reverse(expected.gpus, num_gpus)
         np.testing.assert_array_equal(gpu_ptr, expected_ptr)
-        np.testing.assert_array_equal(gpu_slot[:nnz], expected_slot)
+        np.testing.assert_array_equal(gpu_slot[: nnz + n + 1], live[expected_slot])
+    assert compacted > 0
+
+
+def test_binding_expert_over_the_violator_matches_a_scan_of_every_expert(rng):
+    """``_binding_expert`` looks only at the violator's experts, in the order the search reached
+    them; it must pick what a scan of every expert in id order picks: the most load per copy among
+    those with an eligible GPU, ties to the lower id."""
+    for _ in range(300):
+        num_gpus = int(rng.choice([4, 8, 16]))
+        num_experts = num_gpus * int(rng.integers(1, 4))
+        _, placement = random_instance(rng, num_gpus, num_experts, replicas=float(rng.choice([0.5, 2.0])))
+        load = rng.integers(0, 6, num_experts) * int(rng.choice([1, 60]))  # ties in load per copy
+        seen_expert = rng.random(num_experts) < 0.5
+        seen_gpu = rng.random(num_gpus) < 0.5
+        spare = rng.integers(0, 3, num_gpus)
+        free = rng.integers(0, 2, num_gpus)
+        node_size = int(rng.choice([0, 2, num_gpus // 2]))
+        begin, end = placement.ptr[:-1], placement.ptr[1:]
+        violator = rng.permutation(np.flatnonzero(seen_expert))
+        got = _binding_expert(load, begin, end, placement.gpus, violator, seen_gpu, spare, free, node_size)
+        expected, best_key = -1, None
+        for e in range(num_experts):
+            if seen_expert[e] and _eligible_gpu(e, begin, end, placement.gpus, seen_gpu, spare, free, node_size) >= 0:
+                key = Fraction(int(load[e]), int(end[e] - begin[e]))
+                if best_key is None or key > best_key:
+                    expected, best_key = e, key
+        assert got == expected
 
 
 def test_moved_copies_match_a_rebuild(rng):
@@ -245,6 +282,7 @@ def test_moved_copies_match_a_rebuild(rng):
     extended = with_copies(placement, copies)
     gpus = extended.gpus.copy()
     flow = rng.integers(1, 100, extended.num_slots)
+    slot_expert = np.repeat(np.arange(num_experts), extended.replica_counts())
     gpu_ptr, gpu_slot = _reverse(gpus, num_gpus)
     for _ in range(12):
         k = int(rng.integers(len(copies)))
@@ -252,7 +290,7 @@ def test_moved_copies_match_a_rebuild(rng):
         current = with_copies(placement, copies)
         g = int(rng.choice(np.setdiff1d(np.arange(num_gpus), current.copies(e))))
         slot = int(current.ptr[e] + np.flatnonzero(current.copies(e) == copies[k, 1])[0])
-        _move_copy(gpus, flow, gpu_ptr, gpu_slot, slot, g)
+        _move_copy(gpus, flow, slot_expert, gpu_ptr, gpu_slot, extended.num_slots, slot, g)
         copies[k, 1] = g
         expected = with_copies(placement, copies)
         np.testing.assert_array_equal(gpus, expected.gpus)
