@@ -168,8 +168,8 @@ class MicroEPConfig:
     burst_tolerance: float = setting(
         1.02,
         "add burst copies only while the micro-batch's max EP-rank load is above this times the mean (>= 1; "
-        "1.02 is where the simulator's decision time per micro-batch met its budget on average, "
-        "docs/benchmarks.md)",
+        "at 1.02 the decision time of every benchmarked micro-batch met its 100 us budget at EP 64, "
+        "at 1.00 not, docs/benchmarks.md)",
         minimum=1,
         metavar="X",
         simulator="burst_tolerance",
