@@ -252,6 +252,24 @@ def _add_copy(begin, end, gpus, slot_tokens, slot_expert, gpu_ptr, gpu_slot, top
 
 
 # _nrt=False: no allocation; see scheduler._find_path.
+@numba.njit(cache=True, nogil=True, _nrt=False, inline="always")
+def _behind(load, begin, end, e, best):
+    """Whether expert ``e`` yields to ``best`` (>= 0): less load per copy, or as much and a higher id
+    (load[e] / copies(e) against load[best] / copies(best), in integers)."""
+    ours = load[e] * (end[best] - begin[best])
+    theirs = load[best] * (end[e] - begin[e])
+    return ours < theirs or (ours == theirs and e > best)
+
+
+@numba.njit(cache=True, nogil=True, _nrt=False, inline="always")
+def _holds(begin, end, gpus, expert, gpu):
+    """Whether ``gpu`` holds a copy of ``expert`` (its slots ``begin[expert]..end[expert]-1``)."""
+    for r in range(begin[expert], end[expert]):
+        if gpus[r] == gpu:
+            return True
+    return False
+
+
 @numba.njit(cache=True, nogil=True, _nrt=False)
 def _eligible_gpu(expert, begin, end, gpus, seen_gpu, spare, free, node_size):
     """The least-loaded (most spare) GPU outside U that may take a burst copy of ``expert``: a slot
@@ -265,12 +283,7 @@ def _eligible_gpu(expert, begin, end, gpus, seen_gpu, spare, free, node_size):
     for t in range(lo, hi):
         if seen_gpu[t] or free[t] == 0 or (best >= 0 and spare[t] <= spare[best]):
             continue
-        holds = False
-        for r in range(begin[expert], end[expert]):
-            if gpus[r] == t:
-                holds = True
-                break
-        if not holds:
+        if not _holds(begin, end, gpus, expert, t):
             best = t
     return best
 
@@ -283,12 +296,8 @@ def _binding_expert(load, begin, end, gpus, violator, seen_gpu, spare, free, nod
     expert ahead of the best so far needs its eligibility checked."""
     best = -1
     for e in violator:
-        if best >= 0:
-            # load[e] / copies(e) against load[best] / copies(best), in integers.
-            ours = load[e] * (end[best] - begin[best])
-            theirs = load[best] * (end[e] - begin[e])
-            if ours < theirs or (ours == theirs and e > best):
-                continue
+        if best >= 0 and _behind(load, begin, end, e, best):
+            continue
         if _eligible_gpu(e, begin, end, gpus, seen_gpu, spare, free, node_size) >= 0:
             best = e
     return best
@@ -327,21 +336,13 @@ def _relocation(load, begin, end, gpus, violator, new, n, seen_gpu, spare, free,
     ``new``; (-1, -1, -1) if none."""
     best, best_k, best_u = -1, -1, -1
     for e in violator:
-        if best >= 0:
-            ours = load[e] * (end[best] - begin[best])
-            theirs = load[best] * (end[e] - begin[e])
-            if ours < theirs or (ours == theirs and e > best):
-                continue
+        if best >= 0 and _behind(load, begin, end, e, best):
+            continue
         for k in range(n):
             t = new[k, 1]
             if seen_gpu[t] or (node_size > 0 and t // node_size != gpus[begin[e]] // node_size):
                 continue
-            holds = False
-            for r in range(begin[e], end[e]):
-                if gpus[r] == t:
-                    holds = True
-                    break
-            if holds:
+            if _holds(begin, end, gpus, e, t):
                 continue
             u = _eligible_gpu(new[k, 0], begin, end, gpus, nowhere, spare, free, node_size)
             if u >= 0:
